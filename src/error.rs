@@ -1,0 +1,94 @@
+//! Typed library errors. Each variant names the file, tensor, flag or value at fault, so that the CLI
+//! can print a message a person can act on. `anyhow` lives only in `src/cli` and `src/main.rs`.
+
+use std::path::PathBuf;
+
+/// Every error the graft library returns.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A weights file does not hold a tensor the model needs.
+    #[error("tensor `{name}` is missing from {file}")]
+    MissingTensor { name: String, file: PathBuf },
+
+    /// A tensor exists but has the wrong shape.
+    #[error("tensor `{name}` in {file} has shape {found:?}, expected {expected:?}")]
+    ShapeMismatch {
+        name: String,
+        file: PathBuf,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A weights or checkpoint file is not in a format graft can read (truncated, corrupt, unknown).
+    #[error("cannot read {path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+
+    /// A base model name that no model card describes.
+    #[error("unknown base model `{name}`; known: {known}")]
+    UnknownBase { name: String, known: String },
+
+    /// An image that could not be opened or decoded.
+    #[error("image {path}: {reason}")]
+    Image { path: PathBuf, reason: String },
+
+    /// A dataset folder that cannot be used (no classes, one class, empty).
+    #[error("dataset {path}: {reason}")]
+    Dataset { path: PathBuf, reason: String },
+
+    /// A configuration value (flag, config field, hyperparameter) that is invalid.
+    #[error("invalid {what}: {reason}")]
+    Config { what: String, reason: String },
+
+    /// Weights could not be fetched from the Hugging Face hub or found in its cache.
+    #[error("hub {repo}/{file}: {reason}")]
+    Hub {
+        repo: String,
+        file: String,
+        reason: String,
+    },
+
+    /// The requested device is not available in this build or on this machine.
+    #[error("device {device}: {reason}")]
+    Device { device: String, reason: String },
+
+    /// An error raised by candle while computing.
+    #[error(transparent)]
+    Candle(#[from] candle_core::Error),
+}
+
+/// The library's result type.
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// An `Io` error for `path`.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// A `Config` error about `what`.
+    pub fn config(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Config {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A `BadFile` error about `path`.
+    pub fn bad_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::BadFile {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+}

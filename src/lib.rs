@@ -1,0 +1,13 @@
+//! graft: transfer learning for image classifiers, on candle.
+//!
+//! Load a pretrained backbone (ResNet-18/34/50, EfficientNet-Lite0) from safetensors or a PyTorch
+//! checkpoint, freeze and unfreeze its layer groups, attach a new head, train it with optimizers that
+//! match PyTorch step for step, and export a single deployment file.
+
+pub mod data;
+pub mod device;
+pub mod error;
+pub mod models;
+pub mod optim;
+
+pub use error::{Error, Result};
