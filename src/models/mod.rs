@@ -1,1 +1,69 @@
-//! placeholder, being written
+//! Backbones, heads, model cards and weight loading.
+//!
+//! A backbone is a plain struct built from a scoped `candle_nn::VarBuilder`, so its struct nesting is the
+//! timm/torchvision safetensors key layout and pretrained weights load for free. A backbone is an ordered list
+//! of named *layer groups* (ResNet: stem, layer1..layer4; EfficientNet-Lite: stem, its stages, ...); the
+//! classifier (`fc` / `_fc`) is a separate [`Linear`](layers::Linear) head so a new one can replace it.
+
+pub mod layers;
+pub mod resnet;
+
+use crate::Result;
+use candle_core::Tensor;
+
+/// How a layer group runs.
+///
+/// * `Train`: BatchNorm uses batch statistics and updates its running statistics; dropout is active;
+///   autograd records the ops.
+/// * `Eval`: BatchNorm uses running statistics; autograd still records ops on trainable weights.
+/// * `Frozen`: like `Eval`, but weights are used detached, so no gradient graph is built at all and the
+///   running statistics are never touched. Frozen groups cost a plain inference forward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Train,
+    Eval,
+    Frozen,
+}
+
+impl Mode {
+    /// True when BatchNorm should use (and update) batch statistics.
+    pub fn is_train(self) -> bool {
+        self == Mode::Train
+    }
+    /// Returns `t` detached when frozen, so ops on it are not recorded.
+    pub fn weight(self, t: &Tensor) -> Tensor {
+        if self == Mode::Frozen {
+            t.detach()
+        } else {
+            t.clone()
+        }
+    }
+}
+
+/// An ImageNet-style feature extractor made of ordered layer groups.
+pub trait Backbone: Send + Sync {
+    /// Architecture name, e.g. `resnet18`, `efficientnet_lite0`.
+    fn arch(&self) -> &str;
+    /// Names of the layer groups in forward order (the classifier head is not one of them).
+    fn group_names(&self) -> Vec<String>;
+    /// Index of the group that owns the parameter or buffer with this full key (e.g. `layer3.1.bn1.weight`),
+    /// or `None` if the key is not part of the backbone (e.g. the classifier).
+    fn group_of(&self, key: &str) -> Option<usize>;
+    /// Channels of the pooled feature vector.
+    fn feature_dim(&self) -> usize;
+    /// Key prefix of the pretrained classifier in the weights file (`fc` for ResNet, `_fc` for EfficientNet).
+    fn classifier_prefix(&self) -> &str;
+    /// Runs group `i` alone on the output of group `i - 1` (or the image batch for `i == 0`).
+    fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor>;
+
+    /// Pooled features `[N, feature_dim]`: groups with index `< frozen_groups` run in `Mode::Frozen`,
+    /// the rest in `mode`.
+    fn forward_features(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
+        let mut h = x.clone();
+        for i in 0..self.group_names().len() {
+            let m = if i < frozen_groups { Mode::Frozen } else { mode };
+            h = self.forward_group(i, &h, m)?;
+        }
+        Ok(h.mean(candle_core::D::Minus1)?.mean(candle_core::D::Minus1)?)
+    }
+}

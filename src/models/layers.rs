@@ -1,0 +1,1 @@
+//! Shared layers: being written.

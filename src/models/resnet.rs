@@ -1,0 +1,1 @@
+//! ResNet: being written.
