@@ -7,7 +7,9 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod fsutil;
 pub mod models;
+pub mod cli;
 pub mod optim;
 
 pub use error::{Error, Result};

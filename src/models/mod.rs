@@ -5,8 +5,12 @@
 //! of named *layer groups* (ResNet: stem, layer1..layer4; EfficientNet-Lite: stem, its stages, ...); the
 //! classifier (`fc` / `_fc`) is a separate [`Linear`](layers::Linear) head so a new one can replace it.
 
+pub mod card;
+pub mod hub;
 pub mod layers;
+pub mod pretrained;
 pub mod resnet;
+pub mod weights;
 
 use crate::Result;
 use candle_core::Tensor;

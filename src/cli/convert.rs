@@ -1,0 +1,20 @@
+//! `graft convert IN OUT.safetensors`: PyTorch checkpoint to safetensors.
+
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// A PyTorch checkpoint (.pth/.pt/.bin; torch >= 1.6 zip format or the legacy format).
+    pub input: PathBuf,
+    /// The safetensors file to write (atomically).
+    pub output: PathBuf,
+}
+
+pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
+    let report = graft::models::pth::convert_to_safetensors(&args.input, &args.output)
+        .with_context(|| format!("converting {}", args.input.display()))?;
+    println!("{report:?}");
+    Ok(())
+}

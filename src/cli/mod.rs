@@ -1,0 +1,49 @@
+//! Command-line definitions (clap) and their translation into validated library calls. One file per
+//! command; `anyhow` is used here and in `main.rs` only.
+
+mod convert;
+mod inspect;
+mod predict;
+
+use clap::{Args, Parser, Subcommand};
+
+/// graft: fine-tune pretrained image classifiers on your own folders of images.
+#[derive(Debug, Parser)]
+#[command(name = "graft", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Classify images with a pretrained base model (ImageNet classes) or an exported model.
+    Predict(predict::PredictArgs),
+    /// Show a base model's layer groups, parameter counts and what was loaded.
+    Inspect(inspect::InspectArgs),
+    /// Convert a PyTorch checkpoint (.pth/.pt/.bin, zip or legacy format) to safetensors.
+    Convert(convert::ConvertArgs),
+}
+
+/// Flags shared by every command that builds a model from a base.
+#[derive(Debug, Args, Clone)]
+pub struct BaseArgs {
+    /// Base model name, as in models/*.json (resnet18, resnet34, resnet50, efficientnet_lite0).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Local weights file (.safetensors, or a PyTorch .pth/.pt/.bin) instead of the hub/cache lookup.
+    #[arg(long)]
+    pub weights: Option<std::path::PathBuf>,
+    /// Device to run on: cpu, cuda or cuda:N (CUDA needs a build with `--features cuda`).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Predict(a) => predict::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Convert(a) => convert::run(a),
+    }
+}

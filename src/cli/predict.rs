@@ -1,0 +1,119 @@
+//! `graft predict`: top-k classes for each image.
+
+use super::BaseArgs;
+use anyhow::{bail, Context};
+use candle_core::{Tensor, D};
+use clap::{Args, ValueEnum};
+use graft::models::card;
+use graft::models::pretrained::Pretrained;
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct PredictArgs {
+    #[command(flatten)]
+    pub base: BaseArgs,
+    /// How many classes to show per image.
+    #[arg(long, default_value_t = 5)]
+    pub top_k: usize,
+    /// Output format: human-readable text, or one JSON object per image.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Images to classify.
+    #[arg(required = true)]
+    pub images: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// One predicted class.
+#[derive(Debug, Serialize)]
+pub struct Top {
+    pub index: usize,
+    pub class: String,
+    pub prob: f32,
+}
+
+/// The `--format json` record for one image.
+#[derive(Debug, Serialize)]
+pub struct Prediction {
+    pub path: String,
+    pub top: Vec<Top>,
+}
+
+/// The `k` most likely classes of each row of `logits`.
+pub fn top_k(logits: &Tensor, classes: &[String], k: usize) -> anyhow::Result<Vec<Vec<Top>>> {
+    let probs = candle_nn::ops::softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
+    let rows: Vec<Vec<f32>> = probs.to_vec2()?;
+    Ok(rows
+        .into_iter()
+        .map(|row| {
+            let mut idx: Vec<usize> = (0..row.len()).collect();
+            idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]));
+            idx.into_iter()
+                .take(k)
+                .map(|i| Top {
+                    index: i,
+                    class: classes.get(i).cloned().unwrap_or_else(|| i.to_string()),
+                    prob: row[i],
+                })
+                .collect()
+        })
+        .collect())
+}
+
+/// Prints predictions in the chosen format.
+pub fn print_predictions(preds: &[Prediction], format: Format) -> anyhow::Result<()> {
+    for p in preds {
+        match format {
+            Format::Json => println!("{}", serde_json::to_string(p)?),
+            Format::Text => {
+                println!("{}", p.path);
+                for t in &p.top {
+                    println!("  {:>6.2}%  {:>4}  {}", t.prob * 100.0, t.index, t.class);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: PredictArgs) -> anyhow::Result<()> {
+    if args.top_k == 0 {
+        bail!("--top-k must be at least 1");
+    }
+    let device = graft::device::parse_device(&args.base.device)?;
+    let Some(base) = args.base.base.as_deref() else {
+        bail!("--base NAME is required (e.g. --base resnet18)");
+    };
+    let card = card::card(base)?;
+    let model = Pretrained::load(&card, args.base.weights.as_deref(), &device)
+        .with_context(|| format!("loading base `{base}`"))?;
+    let mut preds = Vec::new();
+    let mut failed = 0;
+    for path in &args.images {
+        let image = match graft::data::load_eval_image(path, model.preprocess(), &device) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let logits = model.logits(&image.unsqueeze(0)?)?;
+        let top = top_k(&logits, &model.classes, args.top_k)?.remove(0);
+        preds.push(Prediction {
+            path: path.display().to_string(),
+            top,
+        });
+    }
+    print_predictions(&preds, args.format)?;
+    if failed > 0 {
+        bail!("{failed} of {} images could not be read", args.images.len());
+    }
+    Ok(())
+}

