@@ -3,8 +3,8 @@
 use super::BaseArgs;
 use anyhow::{bail, Context};
 use clap::Args;
-use graft::models::card;
-use graft::models::pretrained::Pretrained;
+use crate::models::card;
+use crate::models::pretrained::Pretrained;
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -13,7 +13,7 @@ pub struct InspectArgs {
 }
 
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
-    let device = graft::device::parse_device(&args.base.device)?;
+    let device = crate::device::parse_device(&args.base.device)?;
     let Some(base) = args.base.base.as_deref() else {
         bail!("--base NAME is required (e.g. --base resnet18)");
     };

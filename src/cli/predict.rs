@@ -4,8 +4,8 @@ use super::BaseArgs;
 use anyhow::{bail, Context};
 use candle_core::{Tensor, D};
 use clap::{Args, ValueEnum};
-use graft::models::card;
-use graft::models::pretrained::Pretrained;
+use crate::models::card;
+use crate::models::pretrained::Pretrained;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -86,7 +86,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
-    let device = graft::device::parse_device(&args.base.device)?;
+    let device = crate::device::parse_device(&args.base.device)?;
     let Some(base) = args.base.base.as_deref() else {
         bail!("--base NAME is required (e.g. --base resnet18)");
     };
@@ -96,7 +96,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let mut preds = Vec::new();
     let mut failed = 0;
     for path in &args.images {
-        let image = match graft::data::load_eval_image(path, model.preprocess(), &device) {
+        let image = match crate::data::load_eval_image(path, model.preprocess(), &device) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("error: {e}");
