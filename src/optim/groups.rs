@@ -161,7 +161,7 @@ pub fn discriminative_groups(
     let groups = group_params(params, |name, var| {
         let g = group_of(name)?;
         let Some(&mult) = lr_mults.get(g) else {
-            missing = Some((name.to_string(), g));
+            missing.get_or_insert((name.to_string(), g));
             return None;
         };
         Some(
