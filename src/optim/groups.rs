@@ -30,6 +30,18 @@ impl ParamGroup {
             weight_decay: None,
         }
     }
+
+    /// The same group with learning-rate multiplier `lr_mult`.
+    pub fn with_lr_mult(mut self, lr_mult: f64) -> Self {
+        self.lr_mult = lr_mult;
+        self
+    }
+
+    /// The same group with its own weight decay.
+    pub fn with_weight_decay(mut self, weight_decay: f64) -> Self {
+        self.weight_decay = Some(weight_decay);
+        self
+    }
 }
 
 /// Where one parameter goes: the name of its group and that group's settings.
