@@ -1,1 +1,296 @@
-//! placeholder, being written
+//! graft's optimizers, on candle tensors, matching `torch.optim` step for step.
+//!
+//! * One file per update rule, simplest first: [`sgd`] (plain, momentum, Nesterov), [`adagrad`], [`rmsprop`],
+//!   [`adam`] (Adam, AdamW, AMSGrad), [`nadam`]. Each rule is a pure function
+//!   `(hyperparameters, lr, weight decay, param, grad, state) -> (param, state)` over device tensors; PyTorch's
+//!   definitions are the ones matched where textbooks differ (see `../shared/golden/optim/vectors.json`).
+//! * [`groups`]: parameter groups by name, each with its own learning-rate multiplier and weight decay; a
+//!   frozen parameter is simply in no group.
+//! * [`config`]: [`OptimizerConfig`], the serde description (`kind` plus hyperparameters, PyTorch's defaults)
+//!   that builds an [`Optimizer`].
+//! * [`state`]: [`OptimState`], the optimizer's state as named tensors and scalars, saved to safetensors.
+//! * [`schedule`]: learning-rate (and momentum) schedules as pure functions of the step, and the one stateful
+//!   schedule, reduce-on-plateau. [`clip`]: gradient clipping.
+//!
+//! ```no_run
+//! # fn main() -> graft::Result<()> {
+//! use graft::optim::{groups, OptimizerConfig, ScheduleConfig};
+//! # let varmap = candle_nn::VarMap::new();
+//! # let loss: candle_core::Tensor = todo!();
+//! let groups = groups::no_decay_groups(groups::trainable_params(&varmap));
+//! let mut opt = OptimizerConfig::from_kind("adamw")?.build(groups)?;
+//! let schedule = ScheduleConfig::Constant { lr: 1e-3 };
+//! let grads = loss.backward()?;
+//! opt.step(&grads, schedule.lr_at(0, 100))?;
+//! # Ok(()) }
+//! ```
+
+pub mod adagrad;
+pub mod adam;
+pub mod clip;
+pub mod config;
+pub mod groups;
+pub mod nadam;
+pub mod rmsprop;
+pub mod schedule;
+pub mod sgd;
+pub mod state;
+
+pub use clip::{clip_grad_norm, clip_grad_value};
+pub use config::OptimizerConfig;
+pub use groups::{GroupSpec, ParamGroup};
+pub use schedule::{PlateauConfig, ReduceOnPlateau, ScheduleConfig};
+pub use state::{OptimState, SlotReader, SlotWriter};
+
+use crate::{Error, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use std::collections::{HashMap, HashSet};
+
+/// How one step changes one parameter, and how that rule's per-parameter state is named.
+///
+/// The [`Optimizer`] does the bookkeeping (groups, learning-rate multipliers, skipping parameters without a
+/// gradient, storing states); a rule only says how one step changes a parameter.
+pub trait UpdateRule: std::fmt::Debug + Send + Sync + 'static {
+    /// Per-parameter state (moments, accumulators, step count).
+    type State: Clone + Send + Sync;
+
+    /// The rule family, written into saved states so one family's state is never loaded into another.
+    fn family(&self) -> &'static str;
+
+    /// The state before the first step.
+    fn init(&self, param: &Tensor) -> Result<Self::State>;
+
+    /// One step: the new parameter and state. `lr` and `weight_decay` are the parameter's group values.
+    fn update(
+        &self,
+        lr: f64,
+        weight_decay: f64,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &Self::State,
+    ) -> Result<(Tensor, Self::State)>;
+
+    /// Writes a state's tensors and scalars under their slot names.
+    fn export(&self, state: &Self::State, out: &mut SlotWriter);
+
+    /// Reads a state back; `Ok(None)` when nothing is stored for this parameter (it starts fresh), an error
+    /// when what is stored is incomplete for this rule.
+    fn import(&self, src: &SlotReader) -> Result<Option<Self::State>>;
+
+    /// The momentum a one-cycle schedule cycles (SGD/RMSProp momentum, Adam's beta1), if the rule has one.
+    fn momentum(&self) -> Option<f64>;
+
+    /// Sets that momentum; an error for rules without one.
+    fn set_momentum(&mut self, momentum: f64) -> Result<()>;
+}
+
+/// A rule together with the states of the parameters it has stepped; the object-safe face of [`UpdateRule`].
+trait Engine: std::fmt::Debug + Send + Sync {
+    fn family(&self) -> &'static str;
+    fn step_param(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, weight_decay: f64) -> Result<()>;
+    fn export(&self, names: &[&str], out: &mut OptimState);
+    fn import(&mut self, params: &[(&str, &Var)], src: &OptimState) -> Result<()>;
+    fn momentum(&self) -> Option<f64>;
+    fn set_momentum(&mut self, momentum: f64) -> Result<()>;
+}
+
+struct RuleEngine<R: UpdateRule> {
+    rule: R,
+    states: HashMap<String, R::State>,
+}
+
+impl<R: UpdateRule> std::fmt::Debug for RuleEngine<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RuleEngine")
+            .field("rule", &self.rule)
+            .field("params_with_state", &self.states.len())
+            .finish()
+    }
+}
+
+impl<R: UpdateRule> Engine for RuleEngine<R> {
+    fn family(&self) -> &'static str {
+        self.rule.family()
+    }
+
+    fn step_param(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, weight_decay: f64) -> Result<()> {
+        // Detached: the update must not record a gradient graph through the parameter.
+        let param = var.as_detached_tensor();
+        let grad = grad.detach();
+        let state = match self.states.get(name) {
+            Some(s) => s.clone(),
+            None => self.rule.init(&param)?,
+        };
+        let (new_param, new_state) = self.rule.update(lr, weight_decay, &param, &grad, &state)?;
+        var.set(&new_param)?;
+        self.states.insert(name.to_string(), new_state);
+        Ok(())
+    }
+
+    fn export(&self, names: &[&str], out: &mut OptimState) {
+        for name in names {
+            if let Some(s) = self.states.get(*name) {
+                self.rule.export(
+                    s,
+                    &mut SlotWriter {
+                        param: name,
+                        state: out,
+                    },
+                );
+            }
+        }
+    }
+
+    fn import(&mut self, params: &[(&str, &Var)], src: &OptimState) -> Result<()> {
+        let mut states = HashMap::new();
+        for (name, var) in params {
+            let reader = SlotReader {
+                param: name,
+                like: var.as_tensor(),
+                state: src,
+            };
+            if let Some(s) = self.rule.import(&reader)? {
+                states.insert(name.to_string(), s);
+            }
+        }
+        self.states = states;
+        Ok(())
+    }
+
+    fn momentum(&self) -> Option<f64> {
+        self.rule.momentum()
+    }
+
+    fn set_momentum(&mut self, momentum: f64) -> Result<()> {
+        self.rule.set_momentum(momentum)
+    }
+}
+
+/// An optimizer: an update rule, its parameter groups and the per-parameter state.
+///
+/// Built from an [`OptimizerConfig`]. Each [`Optimizer::step`] updates every grouped parameter that has a
+/// gradient in the store, in place (`Var::set`), with all arithmetic on the parameter's device.
+#[derive(Debug)]
+pub struct Optimizer {
+    config: OptimizerConfig,
+    groups: Vec<ParamGroup>,
+    engine: Box<dyn Engine>,
+}
+
+impl Optimizer {
+    /// An optimizer following `config` over `groups`. A parameter may be in one group only.
+    pub fn new(config: OptimizerConfig, groups: Vec<ParamGroup>) -> Result<Self> {
+        let mut seen = HashSet::new();
+        for g in &groups {
+            if !(g.lr_mult.is_finite() && g.lr_mult >= 0.0) {
+                return Err(Error::config(
+                    format!("parameter group `{}`", g.name),
+                    format!("lr_mult {} must be finite and non-negative", g.lr_mult),
+                ));
+            }
+            for (name, _) in &g.params {
+                if !seen.insert(name.as_str()) {
+                    return Err(Error::config(
+                        format!("parameter group `{}`", g.name),
+                        format!("`{name}` is in more than one group"),
+                    ));
+                }
+            }
+        }
+        let engine = config.engine()?;
+        Ok(Optimizer {
+            config,
+            groups,
+            engine,
+        })
+    }
+
+    /// One step with base learning rate `lr` (each group uses `lr * lr_mult`). Parameters without a
+    /// gradient in `grads` are left as they are, and so is their state.
+    pub fn step(&mut self, grads: &GradStore, lr: f64) -> Result<()> {
+        let default_wd = self.config.weight_decay();
+        for g in &self.groups {
+            let group_lr = lr * g.lr_mult;
+            let wd = g.weight_decay.unwrap_or(default_wd);
+            for (name, var) in &g.params {
+                if let Some(grad) = grads.get(var.as_tensor()) {
+                    self.engine.step_param(name, var, grad, group_lr, wd)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The configuration this optimizer was built from.
+    pub fn config(&self) -> &OptimizerConfig {
+        &self.config
+    }
+
+    /// The parameter groups.
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    /// Every parameter this optimizer updates, in group order (e.g. for [`clip_grad_norm`]).
+    pub fn vars(&self) -> Vec<Var> {
+        self.groups
+            .iter()
+            .flat_map(|g| g.params.iter().map(|(_, v)| v.clone()))
+            .collect()
+    }
+
+    /// The current momentum (SGD/RMSProp momentum, Adam/NAdam beta1), `None` for AdaGrad.
+    pub fn momentum(&self) -> Option<f64> {
+        self.engine.momentum()
+    }
+
+    /// Sets the momentum for the following steps (one-cycle schedules); an error for AdaGrad.
+    pub fn set_momentum(&mut self, momentum: f64) -> Result<()> {
+        self.engine.set_momentum(momentum)
+    }
+
+    /// The state of every grouped parameter that has taken a step, named `<param>.<slot>`.
+    pub fn state(&self) -> OptimState {
+        let names: Vec<&str> = self
+            .groups
+            .iter()
+            .flat_map(|g| g.params.iter().map(|(n, _)| n.as_str()))
+            .collect();
+        let mut out = OptimState {
+            rule: self.engine.family().to_string(),
+            ..OptimState::default()
+        };
+        self.engine.export(&names, &mut out);
+        out
+    }
+
+    /// Replaces the state with `state`: each grouped parameter takes its stored state, or starts fresh when
+    /// `state` has none for it (it was frozen when the state was saved); stored states of parameters not in
+    /// any group are ignored. On error the optimizer's state is unchanged.
+    pub fn load_state(&mut self, state: &OptimState) -> Result<()> {
+        if state.rule != self.engine.family() {
+            return Err(Error::config(
+                "optimizer state",
+                format!(
+                    "was saved by a `{}` optimizer, this one is `{}`",
+                    state.rule,
+                    self.engine.family()
+                ),
+            ));
+        }
+        let params: Vec<(&str, &Var)> = self
+            .groups
+            .iter()
+            .flat_map(|g| g.params.iter().map(|(n, v)| (n.as_str(), v)))
+            .collect();
+        self.engine.import(&params, state)
+    }
+}
+
+fn boxed_engine<R: UpdateRule>(rule: R) -> Box<dyn Engine> {
+    Box::new(RuleEngine {
+        rule,
+        states: HashMap::new(),
+    })
+}

@@ -1,0 +1,157 @@
+//! Optimizer state as named tensors plus named scalars, keyed by parameter name
+//! (`layer4.1.conv2.weight.exp_avg`, `layer4.1.conv2.weight.step`), so a checkpoint can hold it in safetensors
+//! and a resume after the set of trainable parameters changed still finds each parameter's state by name.
+
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// Metadata key holding the update-rule family (`sgd`, `adagrad`, `rmsprop`, `adam`, `nadam`).
+const RULE_KEY: &str = "graft.optim.rule";
+/// Prefix of the metadata keys holding scalars.
+const SCALAR_PREFIX: &str = "graft.optim.scalar.";
+
+/// Everything an optimizer needs to continue exactly where it stopped.
+#[derive(Debug, Clone, Default)]
+pub struct OptimState {
+    /// The update-rule family that wrote this state; loading into another family is an error.
+    pub rule: String,
+    /// Moments, accumulators and buffers, named `<param>.<slot>`.
+    pub tensors: HashMap<String, Tensor>,
+    /// Step counts and running products, named `<param>.<slot>`.
+    pub scalars: BTreeMap<String, f64>,
+}
+
+impl OptimState {
+    /// Writes the state to a safetensors file: tensors as tensors, the rule and the scalars in
+    /// `__metadata__` (scalars in Rust's shortest round-trip notation, so they load bit for bit). The file is
+    /// written next to its destination and renamed over it, so a crash never leaves a half-written state.
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let mut metadata = HashMap::new();
+        metadata.insert(RULE_KEY.to_string(), self.rule.clone());
+        for (k, v) in &self.scalars {
+            metadata.insert(format!("{SCALAR_PREFIX}{k}"), format!("{v:?}"));
+        }
+        let mut tensors: Vec<(&String, &Tensor)> = self.tensors.iter().collect();
+        tensors.sort_by(|a, b| a.0.cmp(b.0));
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = std::path::PathBuf::from(tmp);
+        safetensors::serialize_to_file(tensors, Some(metadata), &tmp)
+            .map_err(|e| Error::bad_file(&tmp, e.to_string()))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    }
+
+    /// Reads a state written by [`OptimState::save`]; tensors land on `device` (they move to each
+    /// parameter's device and dtype again when loaded into an optimizer).
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
+        let path = path.as_ref();
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let (_, meta) =
+            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        let meta = meta.metadata().clone().unwrap_or_default();
+        let rule = meta
+            .get(RULE_KEY)
+            .cloned()
+            .ok_or_else(|| Error::bad_file(path, format!("no `{RULE_KEY}` in the metadata: not an optimizer state")))?;
+        let mut scalars = BTreeMap::new();
+        for (k, v) in &meta {
+            if let Some(name) = k.strip_prefix(SCALAR_PREFIX) {
+                let x: f64 = v
+                    .parse()
+                    .map_err(|_| Error::bad_file(path, format!("scalar `{name}` = `{v}` is not a number")))?;
+                scalars.insert(name.to_string(), x);
+            }
+        }
+        let tensors = candle_core::safetensors::load_buffer(&bytes, device)
+            .map_err(|e| Error::bad_file(path, e.to_string()))?;
+        Ok(OptimState {
+            rule,
+            tensors,
+            scalars,
+        })
+    }
+}
+
+/// Writes one parameter's state slots into an [`OptimState`].
+pub struct SlotWriter<'a> {
+    pub(crate) param: &'a str,
+    pub(crate) state: &'a mut OptimState,
+}
+
+impl SlotWriter<'_> {
+    /// Stores tensor slot `slot` of this parameter.
+    pub fn tensor(&mut self, slot: &str, t: &Tensor) {
+        self.state.tensors.insert(format!("{}.{slot}", self.param), t.clone());
+    }
+
+    /// Stores scalar slot `slot` of this parameter.
+    pub fn scalar(&mut self, slot: &str, x: f64) {
+        self.state.scalars.insert(format!("{}.{slot}", self.param), x);
+    }
+}
+
+/// Reads one parameter's state slots from an [`OptimState`], checking shapes against the parameter and moving
+/// tensors to its device and dtype.
+pub struct SlotReader<'a> {
+    pub(crate) param: &'a str,
+    pub(crate) like: &'a Tensor,
+    pub(crate) state: &'a OptimState,
+}
+
+impl SlotReader<'_> {
+    fn key(&self, slot: &str) -> String {
+        format!("{}.{slot}", self.param)
+    }
+
+    /// Tensor slot `slot`, or `None` when the state has none.
+    pub fn tensor(&self, slot: &str) -> Result<Option<Tensor>> {
+        let key = self.key(slot);
+        let Some(t) = self.state.tensors.get(&key) else {
+            return Ok(None);
+        };
+        if t.dims() != self.like.dims() {
+            return Err(Error::config(
+                format!("optimizer state `{key}`"),
+                format!("has shape {:?}, the parameter has {:?}", t.dims(), self.like.dims()),
+            ));
+        }
+        Ok(Some(t.to_device(self.like.device())?.to_dtype(self.like.dtype())?))
+    }
+
+    /// Tensor slot `slot`; its absence is an error (the state is incomplete).
+    pub fn required_tensor(&self, slot: &str) -> Result<Tensor> {
+        self.tensor(slot)?.ok_or_else(|| self.missing(slot))
+    }
+
+    /// Scalar slot `slot`, or `None`.
+    pub fn scalar(&self, slot: &str) -> Option<f64> {
+        self.state.scalars.get(&self.key(slot)).copied()
+    }
+
+    /// Scalar slot `slot`; its absence is an error.
+    pub fn required_scalar(&self, slot: &str) -> Result<f64> {
+        self.scalar(slot).ok_or_else(|| self.missing(slot))
+    }
+
+    /// The `step` scalar as a count; `None` means the parameter has no state (fresh start).
+    pub fn step(&self) -> Result<Option<u64>> {
+        match self.scalar("step") {
+            None => Ok(None),
+            Some(s) if s >= 0.0 && s.fract() == 0.0 => Ok(Some(s as u64)),
+            Some(s) => Err(Error::config(
+                format!("optimizer state `{}`", self.key("step")),
+                format!("{s} is not a step count"),
+            )),
+        }
+    }
+
+    fn missing(&self, slot: &str) -> Error {
+        Error::config(
+            format!("optimizer state of `{}`", self.param),
+            format!("has a step count but no `{}`", self.key(slot)),
+        )
+    }
+}
