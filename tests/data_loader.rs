@@ -162,7 +162,7 @@ fn a_disk_cache_serves_later_epochs_and_later_runs_with_the_same_pixels() {
     make_folder(&dir.path().join("data"), &[3, 3]);
     let (s, k) = samples(&dir.path().join("data"));
     let cache = CacheConfig { memory_bytes: 0, disk_dir: Some(dir.path().join("cache")) };
-    let config = LoaderConfig { cache, ..train_config(5) };
+    let config = LoaderConfig { cache, batch_size: 3, ..train_config(5) };
     let loader = Loader::new(s.clone(), k, preprocess(), config.clone(), &Device::Cpu).unwrap();
     let first = collect(&loader, 0);
     assert_eq!(loader.cache_stats().disk_images, 6);
@@ -267,7 +267,7 @@ fn augmentation_changes_pixels_but_keeps_them_in_the_normalised_range() {
     make_folder(dir.path(), &[4, 4]);
     let (s, k) = samples(dir.path());
     let plain = Loader::new(s.clone(), k, preprocess(), LoaderConfig::eval(8), &Device::Cpu).unwrap();
-    let aug = Loader::new(s, k, preprocess(), LoaderConfig { shuffle: false, ..train_config(0) }, &Device::Cpu).unwrap();
+    let aug = Loader::new(s, k, preprocess(), LoaderConfig { shuffle: false, batch_size: 8, ..train_config(0) }, &Device::Cpu).unwrap();
     let p = collect(&plain, 0);
     let a = collect(&aug, 0);
     assert_eq!(p[0].2, a[0].2, "same samples");
