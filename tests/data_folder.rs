@@ -349,11 +349,23 @@ fn corrupt_and_truncated_images_are_errors_naming_the_file() {
         .unwrap();
     let truncated = dir.path().join("truncated.png");
     write(&truncated, &png[..png.len() / 2]);
+    let mut jpeg = Vec::new();
+    RgbImage::from_fn(64, 64, |x, y| Rgb([x as u8, y as u8, 7]))
+        .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .unwrap();
+    let truncated_jpeg = dir.path().join("truncated.jpg");
+    write(&truncated_jpeg, &jpeg[..jpeg.len() * 3 / 4]);
+    let mut gif = Vec::new();
+    RgbImage::from_fn(64, 64, |x, y| Rgb([x as u8, y as u8, 7]))
+        .write_to(&mut std::io::Cursor::new(&mut gif), image::ImageFormat::Gif)
+        .unwrap();
+    let truncated_gif = dir.path().join("truncated.gif");
+    write(&truncated_gif, &gif[..gif.len() * 3 / 4]);
     let empty = dir.path().join("empty.png");
     write(&empty, b"");
     let text = dir.path().join("text.webp");
     write(&text, b"hello, world");
-    for path in [garbage, truncated, empty, text, dir.path().join("absent.png")] {
+    for path in [garbage, truncated, truncated_jpeg, truncated_gif, empty, text, dir.path().join("absent.png")] {
         match decode_image(&path) {
             Err(Error::Image { path: p, reason }) => {
                 assert_eq!(p, path);
