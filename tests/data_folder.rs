@@ -370,6 +370,9 @@ fn corrupt_and_truncated_images_are_errors_naming_the_file() {
             Err(Error::Image { path: p, reason }) => {
                 assert_eq!(p, path);
                 assert!(!reason.is_empty());
+                if path.ends_with("truncated.jpg") {
+                    assert!(reason.contains("truncated"), "{reason}");
+                }
             }
             other => panic!("{}: expected an image error, got {other:?}", path.display()),
         }
