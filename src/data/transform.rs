@@ -1,0 +1,474 @@
+//! Image transforms: the evaluation transform a model card prescribes, training augmentation, and the
+//! conversion of 8-bit RGB pixels to normalised `f32` CHW tensors.
+//!
+//! The evaluation transform is timm's: resize the short side to `floor(input_size / crop_pct)`, then take
+//! the centre `input_size` square (torchvision's `Resize(int)` + `CenterCrop`, rounding as they do).
+//! Training augmentation is torchvision's `RandomResizedCrop` + `RandomHorizontalFlip` + optional
+//! `ColorJitter`, with the same parameter draws.
+
+use super::decode::{into_rgb, load_rgb};
+use super::resample::resize;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use image::{DynamicImage, RgbImage};
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// How pixels are resampled when an image is resized (Pillow's filters of the same names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    #[default]
+    Bilinear,
+    Bicubic,
+    Nearest,
+}
+
+/// What a pretrained model expects of its input, as its model card states it (timm's `pretrained_cfg`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Preprocess {
+    /// Side of the square input, in pixels.
+    pub input_size: usize,
+    /// Fraction of the resized image kept by the centre crop at evaluation (timm's `crop_pct`).
+    pub crop_pct: f64,
+    pub interpolation: Interpolation,
+    /// Per-channel mean and standard deviation of `[0, 1]` pixels, in RGB order.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+}
+
+impl Preprocess {
+    /// The common ImageNet recipe: mean/std of ImageNet, crop 0.875, bilinear.
+    pub fn imagenet(input_size: usize) -> Self {
+        Preprocess {
+            input_size,
+            crop_pct: 0.875,
+            interpolation: Interpolation::Bilinear,
+            mean: [0.485, 0.456, 0.406],
+            std: [0.229, 0.224, 0.225],
+        }
+    }
+
+    /// Checks the values a model card or flag may get wrong.
+    pub fn validate(&self) -> Result<()> {
+        if self.input_size == 0 {
+            return Err(Error::config("input_size", "must be at least 1"));
+        }
+        if !(self.crop_pct > 0.0 && self.crop_pct <= 1.0) {
+            return Err(Error::config(
+                "crop_pct",
+                format!("{} is not in (0, 1]", self.crop_pct),
+            ));
+        }
+        if self.std.iter().any(|s| !(*s > 0.0)) {
+            return Err(Error::config("std", format!("{:?} must be positive", self.std)));
+        }
+        Ok(())
+    }
+
+    /// The short side an image is resized to before the centre crop: `floor(input_size / crop_pct)`.
+    pub fn resize_size(&self) -> usize {
+        ((self.input_size as f64 / self.crop_pct).floor() as usize).max(self.input_size)
+    }
+
+    /// Number of `f32` values in one preprocessed image, `3 * input_size^2`.
+    pub fn tensor_len(&self) -> usize {
+        3 * self.input_size * self.input_size
+    }
+}
+
+/// Resizes so that the shorter side becomes `short`, keeping the aspect ratio as torchvision's
+/// `Resize(int)` does (the long side is truncated: `int(short * long / short_side)`).
+pub fn resize_short_side(image: &RgbImage, short: u32, interpolation: Interpolation) -> RgbImage {
+    let (w, h) = image.dimensions();
+    let (nw, nh) = if w <= h {
+        (short, ((short as u64 * h as u64) / w as u64).max(1) as u32)
+    } else {
+        (((short as u64 * w as u64) / h as u64).max(1) as u32, short)
+    };
+    resize(image, nw, nh, interpolation)
+}
+
+/// Python's `round`, which rounds halves to even: torchvision's centre crop offsets use it.
+fn round_half_even(x: f64) -> i64 {
+    let r = x.round();
+    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
+        (r - x.signum()) as i64
+    } else {
+        r as i64
+    }
+}
+
+/// The centre `size` x `size` square, offsets as torchvision's `CenterCrop` computes them. An image
+/// smaller than `size` on a side is padded with black on that side, as torchvision pads.
+pub fn center_crop(image: &RgbImage, size: u32) -> RgbImage {
+    let (w, h) = image.dimensions();
+    let left = round_half_even((w as f64 - size as f64) / 2.0);
+    let top = round_half_even((h as f64 - size as f64) / 2.0);
+    RgbImage::from_fn(size, size, |x, y| {
+        let (sx, sy) = (x as i64 + left, y as i64 + top);
+        if sx >= 0 && sy >= 0 && sx < w as i64 && sy < h as i64 {
+            *image.get_pixel(sx as u32, sy as u32)
+        } else {
+            image::Rgb([0, 0, 0])
+        }
+    })
+}
+
+/// The evaluation transform up to (not including) normalisation: the `input_size` square of pixels.
+pub fn eval_pixels(image: &RgbImage, p: &Preprocess) -> RgbImage {
+    let resized = resize_short_side(image, p.resize_size() as u32, p.interpolation);
+    center_crop(&resized, p.input_size as u32)
+}
+
+/// Writes `image` (which must be `input_size` square) into `out` as normalised CHW values,
+/// `(pixel / 255 - mean) / std`, mirrored left-right when `flip`.
+pub fn normalize_into(image: &RgbImage, p: &Preprocess, flip: bool, out: &mut [f32]) {
+    let (w, h) = image.dimensions();
+    let plane = (w * h) as usize;
+    assert_eq!(out.len(), 3 * plane, "output holds one {w}x{h} RGB image");
+    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * p.std[c]));
+    let shift: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
+    let (r, rest) = out.split_at_mut(plane);
+    let (g, b) = rest.split_at_mut(plane);
+    let src = image.as_raw();
+    for y in 0..h as usize {
+        let row = &src[y * w as usize * 3..(y + 1) * w as usize * 3];
+        for x in 0..w as usize {
+            let sx = if flip { w as usize - 1 - x } else { x };
+            let px = &row[sx * 3..sx * 3 + 3];
+            let i = y * w as usize + x;
+            r[i] = px[0] as f32 * scale[0] + shift[0];
+            g[i] = px[1] as f32 * scale[1] + shift[1];
+            b[i] = px[2] as f32 * scale[2] + shift[2];
+        }
+    }
+}
+
+/// The evaluation transform of a decoded image as a `[3, input_size, input_size]` `f32` tensor.
+pub fn eval_tensor(image: &DynamicImage, p: &Preprocess, device: &Device) -> Result<Tensor> {
+    let rgb = match image {
+        DynamicImage::ImageRgb8(rgb) => eval_pixels(rgb, p),
+        other => eval_pixels(&into_rgb(other.clone()), p),
+    };
+    let mut data = vec![0f32; p.tensor_len()];
+    normalize_into(&rgb, p, false, &mut data);
+    let s = p.input_size;
+    Ok(Tensor::from_vec(data, (3, s, s), device)?)
+}
+
+/// Loads the image at `path` and applies the evaluation transform: what `graft predict` feeds a model.
+/// A file that cannot be decoded is an [`Error::Image`] naming it.
+pub fn load_eval_tensor(path: &Path, p: &Preprocess, device: &Device) -> Result<Tensor> {
+    let rgb = load_rgb(path)?;
+    eval_tensor(&DynamicImage::ImageRgb8(rgb), p, device)
+}
+
+/// Training augmentation, timm's defaults: a random resized crop covering `scale` of the area with an
+/// aspect ratio in `ratio` (drawn log-uniformly), a horizontal flip with probability `hflip`, and an
+/// optional colour jitter.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Augment {
+    pub scale: [f64; 2],
+    pub ratio: [f64; 2],
+    pub hflip: f64,
+    pub color_jitter: Option<ColorJitter>,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment {
+            scale: [0.08, 1.0],
+            ratio: [3.0 / 4.0, 4.0 / 3.0],
+            hflip: 0.5,
+            color_jitter: None,
+        }
+    }
+}
+
+impl Augment {
+    /// Checks ranges: `0 < scale.0 <= scale.1 <= 1`, `0 < ratio.0 <= ratio.1`, `hflip` a probability.
+    pub fn validate(&self) -> Result<()> {
+        let [s0, s1] = self.scale;
+        if !(s0 > 0.0 && s0 <= s1 && s1 <= 1.0) {
+            return Err(Error::config("augment.scale", format!("{:?} is not 0 < lo <= hi <= 1", self.scale)));
+        }
+        let [r0, r1] = self.ratio;
+        if !(r0 > 0.0 && r0 <= r1) {
+            return Err(Error::config("augment.ratio", format!("{:?} is not 0 < lo <= hi", self.ratio)));
+        }
+        if !(0.0..=1.0).contains(&self.hflip) {
+            return Err(Error::config("augment.hflip", format!("{} is not a probability", self.hflip)));
+        }
+        if let Some(j) = &self.color_jitter {
+            j.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// torchvision's `ColorJitter`: brightness, contrast and saturation factors drawn from
+/// `[max(0, 1 - x), 1 + x]`, a hue shift from `[-hue, hue]` (in turns, at most 0.5), applied in a random
+/// order. Zero disables a component.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ColorJitter {
+    pub brightness: f32,
+    pub contrast: f32,
+    pub saturation: f32,
+    pub hue: f32,
+}
+
+impl ColorJitter {
+    pub fn validate(&self) -> Result<()> {
+        for (name, v) in [
+            ("brightness", self.brightness),
+            ("contrast", self.contrast),
+            ("saturation", self.saturation),
+        ] {
+            if !(v >= 0.0) {
+                return Err(Error::config(format!("color_jitter.{name}"), format!("{v} is negative")));
+            }
+        }
+        if !(0.0..=0.5).contains(&self.hue) {
+            return Err(Error::config("color_jitter.hue", format!("{} is not in [0, 0.5]", self.hue)));
+        }
+        Ok(())
+    }
+}
+
+/// A rectangle of an image, in pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CropBox {
+    pub left: u32,
+    pub top: u32,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// torchvision's `RandomResizedCrop.get_params`: ten tries at a box of random area and aspect ratio that
+/// fits, then the centre crop clamped to the ratio range.
+pub fn random_resized_crop_box(width: u32, height: u32, scale: [f64; 2], ratio: [f64; 2], rng: &mut impl Rng) -> CropBox {
+    let area = width as f64 * height as f64;
+    let (log_lo, log_hi) = (ratio[0].ln(), ratio[1].ln());
+    for _ in 0..10 {
+        let target_area = area * uniform(rng, scale[0], scale[1]);
+        let aspect = uniform(rng, log_lo, log_hi).exp();
+        let w = (target_area * aspect).sqrt().round() as i64;
+        let h = (target_area / aspect).sqrt().round() as i64;
+        if 0 < w && w <= width as i64 && 0 < h && h <= height as i64 {
+            let top = rng.random_range(0..=(height as i64 - h)) as u32;
+            let left = rng.random_range(0..=(width as i64 - w)) as u32;
+            return CropBox { left, top, width: w as u32, height: h as u32 };
+        }
+    }
+    let in_ratio = width as f64 / height as f64;
+    let (w, h) = if in_ratio < ratio[0] {
+        (width, ((width as f64 / ratio[0]).round() as u32).clamp(1, height))
+    } else if in_ratio > ratio[1] {
+        (((height as f64 * ratio[1]).round() as u32).clamp(1, width), height)
+    } else {
+        (width, height)
+    };
+    CropBox { left: (width - w) / 2, top: (height - h) / 2, width: w, height: h }
+}
+
+fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
+    if hi > lo {
+        rng.random_range(lo..hi)
+    } else {
+        lo
+    }
+}
+
+/// One augmented training image: random resized crop to `input_size`, maybe flipped, maybe jittered,
+/// normalised into `out` (CHW).
+pub fn augment_into(image: &RgbImage, p: &Preprocess, aug: &Augment, rng: &mut impl Rng, out: &mut [f32]) {
+    let (w, h) = image.dimensions();
+    let b = random_resized_crop_box(w, h, aug.scale, aug.ratio, rng);
+    let crop = image::imageops::crop_imm(image, b.left, b.top, b.width, b.height).to_image();
+    let s = p.input_size as u32;
+    let resized = resize(&crop, s, s, p.interpolation);
+    let flip = rng.random::<f64>() < aug.hflip;
+    match &aug.color_jitter {
+        None => normalize_into(&resized, p, flip, out),
+        Some(j) => {
+            let mut pixels: Vec<[f32; 3]> = resized
+                .pixels()
+                .map(|px| px.0.map(|v| v as f32 / 255.0))
+                .collect();
+            jitter(&mut pixels, j, rng);
+            let jittered = RgbImage::from_fn(s, s, |x, y| {
+                image::Rgb(pixels[(y * s + x) as usize].map(|v| (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8))
+            });
+            normalize_into(&jittered, p, flip, out);
+        }
+    }
+}
+
+fn luma(p: &[f32; 3]) -> f32 {
+    0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2]
+}
+
+/// Applies colour jitter to `[0, 1]` RGB pixels, in place.
+fn jitter(pixels: &mut [[f32; 3]], j: &ColorJitter, rng: &mut impl Rng) {
+    let mut order = [0usize, 1, 2, 3];
+    rand::seq::SliceRandom::shuffle(&mut order[..], rng);
+    let factor = |rng: &mut dyn rand::RngCore, x: f32| -> Option<f32> {
+        (x > 0.0).then(|| rng.random_range((1.0 - x).max(0.0)..=(1.0 + x)))
+    };
+    let b = factor(rng, j.brightness);
+    let c = factor(rng, j.contrast);
+    let s = factor(rng, j.saturation);
+    let hue = (j.hue > 0.0).then(|| rng.random_range(-j.hue..=j.hue));
+    for op in order {
+        match op {
+            0 => {
+                if let Some(b) = b {
+                    pixels.iter_mut().flatten().for_each(|v| *v = (*v * b).clamp(0.0, 1.0));
+                }
+            }
+            1 => {
+                if let Some(c) = c {
+                    let mean = pixels.iter().map(luma).sum::<f32>() / pixels.len().max(1) as f32;
+                    pixels
+                        .iter_mut()
+                        .flatten()
+                        .for_each(|v| *v = (c * *v + (1.0 - c) * mean).clamp(0.0, 1.0));
+                }
+            }
+            2 => {
+                if let Some(s) = s {
+                    for p in pixels.iter_mut() {
+                        let l = luma(p);
+                        p.iter_mut().for_each(|v| *v = (s * *v + (1.0 - s) * l).clamp(0.0, 1.0));
+                    }
+                }
+            }
+            _ => {
+                if let Some(h) = hue {
+                    pixels.iter_mut().for_each(|p| *p = shift_hue(*p, h));
+                }
+            }
+        }
+    }
+}
+
+fn shift_hue([r, g, b]: [f32; 3], shift: f32) -> [f32; 3] {
+    let max = r.max(g).max(b);
+    let min = r.min(g).min(b);
+    let delta = max - min;
+    if delta <= 0.0 {
+        return [r, g, b];
+    }
+    let mut h = if max == r {
+        ((g - b) / delta).rem_euclid(6.0)
+    } else if max == g {
+        (b - r) / delta + 2.0
+    } else {
+        (r - g) / delta + 4.0
+    } / 6.0;
+    h = (h + shift).rem_euclid(1.0);
+    let (s, v) = (delta / max, max);
+    let h6 = h * 6.0;
+    let i = h6.floor();
+    let f = h6 - i;
+    let (p, q, t) = (v * (1.0 - s), v * (1.0 - s * f), v * (1.0 - s * (1.0 - f)));
+    match i as i32 % 6 {
+        0 => [v, t, p],
+        1 => [q, v, p],
+        2 => [p, v, t],
+        3 => [p, q, v],
+        4 => [t, p, v],
+        _ => [v, p, q],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn resize_size_is_the_floor_of_size_over_crop_pct() {
+        let mut p = Preprocess::imagenet(224);
+        assert_eq!(p.resize_size(), 256);
+        p.crop_pct = 0.95;
+        assert_eq!(p.resize_size(), 235);
+        p.crop_pct = 1.0;
+        assert_eq!(p.resize_size(), 224);
+    }
+
+    #[test]
+    fn short_side_resize_truncates_the_long_side_like_torchvision() {
+        let img = RgbImage::new(333, 250);
+        assert_eq!(resize_short_side(&img, 256, Interpolation::Bilinear).dimensions(), (340, 256));
+        let tall = RgbImage::new(100, 301);
+        assert_eq!(resize_short_side(&tall, 50, Interpolation::Bicubic).dimensions(), (50, 150));
+    }
+
+    #[test]
+    fn centre_crop_offsets_round_half_to_even() {
+        // (7 - 4) / 2 = 1.5 rounds to 2; (5 - 4) / 2 = 0.5 rounds to 0
+        let img = RgbImage::from_fn(7, 5, |x, y| image::Rgb([x as u8, y as u8, 0]));
+        let c = center_crop(&img, 4);
+        assert_eq!(c.get_pixel(0, 0).0, [2, 0, 0]);
+        assert_eq!(round_half_even(2.5), 2);
+        assert_eq!(round_half_even(-0.5), 0);
+        assert_eq!(round_half_even(2.6), 3);
+    }
+
+    #[test]
+    fn normalisation_maps_pixels_through_mean_and_std() {
+        let p = Preprocess { input_size: 2, crop_pct: 1.0, interpolation: Interpolation::Nearest, mean: [0.5, 0.0, 1.0], std: [0.5, 1.0, 2.0] };
+        let img = RgbImage::from_fn(2, 2, |x, _| if x == 0 { image::Rgb([255, 0, 51]) } else { image::Rgb([0, 255, 255]) });
+        let mut out = vec![0f32; 12];
+        normalize_into(&img, &p, false, &mut out);
+        let expect = [1.0, -1.0, 1.0, -1.0, 0.0, 1.0, 0.0, 1.0, -0.4, 0.0, -0.4, 0.0];
+        for (a, b) in out.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-6, "{out:?}");
+        }
+        normalize_into(&img, &p, true, &mut out);
+        assert!((out[0] + 1.0).abs() < 1e-6 && (out[1] - 1.0).abs() < 1e-6, "flip mirrors columns");
+    }
+
+    #[test]
+    fn random_crop_boxes_fit_and_respect_scale_and_ratio() {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        for _ in 0..500 {
+            let b = random_resized_crop_box(320, 240, [0.08, 1.0], [0.75, 4.0 / 3.0], &mut rng);
+            assert!(b.left + b.width <= 320 && b.top + b.height <= 240 && b.width > 0 && b.height > 0);
+            let frac = (b.width * b.height) as f64 / (320.0 * 240.0);
+            assert!(frac > 0.07 && frac <= 1.0, "{b:?}");
+        }
+        // An extreme image falls back to the centre crop clamped to the ratio range.
+        let b = random_resized_crop_box(1000, 10, [0.9, 1.0], [0.75, 4.0 / 3.0], &mut rng);
+        assert_eq!((b.width, b.height), (13, 10));
+        assert_eq!(b.left, (1000 - 13) / 2);
+    }
+
+    #[test]
+    fn hue_shift_of_a_full_turn_changes_nothing_and_half_a_turn_gives_the_complement() {
+        let px = [0.8, 0.2, 0.4];
+        let same = shift_hue(px, 0.0);
+        let half = shift_hue(px, 0.5);
+        for c in 0..3 {
+            assert!((same[c] - px[c]).abs() < 1e-6);
+        }
+        // the complement of (0.8, 0.2, 0.4) with the same max and min is (0.2, 0.8, 0.6)
+        for (a, b) in half.iter().zip([0.2, 0.8, 0.6]) {
+            assert!((a - b).abs() < 1e-5, "{half:?}");
+        }
+    }
+
+    #[test]
+    fn preprocess_round_trips_through_json_with_lowercase_interpolation() {
+        let p = Preprocess { interpolation: Interpolation::Bicubic, ..Preprocess::imagenet(224) };
+        let json = serde_json::to_string(&p).unwrap();
+        assert!(json.contains("\"bicubic\""), "{json}");
+        assert_eq!(serde_json::from_str::<Preprocess>(&json).unwrap(), p);
+    }
+}
