@@ -124,14 +124,16 @@ impl EfficientNetLiteConfig {
 
 /// A convolution with TensorFlow "SAME" padding followed by BatchNorm.
 ///
-/// The convolution is built with symmetric padding `k / 2`, which is SAME for stride 1 and for stride 2
-/// on odd sizes. For stride 2 on an even size SAME pads `k / 2 - 1` before and `k / 2` after; dropping
-/// the first row (column) of the input and padding `k / 2` on both sides samples exactly the same
-/// windows and gives the same output size, so no padded copy of the input is ever made.
+/// SAME pads `max((ceil(i / s) - 1) * s + k - i, 0)` in total, the smaller half before. That is the
+/// symmetric `k / 2` of `conv` for stride 1 and for stride 2 on odd sizes, so no padded copy of the
+/// input is made there; otherwise (stride 2 on an even size: one row/column less at the top/left) the
+/// input is zero-padded explicitly and convolved by `unpadded`, which shares `conv`'s weights.
 #[derive(Debug, Clone)]
 struct ConvBn {
     conv: Conv2d,
+    unpadded: Option<Conv2d>,
     bn: BatchNorm,
+    kernel: usize,
     stride: usize,
 }
 
@@ -152,34 +154,49 @@ impl ConvBn {
             groups,
             bias: false,
         };
+        // Built from the same names, so from a VarMap both convolutions hold the same `Var`.
+        let unpadded = if stride > 1 && kernel > 1 {
+            let cfg = Conv2dConfig { padding: 0, ..cfg };
+            Some(conv2d(cin, cout, kernel, cfg, conv_vb.clone())?)
+        } else {
+            None
+        };
         Ok(Self {
             conv: conv2d(cin, cout, kernel, cfg, conv_vb)?,
+            unpadded,
             bn: batch_norm(cout, EFFICIENTNET_BN_EPS, bn_vb)?,
+            kernel,
             stride,
         })
     }
 
+    /// The convolution alone, with SAME padding.
+    fn convolve(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (_, _, h, w) = x.dims4()?;
+        let (top, bottom) = same_padding(h, self.kernel, self.stride);
+        let (left, right) = same_padding(w, self.kernel, self.stride);
+        let p = self.kernel / 2;
+        match &self.unpadded {
+            Some(unpadded) if (top, bottom, left, right) != (p, p, p, p) => {
+                let x = x
+                    .pad_with_zeros(2, top, bottom)?
+                    .pad_with_zeros(3, left, right)?;
+                unpadded.forward(&x, mode)
+            }
+            _ => self.conv.forward(x, mode),
+        }
+    }
+
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let x = same_padding_shift(x, self.stride)?;
-        self.bn.forward(&self.conv.forward(&x, mode)?, mode)
+        self.bn.forward(&self.convolve(x, mode)?, mode)
     }
 }
 
-/// Drops the first row (column) of `x` when a stride-2 SAME convolution meets an even height (width);
-/// see [`ConvBn`].
-fn same_padding_shift(x: &Tensor, stride: usize) -> Result<Tensor> {
-    if stride != 2 {
-        return Ok(x.clone());
-    }
-    let (_, _, h, w) = x.dims4()?;
-    let mut x = x.clone();
-    if h % 2 == 0 {
-        x = x.narrow(2, 1, h - 1)?;
-    }
-    if w % 2 == 0 {
-        x = x.narrow(3, 1, w - 1)?;
-    }
-    Ok(x)
+/// TensorFlow "SAME" padding `(before, after)` of an input of `size` for a `kernel` with `stride`.
+fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
+    let out = size.div_ceil(stride);
+    let total = ((out - 1) * stride + kernel).saturating_sub(size);
+    (total / 2, total - total / 2)
 }
 
 fn relu6(x: &Tensor) -> Result<Tensor> {
@@ -197,16 +214,39 @@ struct MbConv {
 }
 
 impl MbConv {
-    fn new(cin: usize, cout: usize, kernel: usize, stride: usize, expand: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(
+        cin: usize,
+        cout: usize,
+        kernel: usize,
+        stride: usize,
+        expand: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let mid = cin * expand;
         let expand = if expand != 1 {
-            Some(ConvBn::new(cin, mid, 1, 1, 1, vb.pp("_expand_conv"), vb.pp("_bn0"))?)
+            Some(ConvBn::new(
+                cin,
+                mid,
+                1,
+                1,
+                1,
+                vb.pp("_expand_conv"),
+                vb.pp("_bn0"),
+            )?)
         } else {
             None
         };
         Ok(Self {
             expand,
-            depthwise: ConvBn::new(mid, mid, kernel, stride, mid, vb.pp("_depthwise_conv"), vb.pp("_bn1"))?,
+            depthwise: ConvBn::new(
+                mid,
+                mid,
+                kernel,
+                stride,
+                mid,
+                vb.pp("_depthwise_conv"),
+                vb.pp("_bn1"),
+            )?,
             project: ConvBn::new(mid, cout, 1, 1, 1, vb.pp("_project_conv"), vb.pp("_bn2"))?,
             residual: stride == 1 && cin == cout,
         })
@@ -251,7 +291,15 @@ impl EfficientNetLite {
     /// Builds the backbone from `vb` (the root of the weights' key layout), without a classifier.
     pub fn new(cfg: EfficientNetLiteConfig, vb: VarBuilder) -> Result<Self> {
         cfg.check()?;
-        let stem = ConvBn::new(3, cfg.stem_channels, 3, 2, 1, vb.pp("_conv_stem"), vb.pp("_bn0"))?;
+        let stem = ConvBn::new(
+            3,
+            cfg.stem_channels,
+            3,
+            2,
+            1,
+            vb.pp("_conv_stem"),
+            vb.pp("_bn0"),
+        )?;
         let mut blocks = Vec::new();
         let mut stages = Vec::new();
         for s in &cfg.stages {
@@ -263,12 +311,27 @@ impl EfficientNetLite {
                     (s.out_channels, 1)
                 };
                 let block_vb = vb.pp("_blocks").pp(blocks.len());
-                blocks.push(MbConv::new(cin, s.out_channels, s.kernel, stride, s.expand, block_vb)?);
+                blocks.push(MbConv::new(
+                    cin,
+                    s.out_channels,
+                    s.kernel,
+                    stride,
+                    s.expand,
+                    block_vb,
+                )?);
             }
             stages.push(start..blocks.len());
         }
         let last = cfg.stages[cfg.stages.len() - 1].out_channels;
-        let top = ConvBn::new(last, cfg.head_channels, 1, 1, 1, vb.pp("_conv_head"), vb.pp("_bn1"))?;
+        let top = ConvBn::new(
+            last,
+            cfg.head_channels,
+            1,
+            1,
+            1,
+            vb.pp("_conv_head"),
+            vb.pp("_bn1"),
+        )?;
         Ok(Self {
             cfg,
             stem,
@@ -280,7 +343,11 @@ impl EfficientNetLite {
     }
 
     /// Builds the backbone and its `num_classes`-way classifier `_fc` from `vb`.
-    pub fn with_classifier(cfg: EfficientNetLiteConfig, num_classes: usize, vb: VarBuilder) -> Result<Self> {
+    pub fn with_classifier(
+        cfg: EfficientNetLiteConfig,
+        num_classes: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let mut net = Self::new(cfg, vb.clone())?;
         net.fc = Some(net.classifier(num_classes, vb)?);
         Ok(net)
@@ -288,7 +355,11 @@ impl EfficientNetLite {
 
     /// A `num_classes`-way classifier over the pooled features, under `_fc` in `vb`.
     pub fn classifier(&self, num_classes: usize, vb: VarBuilder) -> Result<Linear> {
-        linear(self.feature_dim(), num_classes, vb.pp(self.classifier_prefix()))
+        linear(
+            self.feature_dim(),
+            num_classes,
+            vb.pp(self.classifier_prefix()),
+        )
     }
 
     pub fn set_classifier(&mut self, fc: Option<Linear>) {
@@ -397,7 +468,8 @@ mod tests {
     fn fresh_lite0() -> (VarMap, EfficientNetLite) {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let net = EfficientNetLite::with_classifier(EfficientNetLiteConfig::lite0(), 10, vb).unwrap();
+        let net =
+            EfficientNetLite::with_classifier(EfficientNetLiteConfig::lite0(), 10, vb).unwrap();
         (varmap, net)
     }
 
@@ -412,7 +484,10 @@ mod tests {
         assert_eq!(shape("_blocks.0._depthwise_conv.weight"), vec![32, 1, 3, 3]);
         assert!(!data.contains_key("_blocks.0._expand_conv.weight"));
         assert_eq!(shape("_blocks.1._expand_conv.weight"), vec![96, 16, 1, 1]);
-        assert_eq!(shape("_blocks.15._project_conv.weight"), vec![320, 1152, 1, 1]);
+        assert_eq!(
+            shape("_blocks.15._project_conv.weight"),
+            vec![320, 1152, 1, 1]
+        );
         assert_eq!(shape("_conv_head.weight"), vec![1280, 320, 1, 1]);
         assert_eq!(shape("_bn1.running_var"), vec![1280]);
         assert_eq!(shape("_fc.weight"), vec![10, 1280]);
@@ -427,7 +502,11 @@ mod tests {
         assert_eq!(names[7], "stage7");
         assert_eq!(names[8], "top");
         for key in varmap.data().lock().unwrap().keys() {
-            assert_eq!(net.group_of(key).is_none(), key.starts_with("_fc."), "{key}");
+            assert_eq!(
+                net.group_of(key).is_none(),
+                key.starts_with("_fc."),
+                "{key}"
+            );
         }
         assert_eq!(net.group_of("_bn0.weight"), Some(0));
         assert_eq!(net.group_of("_blocks.0._bn1.weight"), Some(1));
@@ -436,6 +515,16 @@ mod tests {
         assert_eq!(net.group_of("_blocks.15._bn2.bias"), Some(7));
         assert_eq!(net.group_of("_bn1.bias"), Some(8));
         assert_eq!(net.group_of("_blocks.16._bn2.bias"), None);
+    }
+
+    #[test]
+    fn same_padding_matches_tensorflow() {
+        // From the reference's tf_same_pad: 224 k3 s2 -> (0, 1); 225 -> (1, 1); k5 s2 on 112 -> (1, 2).
+        assert_eq!(same_padding(224, 3, 2), (0, 1));
+        assert_eq!(same_padding(225, 3, 2), (1, 1));
+        assert_eq!(same_padding(112, 5, 2), (1, 2));
+        assert_eq!(same_padding(7, 5, 1), (2, 2));
+        assert_eq!(same_padding(7, 1, 1), (0, 0));
     }
 
     #[test]
@@ -468,7 +557,7 @@ mod tests {
             .unwrap()
             .reshape((1, 1, 4, 4))
             .unwrap();
-        let y = cb.conv.forward(&same_padding_shift(&x, 2).unwrap(), Mode::Eval).unwrap();
+        let y = cb.convolve(&x, Mode::Eval).unwrap();
         let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // rows 0..3 x cols 0..3: 0+1+2+4+5+6+8+9+10 = 45; (0,1): cols 2..4 (col 4 padded) = 2+3+6+7+10+11 = 39
         // (1,0): rows 2..4: 8+9+10+12+13+14 = 66; (1,1): 10+11+14+15 = 50
@@ -485,6 +574,14 @@ mod tests {
         let data = varmap.data().lock().unwrap();
         let stem = data["_conv_stem.weight"].as_tensor();
         let g = grads.get(stem).expect("stem weight has a gradient");
-        assert!(g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.);
+        assert!(
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.
+        );
     }
 }
