@@ -162,11 +162,10 @@ fn read_legacy(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
         Value::List(keys) => keys.borrow().clone(),
         other => return Err(format!("storage key list expected, found {other:?}")),
     };
-    drop(next_pickle);
 
     // The storages follow in the order of the key list: u64 element count, then raw bytes.
     let layouts = storage_layouts(&root);
-    let mut storages = HashMap::new();
+    let mut storages: HashMap<String, &[u8]> = HashMap::new();
     for key in keys {
         let Value::Str(key) = key else {
             return Err(format!("storage key is not a string: {key:?}"));
@@ -187,18 +186,13 @@ fn read_legacy(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
             .get(pos..pos + len)
             .ok_or_else(|| format!("truncated in storage {key} ({numel} elements)"))?;
         pos += len;
-        storages.insert(key, data.to_vec());
+        storages.insert(key, data);
     }
-    let (tensors, skipped) = materialise(&root, |key| {
+    materialise(PthFormat::Legacy, &root, |key| {
         storages
             .get(key)
-            .map(|d| d.as_slice().into())
+            .map(|&d| d.into())
             .ok_or_else(|| format!("storage {key} missing from the file"))
-    })?;
-    Ok(Checkpoint {
-        format: PthFormat::Legacy,
-        tensors,
-        skipped,
     })
 }
 
@@ -233,13 +227,8 @@ fn read_zip(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     let (root, _) = Unpickler::new(&pickle, 0)
         .run()
         .map_err(|e| format!("{pkl_name}: {e}"))?;
-    let (tensors, skipped) = materialise(&root, |key| {
+    materialise(PthFormat::Zip, &root, |key| {
         read_entry(&format!("{prefix}data/{key}")).map(Into::into)
-    })?;
-    Ok(Checkpoint {
-        format: PthFormat::Zip,
-        tensors,
-        skipped,
     })
 }
 
@@ -268,9 +257,10 @@ fn storage_layouts(root: &Value) -> HashMap<String, StorageType> {
 /// Finds the state dict under `root` and turns its tensor entries into candle tensors, fetching each
 /// storage's bytes once through `storage`.
 fn materialise<'a>(
+    format: PthFormat,
     root: &Value,
     mut storage: impl FnMut(&str) -> std::result::Result<std::borrow::Cow<'a, [u8]>, String>,
-) -> std::result::Result<(Vec<(String, Tensor)>, Vec<String>), String> {
+) -> std::result::Result<Checkpoint, String> {
     let entries = state_dict_entries(root)?;
     let mut cache: HashMap<String, std::borrow::Cow<'a, [u8]>> = HashMap::new();
     let mut tensors = Vec::with_capacity(entries.len());
@@ -288,7 +278,11 @@ fn materialise<'a>(
         let tensor = t.build(data).map_err(|e| format!("tensor `{name}`: {e}"))?;
         tensors.push((name, tensor));
     }
-    Ok((tensors, skipped))
+    Ok(Checkpoint {
+        format,
+        tensors,
+        skipped,
+    })
 }
 
 /// The `(name, value)` entries of the state dict under `root`, in insertion order; a key set twice keeps
@@ -894,7 +888,7 @@ impl<'a> Unpickler<'a> {
     }
 
     fn set_items(&mut self, items: Vec<Value>, at: usize) -> PickleResult<()> {
-        if items.len() % 2 != 0 {
+        if !items.len().is_multiple_of(2) {
             return Err(format!("odd number of dict items at byte {at}"));
         }
         match self.top()? {
