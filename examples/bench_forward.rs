@@ -4,12 +4,12 @@
 //! cargo run --release --example bench_forward -- [arch=resnet18] [size=224] [batch=16] [iters=5]
 //! ```
 //! Prints images per second of the whole network (logits), then, for the stem's max-pool on the same
-//! batch, the time of graft's max-pool op against the same pool composed from candle ops (pad with -inf,
-//! max over the 9 shifted stride-2 views), forward and backward.
+//! batch, the time of graft's max-pool op against the same pool composed from candle ops
+//! (`max_pool2d_composed`: pad with -inf, gather the argmax of the 9 shifted views), forward and backward.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use graft::models::layers::max_pool2d;
+use graft::models::layers::{depthwise_conv2d, max_pool2d, max_pool2d_composed};
 use graft::models::resnet::{ResNet, ResNetConfig};
 use std::time::Instant;
 
@@ -18,36 +18,6 @@ fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
         .nth(i)
         .and_then(|s| s.parse().ok())
         .unwrap_or(default)
-}
-
-/// 3x3 / stride 2 / padding 1 max-pool composed from differentiable candle ops (even input sizes).
-fn composed_max_pool(x: &Tensor) -> candle_core::Result<Tensor> {
-    let (n, c, h, w) = x.dims4()?;
-    let (oh, ow) = (h / 2, w / 2);
-    let neg = |hh: usize, ww: usize| Tensor::full(f32::NEG_INFINITY, (n, c, hh, ww), x.device());
-    // Pad to (h + 2) x (w + 2): one row/column of -inf before and after.
-    let rows = Tensor::cat(&[&neg(1, w)?, x, &neg(1, w)?], 2)?;
-    let padded = Tensor::cat(&[&neg(h + 2, 1)?, &rows, &neg(h + 2, 1)?], 3)?;
-    let mut out: Option<Tensor> = None;
-    for dy in 0..3 {
-        for dx in 0..3 {
-            // Rows dy, dy + 2, ..: take 2*oh rows from dy, fold pairs, keep the first of each pair.
-            let v = padded
-                .narrow(2, dy, 2 * oh)?
-                .reshape((n, c, oh, 2, w + 2))?
-                .narrow(3, 0, 1)?
-                .squeeze(3)?
-                .narrow(3, dx, 2 * ow)?
-                .reshape((n, c, oh, ow, 2))?
-                .narrow(4, 0, 1)?
-                .squeeze(4)?;
-            out = Some(match out {
-                None => v,
-                Some(o) => o.maximum(&v)?,
-            });
-        }
-    }
-    Ok(out.unwrap())
 }
 
 fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
@@ -85,11 +55,11 @@ fn main() -> anyhow::Result<()> {
         y.sum_all().unwrap().backward().unwrap();
     });
     let composed = time(iters, || {
-        let y = composed_max_pool(stem.as_tensor()).unwrap();
+        let y = max_pool2d_composed(stem.as_tensor(), 3, 2, 1).unwrap();
         y.sum_all().unwrap().backward().unwrap();
     });
     let a = max_pool2d(stem.as_tensor(), 3, 2, 1)?;
-    let b = composed_max_pool(stem.as_tensor())?;
+    let b = max_pool2d_composed(stem.as_tensor(), 3, 2, 1)?;
     let diff: f32 = (a - b)?.abs()?.max_all()?.to_scalar()?;
     println!(
         "max-pool 3x3/2 fwd+bwd on [{batch}, 64, {}, {}]: custom op {:.1} ms, composed ops {:.1} ms (outputs differ by {diff})",
@@ -98,5 +68,39 @@ fn main() -> anyhow::Result<()> {
         ours * 1e3,
         composed * 1e3
     );
+
+    // Depthwise 3x3 (EfficientNet-Lite0's second block at this input size): graft's kernel vs candle's
+    // grouped conv2d, forward alone and forward + backward.
+    let (c, hw) = (96, size / 2);
+    let xd = Var::randn(0f32, 1., (batch, c, hw, hw), &dev)?;
+    let wd = Var::randn(0f32, 0.1, (c, 1, 3, 3), &dev)?;
+    for (label, stride) in [("stride 1", 1), ("stride 2", 2)] {
+        let ours_fwd = time(iters, || {
+            depthwise_conv2d(xd.as_tensor(), wd.as_tensor(), 1, stride).unwrap();
+        });
+        let candle_fwd = time(iters, || {
+            xd.as_tensor()
+                .conv2d(wd.as_tensor(), 1, stride, 1, c)
+                .unwrap();
+        });
+        let ours_both = time(iters, || {
+            let y = depthwise_conv2d(xd.as_tensor(), wd.as_tensor(), 1, stride).unwrap();
+            y.sum_all().unwrap().backward().unwrap();
+        });
+        let candle_both = time(iters, || {
+            let y = xd
+                .as_tensor()
+                .conv2d(wd.as_tensor(), 1, stride, 1, c)
+                .unwrap();
+            y.sum_all().unwrap().backward().unwrap();
+        });
+        println!(
+            "depthwise 3x3 {label} on [{batch}, {c}, {hw}, {hw}]: graft {:.1} ms fwd / {:.1} ms fwd+bwd, candle grouped {:.1} ms fwd / {:.1} ms fwd+bwd",
+            ours_fwd * 1e3,
+            ours_both * 1e3,
+            candle_fwd * 1e3,
+            candle_both * 1e3
+        );
+    }
     Ok(())
 }

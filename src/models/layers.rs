@@ -13,7 +13,7 @@ mod depthwise;
 mod pool;
 
 pub use depthwise::depthwise_conv2d;
-pub use pool::max_pool2d;
+pub use pool::{max_pool2d, max_pool2d_composed};
 
 use super::Mode;
 use crate::{Error, Result};
@@ -115,7 +115,8 @@ impl Conv2d {
         let y = if self.depthwise && x.device().is_cpu() {
             depthwise_conv2d(x, &w, self.cfg.padding, self.cfg.stride)?
         } else {
-            x.conv2d(&w, self.cfg.padding, self.cfg.stride, 1, self.cfg.groups)?
+            let (x, padding) = self.backward_safe_input(x)?;
+            x.conv2d(&w, padding, self.cfg.stride, 1, self.cfg.groups)?
         };
         match &self.bias {
             None => Ok(y),
@@ -124,6 +125,32 @@ impl Conv2d {
                 Ok(y.broadcast_add(&b)?)
             }
         }
+    }
+
+    /// The input and padding to hand candle's conv2d: `(x, padding)` unchanged, unless the two axes leave a
+    /// different number of trailing rows/columns that no window reaches (a non-square input of mixed parity
+    /// under a stride). Then the zero padding is applied here and the unreached edge cut off, and the
+    /// convolution runs unpadded on exactly the extent its windows cover.
+    ///
+    /// The output is the same either way; the point is candle 0.11's conv2d backward, which rebuilds the
+    /// input gradient with a transposed convolution whose output padding it derives from the height alone,
+    /// so an input whose width leaves a different remainder gets a gradient of the wrong width (a shape
+    /// error). Square inputs, and any whose axes leave the same remainder, pass through untouched.
+    fn backward_safe_input(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        let (_, _, h, w) = x.dims4()?;
+        let k = self.weight.dim(2)?;
+        let (p, s) = (self.cfg.padding, self.cfg.stride);
+        if h + 2 * p < k || w + 2 * p < k {
+            return Ok((x.clone(), p)); // let candle report the size error
+        }
+        // Padded extent the windows cover: (out - 1) * stride + k.
+        let reach = |i: usize| (i + 2 * p - k) / s * s + k;
+        let (rh, rw) = (reach(h), reach(w));
+        if h + 2 * p - rh == w + 2 * p - rw {
+            return Ok((x.clone(), p));
+        }
+        let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+        Ok((padded.narrow(2, 0, rh)?.narrow(3, 0, rw)?, 0))
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -506,6 +533,53 @@ mod tests {
             .broadcast_add(&conv.bias().unwrap().reshape((1, 6, 1, 1)).unwrap())
             .unwrap();
         assert!(max_abs(&ours, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn strided_conv2d_on_a_non_square_input_has_finite_difference_gradients() {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let conv = conv2d(2, 3, 3, cfg, vb.pp("conv")).unwrap();
+        // 9 rows leave no unused row, 8 columns leave one unused column.
+        let x = candle_core::Var::randn(0f64, 1., (2, 2, 9, 8), &dev).unwrap();
+        let probe = Tensor::randn(0f64, 1., (2, 3, 5, 4), &dev).unwrap();
+        let loss = |t: &Tensor| {
+            (conv.forward(t, Mode::Eval).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let reference = x.as_tensor().conv2d(conv.weight(), 1, 2, 1, 1).unwrap();
+        let forward = conv.forward(x.as_tensor(), Mode::Eval).unwrap();
+        assert!(max_abs(&forward, &reference) < 1e-12);
+        let grads = loss(x.as_tensor()).backward().unwrap();
+        let gx: Vec<f64> = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-6;
+        for i in (0..base.len()).step_by(7) {
+            let at = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                loss(&Tensor::from_vec(v, (2, 2, 9, 8), &dev).unwrap())
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (at(eps) - at(-eps)) / (2. * eps);
+            assert!((fd - gx[i]).abs() < 1e-6, "input {i}: {fd} vs {}", gx[i]);
+        }
+        assert!(grads.get(conv.weight()).is_some());
     }
 
     #[test]

@@ -26,12 +26,75 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
     };
     geom.validate()?;
     if !x.device().is_cpu() {
-        return Err(Error::config(
-            "max_pool2d device",
-            "the max-pool kernel runs on the CPU only",
-        ));
+        return max_pool2d_composed(x, kernel, stride, padding);
     }
     Ok(x.contiguous()?.apply_op1(MaxPool2d(geom))?)
+}
+
+/// The same max-pool composed from differentiable candle ops, for devices without the CPU kernel: pad with
+/// `-inf`, stack the `kernel * kernel` shifted strided views on a new last axis in row-major window order,
+/// and gather each window's `argmax` (candle's argmax keeps the first maximum, like PyTorch). Gather routes
+/// the gradient to that one input, so ties behave as in [`max_pool2d`]. It is several times slower and
+/// builds `kernel^2` copies of the output, so the CPU path never uses it.
+pub fn max_pool2d_composed(
+    x: &Tensor,
+    kernel: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Tensor> {
+    check_float(x, "max_pool2d")?;
+    let (n, c, h, w) = x.dims4()?;
+    let geom = PoolGeom {
+        kernel,
+        stride,
+        padding,
+        h,
+        w,
+    };
+    geom.validate()?;
+    let (oh, ow) = geom.out_hw();
+    let (k, s, p) = (kernel, stride, padding);
+    // Every view starts at offset d < k and spans s * out rows: pad the far side up to k - 1 + s * out.
+    let (ph, pw) = ((k - 1 + s * oh).max(h + p), (k - 1 + s * ow).max(w + p));
+    let neg_inf = |hh: usize, ww: usize| -> Result<Tensor> {
+        Ok(Tensor::full(f32::NEG_INFINITY, (n, c, hh, ww), x.device())?.to_dtype(x.dtype())?)
+    };
+    let mut rows = vec![];
+    if p > 0 {
+        rows.push(neg_inf(p, w)?);
+    }
+    rows.push(x.clone());
+    if ph > h + p {
+        rows.push(neg_inf(ph - h - p, w)?);
+    }
+    let tall = Tensor::cat(&rows, 2)?;
+    let mut cols = vec![];
+    if p > 0 {
+        cols.push(neg_inf(ph, p)?);
+    }
+    cols.push(tall);
+    if pw > w + p {
+        cols.push(neg_inf(ph, pw - w - p)?);
+    }
+    let padded = Tensor::cat(&cols, 3)?;
+    let mut views = Vec::with_capacity(k * k);
+    for dy in 0..k {
+        let band = padded
+            .narrow(2, dy, s * oh)?
+            .reshape((n, c, oh, s, pw))?
+            .narrow(3, 0, 1)?
+            .squeeze(3)?;
+        for dx in 0..k {
+            let v = band
+                .narrow(3, dx, s * ow)?
+                .reshape((n, c, oh, ow, s))?
+                .narrow(4, 0, 1)?;
+            views.push(v);
+        }
+    }
+    let stacked = Tensor::cat(&views, 4)?;
+    let idx = stacked.detach().argmax_keepdim(4)?;
+    Ok(stacked.gather(&idx, 4)?.squeeze(4)?)
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -289,6 +352,62 @@ mod tests {
                 .to_scalar()
                 .unwrap();
             assert_eq!(diff, 0.0, "k{k} s{s} p{p} {h}x{w}");
+        }
+    }
+
+    #[test]
+    fn composed_pool_matches_the_kernel_forward_and_backward_ties_included() {
+        let dev = Device::Cpu;
+        for &(k, s, p, h, w) in &[
+            (3, 2, 1, 8, 8),
+            (3, 2, 1, 7, 9),
+            (2, 2, 0, 6, 6),
+            (3, 1, 1, 5, 4),
+            (5, 3, 2, 11, 10),
+        ] {
+            // Rounded values make ties common, as after a ReLU.
+            let x = Var::from_tensor(
+                &Tensor::randn(0f64, 1., (2, 3, h, w), &dev)
+                    .unwrap()
+                    .relu()
+                    .unwrap()
+                    .round()
+                    .unwrap(),
+            )
+            .unwrap();
+            let probe = Tensor::randn(
+                0f64,
+                1.,
+                (2, 3, (h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1),
+                &dev,
+            )
+            .unwrap();
+            let a = max_pool2d(x.as_tensor(), k, s, p).unwrap();
+            let b = max_pool2d_composed(x.as_tensor(), k, s, p).unwrap();
+            let diff: f64 = (&a - &b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert_eq!(diff, 0.0, "forward k{k} s{s} p{p} {h}x{w}");
+            let ga = (a * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let gb = (b * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+            let (ga, gb) = (
+                ga.get(x.as_tensor()).unwrap(),
+                gb.get(x.as_tensor()).unwrap(),
+            );
+            let diff: f64 = (ga - gb)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(diff < 1e-12, "backward k{k} s{s} p{p} {h}x{w}: {diff}");
         }
     }
 
