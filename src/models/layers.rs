@@ -1,1 +1,616 @@
-//! Shared layers: being written.
+//! Shared layers: convolution, BatchNorm, linear, pooling.
+//!
+//! Every layer is a plain struct of tensors built by a free constructor over a scoped `VarBuilder`, so the
+//! nesting of `vb.pp(..)` scopes is the safetensors key layout (`conv2d(64, 64, 3, cfg, vb.pp("conv1"))` reads
+//! `<prefix>.conv1.weight`). Every forward takes a [`Mode`]: weights go through [`Mode::weight`], so a layer
+//! run in [`Mode::Frozen`] builds no gradient graph.
+//!
+//! Two ops that candle 0.11 lacks or runs slowly live in submodules and are used automatically:
+//! [`max_pool2d`] (with padding, stride < kernel, and a backward pass) and a depthwise convolution
+//! (`groups == in == out channels`), which candle runs as one convolution per channel.
+
+mod depthwise;
+mod pool;
+
+pub use depthwise::depthwise_conv2d;
+pub use pool::{max_pool2d, max_pool2d_composed};
+
+use super::Mode;
+use crate::{Error, Result};
+use candle_core::{DType, Tensor, Var, D};
+use candle_nn::init::{FanInOut, Init, NonLinearity, NormalOrUniform};
+use candle_nn::VarBuilder;
+
+/// Geometry of a [`Conv2d`]: symmetric zero padding, stride, groups (dilation is always 1) and whether the
+/// layer has a bias. `Default` is a stride-1, unpadded, ungrouped convolution without bias (the common case
+/// before a BatchNorm).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conv2dConfig {
+    pub padding: usize,
+    pub stride: usize,
+    pub groups: usize,
+    pub bias: bool,
+}
+
+impl Default for Conv2dConfig {
+    fn default() -> Self {
+        Self {
+            padding: 0,
+            stride: 1,
+            groups: 1,
+            bias: false,
+        }
+    }
+}
+
+/// A 2-D convolution over `[N, C, H, W]`, weights `[out, in / groups, k, k]` under `weight` (and `bias`).
+///
+/// A depthwise convolution (`groups == in == out`) runs on [`depthwise_conv2d`] instead of candle's grouped
+/// convolution, which would launch one convolution per channel.
+#[derive(Debug, Clone)]
+pub struct Conv2d {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    cfg: Conv2dConfig,
+    depthwise: bool,
+}
+
+/// Builds a [`Conv2d`] with a square `kernel`, reading `weight` (and `bias` when `cfg.bias`) from `vb`.
+///
+/// Fresh weights (a `VarMap` builder without loaded values) use torchvision's initialisation: Kaiming normal,
+/// fan-out, ReLU gain; a bias starts at zero.
+pub fn conv2d(
+    in_channels: usize,
+    out_channels: usize,
+    kernel: usize,
+    cfg: Conv2dConfig,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    if cfg.groups == 0
+        || !in_channels.is_multiple_of(cfg.groups)
+        || !out_channels.is_multiple_of(cfg.groups)
+    {
+        return Err(Error::config(
+            format!("conv2d `{}` groups", vb.prefix()),
+            format!(
+                "{} groups do not divide {in_channels} input and {out_channels} output channels",
+                cfg.groups
+            ),
+        ));
+    }
+    if cfg.stride == 0 || kernel == 0 {
+        return Err(Error::config(
+            format!("conv2d `{}`", vb.prefix()),
+            "kernel and stride must be positive",
+        ));
+    }
+    let init = Init::Kaiming {
+        dist: NormalOrUniform::Normal,
+        fan: FanInOut::FanOut,
+        non_linearity: NonLinearity::ReLU,
+    };
+    let weight = vb.get_with_hints(
+        (out_channels, in_channels / cfg.groups, kernel, kernel),
+        "weight",
+        init,
+    )?;
+    let bias = if cfg.bias {
+        Some(vb.get_with_hints(out_channels, "bias", Init::Const(0.))?)
+    } else {
+        None
+    };
+    let depthwise = cfg.groups > 1 && cfg.groups == in_channels && cfg.groups == out_channels;
+    Ok(Conv2d {
+        weight,
+        bias,
+        cfg,
+        depthwise,
+    })
+}
+
+impl Conv2d {
+    /// Convolves `x` (`[N, in, H, W]`) into `[N, out, H', W']`.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let w = mode.weight(&self.weight);
+        let y = if self.depthwise && x.device().is_cpu() {
+            depthwise_conv2d(x, &w, self.cfg.padding, self.cfg.stride)?
+        } else {
+            let (x, padding) = self.backward_safe_input(x)?;
+            x.conv2d(&w, padding, self.cfg.stride, 1, self.cfg.groups)?
+        };
+        match &self.bias {
+            None => Ok(y),
+            Some(b) => {
+                let b = mode.weight(b).reshape((1, (), 1, 1))?;
+                Ok(y.broadcast_add(&b)?)
+            }
+        }
+    }
+
+    /// The input and padding to hand candle's conv2d: `(x, padding)` unchanged, unless the two axes leave a
+    /// different number of trailing rows/columns that no window reaches (a non-square input of mixed parity
+    /// under a stride). Then the zero padding is applied here and the unreached edge cut off, and the
+    /// convolution runs unpadded on exactly the extent its windows cover.
+    ///
+    /// The output is the same either way; the point is candle 0.11's conv2d backward, which rebuilds the
+    /// input gradient with a transposed convolution whose output padding it derives from the height alone,
+    /// so an input whose width leaves a different remainder gets a gradient of the wrong width (a shape
+    /// error). Square inputs, and any whose axes leave the same remainder, pass through untouched.
+    fn backward_safe_input(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        let (_, _, h, w) = x.dims4()?;
+        let k = self.weight.dim(2)?;
+        let (p, s) = (self.cfg.padding, self.cfg.stride);
+        if h + 2 * p < k || w + 2 * p < k {
+            return Ok((x.clone(), p)); // let candle report the size error
+        }
+        // Padded extent the windows cover: (out - 1) * stride + k.
+        let reach = |i: usize| (i + 2 * p - k) / s * s + k;
+        let (rh, rw) = (reach(h), reach(w));
+        if h + 2 * p - rh == w + 2 * p - rw {
+            return Ok((x.clone(), p));
+        }
+        let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
+        Ok((padded.narrow(2, 0, rh)?.narrow(3, 0, rw)?, 0))
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    pub fn config(&self) -> Conv2dConfig {
+        self.cfg
+    }
+}
+
+/// BatchNorm over dimension 1 of an `[N, C, ...]` tensor, keys `weight`, `bias`, `running_mean`,
+/// `running_var` (PyTorch's `num_batches_tracked` is not read: momentum is fixed, so it is never needed).
+///
+/// In [`Mode::Train`] it normalises with the batch statistics (biased variance) and moves the running
+/// statistics toward them with `momentum`, using the *unbiased* batch variance, as PyTorch does. In
+/// [`Mode::Eval`] and [`Mode::Frozen`] it uses the running statistics, folded into one scale and shift per
+/// channel. The running statistics are `Var`s that are updated in place and never receive gradients.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    weight: Tensor,
+    bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    eps: f64,
+    momentum: f64,
+}
+
+/// PyTorch's default BatchNorm momentum: `running = 0.9 * running + 0.1 * batch`.
+pub const BN_MOMENTUM: f64 = 0.1;
+
+/// Builds a [`BatchNorm`] over `num_features` channels with the given `eps` (ResNet 1e-5, EfficientNet 1e-3)
+/// and momentum [`BN_MOMENTUM`].
+///
+/// The running statistics are taken as `Var`s: from a `VarMap` builder they are the map's own variables (so
+/// updates are seen by whoever saves the map); from any other builder they are copied into fresh variables.
+pub fn batch_norm(num_features: usize, eps: f64, vb: VarBuilder) -> Result<BatchNorm> {
+    if eps <= 0. {
+        return Err(Error::config(
+            format!("batch_norm `{}` eps", vb.prefix()),
+            "must be positive",
+        ));
+    }
+    let weight = vb.get_with_hints(num_features, "weight", Init::Const(1.))?;
+    let bias = vb.get_with_hints(num_features, "bias", Init::Const(0.))?;
+    let running_mean = vb.get_with_hints(num_features, "running_mean", Init::Const(0.))?;
+    let running_var = vb.get_with_hints(num_features, "running_var", Init::Const(1.))?;
+    Ok(BatchNorm {
+        weight,
+        bias,
+        running_mean: Var::from_tensor(&running_mean)?,
+        running_var: Var::from_tensor(&running_var)?,
+        eps,
+        momentum: BN_MOMENTUM,
+    })
+}
+
+impl BatchNorm {
+    /// Normalises `x` (`[N, C, ...]`); see the type's doc for what each mode does.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        if dims.len() < 2 || dims[1] != self.num_features() {
+            return Err(Error::config(
+                "batch_norm input",
+                format!("expected [N, {}, ...], got {:?}", self.num_features(), dims),
+            ));
+        }
+        let (n, c) = (dims[0], dims[1]);
+        let spatial: usize = dims[2..].iter().product();
+        // [N, C, S] view: per-channel reductions run over the contiguous last axis, then the batch axis.
+        let x3 = x.reshape((n, c, spatial))?;
+        let w = mode.weight(&self.weight).reshape((1, c, 1))?;
+        let b = mode.weight(&self.bias).reshape((1, c, 1))?;
+        let y = if mode.is_train() {
+            let count = n * spatial;
+            if count < 2 {
+                return Err(Error::config(
+                    "batch_norm input",
+                    format!("training needs more than one value per channel, got {dims:?}"),
+                ));
+            }
+            let mean = (x3.sum_keepdim(2)?.sum_keepdim(0)? / count as f64)?;
+            let centered = x3.broadcast_sub(&mean)?;
+            let var = (centered.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? / count as f64)?;
+            let scale = w.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
+            let y = centered.broadcast_mul(&scale)?.broadcast_add(&b)?;
+            self.update_running(&mean.detach(), &var.detach(), count)?;
+            y
+        } else {
+            let (scale, shift) = self.folded(&w, &b)?;
+            x3.broadcast_mul(&scale)?.broadcast_add(&shift)?
+        };
+        Ok(y.reshape(dims)?)
+    }
+
+    /// Eval-mode scale and shift `[1, C, 1]`: `y = x * scale + shift`.
+    fn folded(&self, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+        let c = self.num_features();
+        let mean = self.running_mean.as_tensor().detach().reshape((1, c, 1))?;
+        let var = self.running_var.as_tensor().detach().reshape((1, c, 1))?;
+        let scale = w.broadcast_div(&(var + self.eps)?.sqrt()?)?;
+        let shift = b.broadcast_sub(&mean.broadcast_mul(&scale)?)?;
+        Ok((scale, shift))
+    }
+
+    fn update_running(&self, mean: &Tensor, biased_var: &Tensor, count: usize) -> Result<()> {
+        let m = self.momentum;
+        let c = self.num_features();
+        let dtype = self.running_mean.dtype();
+        let mean = mean.flatten_all()?.to_dtype(dtype)?;
+        let unbiased =
+            (biased_var.flatten_all()? * (count as f64 / (count - 1) as f64))?.to_dtype(dtype)?;
+        debug_assert_eq!(mean.dims1()?, c);
+        let rm = ((self.running_mean.as_tensor() * (1. - m))? + (mean * m)?)?;
+        let rv = ((self.running_var.as_tensor() * (1. - m))? + (unbiased * m)?)?;
+        self.running_mean.set(&rm)?;
+        self.running_var.set(&rv)?;
+        Ok(())
+    }
+
+    pub fn num_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
+    pub fn momentum(&self) -> f64 {
+        self.momentum
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn running_mean(&self) -> &Var {
+        &self.running_mean
+    }
+
+    pub fn running_var(&self) -> &Var {
+        &self.running_var
+    }
+}
+
+/// A fully connected layer `y = x Wᵀ + b`, weight `[out, in]` under `weight`, bias `[out]` under `bias`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Tensor,
+}
+
+/// Builds a [`Linear`] layer; fresh weights use PyTorch's default, uniform in `±1/sqrt(in)`.
+pub fn linear(in_features: usize, out_features: usize, vb: VarBuilder) -> Result<Linear> {
+    let bound = 1. / (in_features.max(1) as f64).sqrt();
+    let init = Init::Uniform {
+        lo: -bound,
+        up: bound,
+    };
+    let weight = vb.get_with_hints((out_features, in_features), "weight", init)?;
+    let bias = vb.get_with_hints(out_features, "bias", init)?;
+    Ok(Linear { weight, bias })
+}
+
+impl Linear {
+    /// Maps `x` `[N, in]` to `[N, out]`.
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let w = mode.weight(&self.weight);
+        let b = mode.weight(&self.bias);
+        Ok(x.matmul(&w.t()?)?.broadcast_add(&b)?)
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.dim(1).unwrap_or(0)
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.weight.dim(0).unwrap_or(0)
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+}
+
+/// Global average pool: `[N, C, H, W]` to `[N, C]`.
+pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    Ok((x.reshape((n, c, h * w))?.sum(D::Minus1)? / (h * w) as f64)?)
+}
+
+/// Checks that `t` has a float dtype the CPU kernels in this module handle.
+fn check_float(t: &Tensor, op: &str) -> Result<()> {
+    match t.dtype() {
+        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => Ok(()),
+        other => Err(Error::config(
+            format!("{op} input dtype"),
+            format!("{other:?} is not a float type"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
+    /// A BatchNorm over 3 channels with non-trivial affine parameters and running statistics.
+    fn batch_norm_f64(varmap: &VarMap) -> BatchNorm {
+        let vb = VarBuilder::from_varmap(varmap, DType::F64, &Device::Cpu);
+        let bn = batch_norm(3, 1e-3, vb.pp("bn")).unwrap();
+        let data = varmap.data().lock().unwrap();
+        let set = |k: &str, v: &[f64]| data[k].set(&Tensor::new(v, &Device::Cpu).unwrap()).unwrap();
+        set("bn.weight", &[0.5, 1.5, 2.0]);
+        set("bn.bias", &[0.1, -0.2, 0.3]);
+        set("bn.running_mean", &[0.2, -0.1, 0.0]);
+        set("bn.running_var", &[0.8, 1.2, 2.0]);
+        bn
+    }
+
+    /// Per-channel values of `[N, C, H, W]` as plain vectors.
+    fn channel_values(x: &Tensor, c: usize) -> Vec<f64> {
+        x.narrow(1, c, 1)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
+    #[test]
+    fn batch_norm_train_uses_batch_statistics_and_updates_running_ones_like_pytorch() {
+        let varmap = VarMap::new();
+        let bn = batch_norm_f64(&varmap);
+        let x = Tensor::randn(1f64, 2., (4, 3, 5, 6), &Device::Cpu).unwrap();
+        let y = bn.forward(&x, Mode::Train).unwrap();
+        let (w, b) = ([0.5, 1.5, 2.0], [0.1, -0.2, 0.3]);
+        let (rm0, rv0) = ([0.2, -0.1, 0.0], [0.8, 1.2, 2.0]);
+        let rm: Vec<f64> = bn.running_mean().as_tensor().to_vec1().unwrap();
+        let rv: Vec<f64> = bn.running_var().as_tensor().to_vec1().unwrap();
+        for c in 0..3 {
+            let xs = channel_values(&x, c);
+            let n = xs.len() as f64;
+            let mean = xs.iter().sum::<f64>() / n;
+            let var = xs.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / n;
+            let expected: Vec<f64> = xs
+                .iter()
+                .map(|v| (v - mean) / (var + 1e-3).sqrt() * w[c] + b[c])
+                .collect();
+            let ys = channel_values(&y, c);
+            for (a, e) in ys.iter().zip(&expected) {
+                assert!((a - e).abs() < 1e-12, "channel {c}: {a} vs {e}");
+            }
+            assert!((rm[c] - (0.9 * rm0[c] + 0.1 * mean)).abs() < 1e-12);
+            assert!((rv[c] - (0.9 * rv0[c] + 0.1 * var * n / (n - 1.))).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn batch_norm_eval_uses_running_statistics_and_leaves_them_alone() {
+        let varmap = VarMap::new();
+        let bn = batch_norm_f64(&varmap);
+        let x = Tensor::randn(0f64, 1., (2, 3, 4, 4), &Device::Cpu).unwrap();
+        for mode in [Mode::Eval, Mode::Frozen] {
+            let y = bn.forward(&x, mode).unwrap();
+            let (w, b) = ([0.5, 1.5, 2.0], [0.1, -0.2, 0.3]);
+            let (rm, rv) = ([0.2, -0.1, 0.0], [0.8, 1.2, 2.0]);
+            for c in 0..3 {
+                let expected: Vec<f64> = channel_values(&x, c)
+                    .iter()
+                    .map(|v| (v - rm[c]) / (rv[c] + 1e-3f64).sqrt() * w[c] + b[c])
+                    .collect();
+                for (a, e) in channel_values(&y, c).iter().zip(&expected) {
+                    assert!((a - e).abs() < 1e-12);
+                }
+            }
+            let after: Vec<f64> = bn.running_mean().as_tensor().to_vec1().unwrap();
+            assert_eq!(after, rm.to_vec());
+        }
+    }
+
+    #[test]
+    fn batch_norm_gradients_skip_running_statistics() {
+        let varmap = VarMap::new();
+        let bn = batch_norm_f64(&varmap);
+        let x = Tensor::randn(0f64, 1., (2, 3, 4, 4), &Device::Cpu).unwrap();
+        for mode in [Mode::Train, Mode::Eval] {
+            let grads = bn
+                .forward(&x, mode)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(grads.get(bn.weight()).is_some());
+            assert!(grads.get(bn.running_mean().as_tensor()).is_none());
+            assert!(grads.get(bn.running_var().as_tensor()).is_none());
+        }
+    }
+
+    #[test]
+    fn batch_norm_rejects_a_single_value_per_channel_in_training() {
+        let varmap = VarMap::new();
+        let bn = batch_norm_f64(&varmap);
+        let x = Tensor::zeros((1, 3, 1, 1), DType::F64, &Device::Cpu).unwrap();
+        assert!(bn.forward(&x, Mode::Train).is_err());
+        assert!(bn.forward(&x, Mode::Eval).is_ok());
+    }
+
+    #[test]
+    fn frozen_layers_record_no_gradient() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            bias: true,
+            ..Default::default()
+        };
+        let conv = conv2d(3, 4, 3, cfg, vb.pp("conv")).unwrap();
+        let fc = linear(4, 2, vb.pp("fc")).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 5, 5), &Device::Cpu).unwrap();
+        let run = |mode: Mode| {
+            let h = global_avg_pool(&conv.forward(&x, mode).unwrap()).unwrap();
+            let loss = fc.forward(&h, mode).unwrap().sum_all().unwrap();
+            loss.backward().unwrap()
+        };
+        let eval = run(Mode::Eval);
+        let frozen = run(Mode::Frozen);
+        for t in [conv.weight(), conv.bias().unwrap(), fc.weight(), fc.bias()] {
+            assert!(eval.get(t).is_some());
+            assert!(frozen.get(t).is_none());
+        }
+    }
+
+    #[test]
+    fn conv2d_uses_the_depthwise_kernel_and_matches_candle() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cfg = Conv2dConfig {
+            padding: 2,
+            stride: 2,
+            groups: 6,
+            bias: true,
+        };
+        let conv = conv2d(6, 6, 5, cfg, vb.pp("dw")).unwrap();
+        assert!(conv.depthwise);
+        let x = Tensor::randn(0f32, 1., (2, 6, 9, 9), &Device::Cpu).unwrap();
+        let ours = conv.forward(&x, Mode::Eval).unwrap();
+        let reference = x
+            .conv2d(conv.weight(), 2, 2, 1, 6)
+            .unwrap()
+            .broadcast_add(&conv.bias().unwrap().reshape((1, 6, 1, 1)).unwrap())
+            .unwrap();
+        assert!(max_abs(&ours, &reference) < 1e-5);
+    }
+
+    #[test]
+    fn strided_conv2d_on_a_non_square_input_has_finite_difference_gradients() {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            ..Default::default()
+        };
+        let conv = conv2d(2, 3, 3, cfg, vb.pp("conv")).unwrap();
+        // 9 rows leave no unused row, 8 columns leave one unused column.
+        let x = candle_core::Var::randn(0f64, 1., (2, 2, 9, 8), &dev).unwrap();
+        let probe = Tensor::randn(0f64, 1., (2, 3, 5, 4), &dev).unwrap();
+        let loss = |t: &Tensor| {
+            (conv.forward(t, Mode::Eval).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+        };
+        let reference = x.as_tensor().conv2d(conv.weight(), 1, 2, 1, 1).unwrap();
+        let forward = conv.forward(x.as_tensor(), Mode::Eval).unwrap();
+        assert!(max_abs(&forward, &reference) < 1e-12);
+        let grads = loss(x.as_tensor()).backward().unwrap();
+        let gx: Vec<f64> = grads
+            .get(x.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let base: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let eps = 1e-6;
+        for i in (0..base.len()).step_by(7) {
+            let at = |d: f64| {
+                let mut v = base.clone();
+                v[i] += d;
+                loss(&Tensor::from_vec(v, (2, 2, 9, 8), &dev).unwrap())
+                    .to_scalar::<f64>()
+                    .unwrap()
+            };
+            let fd = (at(eps) - at(-eps)) / (2. * eps);
+            assert!((fd - gx[i]).abs() < 1e-6, "input {i}: {fd} vs {}", gx[i]);
+        }
+        assert!(grads.get(conv.weight()).is_some());
+    }
+
+    #[test]
+    fn conv2d_rejects_groups_that_do_not_divide_the_channels() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let cfg = Conv2dConfig {
+            groups: 4,
+            ..Default::default()
+        };
+        assert!(matches!(
+            conv2d(6, 8, 3, cfg, vb),
+            Err(Error::Config { .. })
+        ));
+    }
+
+    #[test]
+    fn linear_computes_x_w_transposed_plus_b() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+        let fc = linear(2, 3, vb.pp("fc")).unwrap();
+        {
+            let data = varmap.data().lock().unwrap();
+            let w = Tensor::new(&[[1f64, 2.], [3., 4.], [5., 6.]], &Device::Cpu).unwrap();
+            data["fc.weight"].set(&w).unwrap();
+            data["fc.bias"]
+                .set(&Tensor::new(&[0.5f64, 0., -1.], &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        let x = Tensor::new(&[[1f64, -1.]], &Device::Cpu).unwrap();
+        let y: Vec<Vec<f64>> = fc.forward(&x, Mode::Eval).unwrap().to_vec2().unwrap();
+        assert_eq!(y, vec![vec![-0.5, -1., -2.]]);
+    }
+}

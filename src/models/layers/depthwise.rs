@@ -1,0 +1,375 @@
+//! Depthwise convolution (`groups == in == out channels`), forward and backward, on the CPU.
+//!
+//! candle 0.11 runs a grouped convolution as one convolution per group, chunking and concatenating the
+//! tensors: for a depthwise layer that is one tiny im2col + matmul per channel. Here each `(n, c)` plane is
+//! one rayon task that slides its `k x k` filter directly; the backward pass computes the input gradient the
+//! same way and the filter gradient one task per channel.
+
+use super::check_float;
+use crate::{Error, Result};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Depthwise 2-D convolution of `x` `[N, C, H, W]` with `weight` `[C, 1, KH, KW]`, symmetric zero `padding`
+/// and `stride`, dilation 1, no bias. Differentiable in both arguments; CPU only.
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    check_float(x, "depthwise_conv2d")?;
+    let (_, c, h, w) = x.dims4()?;
+    let (wc, one, kh, kw) = weight.dims4()?;
+    if wc != c || one != 1 {
+        return Err(Error::config(
+            "depthwise_conv2d weight",
+            format!(
+                "expected [{c}, 1, k, k] for {c} channels, got {:?}",
+                weight.dims()
+            ),
+        ));
+    }
+    if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+        return Err(Error::config(
+            "depthwise_conv2d",
+            format!("input {h}x{w} with padding {padding} and stride {stride} does not fit a {kh}x{kw} kernel"),
+        ));
+    }
+    if !x.device().is_cpu() {
+        return Err(Error::config(
+            "depthwise_conv2d device",
+            "the depthwise kernel runs on the CPU only",
+        ));
+    }
+    let geom = Geom {
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        padding,
+        stride,
+    };
+    Ok(x.contiguous()?
+        .apply_op2(&weight.contiguous()?, DepthwiseConv(geom))?)
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Geom {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    padding: usize,
+    stride: usize,
+}
+
+impl Geom {
+    fn out_hw(&self) -> (usize, usize) {
+        (
+            (self.h + 2 * self.padding - self.kh) / self.stride + 1,
+            (self.w + 2 * self.padding - self.kw) / self.stride + 1,
+        )
+    }
+
+    /// Input row of output row `oy` at filter row `ky`, if inside the image.
+    #[inline]
+    fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        (oy * self.stride + ky)
+            .checked_sub(self.padding)
+            .filter(|&y| y < self.h)
+    }
+
+    /// Output columns `lo..hi` whose input column `ox * stride + kx - padding` is inside the image.
+    #[inline]
+    fn col_range(&self, kx: usize, ow: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = if self.padding > kx {
+            (self.padding - kx).div_ceil(s)
+        } else {
+            0
+        };
+        let hi = if self.w + self.padding > kx {
+            ((self.w - 1 + self.padding - kx) / s + 1).min(ow)
+        } else {
+            0
+        };
+        (lo, hi.max(lo))
+    }
+
+    /// Calls `f(out_index, in_index, filter_index)` for every tap of one plane, row by row.
+    #[inline]
+    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+        let (oh, ow) = self.out_hw();
+        for oy in 0..oh {
+            for ky in 0..self.kh {
+                let Some(iy) = self.in_row(oy, ky) else {
+                    continue;
+                };
+                for kx in 0..self.kw {
+                    let (lo, hi) = self.col_range(kx, ow);
+                    for ox in lo..hi {
+                        let ix = ox * self.stride + kx - self.padding;
+                        f(oy * ow + ox, iy * self.w + ix, ky * self.kw + kx);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn contiguous_slice<'a, T: WithDType>(
+    s: &'a CpuStorage,
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
+        None => candle_core::bail!("{op}: input must be contiguous"),
+    }
+}
+
+/// Dispatches a two-input kernel over the float dtypes.
+macro_rules! dispatch2 {
+    ($self:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident) => {{
+        let name = $self.name();
+        match ($s1, $s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok($self.run(
+                contiguous_slice::<f32>($s1, $l1, name)?,
+                contiguous_slice::<f32>($s2, $l2, name)?,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok($self.run(
+                contiguous_slice::<f64>($s1, $l1, name)?,
+                contiguous_slice::<f64>($s2, $l2, name)?,
+            )),
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => Ok($self.run(
+                contiguous_slice::<half::f16>($s1, $l1, name)?,
+                contiguous_slice::<half::f16>($s2, $l2, name)?,
+            )),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok($self.run(
+                contiguous_slice::<half::bf16>($s1, $l1, name)?,
+                contiguous_slice::<half::bf16>($s2, $l2, name)?,
+            )),
+            _ => candle_core::bail!(
+                "{name}: unsupported or mixed dtypes {:?}, {:?}",
+                $s1.dtype(),
+                $s2.dtype()
+            ),
+        }
+    }};
+}
+
+/// `(input, weight) -> output`.
+struct DepthwiseConv(Geom);
+
+impl DepthwiseConv {
+    fn run<T: WithDType>(&self, x: &[T], wt: &[T]) -> (CpuStorage, Shape) {
+        let g = self.0;
+        let (oh, ow) = g.out_hw();
+        let (plane_in, plane_out, taps) = (g.h * g.w, oh * ow, g.kh * g.kw);
+        let n = x.len() / (g.c * plane_in);
+        let mut out = vec![T::from_f64(0.); n * g.c * plane_out];
+        out.par_chunks_mut(plane_out)
+            .zip(x.par_chunks(plane_in))
+            .enumerate()
+            .for_each(|(p, (o, xi))| {
+                let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
+                g.for_each_tap(|oi, ii, fi| o[oi] += f[fi] * xi[ii]);
+            });
+        (T::to_cpu_storage_owned(out), Shape::from((n, g.c, oh, ow)))
+    }
+}
+
+impl CustomOp2 for DepthwiseConv {
+    fn name(&self) -> &'static str {
+        "graft-depthwise-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch2!(self, s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let gx = grad.apply_op2_no_bwd(weight, &DepthwiseGradInput(self.0))?;
+        let gw = x.apply_op2_no_bwd(&grad, &DepthwiseGradWeight(self.0))?;
+        Ok((Some(gx), Some(gw)))
+    }
+}
+
+/// `(grad_output, weight) -> grad_input`.
+struct DepthwiseGradInput(Geom);
+
+impl DepthwiseGradInput {
+    fn run<T: WithDType>(&self, gy: &[T], wt: &[T]) -> (CpuStorage, Shape) {
+        let g = self.0;
+        let (oh, ow) = g.out_hw();
+        let (plane_in, plane_out, taps) = (g.h * g.w, oh * ow, g.kh * g.kw);
+        let n = gy.len() / (g.c * plane_out);
+        let mut gx = vec![T::from_f64(0.); n * g.c * plane_in];
+        gx.par_chunks_mut(plane_in)
+            .zip(gy.par_chunks(plane_out))
+            .enumerate()
+            .for_each(|(p, (gxi, gyi))| {
+                let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
+                g.for_each_tap(|oi, ii, fi| gxi[ii] += f[fi] * gyi[oi]);
+            });
+        (T::to_cpu_storage_owned(gx), Shape::from((n, g.c, g.h, g.w)))
+    }
+}
+
+impl CustomOp2 for DepthwiseGradInput {
+    fn name(&self) -> &'static str {
+        "graft-depthwise-conv2d-grad-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch2!(self, s1, l1, s2, l2)
+    }
+}
+
+/// `(input, grad_output) -> grad_weight`, one task per channel summing over the batch.
+struct DepthwiseGradWeight(Geom);
+
+impl DepthwiseGradWeight {
+    fn run<T: WithDType>(&self, x: &[T], gy: &[T]) -> (CpuStorage, Shape) {
+        let g = self.0;
+        let (oh, ow) = g.out_hw();
+        let (plane_in, plane_out, taps) = (g.h * g.w, oh * ow, g.kh * g.kw);
+        let n = x.len() / (g.c * plane_in);
+        let mut gw = vec![T::from_f64(0.); g.c * taps];
+        gw.par_chunks_mut(taps).enumerate().for_each(|(ch, f)| {
+            for b in 0..n {
+                let p = b * g.c + ch;
+                let xi = &x[p * plane_in..(p + 1) * plane_in];
+                let gyi = &gy[p * plane_out..(p + 1) * plane_out];
+                g.for_each_tap(|oi, ii, fi| f[fi] += gyi[oi] * xi[ii]);
+            }
+        });
+        (
+            T::to_cpu_storage_owned(gw),
+            Shape::from((g.c, 1, g.kh, g.kw)),
+        )
+    }
+}
+
+impl CustomOp2 for DepthwiseGradWeight {
+    fn name(&self) -> &'static str {
+        "graft-depthwise-conv2d-grad-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch2!(self, s1, l1, s2, l2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn forward_and_gradients_match_candle_grouped_conv() {
+        let dev = Device::Cpu;
+        // (channels, h, w, kernel, padding, stride). Non-square inputs keep both axes at the same
+        // conv-transpose output padding: candle 0.11's conv2d backward assumes that.
+        let cases = [
+            (3, 8, 8, 3, 1, 1),
+            (4, 9, 7, 3, 1, 2),
+            (2, 10, 10, 5, 2, 2),
+            (3, 11, 9, 5, 0, 2),
+            (2, 6, 6, 3, 0, 1),
+            (2, 7, 7, 5, 2, 1),
+        ];
+        for (c, h, w, k, p, s) in cases {
+            let x = Var::randn(0f64, 1., (2, c, h, w), &dev).unwrap();
+            let wt = Var::randn(0f64, 1., (c, 1, k, k), &dev).unwrap();
+            let probe = {
+                let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+                Tensor::randn(0f64, 1., (2, c, oh, ow), &dev).unwrap()
+            };
+            let ours = depthwise_conv2d(x.as_tensor(), wt.as_tensor(), p, s).unwrap();
+            let theirs = x.as_tensor().conv2d(wt.as_tensor(), p, s, 1, c).unwrap();
+            let what = format!("c{c} {h}x{w} k{k} p{p} s{s}");
+            assert_eq!(ours.dims(), theirs.dims(), "{what}");
+            assert!(max_abs(&ours, &theirs) < 1e-12, "forward {what}");
+            let g_ours = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g_theirs = (theirs * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for v in [&x, &wt] {
+                let a = g_ours.get(v.as_tensor()).unwrap();
+                let b = g_theirs.get(v.as_tensor()).unwrap();
+                assert!(max_abs(a, b) < 1e-12, "gradient {what}");
+            }
+        }
+    }
+
+    #[test]
+    fn f32_forward_matches_candle_grouped_conv() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 8, 12, 12), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1., (8, 1, 3, 3), &dev).unwrap();
+        let ours = depthwise_conv2d(&x, &wt, 1, 2).unwrap();
+        let theirs = x.conv2d(&wt, 1, 2, 1, 8).unwrap();
+        let diff = max_abs(
+            &ours.to_dtype(candle_core::DType::F64).unwrap(),
+            &theirs.to_dtype(candle_core::DType::F64).unwrap(),
+        );
+        assert!(diff < 1e-5, "{diff}");
+    }
+
+    #[test]
+    fn a_weight_with_the_wrong_shape_is_rejected() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 4, 5, 5), candle_core::DType::F32, &dev).unwrap();
+        let wt = Tensor::zeros((4, 2, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        assert!(depthwise_conv2d(&x, &wt, 1, 1).is_err());
+    }
+}
