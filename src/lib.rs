@@ -9,5 +9,6 @@ pub mod device;
 pub mod error;
 pub mod models;
 pub mod optim;
+pub mod train;
 
 pub use error::{Error, Result};
