@@ -69,7 +69,9 @@ impl Init {
         let n = fan_in * fan_out;
         let std = self.std(fan_in, fan_out);
         match self {
-            Init::He => (0..n).map(|_| (std * standard_normal(rng)) as f32).collect(),
+            Init::He => (0..n)
+                .map(|_| (std * standard_normal(rng)) as f32)
+                .collect(),
             Init::Xavier => {
                 let bound = 3f64.sqrt() * std;
                 (0..n)
@@ -175,7 +177,10 @@ impl HeadConfig {
             ));
         }
         if self.hidden == Some(0) {
-            return Err(Error::config("--hidden", "a hidden layer needs at least one unit"));
+            return Err(Error::config(
+                "--hidden",
+                "a hidden layer needs at least one unit",
+            ));
         }
         Ok(())
     }
@@ -305,7 +310,8 @@ impl Head {
             let w = layer.weight();
             let (fan_out, fan_in) = w.dims2()?;
             let values = self.config.init.draw(fan_in, fan_out, rng);
-            let new_w = Tensor::from_vec(values, (fan_out, fan_in), w.device())?.to_dtype(w.dtype())?;
+            let new_w =
+                Tensor::from_vec(values, (fan_out, fan_in), w.device())?.to_dtype(w.dtype())?;
             set_variable(w, &new_w)?;
             if let Some(b) = layer.bias() {
                 set_variable(b, &b.zeros_like()?)?;
@@ -378,7 +384,12 @@ mod tests {
         let (vm, head) = build(&HeadConfig::with_hidden(5, 0.5, Activation::Relu), 8, 3);
         assert_eq!(
             head.param_keys(),
-            ["head.fc1.weight", "head.fc1.bias", "head.fc2.weight", "head.fc2.bias"]
+            [
+                "head.fc1.weight",
+                "head.fc1.bias",
+                "head.fc2.weight",
+                "head.fc2.bias"
+            ]
         );
         assert_eq!(var(&vm, "head.fc1.weight").dims(), [5, 8]);
         assert_eq!(var(&vm, "head.fc2.weight").dims(), [3, 5]);
@@ -394,7 +405,10 @@ mod tests {
         head.reset_parameters(&mut seeded(3)).unwrap();
         let expected = (2.0f64 / 256.0).sqrt();
         let got = std_of(&var(&vm, "head.fc.weight"));
-        assert!((got / expected - 1.0).abs() < 0.03, "std {got}, expected {expected}");
+        assert!(
+            (got / expected - 1.0).abs() < 0.03,
+            "std {got}, expected {expected}"
+        );
         let bias: Vec<f32> = var(&vm, "head.fc.bias").to_vec1().unwrap();
         assert!(bias.iter().all(|&b| b == 0.0));
     }
@@ -406,10 +420,22 @@ mod tests {
         let w = var(&vm, "head.fc.weight");
         let expected = (2.0f64 / 400.0).sqrt();
         let got = std_of(&w);
-        assert!((got / expected - 1.0).abs() < 0.03, "std {got}, expected {expected}");
+        assert!(
+            (got / expected - 1.0).abs() < 0.03,
+            "std {got}, expected {expected}"
+        );
         let bound = (6.0f64 / 400.0).sqrt() as f32;
-        let max = w.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(max <= bound && max > 0.95 * bound, "max {max}, bound {bound}");
+        let max = w
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            max <= bound && max > 0.95 * bound,
+            "max {max}, bound {bound}"
+        );
     }
 
     #[test]
@@ -418,7 +444,10 @@ mod tests {
         let (vm, _head) = build(&cfg, 512, 64);
         let got = std_of(&var(&vm, "head.fc1.weight"));
         let expected = (2.0f64 / 512.0).sqrt();
-        assert!((got / expected - 1.0).abs() < 0.05, "std {got}, expected {expected}");
+        assert!(
+            (got / expected - 1.0).abs() < 0.05,
+            "std {got}, expected {expected}"
+        );
     }
 
     #[test]
@@ -427,8 +456,16 @@ mod tests {
         let (vm2, h2) = build(&HeadConfig::default(), 16, 4);
         h1.reset_parameters(&mut seeded(9)).unwrap();
         h2.reset_parameters(&mut seeded(9)).unwrap();
-        let a: Vec<f32> = var(&vm1, "head.fc.weight").flatten_all().unwrap().to_vec1().unwrap();
-        let b: Vec<f32> = var(&vm2, "head.fc.weight").flatten_all().unwrap().to_vec1().unwrap();
+        let a: Vec<f32> = var(&vm1, "head.fc.weight")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let b: Vec<f32> = var(&vm2, "head.fc.weight")
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(a, b);
     }
 
@@ -436,7 +473,10 @@ mod tests {
     fn default_init_is_he_for_relu_hidden_layers_and_xavier_otherwise() {
         assert_eq!(Init::default_for(Some(64), Activation::Relu), Init::He);
         assert_eq!(Init::default_for(Some(64), Activation::Tanh), Init::Xavier);
-        assert_eq!(Init::default_for(Some(64), Activation::Sigmoid), Init::Xavier);
+        assert_eq!(
+            Init::default_for(Some(64), Activation::Sigmoid),
+            Init::Xavier
+        );
         assert_eq!(Init::default_for(None, Activation::Relu), Init::Xavier);
         assert_eq!("he".parse::<Init>().unwrap(), Init::He);
         assert!("lecun".parse::<Init>().is_err());
@@ -455,16 +495,34 @@ mod tests {
         assert_eq!(eval.sum_all().unwrap().to_scalar::<f32>().unwrap(), 4000.0);
 
         let state = head.rng_state();
-        let train: Vec<f32> = head.dropout(&x, true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let train: Vec<f32> = head
+            .dropout(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(train.iter().all(|&v| v == 0.0 || v == 2.0));
         let kept = train.iter().filter(|&&v| v != 0.0).count() as f64 / 4000.0;
         assert!((kept - 0.5).abs() < 0.05, "kept fraction {kept}");
 
         // Restoring the generator replays the same mask; the next draw differs.
         head.set_rng_state(&state).unwrap();
-        let replay: Vec<f32> = head.dropout(&x, true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let replay: Vec<f32> = head
+            .dropout(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(replay, train);
-        let next: Vec<f32> = head.dropout(&x, true).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let next: Vec<f32> = head
+            .dropout(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_ne!(next, train);
     }
 
@@ -498,8 +556,14 @@ mod tests {
     #[test]
     fn read_only_weights_cannot_be_reset() {
         let mut tensors = std::collections::HashMap::new();
-        tensors.insert("fc.weight".to_string(), Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap());
-        tensors.insert("fc.bias".to_string(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+        tensors.insert(
+            "fc.weight".to_string(),
+            Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
+        tensors.insert(
+            "fc.bias".to_string(),
+            Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+        );
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let head = Head::new(&HeadConfig::default(), 3, 2, vb).unwrap();
         assert!(head.reset_parameters(&mut seeded(0)).is_err());

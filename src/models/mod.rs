@@ -62,9 +62,14 @@ pub trait Backbone: Send + Sync {
     fn forward_features(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
         let mut h = x.clone();
         for i in 0..self.group_names().len() {
-            let m = if i < frozen_groups { Mode::Frozen } else { mode };
+            let m = if i < frozen_groups {
+                Mode::Frozen
+            } else {
+                mode
+            };
             h = self.forward_group(i, &h, m)?;
         }
-        Ok(h.mean(candle_core::D::Minus1)?.mean(candle_core::D::Minus1)?)
+        Ok(h.mean(candle_core::D::Minus1)?
+            .mean(candle_core::D::Minus1)?)
     }
 }

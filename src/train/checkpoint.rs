@@ -82,7 +82,11 @@ impl Checkpoint {
     }
 
     /// Adds tensors as `prefix.name` (e.g. `model.layer1.0.conv1.weight`, `optim.exp_avg.fc.weight`).
-    pub fn insert_prefixed<K: AsRef<str>>(&mut self, prefix: &str, tensors: impl IntoIterator<Item = (K, Tensor)>) {
+    pub fn insert_prefixed<K: AsRef<str>>(
+        &mut self,
+        prefix: &str,
+        tensors: impl IntoIterator<Item = (K, Tensor)>,
+    ) {
         for (k, t) in tensors {
             self.tensors.insert(format!("{prefix}.{}", k.as_ref()), t);
         }
@@ -115,14 +119,20 @@ impl Checkpoint {
     /// Sets every variable of `varmap` from `prefix.key`. Every variable must be present with its shape; tensors
     /// in the checkpoint that the varmap does not have are ignored (e.g. optimizer state under another prefix).
     pub fn restore_varmap(&self, prefix: &str, varmap: &VarMap) -> Result<()> {
-        let file = self.source.clone().unwrap_or_else(|| PathBuf::from("<checkpoint>"));
+        let file = self
+            .source
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<checkpoint>"));
         let data = varmap.data().lock().expect("varmap poisoned");
         for (k, v) in data.iter() {
             let name = format!("{prefix}.{k}");
-            let t = self.tensors.get(&name).ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                file: file.clone(),
-            })?;
+            let t = self
+                .tensors
+                .get(&name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.clone(),
+                    file: file.clone(),
+                })?;
             if t.dims() != v.dims() {
                 return Err(Error::ShapeMismatch {
                     name,
@@ -144,7 +154,10 @@ impl Checkpoint {
     /// The metadata as `T`; a mismatch is a `BadFile` error naming the file it came from.
     pub fn meta<T: DeserializeOwned>(&self) -> Result<T> {
         serde_json::from_value(self.meta.clone()).map_err(|e| {
-            let path = self.source.clone().unwrap_or_else(|| PathBuf::from("<checkpoint>"));
+            let path = self
+                .source
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("<checkpoint>"));
             Error::bad_file(path, format!("checkpoint metadata does not fit: {e}"))
         })
     }
@@ -160,7 +173,10 @@ impl Checkpoint {
         let mut header = HashMap::new();
         header.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
         header.insert("meta".to_string(), self.meta.to_string());
-        header.insert("sha256".to_string(), digest(cpu.iter().map(|(k, t)| (k.as_str(), &*t))));
+        header.insert(
+            "sha256".to_string(),
+            digest(cpu.iter().map(|(k, t)| (k.as_str(), t))),
+        );
         let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(header))
             .map_err(|e| Error::bad_file(path, format!("cannot serialise checkpoint: {e}")))?;
         write_atomic(path, &bytes)
@@ -173,7 +189,9 @@ impl Checkpoint {
         let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
         let bad = |reason: String| Error::bad_file(path, reason);
         let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
-            bad(format!("not a complete safetensors file ({e}); the file may be truncated or corrupt"))
+            bad(format!(
+                "not a complete safetensors file ({e}); the file may be truncated or corrupt"
+            ))
         })?;
         let (_, info) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("unreadable safetensors header ({e})")))?;
@@ -183,11 +201,17 @@ impl Checkpoint {
             .ok_or_else(|| bad("not a graft checkpoint (no metadata)".into()))?;
         match header.get("format") {
             Some(f) if f == CHECKPOINT_FORMAT => {}
-            Some(f) => return Err(bad(format!("checkpoint format `{f}` is not {CHECKPOINT_FORMAT}"))),
+            Some(f) => {
+                return Err(bad(format!(
+                    "checkpoint format `{f}` is not {CHECKPOINT_FORMAT}"
+                )))
+            }
             None => return Err(bad("not a graft checkpoint (a plain weights file?)".into())),
         }
         let meta: serde_json::Value = serde_json::from_str(
-            header.get("meta").ok_or_else(|| bad("checkpoint has no metadata".into()))?,
+            header
+                .get("meta")
+                .ok_or_else(|| bad("checkpoint has no metadata".into()))?,
         )
         .map_err(|e| bad(format!("checkpoint metadata is not JSON: {e}")))?;
         let mut tensors = BTreeMap::new();
@@ -195,13 +219,16 @@ impl Checkpoint {
         for (name, view) in st.tensors() {
             let t = Tensor::from_raw_buffer(
                 view.data(),
-                dtype_of(view.dtype()).ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype")))?,
+                dtype_of(view.dtype())
+                    .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype")))?,
                 view.shape(),
                 &Device::Cpu,
             )?;
             loaded.push((name, t));
         }
-        let expected = header.get("sha256").ok_or_else(|| bad("checkpoint has no checksum".into()))?;
+        let expected = header
+            .get("sha256")
+            .ok_or_else(|| bad("checkpoint has no checksum".into()))?;
         let found = digest(loaded.iter().map(|(k, t)| (k.as_str(), t)));
         if &found != expected {
             return Err(bad("checksum mismatch: the tensor data is corrupt".into()));
@@ -305,7 +332,11 @@ impl RunDir {
         fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
         let stamp = utc_stamp(now, false);
         for n in 1.. {
-            let name = if n == 1 { stamp.clone() } else { format!("{stamp}-{n}") };
+            let name = if n == 1 {
+                stamp.clone()
+            } else {
+                format!("{stamp}-{n}")
+            };
             let path = root.join(name);
             match fs::create_dir(&path) {
                 Ok(()) => return Self::init(path, now),
@@ -360,7 +391,10 @@ impl RunDir {
     pub fn open_existing(path: impl AsRef<Path>) -> Result<RunDir> {
         let path = path.as_ref();
         if !path.is_dir() {
-            return Err(Error::bad_file(path, "not a folder (expected a graft run folder)"));
+            return Err(Error::bad_file(
+                path,
+                "not a folder (expected a graft run folder)",
+            ));
         }
         let marker = path.join(RUN_MARKER);
         let text = match fs::read_to_string(&marker) {
@@ -487,11 +521,20 @@ mod tests {
         ck.insert_prefixed(
             "model",
             [
-                ("fc.weight", Tensor::arange(0f32, 6.0, &dev).unwrap().reshape((2, 3)).unwrap()),
+                (
+                    "fc.weight",
+                    Tensor::arange(0f32, 6.0, &dev)
+                        .unwrap()
+                        .reshape((2, 3))
+                        .unwrap(),
+                ),
                 ("fc.bias", Tensor::new(&[0.5f32, -0.5], &dev).unwrap()),
             ],
         );
-        ck.insert("optim.exp_avg.fc.bias", Tensor::new(&[1e-3f64, 2e-3], &dev).unwrap());
+        ck.insert(
+            "optim.exp_avg.fc.bias",
+            Tensor::new(&[1e-3f64, 2e-3], &dev).unwrap(),
+        );
         ck.insert("optim.steps", Tensor::new(&[250i64], &dev).unwrap());
         ck
     }
@@ -499,8 +542,18 @@ mod tests {
     fn same(a: &Tensor, b: &Tensor) -> bool {
         a.dtype() == b.dtype()
             && a.dims() == b.dims()
-            && a.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
-                == b.to_dtype(DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap()
+            && a.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                == b.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
     }
 
     #[test]
@@ -524,7 +577,11 @@ mod tests {
         let dev = Device::Cpu;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let w = vb.pp("head").pp("fc").get_with_hints((3, 4), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL).unwrap();
+        let w = vb
+            .pp("head")
+            .pp("fc")
+            .get_with_hints((3, 4), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)
+            .unwrap();
         let saved = w.copy().unwrap();
         let mut ck = Checkpoint::new(&serde_json::json!({})).unwrap();
         ck.insert_varmap("model", &varmap).unwrap();
@@ -532,9 +589,65 @@ mod tests {
         let path = dir.path().join("best.safetensors");
         ck.save(&path).unwrap();
 
-        varmap.data().lock().unwrap()["head.fc.weight"].set(&Tensor::zeros((3, 4), DType::F32, &dev).unwrap()).unwrap();
-        Checkpoint::load(&path, &dev).unwrap().restore_varmap("model", &varmap).unwrap();
-        assert!(same(&w, &saved), "the head's own tensor sees the restored values");
+        varmap.data().lock().unwrap()["head.fc.weight"]
+            .set(&Tensor::zeros((3, 4), DType::F32, &dev).unwrap())
+            .unwrap();
+        Checkpoint::load(&path, &dev)
+            .unwrap()
+            .restore_varmap("model", &varmap)
+            .unwrap();
+        assert!(
+            same(&w, &saved),
+            "the head's own tensor sees the restored values"
+        );
+    }
+
+    #[test]
+    fn a_resumed_head_computes_what_the_uninterrupted_one_would_have() {
+        use crate::models::head::{Activation, Head, HeadConfig};
+        let dev = Device::Cpu;
+        let cfg = HeadConfig::with_hidden(16, 0.5, Activation::Relu);
+        let build = || {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let head = Head::new(&cfg, 8, 3, vb.pp("head")).unwrap();
+            (varmap, head)
+        };
+        let x = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
+        let (varmap, head) = build();
+        head.reset_parameters(&mut seeded(1)).unwrap();
+        let head = head.with_dropout_seed(2);
+        head.forward(&x, true).unwrap();
+
+        let mut st = state();
+        st.rng = [("dropout".to_string(), head.rng_state())].into();
+        let mut ck = Checkpoint::new(&st).unwrap();
+        ck.insert_varmap("model", &varmap).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        ck.save(&path).unwrap();
+        let expected: Vec<f32> = head
+            .forward(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+
+        let (varmap2, head2) = build();
+        let back = Checkpoint::load(&path, &dev).unwrap();
+        back.restore_varmap("model", &varmap2).unwrap();
+        head2
+            .set_rng_state(&back.meta::<TrainState>().unwrap().rng["dropout"])
+            .unwrap();
+        let got: Vec<f32> = head2
+            .forward(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, expected);
     }
 
     #[test]
@@ -542,10 +655,20 @@ mod tests {
         let dev = Device::Cpu;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        vb.get_with_hints(3, "fc.bias", candle_nn::Init::Const(0.0)).unwrap();
-        let err = sample().restore_varmap("model", &varmap).unwrap_err().to_string();
-        assert!(err.contains("model.fc.bias") && err.contains("[3]"), "{err}");
-        let err = sample().restore_varmap("other", &varmap).unwrap_err().to_string();
+        vb.get_with_hints(3, "fc.bias", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let err = sample()
+            .restore_varmap("model", &varmap)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.fc.bias") && err.contains("[3]"),
+            "{err}"
+        );
+        let err = sample()
+            .restore_varmap("other", &varmap)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("other.fc.bias"), "{err}");
     }
 
@@ -572,7 +695,9 @@ mod tests {
         let last = bytes.len() - 3;
         bytes[last] ^= 0x10;
         fs::write(&path, &bytes).unwrap();
-        let err = Checkpoint::load(&path, &Device::Cpu).unwrap_err().to_string();
+        let err = Checkpoint::load(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("checksum"), "{err}");
     }
 
@@ -582,7 +707,9 @@ mod tests {
         let path = dir.path().join("weights.safetensors");
         let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
         candle_core::safetensors::save(&HashMap::from([("fc.bias", t)]), &path).unwrap();
-        let err = Checkpoint::load(&path, &Device::Cpu).unwrap_err().to_string();
+        let err = Checkpoint::load(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a graft checkpoint"), "{err}");
     }
 
@@ -600,7 +727,14 @@ mod tests {
         newer.step = 300;
         Checkpoint::new(&newer).unwrap().save(&path).unwrap();
         assert!(!tmp_path(&path).exists());
-        assert_eq!(Checkpoint::load(&path, &Device::Cpu).unwrap().meta::<TrainState>().unwrap().step, 300);
+        assert_eq!(
+            Checkpoint::load(&path, &Device::Cpu)
+                .unwrap()
+                .meta::<TrainState>()
+                .unwrap()
+                .step,
+            300
+        );
     }
 
     #[test]
@@ -611,7 +745,13 @@ mod tests {
         // A folder squatting on the temporary name makes the next save fail before the rename.
         fs::create_dir(tmp_path(&path)).unwrap();
         assert!(Checkpoint::new(&state()).unwrap().save(&path).is_err());
-        assert_eq!(Checkpoint::load(&path, &Device::Cpu).unwrap().tensors().len(), 4);
+        assert_eq!(
+            Checkpoint::load(&path, &Device::Cpu)
+                .unwrap()
+                .tensors()
+                .len(),
+            4
+        );
     }
 
     #[test]
@@ -640,10 +780,15 @@ mod tests {
     fn a_folder_that_is_not_a_run_is_refused_clearly() {
         let dir = tempfile::tempdir().unwrap();
         let err = RunDir::open_existing(dir.path()).unwrap_err().to_string();
-        assert!(err.contains("not a graft run folder") && err.contains("run.json"), "{err}");
+        assert!(
+            err.contains("not a graft run folder") && err.contains("run.json"),
+            "{err}"
+        );
         fs::write(dir.path().join(RUN_MARKER), "{}").unwrap();
         assert!(RunDir::open_existing(dir.path()).is_err());
-        let err = RunDir::open_existing(dir.path().join("nope")).unwrap_err().to_string();
+        let err = RunDir::open_existing(dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("nope"), "{err}");
     }
 
@@ -674,7 +819,9 @@ mod tests {
         let err = RunDir::create(Some(&file.join("run"))).unwrap_err();
         assert!(matches!(err, Error::Io { .. }), "{err}");
         assert!(err.to_string().contains("a-file/run"), "{err}");
-        let err = RunDir::create_dated(&file, SystemTime::now()).unwrap_err().to_string();
+        let err = RunDir::create_dated(&file, SystemTime::now())
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("a-file"), "{err}");
     }
 }

@@ -118,7 +118,10 @@ impl EarlyStopping {
     pub fn observe(&mut self, epoch: usize, value: f64) -> Decision {
         if !value.is_finite() {
             return Decision::Stop {
-                reason: format!("{} is {value} at epoch {epoch}: training diverged", self.monitor),
+                reason: format!(
+                    "{} is {value} at epoch {epoch}: training diverged",
+                    self.monitor
+                ),
                 best_epoch: self.state.best.map_or(0, |(e, _)| e),
             };
         }
@@ -183,7 +186,10 @@ mod tests {
         match es.observe(4, 0.9) {
             Decision::Stop { reason, best_epoch } => {
                 assert_eq!(best_epoch, 2);
-                assert!(reason.contains("val_loss") && reason.contains("2 epochs"), "{reason}");
+                assert!(
+                    reason.contains("val_loss") && reason.contains("2 epochs"),
+                    "{reason}"
+                );
             }
             other => panic!("expected a stop, got {other:?}"),
         }
@@ -205,7 +211,10 @@ mod tests {
         assert_eq!(es.observe(2, 1.1), FLAT);
         assert_eq!(es.observe(3, 0.7), IMPROVED);
         assert_eq!(es.observe(4, 0.8), FLAT);
-        assert!(matches!(es.observe(5, 0.8), Decision::Stop { best_epoch: 3, .. }));
+        assert!(matches!(
+            es.observe(5, 0.8),
+            Decision::Stop { best_epoch: 3, .. }
+        ));
     }
 
     #[test]
@@ -213,7 +222,10 @@ mod tests {
         let mut es = stopper(Monitor::ValAcc, 1, 0.0);
         es.observe(1, 0.5);
         assert_eq!(es.observe(2, 0.6), IMPROVED);
-        assert!(matches!(es.observe(3, 0.55), Decision::Stop { best_epoch: 2, .. }));
+        assert!(matches!(
+            es.observe(3, 0.55),
+            Decision::Stop { best_epoch: 2, .. }
+        ));
     }
 
     #[test]
@@ -247,13 +259,19 @@ mod tests {
         let json = serde_json::to_string(&es).unwrap();
         let mut resumed: EarlyStopping = serde_json::from_str(&json).unwrap();
         assert_eq!(resumed, es);
-        assert!(matches!(resumed.observe(3, 1.3), Decision::Stop { best_epoch: 1, .. }));
+        assert!(matches!(
+            resumed.observe(3, 1.3),
+            Decision::Stop { best_epoch: 1, .. }
+        ));
     }
 
     #[test]
     fn monitors_parse_from_their_flag_names_only() {
         assert_eq!("val_acc".parse::<Monitor>().unwrap(), Monitor::ValAcc);
-        assert_eq!(serde_json::to_string(&Monitor::ValLoss).unwrap(), "\"val_loss\"");
+        assert_eq!(
+            serde_json::to_string(&Monitor::ValLoss).unwrap(),
+            "\"val_loss\""
+        );
         let err = "accuracy".parse::<Monitor>().unwrap_err().to_string();
         assert!(err.contains("--monitor"), "{err}");
         assert!(EarlyStopping::new(Monitor::ValLoss, Some(1), -0.1).is_err());

@@ -11,7 +11,9 @@ pub const GLYPH_H: u32 = 9;
 /// Horizontal advance per character at scale 1 (one pixel of spacing).
 pub const ADVANCE: u32 = GLYPH_W + 1;
 
-const BOX: [u8; 9] = [0b11111, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b11111, 0, 0];
+const BOX: [u8; 9] = [
+    0b11111, 0b10001, 0b10001, 0b10001, 0b10001, 0b10001, 0b11111, 0, 0,
+];
 
 #[rustfmt::skip]
 const GLYPHS: &[(char, [u8; 9])] = &[

@@ -56,7 +56,9 @@ pub fn predictions(logits: &Tensor) -> Result<Vec<u32>> {
 /// How many predictions of `logits` `[N, classes]` equal `targets` `[N]` (any integer dtype).
 pub fn count_correct(logits: &Tensor, targets: &Tensor) -> Result<usize> {
     let preds = predictions(logits)?;
-    let targets = targets.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?;
+    let targets = targets
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec1::<u32>()?;
     Ok(preds.iter().zip(&targets).filter(|(p, t)| p == t).count())
 }
 
@@ -103,7 +105,9 @@ impl ConfusionMatrix {
     /// Records a batch from logits `[N, classes]` and targets `[N]`.
     pub fn add_batch(&mut self, logits: &Tensor, targets: &Tensor) -> Result<()> {
         let preds = predictions(logits)?;
-        let targets = targets.to_dtype(candle_core::DType::U32)?.to_vec1::<u32>()?;
+        let targets = targets
+            .to_dtype(candle_core::DType::U32)?
+            .to_vec1::<u32>()?;
         for (p, t) in preds.into_iter().zip(targets) {
             self.add(p as usize, t as usize);
         }
@@ -167,8 +171,17 @@ impl ConfusionMatrix {
     /// A plain-text report: the matrix with class names (rows true, columns predicted, columns numbered to keep
     /// the table narrow) and then precision, recall, F1 and support per class.
     pub fn render(&self, class_names: &[String]) -> String {
-        let name = |c: usize| class_names.get(c).cloned().unwrap_or_else(|| format!("class {c}"));
-        let name_w = (0..self.classes).map(|c| name(c).chars().count()).max().unwrap_or(0).max(9);
+        let name = |c: usize| {
+            class_names
+                .get(c)
+                .cloned()
+                .unwrap_or_else(|| format!("class {c}"))
+        };
+        let name_w = (0..self.classes)
+            .map(|c| name(c).chars().count())
+            .max()
+            .unwrap_or(0)
+            .max(9);
         let cell_w = self
             .counts
             .iter()
@@ -182,7 +195,10 @@ impl ConfusionMatrix {
             let _ = write!(header, " {:>cell_w$}", format!("#{c}"));
         }
         let mut out = String::new();
-        let _ = writeln!(out, "confusion matrix (rows: true class, columns: predicted)");
+        let _ = writeln!(
+            out,
+            "confusion matrix (rows: true class, columns: predicted)"
+        );
         let _ = writeln!(out, "{header}");
         for t in 0..self.classes {
             let _ = write!(out, "#{t:<3} {:<name_w$}", name(t));
@@ -202,7 +218,13 @@ impl ConfusionMatrix {
             "support",
             w = name_w + 5
         );
-        let pct = |v: f64| if v.is_nan() { "-".to_string() } else { format!("{:.1}%", 100.0 * v) };
+        let pct = |v: f64| {
+            if v.is_nan() {
+                "-".to_string()
+            } else {
+                format!("{:.1}%", 100.0 * v)
+            }
+        };
         for (c, s) in self.all_scores().iter().enumerate() {
             let _ = writeln!(
                 out,
@@ -214,7 +236,12 @@ impl ConfusionMatrix {
                 s.support
             );
         }
-        let _ = writeln!(out, "accuracy {} of {} samples", pct(self.accuracy()), self.total());
+        let _ = writeln!(
+            out,
+            "accuracy {} of {} samples",
+            pct(self.accuracy()),
+            self.total()
+        );
         out
     }
 }
@@ -382,8 +409,11 @@ mod tests {
 
     #[test]
     fn correct_predictions_are_counted_from_logits() {
-        let logits =
-            Tensor::new(&[[0.1f32, 0.9, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]], &Device::Cpu).unwrap();
+        let logits = Tensor::new(
+            &[[0.1f32, 0.9, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]],
+            &Device::Cpu,
+        )
+        .unwrap();
         let targets = Tensor::new(&[1i64, 1, 2], &Device::Cpu).unwrap();
         assert_eq!(predictions(&logits).unwrap(), [1, 0, 2]);
         assert_eq!(count_correct(&logits, &targets).unwrap(), 2);
@@ -425,7 +455,10 @@ mod tests {
         let logits = Tensor::new(&[[1f32, 0.0], [1.0, 0.0], [0.0, 1.0]], &Device::Cpu).unwrap();
         let targets = Tensor::new(&[0u32, 1, 1], &Device::Cpu).unwrap();
         cm.add_batch(&logits, &targets).unwrap();
-        assert_eq!((cm.get(0, 0), cm.get(1, 0), cm.get(1, 1), cm.get(0, 1)), (1, 1, 1, 0));
+        assert_eq!(
+            (cm.get(0, 0), cm.get(1, 0), cm.get(1, 1), cm.get(0, 1)),
+            (1, 1, 1, 0)
+        );
     }
 
     #[test]
@@ -438,7 +471,10 @@ mod tests {
         cm.add(1, 1);
         let names = vec!["cat".to_string(), "golden_retriever".to_string()];
         let table = cm.render(&names);
-        let row = table.lines().find(|l| l.contains("golden_retriever")).unwrap();
+        let row = table
+            .lines()
+            .find(|l| l.contains("golden_retriever"))
+            .unwrap();
         let cells: Vec<&str> = row.split_whitespace().collect();
         assert_eq!(cells, ["#1", "golden_retriever", "1", "1"]);
         assert!(table.contains("92.3%"), "{table}"); // precision of cat: 12 / 13
@@ -451,7 +487,9 @@ mod tests {
         let path = dir.path().join("metrics.jsonl");
         let mut log = MetricsLog::append_to(&path).unwrap();
         let mut first = epoch(1, 0.7);
-        first.extra.insert("lr_backbone".into(), serde_json::json!(1e-4));
+        first
+            .extra
+            .insert("lr_backbone".into(), serde_json::json!(1e-4));
         log.append(&first).unwrap();
         log.append(&epoch(2, f64::NAN)).unwrap();
         drop(log);
@@ -459,7 +497,15 @@ mod tests {
         let text = std::fs::read_to_string(&path).unwrap();
         let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
         for key in [
-            "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s", "lr_backbone",
+            "epoch",
+            "train_loss",
+            "train_acc",
+            "val_loss",
+            "val_acc",
+            "lr",
+            "seconds",
+            "images_per_s",
+            "lr_backbone",
         ] {
             assert!(line.get(key).is_some(), "missing {key} in {line}");
         }
@@ -474,7 +520,10 @@ mod tests {
         let path = dir.path().join("metrics.jsonl");
         std::fs::write(&path, "{\"epoch\": 1}\n").unwrap();
         let err = MetricsLog::read(&path).unwrap_err().to_string();
-        assert!(err.contains("metrics.jsonl") && err.contains("line 1"), "{err}");
+        assert!(
+            err.contains("metrics.jsonl") && err.contains("line 1"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -106,7 +106,10 @@ impl Canvas {
     fn save(&self, path: &Path) -> Result<()> {
         let mut bytes = Vec::new();
         self.img
-            .write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
+            .write_to(
+                &mut std::io::Cursor::new(&mut bytes),
+                image::ImageFormat::Png,
+            )
             .map_err(|e| Error::Image {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
@@ -134,8 +137,16 @@ fn nice_ticks(lo: f64, hi: f64) -> Vec<f64> {
 
 /// A tick label with as many decimals as the step needs.
 fn tick_label(v: f64, step: f64, percent: bool) -> String {
-    let (v, step) = if percent { (v * 100.0, step * 100.0) } else { (v, step) };
-    let decimals = if step >= 1.0 { 0 } else { (-step.log10().floor()) as usize };
+    let (v, step) = if percent {
+        (v * 100.0, step * 100.0)
+    } else {
+        (v, step)
+    };
+    let decimals = if step >= 1.0 {
+        0
+    } else {
+        (-step.log10().floor()) as usize
+    };
     let s = format!("{v:.decimals$}");
     let s = if s == "-0" { "0".to_string() } else { s };
     if percent {
@@ -153,9 +164,15 @@ struct Series<'a> {
 }
 
 /// Draws a line chart of `series` against the epoch into the `w x h` panel at `(x0, y0)`.
-fn line_panel(cv: &mut Canvas, (x0, y0, w, h): (i64, i64, i64, i64), title: &str, series: &[Series], percent: bool) {
+fn line_panel(
+    cv: &mut Canvas,
+    (x0, y0, w, h): (i64, i64, i64, i64),
+    title: &str,
+    series: &[Series],
+    percent: bool,
+) {
     const S: u32 = 2;
-    let (left, right, top, bottom) = (90, 20, 44, 64);
+    let (left, right, top, bottom) = (90, 30, 44, 64);
     let (px, py, pw, ph) = (x0 + left, y0 + top, w - left - right, h - top - bottom);
     cv.text_centered(x0 + w / 2, y0 + 10, title, S, BLACK);
 
@@ -166,11 +183,19 @@ fn line_panel(cv: &mut Canvas, (x0, y0, w, h): (i64, i64, i64, i64), title: &str
         .collect();
     let (xmin, xmax) = finite
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| (a.min(*x), b.max(*x)));
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (x, _)| {
+            (a.min(*x), b.max(*x))
+        });
     let (ymin, ymax) = finite
         .iter()
-        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| (a.min(*y), b.max(*y)));
-    let (xmin, xmax) = if finite.is_empty() { (1.0, 2.0) } else { (xmin, xmax.max(xmin + 1.0)) };
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), (_, y)| {
+            (a.min(*y), b.max(*y))
+        });
+    let (xmin, xmax) = if finite.is_empty() {
+        (1.0, 2.0)
+    } else {
+        (xmin, xmax.max(xmin + 1.0))
+    };
     let (ymin, ymax) = if finite.is_empty() {
         (0.0, 1.0)
     } else {
@@ -191,14 +216,27 @@ fn line_panel(cv: &mut Canvas, (x0, y0, w, h): (i64, i64, i64, i64), title: &str
 
     // Grid, ticks and their labels.
     let yt = nice_ticks(ymin, ymax);
-    let ystep = if yt.len() > 1 { yt[1] - yt[0] } else { ymax - ymin };
+    let ystep = if yt.len() > 1 {
+        yt[1] - yt[0]
+    } else {
+        ymax - ymin
+    };
     for &v in &yt {
         let (_, y) = to_px(xmin, v);
         cv.line((px, y), (px + pw, y), 1, GRID);
         let label = tick_label(v, ystep, percent);
-        cv.text(px - 10 - text_width(&label, S) as i64, y - 7, &label, S, BLACK);
+        cv.text(
+            px - 10 - text_width(&label, S) as i64,
+            y - 7,
+            &label,
+            S,
+            BLACK,
+        );
     }
-    let xt: Vec<f64> = nice_ticks(xmin, xmax).into_iter().filter(|v| v.fract() == 0.0).collect();
+    let xt: Vec<f64> = nice_ticks(xmin, xmax)
+        .into_iter()
+        .filter(|v| v.fract() == 0.0)
+        .collect();
     for &v in &xt {
         let (x, _) = to_px(v, ymin);
         cv.line((x, py), (x, py + ph), 1, GRID);
@@ -224,14 +262,12 @@ fn line_panel(cv: &mut Canvas, (x0, y0, w, h): (i64, i64, i64, i64), title: &str
         }
     }
 
-    // Legend in the top-right corner of the plot area.
-    let lw = series.iter().map(|s| text_width(s.name, S)).max().unwrap_or(0) as i64 + 44;
-    let (lx, mut ly) = (px + pw - lw - 8, py + 8);
-    cv.rect(lx - 6, ly - 6, lw + 12, series.len() as i64 * 24 + 8, WHITE);
-    for s in series {
-        cv.line((lx, ly + 8), (lx + 28, ly + 8), 3, s.color);
-        cv.text(lx + 36, ly + 1, s.name, S, BLACK);
-        ly += 24;
+    // Legend in the header, right-aligned, so it never hides a curve.
+    let mut lx = x0 + w - right;
+    for s in series.iter().rev() {
+        lx -= text_width(s.name, S) as i64 + 64;
+        cv.line((lx, y0 + 17), (lx + 28, y0 + 17), 3, s.color);
+        cv.text(lx + 36, y0 + 10, s.name, S, BLACK);
     }
 }
 
@@ -243,12 +279,28 @@ pub fn plot_curves(metrics: &[EpochMetrics], path: impl AsRef<Path>) -> Result<(
         metrics.iter().map(|m| (m.epoch as f64, f(m))).collect()
     };
     let loss = [
-        Series { name: "train", color: TRAIN, points: points(|m| m.train_loss) },
-        Series { name: "val", color: VAL, points: points(|m| m.val_loss) },
+        Series {
+            name: "train",
+            color: TRAIN,
+            points: points(|m| m.train_loss),
+        },
+        Series {
+            name: "val",
+            color: VAL,
+            points: points(|m| m.val_loss),
+        },
     ];
     let acc = [
-        Series { name: "train", color: TRAIN, points: points(|m| m.train_acc) },
-        Series { name: "val", color: VAL, points: points(|m| m.val_acc) },
+        Series {
+            name: "train",
+            color: TRAIN,
+            points: points(|m| m.train_acc),
+        },
+        Series {
+            name: "val",
+            color: VAL,
+            points: points(|m| m.val_acc),
+        },
     ];
     line_panel(&mut cv, (0, 0, w, h), "loss", &loss, false);
     line_panel(&mut cv, (w, 0, w, h), "accuracy", &acc, true);
@@ -260,27 +312,42 @@ fn clip(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_string()
     } else {
-        s.chars().take(max - 1).chain(std::iter::once('~')).collect()
+        s.chars()
+            .take(max - 1)
+            .chain(std::iter::once('~'))
+            .collect()
     }
 }
 
 /// Writes the confusion matrix as a heatmap PNG: rows are true classes, columns predictions, each cell shows its
 /// count and is shaded by its share of the row (so the diagonal reads as per-class recall).
-pub fn plot_confusion(cm: &ConfusionMatrix, class_names: &[String], path: impl AsRef<Path>) -> Result<()> {
+pub fn plot_confusion(
+    cm: &ConfusionMatrix,
+    class_names: &[String],
+    path: impl AsRef<Path>,
+) -> Result<()> {
     const MAX_LABEL: usize = 20;
     let n = cm.classes().max(1) as i64;
     let cell = (640 / n).clamp(16, 72);
     let scale: u32 = if cell >= 36 { 2 } else { 1 };
     let names: Vec<String> = (0..cm.classes())
-        .map(|c| clip(class_names.get(c).map_or(&format!("class {c}"), |s| s), MAX_LABEL))
+        .map(|c| {
+            clip(
+                class_names.get(c).map_or(&format!("class {c}"), |s| s),
+                MAX_LABEL,
+            )
+        })
         .collect();
-    let label_w = names.iter().map(|s| text_width(s, scale)).max().unwrap_or(0) as i64;
-    let (left, top) = (label_w + 60, 64);
+    let label_w = names
+        .iter()
+        .map(|s| text_width(s, scale))
+        .max()
+        .unwrap_or(0) as i64;
+    let (left, top) = (label_w + 60, 48);
     let bottom = label_w + 60;
     let (w, h) = (left + n * cell + 30, top + n * cell + bottom);
     let mut cv = Canvas::new(w as u32, h as u32);
     cv.text_centered(w / 2, 14, "confusion matrix", 2, BLACK);
-    cv.text_centered(left + n * cell / 2, 40, "rows: true class, columns: predicted", 1, BLACK);
 
     let fractions = cm.row_fractions();
     let max_count = (0..cm.classes())
@@ -293,9 +360,8 @@ pub fn plot_confusion(cm: &ConfusionMatrix, class_names: &[String], path: impl A
     } else {
         1
     };
-    for t in 0..cm.classes() {
-        for p in 0..cm.classes() {
-            let f = fractions[t][p];
+    for (t, row) in fractions.iter().enumerate() {
+        for (p, &f) in row.iter().enumerate() {
             let shade = |i: usize| (255.0 + (HEAT[i] - 255.0) * f).round() as u8;
             let color = Rgb([shade(0), shade(1), shade(2)]);
             let (x, y) = (left + p as i64 * cell, top + t as i64 * cell);
@@ -310,17 +376,39 @@ pub fn plot_confusion(cm: &ConfusionMatrix, class_names: &[String], path: impl A
     }
     // Cell borders.
     for i in 0..=n {
-        cv.line((left, top + i * cell), (left + n * cell, top + i * cell), 1, GRID);
-        cv.line((left + i * cell, top), (left + i * cell, top + n * cell), 1, GRID);
+        cv.line(
+            (left, top + i * cell),
+            (left + n * cell, top + i * cell),
+            1,
+            GRID,
+        );
+        cv.line(
+            (left + i * cell, top),
+            (left + i * cell, top + n * cell),
+            1,
+            GRID,
+        );
     }
     let glyph_h = (GLYPH_H - 2) as i64 * scale as i64;
     for (c, name) in names.iter().enumerate() {
         let mid = c as i64 * cell + cell / 2;
         let tw = text_width(name, scale) as i64;
         cv.text(left - 8 - tw, top + mid - glyph_h / 2, name, scale, BLACK);
-        cv.text_up(left + mid - glyph_h / 2, top + n * cell + 8 + tw, name, scale, BLACK);
+        cv.text_up(
+            left + mid - glyph_h / 2,
+            top + n * cell + 8 + tw,
+            name,
+            scale,
+            BLACK,
+        );
     }
-    cv.text_up(8, top + n * cell / 2 + text_width("true", 2) as i64 / 2, "true", 2, BLACK);
+    cv.text_up(
+        8,
+        top + n * cell / 2 + text_width("true", 2) as i64 / 2,
+        "true",
+        2,
+        BLACK,
+    );
     cv.text_centered(left + n * cell / 2, h - 26, "predicted", 2, BLACK);
     cv.save(path.as_ref())
 }
@@ -350,7 +438,12 @@ mod tests {
     }
 
     fn pixel_count(path: &Path, color: Rgb<u8>) -> usize {
-        image::open(path).unwrap().to_rgb8().pixels().filter(|p| **p == color).count()
+        image::open(path)
+            .unwrap()
+            .to_rgb8()
+            .pixels()
+            .filter(|p| **p == color)
+            .count()
     }
 
     #[test]
@@ -388,7 +481,11 @@ mod tests {
         cm.add(2, 1);
         cm.add(2, 2);
         cm.add(0, 2);
-        let names = vec!["cat".to_string(), "dog".to_string(), "a_very_long_class_name_indeed".to_string()];
+        let names = vec![
+            "cat".to_string(),
+            "dog".to_string(),
+            "a_very_long_class_name_indeed".to_string(),
+        ];
         plot_confusion(&cm, &names, &path).unwrap();
         let img = image::open(&path).unwrap().to_rgb8();
         // Class 0 is always right: its diagonal cell is the darkest colour.
@@ -401,9 +498,15 @@ mod tests {
         let t = nice_ticks(0.0, 1.0);
         let expected = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0];
         assert_eq!(t.len(), expected.len(), "{t:?}");
-        assert!(t.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-12), "{t:?}");
+        assert!(
+            t.iter().zip(expected).all(|(a, b)| (a - b).abs() < 1e-12),
+            "{t:?}"
+        );
         let t = nice_ticks(0.13, 0.87);
-        assert!(t.iter().all(|v| (0.13..=0.87).contains(v)) && t.len() >= 3, "{t:?}");
+        assert!(
+            t.iter().all(|v| (0.13..=0.87).contains(v)) && t.len() >= 3,
+            "{t:?}"
+        );
         assert_eq!(tick_label(0.25, 0.05, true), "25%");
         assert_eq!(tick_label(0.15, 0.05, false), "0.15");
         assert_eq!(clip("abcdefgh", 5), "abcd~");

@@ -51,7 +51,11 @@ impl Reporter {
 
     /// A reporter with an explicit display mode and writer (tests, or a log file).
     pub fn with_writer(display: Display, epochs: usize, out: Box<dyn Write + Send>) -> Self {
-        Reporter { display, epochs, out }
+        Reporter {
+            display,
+            epochs,
+            out,
+        }
     }
 
     pub fn display(&self) -> Display {
@@ -62,11 +66,14 @@ impl Reporter {
     pub fn pass(&mut self, phase: &str, epoch: usize, batches: usize) -> PassProgress<'_> {
         let prefix = format!("epoch {epoch}/{} {phase}", self.epochs);
         let bar = (self.display == Display::Bar).then(|| {
-            let bar = ProgressBar::with_draw_target(Some(batches as u64), ProgressDrawTarget::stderr());
+            let bar =
+                ProgressBar::with_draw_target(Some(batches as u64), ProgressDrawTarget::stderr());
             bar.set_style(
-                ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})")
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}<{eta})",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
             );
             bar.set_prefix(prefix.clone());
             bar
@@ -124,7 +131,7 @@ impl PassProgress<'_> {
             }
             (None, Display::Lines) => {
                 let every = self.batches.div_ceil(LINES_PER_PASS).max(1);
-                if self.done % every == 0 || self.done == self.batches {
+                if self.done.is_multiple_of(every) || self.done == self.batches {
                     let line = format!("{} {}/{} {msg}", self.prefix, self.done, self.batches);
                     self.reporter.line(&line);
                 }
@@ -246,7 +253,10 @@ mod tests {
         let text = out.text();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), LINES_PER_PASS + 1, "{text}");
-        assert!(lines[0].starts_with("epoch 3/10 train 2/8 loss 0.5000 acc 75.00%"), "{text}");
+        assert!(
+            lines[0].starts_with("epoch 3/10 train 2/8 loss 0.5000 acc 75.00%"),
+            "{text}"
+        );
         assert!(lines[4].ends_with("*best"), "{text}");
     }
 
