@@ -11,5 +11,6 @@ pub mod fsutil;
 pub mod models;
 pub mod cli;
 pub mod optim;
+pub mod train;
 
 pub use error::{Error, Result};

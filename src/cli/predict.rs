@@ -96,7 +96,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let mut preds = Vec::new();
     let mut failed = 0;
     for path in &args.images {
-        let image = match crate::data::load_eval_image(path, model.preprocess(), &device) {
+        let image = match crate::data::transform::load_eval_tensor(path, model.preprocess(), &device) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("error: {e}");

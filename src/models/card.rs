@@ -63,6 +63,9 @@ pub struct ModelCard {
     pub preprocess: Preprocess,
     /// Layer groups in forward order; the last one, `head`, is the classifier.
     pub groups: Vec<String>,
+    /// Key prefixes of each group, for people reading the card (the code asks the backbone).
+    #[serde(default)]
+    pub group_keys: std::collections::BTreeMap<String, Vec<String>>,
     /// Key prefix of the classifier in the weights file.
     pub classifier: String,
     pub num_classes: usize,

@@ -6,7 +6,9 @@
 //! classifier (`fc` / `_fc`) is a separate [`Linear`](layers::Linear) head so a new one can replace it.
 
 pub mod card;
+pub mod efficientnet;
 pub mod hub;
+pub mod head;
 pub mod layers;
 pub mod pretrained;
 pub mod pth;
@@ -75,5 +77,21 @@ pub trait Backbone: Send + Sync {
         }
         Ok(h.mean(candle_core::D::Minus1)?
             .mean(candle_core::D::Minus1)?)
+    }
+}
+
+/// Builds the backbone of architecture `arch` (as named in model cards) from a scoped builder.
+pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn Backbone>> {
+    if arch.starts_with("resnet") {
+        let cfg = resnet::ResNetConfig::from_arch(arch)?;
+        Ok(Box::new(resnet::ResNet::new(cfg, vb)?))
+    } else if arch.starts_with("efficientnet_lite") {
+        let cfg = efficientnet::EfficientNetLiteConfig::from_arch(arch)?;
+        Ok(Box::new(efficientnet::EfficientNetLite::new(cfg, vb)?))
+    } else {
+        Err(crate::Error::config(
+            "architecture",
+            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0)"),
+        ))
     }
 }

@@ -1,0 +1,827 @@
+//! Checkpoints and run folders.
+//!
+//! A [`Checkpoint`] is ONE safetensors file: named tensors (model weights under `model.`, optimizer state under
+//! `optim.`, by convention) plus JSON metadata (anything `Serialize`, typically [`TrainState`]) stored as a string
+//! in the safetensors `__metadata__` header together with a format tag and a SHA-256 of the tensors, so a
+//! truncated or bit-flipped file is refused with an error naming it instead of resuming from garbage.
+//!
+//! Every file is written atomically ([`write_atomic`]): to `NAME.tmp` in the same folder, fsynced, then renamed
+//! over `NAME`. A crash or Ctrl-C at any moment leaves either the old or the new file, never a torn one; a stray
+//! `NAME.tmp` from a crash is simply overwritten by the next save.
+//!
+//! A [`RunDir`] is the folder of one training run: `run.json` (marks it as a graft run), `config.json`,
+//! `metrics.jsonl`, `best.safetensors`, `last.safetensors` and the PNG plots.
+
+use crate::train::early_stop::EarlyStopping;
+use crate::train::rng::RngState;
+use crate::{Error, Result};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Value of the `format` key in a checkpoint's `__metadata__`.
+pub const CHECKPOINT_FORMAT: &str = "graft-checkpoint/1";
+
+/// Writes `bytes` to `path` atomically: `path.tmp` in the same folder, fsync, rename, fsync of the folder.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let mut file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .map_err(|e| Error::io(&tmp, e))?;
+    drop(file);
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+    // Make the rename itself durable. Opening a folder for sync is not possible everywhere (Windows), and the
+    // data is already safe in either name, so failure here is not an error.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// `NAME.tmp` next to `NAME`.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
+}
+
+/// Named tensors plus typed metadata, saved and loaded as one safetensors file.
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    tensors: BTreeMap<String, Tensor>,
+    meta: serde_json::Value,
+    /// The file this was loaded from, for error messages.
+    source: Option<PathBuf>,
+}
+
+impl Checkpoint {
+    /// An empty checkpoint carrying `meta`.
+    pub fn new(meta: &impl Serialize) -> Result<Self> {
+        let meta = serde_json::to_value(meta)
+            .map_err(|e| Error::config("checkpoint metadata", e.to_string()))?;
+        Ok(Checkpoint {
+            tensors: BTreeMap::new(),
+            meta,
+            source: None,
+        })
+    }
+
+    /// Adds one tensor under its full name. A name may not be `__metadata__`.
+    pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
+        self.tensors.insert(name.into(), tensor);
+    }
+
+    /// Adds tensors as `prefix.name` (e.g. `model.layer1.0.conv1.weight`, `optim.exp_avg.fc.weight`).
+    pub fn insert_prefixed<K: AsRef<str>>(
+        &mut self,
+        prefix: &str,
+        tensors: impl IntoIterator<Item = (K, Tensor)>,
+    ) {
+        for (k, t) in tensors {
+            self.tensors.insert(format!("{prefix}.{}", k.as_ref()), t);
+        }
+    }
+
+    /// Adds every variable of `varmap` (parameters and BatchNorm buffers) as `prefix.key`, detached copies so that
+    /// later training steps cannot change what is saved.
+    pub fn insert_varmap(&mut self, prefix: &str, varmap: &VarMap) -> Result<()> {
+        let data = varmap.data().lock().expect("varmap poisoned");
+        for (k, v) in data.iter() {
+            self.tensors
+                .insert(format!("{prefix}.{k}"), v.as_tensor().detach().copy()?);
+        }
+        Ok(())
+    }
+
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.tensors
+    }
+
+    /// The tensors under `prefix.`, with the prefix stripped.
+    pub fn with_prefix(&self, prefix: &str) -> BTreeMap<String, Tensor> {
+        let p = format!("{prefix}.");
+        self.tensors
+            .iter()
+            .filter_map(|(k, t)| k.strip_prefix(&p).map(|k| (k.to_string(), t.clone())))
+            .collect()
+    }
+
+    /// Sets every variable of `varmap` from `prefix.key`. Every variable must be present with its shape; tensors
+    /// in the checkpoint that the varmap does not have are ignored (e.g. optimizer state under another prefix).
+    pub fn restore_varmap(&self, prefix: &str, varmap: &VarMap) -> Result<()> {
+        let file = self
+            .source
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("<checkpoint>"));
+        let data = varmap.data().lock().expect("varmap poisoned");
+        for (k, v) in data.iter() {
+            let name = format!("{prefix}.{k}");
+            let t = self
+                .tensors
+                .get(&name)
+                .ok_or_else(|| Error::MissingTensor {
+                    name: name.clone(),
+                    file: file.clone(),
+                })?;
+            if t.dims() != v.dims() {
+                return Err(Error::ShapeMismatch {
+                    name,
+                    file: file.clone(),
+                    expected: v.dims().to_vec(),
+                    found: t.dims().to_vec(),
+                });
+            }
+            v.set(&t.to_device(v.device())?.to_dtype(v.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// The metadata as JSON.
+    pub fn meta_json(&self) -> &serde_json::Value {
+        &self.meta
+    }
+
+    /// The metadata as `T`; a mismatch is a `BadFile` error naming the file it came from.
+    pub fn meta<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_value(self.meta.clone()).map_err(|e| {
+            let path = self
+                .source
+                .clone()
+                .unwrap_or_else(|| PathBuf::from("<checkpoint>"));
+            Error::bad_file(path, format!("checkpoint metadata does not fit: {e}"))
+        })
+    }
+
+    /// Writes the checkpoint atomically to `path` (see the module doc).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let cpu: Vec<(String, Tensor)> = self
+            .tensors
+            .iter()
+            .map(|(k, t)| Ok((k.clone(), t.to_device(&Device::Cpu)?)))
+            .collect::<Result<_>>()?;
+        let mut header = HashMap::new();
+        header.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
+        header.insert("meta".to_string(), self.meta.to_string());
+        header.insert(
+            "sha256".to_string(),
+            digest(cpu.iter().map(|(k, t)| (k.as_str(), t))),
+        );
+        let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(header))
+            .map_err(|e| Error::bad_file(path, format!("cannot serialise checkpoint: {e}")))?;
+        write_atomic(path, &bytes)
+    }
+
+    /// Reads and validates a checkpoint onto `device`. Truncated, corrupt or foreign files are `BadFile` errors
+    /// naming `path`.
+    pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Checkpoint> {
+        let path = path.as_ref();
+        let bytes = fs::read(path).map_err(|e| Error::io(path, e))?;
+        let bad = |reason: String| Error::bad_file(path, reason);
+        let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+            bad(format!(
+                "not a complete safetensors file ({e}); the file may be truncated or corrupt"
+            ))
+        })?;
+        let (_, info) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| bad(format!("unreadable safetensors header ({e})")))?;
+        let header = info
+            .metadata()
+            .as_ref()
+            .ok_or_else(|| bad("not a graft checkpoint (no metadata)".into()))?;
+        match header.get("format") {
+            Some(f) if f == CHECKPOINT_FORMAT => {}
+            Some(f) => {
+                return Err(bad(format!(
+                    "checkpoint format `{f}` is not {CHECKPOINT_FORMAT}"
+                )))
+            }
+            None => return Err(bad("not a graft checkpoint (a plain weights file?)".into())),
+        }
+        let meta: serde_json::Value = serde_json::from_str(
+            header
+                .get("meta")
+                .ok_or_else(|| bad("checkpoint has no metadata".into()))?,
+        )
+        .map_err(|e| bad(format!("checkpoint metadata is not JSON: {e}")))?;
+        let mut tensors = BTreeMap::new();
+        let mut loaded = Vec::new();
+        for (name, view) in st.tensors() {
+            let t = Tensor::from_raw_buffer(
+                view.data(),
+                dtype_of(view.dtype())
+                    .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype")))?,
+                view.shape(),
+                &Device::Cpu,
+            )?;
+            loaded.push((name, t));
+        }
+        let expected = header
+            .get("sha256")
+            .ok_or_else(|| bad("checkpoint has no checksum".into()))?;
+        let found = digest(loaded.iter().map(|(k, t)| (k.as_str(), t)));
+        if &found != expected {
+            return Err(bad("checksum mismatch: the tensor data is corrupt".into()));
+        }
+        for (name, t) in loaded {
+            tensors.insert(name, t.to_device(device)?);
+        }
+        Ok(Checkpoint {
+            tensors,
+            meta,
+            source: Some(path.to_path_buf()),
+        })
+    }
+}
+
+fn dtype_of(d: safetensors::Dtype) -> Option<candle_core::DType> {
+    use candle_core::DType;
+    use safetensors::Dtype as S;
+    Some(match d {
+        S::U8 => DType::U8,
+        S::U32 => DType::U32,
+        S::I64 => DType::I64,
+        S::F16 => DType::F16,
+        S::BF16 => DType::BF16,
+        S::F32 => DType::F32,
+        S::F64 => DType::F64,
+        _ => return None,
+    })
+}
+
+/// SHA-256 over names, dtypes, shapes and little-endian data of `tensors` in name order.
+fn digest<'a>(tensors: impl Iterator<Item = (&'a str, &'a Tensor)>) -> String {
+    use safetensors::View;
+    let mut sorted: Vec<_> = tensors.collect();
+    sorted.sort_by_key(|(k, _)| *k);
+    let mut h = Sha256::new();
+    for (name, t) in sorted {
+        h.update(name.as_bytes());
+        h.update([0]);
+        h.update(format!("{:?}{:?}", t.dtype(), t.dims()).as_bytes());
+        h.update(View::data(&t).as_ref());
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Everything besides tensors that a resumed run needs, named in one place. Parts owned by other modules
+/// (optimizer bookkeeping, schedule, data loader) are kept as JSON so this struct does not fix their types.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Epochs completed.
+    pub epoch: usize,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// The early-stopping policy with its best value and patience count.
+    pub early_stop: Option<EarlyStopping>,
+    /// Named generators (`dropout`, `data`, `augment`, ...) at the end of `epoch`.
+    pub rng: BTreeMap<String, RngState>,
+    /// The data loader's state (e.g. the order of the epoch in progress), as it serialises it.
+    pub data: serde_json::Value,
+    /// Non-tensor optimizer state (step counts, hyperparameters per group); its tensors live under `optim.`.
+    pub optimizer: serde_json::Value,
+    /// The learning-rate schedule's configuration and position.
+    pub schedule: serde_json::Value,
+    /// The run's full configuration.
+    pub config: serde_json::Value,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+}
+
+/// Name of the file that marks a folder as a graft run.
+pub const RUN_MARKER: &str = "run.json";
+
+/// What `run.json` holds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunInfo {
+    /// Always `"graft"`.
+    pub tool: String,
+    pub graft_version: String,
+    /// Creation time, UTC, `YYYY-MM-DDTHH:MM:SSZ`.
+    pub created_utc: String,
+}
+
+/// The folder of one training run and the names of the files in it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunDir {
+    path: PathBuf,
+}
+
+impl RunDir {
+    /// Creates the run folder: `path` when given (it may exist only if empty), otherwise a fresh
+    /// `runs/YYYYmmdd-HHMMSS` (UTC), with `-2`, `-3`, ... appended when that name is taken.
+    pub fn create(path: Option<&Path>) -> Result<RunDir> {
+        match path {
+            Some(p) => Self::create_at(p, SystemTime::now()),
+            None => Self::create_dated(Path::new("runs"), SystemTime::now()),
+        }
+    }
+
+    /// Creates a fresh dated folder under `root` for the time `now`.
+    pub fn create_dated(root: &Path, now: SystemTime) -> Result<RunDir> {
+        fs::create_dir_all(root).map_err(|e| Error::io(root, e))?;
+        let stamp = utc_stamp(now, false);
+        for n in 1.. {
+            let name = if n == 1 {
+                stamp.clone()
+            } else {
+                format!("{stamp}-{n}")
+            };
+            let path = root.join(name);
+            match fs::create_dir(&path) {
+                Ok(()) => return Self::init(path, now),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(Error::io(&path, e)),
+            }
+        }
+        unreachable!("the loop returns")
+    }
+
+    fn create_at(path: &Path, now: SystemTime) -> Result<RunDir> {
+        if path.join(RUN_MARKER).exists() {
+            return Err(Error::config(
+                "--run-dir",
+                format!(
+                    "{} already holds a graft run; resume it or choose another folder",
+                    path.display()
+                ),
+            ));
+        }
+        if path.exists() {
+            let mut entries = fs::read_dir(path).map_err(|e| Error::io(path, e))?;
+            if entries.next().is_some() {
+                return Err(Error::config(
+                    "--run-dir",
+                    format!("{} exists and is not empty", path.display()),
+                ));
+            }
+        }
+        fs::create_dir_all(path).map_err(|e| Error::io(path, e))?;
+        Self::init(path.to_path_buf(), now)
+    }
+
+    fn init(path: PathBuf, now: SystemTime) -> Result<RunDir> {
+        let info = RunInfo {
+            tool: "graft".into(),
+            graft_version: env!("CARGO_PKG_VERSION").into(),
+            created_utc: utc_stamp(now, true),
+        };
+        let run = RunDir { path };
+        let json = serde_json::to_vec_pretty(&info).expect("run info serialises");
+        write_atomic(&run.path.join(RUN_MARKER), &json).map_err(|e| match e {
+            // Name the folder the user chose, not our temporary file.
+            Error::Io { source, .. } => Error::io(&run.path, source),
+            other => other,
+        })?;
+        Ok(run)
+    }
+
+    /// Opens the folder of an earlier run, e.g. to resume it. A folder without a valid `run.json` is refused with
+    /// a `BadFile` error naming it; nothing in it is touched.
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<RunDir> {
+        let path = path.as_ref();
+        if !path.is_dir() {
+            return Err(Error::bad_file(
+                path,
+                "not a folder (expected a graft run folder)",
+            ));
+        }
+        let marker = path.join(RUN_MARKER);
+        let text = match fs::read_to_string(&marker) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::bad_file(
+                    path,
+                    format!("not a graft run folder ({RUN_MARKER} is missing)"),
+                ))
+            }
+            Err(e) => return Err(Error::io(&marker, e)),
+        };
+        match serde_json::from_str::<RunInfo>(&text) {
+            Ok(info) if info.tool == "graft" => Ok(RunDir {
+                path: path.to_path_buf(),
+            }),
+            _ => Err(Error::bad_file(marker, "not a graft run marker")),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+    pub fn info(&self) -> Result<RunInfo> {
+        read_json(&self.path.join(RUN_MARKER))
+    }
+    pub fn config_path(&self) -> PathBuf {
+        self.path.join("config.json")
+    }
+    pub fn metrics_path(&self) -> PathBuf {
+        self.path.join("metrics.jsonl")
+    }
+    pub fn best_checkpoint(&self) -> PathBuf {
+        self.path.join("best.safetensors")
+    }
+    pub fn last_checkpoint(&self) -> PathBuf {
+        self.path.join("last.safetensors")
+    }
+    /// Loss and accuracy curves.
+    pub fn curves_png(&self) -> PathBuf {
+        self.path.join("curves.png")
+    }
+    pub fn confusion_png(&self) -> PathBuf {
+        self.path.join("confusion.png")
+    }
+    /// The final text summary (confusion matrix and per-class scores).
+    pub fn summary_path(&self) -> PathBuf {
+        self.path.join("summary.txt")
+    }
+
+    /// Writes `config.json` atomically.
+    pub fn write_config(&self, config: &impl Serialize) -> Result<()> {
+        let json = serde_json::to_vec_pretty(config)
+            .map_err(|e| Error::config("run config", e.to_string()))?;
+        write_atomic(&self.config_path(), &json)
+    }
+
+    pub fn read_config<T: DeserializeOwned>(&self) -> Result<T> {
+        read_json(&self.config_path())
+    }
+}
+
+fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))
+}
+
+/// `YYYYmmdd-HHMMSS` or, with `iso`, `YYYY-mm-ddTHH:MM:SSZ`, in UTC.
+pub fn utc_stamp(t: SystemTime, iso: bool) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    let (hh, mm, ss) = (s / 3600, s / 60 % 60, s % 60);
+    if iso {
+        format!("{y:04}-{m:02}-{d:02}T{hh:02}:{mm:02}:{ss:02}Z")
+    } else {
+        format!("{y:04}{m:02}{d:02}-{hh:02}{mm:02}{ss:02}")
+    }
+}
+
+/// Proleptic Gregorian date of a day count since 1970-01-01 (Howard Hinnant's `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::early_stop::Monitor;
+    use crate::train::rng::seeded;
+    use candle_core::DType;
+    use candle_nn::VarBuilder;
+    use std::time::Duration;
+
+    fn state() -> TrainState {
+        let mut es = EarlyStopping::new(Monitor::ValAcc, Some(3), 0.001).unwrap();
+        es.observe(1, 0.5);
+        es.observe(2, 0.4);
+        TrainState {
+            epoch: 2,
+            step: 250,
+            early_stop: Some(es),
+            rng: [("dropout".to_string(), RngState::of(&seeded(5)))].into(),
+            data: serde_json::json!({"order": [3, 1, 2, 0]}),
+            optimizer: serde_json::json!({"kind": "adam", "t": 250}),
+            schedule: serde_json::json!({"kind": "cosine", "step": 250}),
+            config: serde_json::json!({"base": "resnet18", "lr": 0.001}),
+            classes: vec!["cat".into(), "dog".into()],
+        }
+    }
+
+    fn sample() -> Checkpoint {
+        let dev = Device::Cpu;
+        let mut ck = Checkpoint::new(&state()).unwrap();
+        ck.insert_prefixed(
+            "model",
+            [
+                (
+                    "fc.weight",
+                    Tensor::arange(0f32, 6.0, &dev)
+                        .unwrap()
+                        .reshape((2, 3))
+                        .unwrap(),
+                ),
+                ("fc.bias", Tensor::new(&[0.5f32, -0.5], &dev).unwrap()),
+            ],
+        );
+        ck.insert(
+            "optim.exp_avg.fc.bias",
+            Tensor::new(&[1e-3f64, 2e-3], &dev).unwrap(),
+        );
+        ck.insert("optim.steps", Tensor::new(&[250i64], &dev).unwrap());
+        ck
+    }
+
+    fn same(a: &Tensor, b: &Tensor) -> bool {
+        a.dtype() == b.dtype()
+            && a.dims() == b.dims()
+            && a.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f64>()
+                .unwrap()
+                == b.to_dtype(DType::F64)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f64>()
+                    .unwrap()
+    }
+
+    #[test]
+    fn checkpoint_round_trips_tensors_and_train_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        let ck = sample();
+        ck.save(&path).unwrap();
+        let back = Checkpoint::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.tensors().len(), 4);
+        for (k, t) in ck.tensors() {
+            assert!(same(t, &back.tensors()[k]), "{k} differs");
+        }
+        assert_eq!(back.meta::<TrainState>().unwrap(), state());
+        assert_eq!(back.with_prefix("model").len(), 2);
+        assert!(!tmp_path(&path).exists());
+    }
+
+    #[test]
+    fn varmap_weights_are_saved_and_restored_by_name() {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let w = vb
+            .pp("head")
+            .pp("fc")
+            .get_with_hints((3, 4), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)
+            .unwrap();
+        let saved = w.copy().unwrap();
+        let mut ck = Checkpoint::new(&serde_json::json!({})).unwrap();
+        ck.insert_varmap("model", &varmap).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("best.safetensors");
+        ck.save(&path).unwrap();
+
+        varmap.data().lock().unwrap()["head.fc.weight"]
+            .set(&Tensor::zeros((3, 4), DType::F32, &dev).unwrap())
+            .unwrap();
+        Checkpoint::load(&path, &dev)
+            .unwrap()
+            .restore_varmap("model", &varmap)
+            .unwrap();
+        assert!(
+            same(&w, &saved),
+            "the head's own tensor sees the restored values"
+        );
+    }
+
+    #[test]
+    fn a_resumed_head_computes_what_the_uninterrupted_one_would_have() {
+        use crate::models::head::{Activation, Head, HeadConfig};
+        let dev = Device::Cpu;
+        let cfg = HeadConfig::with_hidden(16, 0.5, Activation::Relu);
+        let build = || {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let head = Head::new(&cfg, 8, 3, vb.pp("head")).unwrap();
+            (varmap, head)
+        };
+        let x = Tensor::randn(0f32, 1.0, (4, 8), &dev).unwrap();
+        let (varmap, head) = build();
+        head.reset_parameters(&mut seeded(1)).unwrap();
+        let head = head.with_dropout_seed(2);
+        head.forward(&x, true).unwrap();
+
+        let mut st = state();
+        st.rng = [("dropout".to_string(), head.rng_state())].into();
+        let mut ck = Checkpoint::new(&st).unwrap();
+        ck.insert_varmap("model", &varmap).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        ck.save(&path).unwrap();
+        let expected: Vec<f32> = head
+            .forward(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+
+        let (varmap2, head2) = build();
+        let back = Checkpoint::load(&path, &dev).unwrap();
+        back.restore_varmap("model", &varmap2).unwrap();
+        head2
+            .set_rng_state(&back.meta::<TrainState>().unwrap().rng["dropout"])
+            .unwrap();
+        let got: Vec<f32> = head2
+            .forward(&x, true)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(got, expected);
+    }
+
+    #[test]
+    fn restoring_into_a_model_with_a_missing_or_misshapen_tensor_names_it() {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        vb.get_with_hints(3, "fc.bias", candle_nn::Init::Const(0.0))
+            .unwrap();
+        let err = sample()
+            .restore_varmap("model", &varmap)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.fc.bias") && err.contains("[3]"),
+            "{err}"
+        );
+        let err = sample()
+            .restore_varmap("other", &varmap)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("other.fc.bias"), "{err}");
+    }
+
+    #[test]
+    fn a_truncated_checkpoint_is_refused_with_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        sample().save(&path).unwrap();
+        let bytes = fs::read(&path).unwrap();
+        for cut in [0, 5, bytes.len() / 2, bytes.len() - 1] {
+            fs::write(&path, &bytes[..cut]).unwrap();
+            let err = Checkpoint::load(&path, &Device::Cpu).unwrap_err();
+            assert!(matches!(err, Error::BadFile { .. }), "cut at {cut}: {err}");
+            assert!(err.to_string().contains("last.safetensors"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_in_the_tensor_data_is_detected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        sample().save(&path).unwrap();
+        let mut bytes = fs::read(&path).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x10;
+        fs::write(&path, &bytes).unwrap();
+        let err = Checkpoint::load(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("checksum"), "{err}");
+    }
+
+    #[test]
+    fn a_plain_weights_file_is_not_taken_for_a_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("weights.safetensors");
+        let t = Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("fc.bias", t)]), &path).unwrap();
+        let err = Checkpoint::load(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a graft checkpoint"), "{err}");
+    }
+
+    #[test]
+    fn a_crash_before_the_rename_leaves_the_old_checkpoint_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        sample().save(&path).unwrap();
+        // The crash: a half-written temporary file next to the good one.
+        fs::write(tmp_path(&path), b"half a checkpo").unwrap();
+        let back = Checkpoint::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(back.meta::<TrainState>().unwrap().step, 250);
+        // The next save simply replaces the stray temporary file.
+        let mut newer = state();
+        newer.step = 300;
+        Checkpoint::new(&newer).unwrap().save(&path).unwrap();
+        assert!(!tmp_path(&path).exists());
+        assert_eq!(
+            Checkpoint::load(&path, &Device::Cpu)
+                .unwrap()
+                .meta::<TrainState>()
+                .unwrap()
+                .step,
+            300
+        );
+    }
+
+    #[test]
+    fn a_failed_save_keeps_what_was_saved_before() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        sample().save(&path).unwrap();
+        // A folder squatting on the temporary name makes the next save fail before the rename.
+        fs::create_dir(tmp_path(&path)).unwrap();
+        assert!(Checkpoint::new(&state()).unwrap().save(&path).is_err());
+        assert_eq!(
+            Checkpoint::load(&path, &Device::Cpu)
+                .unwrap()
+                .tensors()
+                .len(),
+            4
+        );
+    }
+
+    #[test]
+    fn dated_run_folders_are_named_in_utc_and_never_reused() {
+        let root = tempfile::tempdir().unwrap();
+        // 2024-02-29 13:05:09 UTC
+        let t = UNIX_EPOCH + Duration::from_secs(1_709_211_909);
+        let a = RunDir::create_dated(root.path(), t).unwrap();
+        let b = RunDir::create_dated(root.path(), t).unwrap();
+        assert_eq!(a.path().file_name().unwrap(), "20240229-130509");
+        assert_eq!(b.path().file_name().unwrap(), "20240229-130509-2");
+        assert_eq!(a.info().unwrap().created_utc, "2024-02-29T13:05:09Z");
+        assert_eq!(RunDir::open_existing(a.path()).unwrap(), a);
+    }
+
+    #[test]
+    fn utc_dates_are_right_across_leap_years_and_the_epoch() {
+        assert_eq!(utc_stamp(UNIX_EPOCH, true), "1970-01-01T00:00:00Z");
+        let t = UNIX_EPOCH + Duration::from_secs(951_868_800); // 2000-03-01
+        assert_eq!(utc_stamp(t, false), "20000301-000000");
+        let t = UNIX_EPOCH + Duration::from_secs(4_107_542_399); // 2100-02-28 23:59:59
+        assert_eq!(utc_stamp(t, true), "2100-02-28T23:59:59Z");
+    }
+
+    #[test]
+    fn a_folder_that_is_not_a_run_is_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = RunDir::open_existing(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("not a graft run folder") && err.contains("run.json"),
+            "{err}"
+        );
+        fs::write(dir.path().join(RUN_MARKER), "{}").unwrap();
+        assert!(RunDir::open_existing(dir.path()).is_err());
+        let err = RunDir::open_existing(dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn an_existing_run_or_a_non_empty_folder_is_not_overwritten() {
+        let root = tempfile::tempdir().unwrap();
+        let chosen = root.path().join("my-run");
+        let run = RunDir::create(Some(&chosen)).unwrap();
+        run.write_config(&serde_json::json!({"lr": 0.1})).unwrap();
+        let err = RunDir::create(Some(&chosen)).unwrap_err().to_string();
+        assert!(err.contains("already holds a graft run"), "{err}");
+        assert_eq!(run.read_config::<serde_json::Value>().unwrap()["lr"], 0.1);
+
+        let other = root.path().join("photos");
+        fs::create_dir(&other).unwrap();
+        fs::write(other.join("cat.jpg"), b"x").unwrap();
+        let err = RunDir::create(Some(&other)).unwrap_err().to_string();
+        assert!(err.contains("not empty"), "{err}");
+        assert!(!other.join(RUN_MARKER).exists());
+    }
+
+    #[test]
+    fn a_run_folder_that_cannot_be_created_is_named_in_the_error() {
+        let root = tempfile::tempdir().unwrap();
+        let file = root.path().join("a-file");
+        fs::write(&file, b"x").unwrap();
+        // A folder below a regular file cannot be created, whoever runs the test (root ignores permissions).
+        let err = RunDir::create(Some(&file.join("run"))).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert!(err.to_string().contains("a-file/run"), "{err}");
+        let err = RunDir::create_dated(&file, SystemTime::now())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a-file"), "{err}");
+    }
+}

@@ -1,0 +1,14 @@
+//! Training: the decision policies (early stopping), checkpoints and run folders, metrics, plots and progress
+//! display that the one training loop is built from.
+//!
+//! The loop owns nothing clever: each epoch it feeds batches to a [`progress::PassProgress`], records an
+//! [`metrics::EpochMetrics`] in the [`metrics::MetricsLog`], asks [`early_stop::EarlyStopping`] for a
+//! [`early_stop::Decision`] and acts on it, saving [`checkpoint::Checkpoint`]s into the [`checkpoint::RunDir`].
+
+pub mod checkpoint;
+pub mod early_stop;
+mod font;
+pub mod metrics;
+pub mod plots;
+pub mod progress;
+pub mod rng;
