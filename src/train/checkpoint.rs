@@ -3,7 +3,8 @@
 //! A [`Checkpoint`] is ONE safetensors file: named tensors (model weights under `model.`, optimizer state under
 //! `optim.`, by convention) plus JSON metadata (anything `Serialize`, typically [`TrainState`]) stored as a string
 //! in the safetensors `__metadata__` header together with a format tag and a SHA-256 of the data section (all
-//! tensor bytes), so a truncated or bit-flipped file is refused with an error naming it instead of resuming from garbage.
+//! tensor bytes), so a truncated or bit-flipped file is refused with an error naming it instead of resuming from
+//! garbage.
 //!
 //! Every file is written atomically ([`write_atomic`]): to `NAME.tmp` in the same folder, fsynced, then renamed
 //! over `NAME`. A crash or Ctrl-C at any moment leaves either the old or the new file, never a torn one; a stray
@@ -76,7 +77,7 @@ impl Checkpoint {
         })
     }
 
-    /// Adds one tensor under its full name. A name may not be `__metadata__`.
+    /// Adds one tensor under its full name (`__metadata__` is reserved by safetensors; saving refuses it).
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
         self.tensors.insert(name.into(), tensor);
     }
@@ -165,6 +166,12 @@ impl Checkpoint {
     /// Writes the checkpoint atomically to `path` (see the module doc).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        if self.tensors.contains_key("__metadata__") {
+            return Err(Error::config(
+                "checkpoint",
+                "`__metadata__` is reserved and cannot name a tensor",
+            ));
+        }
         let cpu: Vec<(String, Tensor)> = self
             .tensors
             .iter()
