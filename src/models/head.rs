@@ -134,8 +134,10 @@ impl FromStr for Activation {
     }
 }
 
-/// The head's shape and training behaviour, as saved in the run config.
+/// The head's shape and training behaviour, as saved in the run config. Missing fields take the values of
+/// [`HeadConfig::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct HeadConfig {
     /// Width of the optional hidden layer.
     pub hidden: Option<usize>,
@@ -536,6 +538,25 @@ mod tests {
         let b = head.forward(&x, false).unwrap();
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0);
+    }
+
+    #[test]
+    fn head_config_round_trips_and_fills_missing_fields_with_defaults() {
+        let cfg = HeadConfig::with_hidden(256, 0.2, Activation::Tanh);
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            json.contains("\"activation\":\"tanh\"") && json.contains("\"init\":\"xavier\""),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<HeadConfig>(&json).unwrap(), cfg);
+        let partial: HeadConfig = serde_json::from_str(r#"{"dropout": 0.1}"#).unwrap();
+        assert_eq!(
+            partial,
+            HeadConfig {
+                dropout: 0.1,
+                ..HeadConfig::default()
+            }
+        );
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //!
 //! A [`Checkpoint`] is ONE safetensors file: named tensors (model weights under `model.`, optimizer state under
 //! `optim.`, by convention) plus JSON metadata (anything `Serialize`, typically [`TrainState`]) stored as a string
-//! in the safetensors `__metadata__` header together with a format tag and a SHA-256 of the tensors, so a
-//! truncated or bit-flipped file is refused with an error naming it instead of resuming from garbage.
+//! in the safetensors `__metadata__` header together with a format tag and a SHA-256 of the data section (all
+//! tensor bytes), so a truncated or bit-flipped file is refused with an error naming it instead of resuming from
+//! garbage.
 //!
 //! Every file is written atomically ([`write_atomic`]): to `NAME.tmp` in the same folder, fsynced, then renamed
 //! over `NAME`. A crash or Ctrl-C at any moment leaves either the old or the new file, never a torn one; a stray
@@ -76,7 +77,7 @@ impl Checkpoint {
         })
     }
 
-    /// Adds one tensor under its full name. A name may not be `__metadata__`.
+    /// Adds one tensor under its full name (`__metadata__` is reserved by safetensors; saving refuses it).
     pub fn insert(&mut self, name: impl Into<String>, tensor: Tensor) {
         self.tensors.insert(name.into(), tensor);
     }
@@ -165,6 +166,12 @@ impl Checkpoint {
     /// Writes the checkpoint atomically to `path` (see the module doc).
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
+        if self.tensors.contains_key("__metadata__") {
+            return Err(Error::config(
+                "checkpoint",
+                "`__metadata__` is reserved and cannot name a tensor",
+            ));
+        }
         let cpu: Vec<(String, Tensor)> = self
             .tensors
             .iter()
@@ -173,12 +180,21 @@ impl Checkpoint {
         let mut header = HashMap::new();
         header.insert("format".to_string(), CHECKPOINT_FORMAT.to_string());
         header.insert("meta".to_string(), self.meta.to_string());
-        header.insert(
-            "sha256".to_string(),
-            digest(cpu.iter().map(|(k, t)| (k.as_str(), t))),
-        );
-        let bytes = safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(header))
-            .map_err(|e| Error::bad_file(path, format!("cannot serialise checkpoint: {e}")))?;
+        // The checksum covers the data section, which follows the header: serialise once with a placeholder of
+        // the same length, hash the data section, then write the digest over the placeholder.
+        header.insert("sha256".to_string(), CHECKSUM_PLACEHOLDER.to_string());
+        let mut bytes =
+            safetensors::serialize(cpu.iter().map(|(k, t)| (k.as_str(), t)), Some(header))
+                .map_err(|e| Error::bad_file(path, format!("cannot serialise checkpoint: {e}")))?;
+        let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+        let digest = sha256_hex(&bytes[data_start..]);
+        let needle = format!("\"sha256\":\"{CHECKSUM_PLACEHOLDER}\"");
+        let at = bytes[..data_start]
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .expect("the placeholder is in the header")
+            + "\"sha256\":\"".len();
+        bytes[at..at + digest.len()].copy_from_slice(digest.as_bytes());
         write_atomic(path, &bytes)
     }
 
@@ -193,7 +209,7 @@ impl Checkpoint {
                 "not a complete safetensors file ({e}); the file may be truncated or corrupt"
             ))
         })?;
-        let (_, info) = safetensors::SafeTensors::read_metadata(&bytes)
+        let (header_len, info) = safetensors::SafeTensors::read_metadata(&bytes)
             .map_err(|e| bad(format!("unreadable safetensors header ({e})")))?;
         let header = info
             .metadata()
@@ -208,6 +224,12 @@ impl Checkpoint {
             }
             None => return Err(bad("not a graft checkpoint (a plain weights file?)".into())),
         }
+        let expected = header
+            .get("sha256")
+            .ok_or_else(|| bad("checkpoint has no checksum".into()))?;
+        if sha256_hex(&bytes[8 + header_len..]) != *expected {
+            return Err(bad("checksum mismatch: the tensor data is corrupt".into()));
+        }
         let meta: serde_json::Value = serde_json::from_str(
             header
                 .get("meta")
@@ -215,25 +237,10 @@ impl Checkpoint {
         )
         .map_err(|e| bad(format!("checkpoint metadata is not JSON: {e}")))?;
         let mut tensors = BTreeMap::new();
-        let mut loaded = Vec::new();
         for (name, view) in st.tensors() {
-            let t = Tensor::from_raw_buffer(
-                view.data(),
-                dtype_of(view.dtype())
-                    .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype")))?,
-                view.shape(),
-                &Device::Cpu,
-            )?;
-            loaded.push((name, t));
-        }
-        let expected = header
-            .get("sha256")
-            .ok_or_else(|| bad("checkpoint has no checksum".into()))?;
-        let found = digest(loaded.iter().map(|(k, t)| (k.as_str(), t)));
-        if &found != expected {
-            return Err(bad("checksum mismatch: the tensor data is corrupt".into()));
-        }
-        for (name, t) in loaded {
+            let dtype = dtype_of(view.dtype())
+                .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype")))?;
+            let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
             tensors.insert(name, t.to_device(device)?);
         }
         Ok(Checkpoint {
@@ -259,19 +266,15 @@ fn dtype_of(d: safetensors::Dtype) -> Option<candle_core::DType> {
     })
 }
 
-/// SHA-256 over names, dtypes, shapes and little-endian data of `tensors` in name order.
-fn digest<'a>(tensors: impl Iterator<Item = (&'a str, &'a Tensor)>) -> String {
-    use safetensors::View;
-    let mut sorted: Vec<_> = tensors.collect();
-    sorted.sort_by_key(|(k, _)| *k);
-    let mut h = Sha256::new();
-    for (name, t) in sorted {
-        h.update(name.as_bytes());
-        h.update([0]);
-        h.update(format!("{:?}{:?}", t.dtype(), t.dims()).as_bytes());
-        h.update(View::data(&t).as_ref());
-    }
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+/// Stands in for the checksum while the file is serialised; as long as a hex SHA-256.
+const CHECKSUM_PLACEHOLDER: &str =
+    "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Everything besides tensors that a resumed run needs, named in one place. Parts owned by other modules
@@ -432,6 +435,19 @@ impl RunDir {
     }
     pub fn last_checkpoint(&self) -> PathBuf {
         self.path.join("last.safetensors")
+    }
+    /// The checkpoint to resume from (`last.safetensors`); a run that has not finished an epoch yet has none, and
+    /// says so.
+    pub fn resume_checkpoint(&self) -> Result<PathBuf> {
+        let last = self.last_checkpoint();
+        if last.is_file() {
+            Ok(last)
+        } else {
+            Err(Error::bad_file(
+                &self.path,
+                "this run has no checkpoint to resume from yet (last.safetensors is missing)",
+            ))
+        }
     }
     /// Loss and accuracy curves.
     pub fn curves_png(&self) -> PathBuf {
@@ -774,6 +790,16 @@ mod tests {
         assert_eq!(utc_stamp(t, false), "20000301-000000");
         let t = UNIX_EPOCH + Duration::from_secs(4_107_542_399); // 2100-02-28 23:59:59
         assert_eq!(utc_stamp(t, true), "2100-02-28T23:59:59Z");
+    }
+
+    #[test]
+    fn a_run_without_a_checkpoint_cannot_be_resumed_and_says_so() {
+        let root = tempfile::tempdir().unwrap();
+        let run = RunDir::create(Some(&root.path().join("r"))).unwrap();
+        let err = run.resume_checkpoint().unwrap_err().to_string();
+        assert!(err.contains("no checkpoint") && err.contains("r"), "{err}");
+        sample().save(run.last_checkpoint()).unwrap();
+        assert_eq!(run.resume_checkpoint().unwrap(), run.last_checkpoint());
     }
 
     #[test]

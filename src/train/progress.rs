@@ -4,7 +4,7 @@
 //! Bars go to stderr; epoch lines and summaries go to the report writer (stdout by default), after the bar is
 //! cleared, so a log file of stdout holds exactly one line per epoch.
 
-use super::metrics::{EpochMetrics, RunningStats};
+use super::metrics::{ConfusionMatrix, EpochMetrics, RunningStats};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::{IsTerminal, Write};
 use std::time::Instant;
@@ -192,6 +192,39 @@ pub fn format_epoch_line(m: &EpochMetrics, epochs: usize) -> String {
     )
 }
 
+/// The end-of-run report: why training ended, the best epoch and its numbers, time and throughput, then the
+/// confusion matrix with per-class precision and recall (of the weights the run ends with).
+pub fn format_summary(
+    history: &[EpochMetrics],
+    best_epoch: Option<usize>,
+    stop_reason: Option<&str>,
+    cm: &ConfusionMatrix,
+    class_names: &[String],
+) -> String {
+    let mut out = String::new();
+    let epochs = history.last().map_or(0, |m| m.epoch);
+    match stop_reason {
+        Some(reason) => out.push_str(&format!("stopped early after epoch {epochs}: {reason}\n")),
+        None => out.push_str(&format!("finished {epochs} epochs\n")),
+    }
+    if let Some(best) = best_epoch.and_then(|b| history.iter().find(|m| m.epoch == b)) {
+        out.push_str(&format!(
+            "best epoch {}: val loss {:.4}, val acc {} (these weights are kept)\n",
+            best.epoch,
+            best.val_loss,
+            pct(best.val_acc)
+        ));
+    }
+    let seconds: f64 = history.iter().map(|m| m.seconds).sum();
+    let images: f64 = history.iter().map(|m| m.images_per_s * m.seconds).sum();
+    out.push_str(&format!(
+        "time {seconds:.1}s, {:.0} train img/s on average\n\n",
+        images / seconds.max(1e-9)
+    ));
+    out.push_str(&cm.render(class_names));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -272,6 +305,37 @@ mod tests {
         rep.epoch_done(&metrics(), false);
         assert_eq!(out.text().lines().count(), 1);
         assert!(!out.text().contains("best"));
+    }
+
+    #[test]
+    fn the_summary_says_why_training_ended_and_which_weights_are_kept() {
+        let mut second = metrics();
+        second.epoch = 4;
+        second.val_acc = 0.5;
+        let mut cm = ConfusionMatrix::new(2);
+        cm.add(0, 0);
+        cm.add(1, 0);
+        let names = vec!["cat".to_string(), "dog".to_string()];
+        let text = format_summary(
+            &[metrics(), second],
+            Some(3),
+            Some("val_loss flat"),
+            &cm,
+            &names,
+        );
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "stopped early after epoch 4: val_loss flat");
+        assert_eq!(
+            lines[1],
+            "best epoch 3: val loss 0.5012, val acc 84.00% (these weights are kept)"
+        );
+        assert_eq!(lines[2], "time 24.7s, 812 train img/s on average");
+        assert!(
+            text.contains("confusion matrix") && text.contains("dog"),
+            "{text}"
+        );
+        let text = format_summary(&[metrics()], None, None, &cm, &names);
+        assert!(text.starts_with("finished 3 epochs\n"), "{text}");
     }
 
     #[test]
