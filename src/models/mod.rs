@@ -6,6 +6,7 @@
 //! classifier (`fc` / `_fc`) is a separate [`Linear`](layers::Linear) head so a new one can replace it.
 
 pub mod card;
+pub mod classifier;
 pub mod efficientnet;
 pub mod hub;
 pub mod head;

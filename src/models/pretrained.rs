@@ -41,7 +41,7 @@ impl Pretrained {
             card.num_classes,
             vb.pp(backbone.classifier_prefix()),
         )?;
-        let report = weights::load_into(&varmap, &file, None)?;
+        let report = weights::load_into(&varmap, &file, None, None)?;
         Ok(Self {
             card: card.clone(),
             classes: card.class_names()?,

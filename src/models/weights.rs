@@ -100,17 +100,20 @@ impl LoadReport {
 
 /// Copies `file`'s tensors into `varmap`.
 ///
-/// `fresh_prefix` names a key prefix (e.g. `fc`) whose parameters the model initialises itself (a new
-/// head): they are not loaded, and the file's tensors under it are skipped as "old classifier". Any other
-/// parameter missing from the file, or present with another shape, is an error naming the tensor; any other
-/// tensor in the file that the model does not have is an error too, except `num_batches_tracked`.
+/// `fresh_prefix` names a key prefix of the *model* (e.g. `head`) whose parameters the model initialises
+/// itself: they are not loaded. `skip_prefix` names a key prefix of the *file* (e.g. `fc`, the old
+/// 1000-class classifier when a new head is attached) whose tensors are skipped. Any other parameter missing
+/// from the file, or present with another shape, is an error naming the tensor; any other tensor in the file
+/// that the model does not have is an error too, except `num_batches_tracked`.
 pub fn load_into(
     varmap: &VarMap,
     file: &WeightFile,
     fresh_prefix: Option<&str>,
+    skip_prefix: Option<&str>,
 ) -> Result<LoadReport> {
     let under = |key: &str, prefix: &str| key == prefix || key.starts_with(&format!("{prefix}."));
     let is_fresh = |key: &str| fresh_prefix.map(|p| under(key, p)).unwrap_or(false);
+    let is_skipped = |key: &str| skip_prefix.map(|p| under(key, p)).unwrap_or(false);
     let mut report = LoadReport {
         file: file.path.clone(),
         ..Default::default()
@@ -146,7 +149,7 @@ pub fn load_into(
     let mut extra: Vec<&String> = file
         .tensors
         .keys()
-        .filter(|k| !vars.contains_key(*k))
+        .filter(|k| !vars.contains_key(*k) || (is_fresh(k) && is_skipped(k)))
         .collect();
     extra.sort();
     for key in extra {
@@ -154,7 +157,7 @@ pub fn load_into(
             report
                 .skipped
                 .push((key.clone(), "num_batches_tracked".into()));
-        } else if is_fresh(key) {
+        } else if is_skipped(key) {
             report.skipped.push((key.clone(), "old classifier".into()));
         } else {
             return Err(Error::bad_file(

@@ -1,0 +1,109 @@
+//! A backbone with a new head: the model that `graft finetune` trains, `graft export` writes and
+//! `graft predict --model` / `graft eval` run.
+//!
+//! Key layout: the backbone's own keys (timm/torchvision or the EfficientNet package's) plus the head under
+//! `head.` (`head.fc.weight`, or `head.fc1.*`/`head.fc2.*` with a hidden layer), so the pretrained classifier
+//! (`fc` / `_fc`) is never confused with the new one.
+
+use crate::data::Preprocess;
+use crate::models::head::{Head, HeadConfig};
+use crate::models::weights::{self, LoadReport, WeightFile};
+use crate::models::{build_backbone, Backbone, Mode};
+use crate::Result;
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+
+/// Key prefix of the new head.
+pub const HEAD_PREFIX: &str = "head";
+
+/// What is needed to rebuild a classifier besides its weights; saved in checkpoints and exports.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassifierSpec {
+    /// Architecture to build (`resnet18`, `efficientnet_lite0`, ...).
+    pub arch: String,
+    /// The base (model card) it came from, for reports.
+    pub base: String,
+    pub head: HeadConfig,
+    /// Class names in label order.
+    pub classes: Vec<String>,
+    /// Evaluation preprocessing (the card's, at the training image size).
+    pub preprocess: Preprocess,
+}
+
+/// A backbone plus a new head, with all their variables in one `VarMap`.
+pub struct Classifier {
+    pub spec: ClassifierSpec,
+    pub varmap: VarMap,
+    pub backbone: Box<dyn Backbone>,
+    pub head: Head,
+}
+
+impl Classifier {
+    /// Builds the architecture with freshly initialised weights (conv: Kaiming, BatchNorm: identity, head:
+    /// the spec's init).
+    pub fn new(spec: ClassifierSpec, device: &Device) -> Result<Self> {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
+        let backbone = build_backbone(&spec.arch, vb.clone())?;
+        let head = Head::new(
+            &spec.head,
+            backbone.feature_dim(),
+            spec.classes.len(),
+            vb.pp(HEAD_PREFIX),
+        )?;
+        Ok(Self {
+            spec,
+            varmap,
+            backbone,
+            head,
+        })
+    }
+
+    /// Loads pretrained backbone weights from `file`; the file's old classifier is skipped and the head keeps
+    /// its initial values.
+    pub fn load_backbone(&self, file: &WeightFile) -> Result<LoadReport> {
+        weights::load_into(
+            &self.varmap,
+            file,
+            Some(HEAD_PREFIX),
+            Some(self.backbone.classifier_prefix()),
+        )
+    }
+
+    /// Loads a whole classifier (backbone and head), e.g. from an export.
+    pub fn load_all(&self, file: &WeightFile) -> Result<LoadReport> {
+        weights::load_into(&self.varmap, file, None, None)
+    }
+
+    /// Number of backbone groups (the head is not one).
+    pub fn num_groups(&self) -> usize {
+        self.backbone.group_names().len()
+    }
+
+    /// Pooled features with the first `frozen_groups` groups frozen.
+    pub fn features(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
+        self.backbone.forward_features(x, mode, frozen_groups)
+    }
+
+    /// Logits `[N, classes]`.
+    pub fn forward(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
+        let f = self.features(x, mode, frozen_groups)?;
+        self.head.forward(&f, mode.is_train())
+    }
+
+    /// Logits for inference: every group frozen, no dropout, no gradient graph.
+    pub fn predict(&self, x: &Tensor) -> Result<Tensor> {
+        let f = self.features(x, Mode::Frozen, self.num_groups())?;
+        Ok(self.head.forward(&f, false)?.detach())
+    }
+
+    /// Index of the layer group owning a key: backbone groups first, then the head as the last group.
+    pub fn group_of(&self, key: &str) -> Option<usize> {
+        if key == HEAD_PREFIX || key.starts_with("head.") {
+            Some(self.num_groups())
+        } else {
+            self.backbone.group_of(key)
+        }
+    }
+}

@@ -1,0 +1,671 @@
+//! The one training loop: `graft finetune` (and, later, every command that trains) runs through here.
+//!
+//! The loop is short because the decisions live elsewhere: the schedule is a pure function of the step,
+//! early stopping returns a [`Decision`], the freezing plan says which groups train in each epoch, and
+//! checkpoints hold everything needed to resume ([`TrainState`] plus weights and optimizer state), written at
+//! the end of every epoch. A resumed run restarts at the epoch after the last checkpoint and, because data
+//! order, augmentation and dropout are pure functions of (seed, epoch, position), ends with the same
+//! weights and metrics as an uninterrupted run.
+
+use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig, Preprocess, Sample};
+use crate::models::card;
+use crate::models::classifier::{Classifier, ClassifierSpec};
+use crate::models::head::HeadConfig;
+use crate::models::hub::{self, Origin, Resolved};
+use crate::models::weights::{self, LoadReport};
+use crate::models::Mode;
+use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
+use crate::optim::schedule::ReduceOnPlateau;
+use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig, OptimState, ScheduleConfig};
+use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
+use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
+use crate::train::loss::cross_entropy;
+use crate::train::metrics::{count_correct, ConfusionMatrix, EpochMetrics, MetricsLog, RunningStats};
+use crate::train::progress::{format_summary, Reporter};
+use crate::train::rng::seeded;
+use crate::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Which learning-rate schedule each phase follows; built into a [`ScheduleConfig`] at the phase's rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    Constant,
+    /// ×0.1 every third of the phase.
+    Step,
+    /// ×0.95 per epoch.
+    Exponential,
+    /// Cosine to 0 with a warmup of 5% of the phase.
+    Cosine,
+    /// fastai's `fit_one_cycle`.
+    Onecycle,
+    /// ×0.1 after 2 epochs without validation-loss improvement (`ReduceLROnPlateau`).
+    Plateau,
+}
+
+impl ScheduleKind {
+    /// The schedule for a phase of `steps` optimizer steps, `steps_per_epoch` of them per epoch.
+    pub fn build(self, lr: f64, steps: usize, steps_per_epoch: usize) -> ScheduleConfig {
+        match self {
+            ScheduleKind::Constant => ScheduleConfig::Constant { lr },
+            ScheduleKind::Step => ScheduleConfig::Step {
+                lr,
+                step_size: (steps / 3).max(1),
+                gamma: 0.1,
+            },
+            ScheduleKind::Exponential => ScheduleConfig::Exponential {
+                lr,
+                gamma: 0.95f64.powf(1.0 / steps_per_epoch.max(1) as f64),
+            },
+            ScheduleKind::Cosine => ScheduleConfig::Cosine {
+                lr,
+                warmup_steps: steps / 20,
+                min_lr: 0.0,
+            },
+            ScheduleKind::Onecycle => ScheduleConfig::fit_one_cycle(lr),
+            ScheduleKind::Plateau => ScheduleConfig::Plateau {
+                lr,
+                plateau: crate::optim::schedule::PlateauConfig {
+                    patience: 1,
+                    ..Default::default()
+                },
+            },
+        }
+    }
+}
+
+/// Everything that defines a fine-tuning run; saved as the run's config and in every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinetuneConfig {
+    /// Model card name (`resnet18`, `efficientnet_lite0`, ...).
+    pub base: String,
+    /// Local weights instead of the card's; ignored when `pretrained` is false.
+    pub weights: Option<PathBuf>,
+    /// Start from pretrained weights (false: the same architecture from random initialisation).
+    pub pretrained: bool,
+    pub data: PathBuf,
+    pub val_split: f64,
+    /// Square input size; `None` takes the card's.
+    pub image_size: Option<usize>,
+    pub batch_size: usize,
+    /// Epochs with the whole backbone frozen (head only), first.
+    pub freeze_epochs: usize,
+    /// Epochs after that, with the groups the freezing plan leaves trainable.
+    pub epochs: usize,
+    /// Learning rate of the head (and of the last group); earlier groups get geometrically less.
+    pub lr: f64,
+    /// Ratio of the head's learning rate to the stem's in the unfrozen phase (1: one rate for all).
+    pub lr_mult: f64,
+    pub optimizer: OptimizerConfig,
+    pub schedule: ScheduleKind,
+    pub clip_grad_norm: Option<f64>,
+    pub head: HeadConfig,
+    pub label_smoothing: f64,
+    /// Weight the loss by inverse class frequency.
+    pub class_weights: bool,
+    /// Draw each batch class-balanced (with replacement).
+    pub balanced: bool,
+    /// Random resized crops and flips for training (off: the evaluation transform).
+    pub augment: bool,
+    pub seed: u64,
+    /// Early stopping patience in epochs (`None`: never stop early, but still keep the best weights).
+    pub patience: Option<usize>,
+    pub min_delta: f64,
+    pub monitor: Monitor,
+    /// Groups frozen for the whole unfrozen phase: a prefix of the backbone's groups, by count.
+    pub frozen_prefix: usize,
+    /// Gradual unfreezing: (1-based epoch, number of frozen groups from that epoch on).
+    pub unfreeze_at: Vec<(usize, usize)>,
+    pub device: String,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Outcome {
+    pub run_dir: PathBuf,
+    pub epochs_run: usize,
+    pub best_epoch: Option<usize>,
+    pub best_value: Option<f64>,
+    pub stop_reason: Option<String>,
+    /// Validation accuracy of the final (best) weights.
+    pub val_acc: f64,
+    pub val_loss: f64,
+}
+
+/// How a run should behave beyond its config (not saved: a resume may change them).
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    pub quiet: bool,
+    /// Stop after this many epochs in this invocation, as if interrupted after a checkpoint (for tests and
+    /// for splitting long runs).
+    pub stop_after: Option<usize>,
+}
+
+/// The number of frozen groups in each epoch, decided once from the config.
+fn frozen_at(cfg: &FinetuneConfig, epoch: usize, n_groups: usize) -> usize {
+    if epoch < cfg.freeze_epochs {
+        return n_groups;
+    }
+    let mut frozen = if cfg.unfreeze_at.is_empty() {
+        cfg.frozen_prefix
+    } else {
+        n_groups
+    };
+    for &(from_epoch, f) in &cfg.unfreeze_at {
+        if epoch + 1 >= from_epoch {
+            frozen = frozen.min(f);
+        }
+    }
+    frozen.max(cfg.frozen_prefix).min(n_groups)
+}
+
+/// The training phase an epoch belongs to: (first epoch, epoch count, base learning rate).
+fn phase_of(cfg: &FinetuneConfig, epoch: usize) -> (usize, usize) {
+    if epoch < cfg.freeze_epochs {
+        (0, cfg.freeze_epochs)
+    } else {
+        (cfg.freeze_epochs, cfg.epochs)
+    }
+}
+
+/// Validates a config before anything is written.
+pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
+    if cfg.freeze_epochs + cfg.epochs == 0 {
+        return Err(Error::config(
+            "--epochs/--freeze-epochs",
+            "nothing to train: both are 0",
+        ));
+    }
+    if cfg.batch_size == 0 {
+        return Err(Error::config("--batch-size", "must be at least 1"));
+    }
+    if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
+        return Err(Error::config("--lr", format!("must be positive, got {}", cfg.lr)));
+    }
+    if !(cfg.lr_mult >= 1.0) {
+        return Err(Error::config("--lr-mult", format!("must be at least 1, got {}", cfg.lr_mult)));
+    }
+    if !(0.0..1.0).contains(&cfg.label_smoothing) {
+        return Err(Error::config(
+            "--label-smoothing",
+            format!("must be in [0, 1), got {}", cfg.label_smoothing),
+        ));
+    }
+    cfg.optimizer.validate()?;
+    cfg.head.validate()?;
+    card::card(&cfg.base).map(|_| ())
+}
+
+/// Everything a run needs at hand, built from its config.
+struct Session {
+    cfg: FinetuneConfig,
+    device: Device,
+    dataset: Dataset,
+    model: Classifier,
+    train: Loader,
+    /// The training samples in order with the evaluation transform (for cached features).
+    train_eval: Loader,
+    val: Loader,
+    class_weights: Option<Tensor>,
+    n_groups: usize,
+    steps_per_epoch: usize,
+}
+
+fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
+    let card = card::card(&cfg.base)?;
+    let mut p = card.preprocess.clone();
+    if let Some(s) = cfg.image_size {
+        if s < 16 {
+            return Err(Error::config("--image-size", format!("{s} is too small (at least 16)")));
+        }
+        p.input_size = s;
+    }
+    Ok(p)
+}
+
+impl Session {
+    fn build(cfg: &FinetuneConfig, reporter: &mut Reporter) -> Result<(Session, Option<LoadReport>)> {
+        let device = crate::device::parse_device(&cfg.device)?;
+        let card = card::card(&cfg.base)?;
+        let preprocess = preprocess_for(cfg)?;
+        let dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
+        if dataset.val.is_empty() {
+            return Err(Error::Dataset {
+                path: cfg.data.clone(),
+                reason: "no validation images: add a val/ folder or use --val-split > 0".into(),
+            });
+        }
+        let spec = ClassifierSpec {
+            arch: card.arch.clone(),
+            base: card.name.clone(),
+            head: cfg.head.clone(),
+            classes: dataset.classes.clone(),
+            preprocess: preprocess.clone(),
+        };
+        let model = Classifier::new(spec, &device)?;
+        model.head.reset_parameters(&mut seeded(cfg.seed))?;
+        let report = if cfg.pretrained {
+            let resolved = match &cfg.weights {
+                Some(p) => Resolved {
+                    path: p.clone(),
+                    origin: Origin::Local,
+                },
+                None => hub::resolve(&card)?,
+            };
+            let file = weights::read_weights(&resolved.path, &device)?;
+            Some(model.load_backbone(&file)?)
+        } else {
+            None
+        };
+        let n = dataset.classes.len();
+        let batch_size = cfg.batch_size.min(dataset.train.len());
+        let train_cfg = LoaderConfig {
+            batch_size,
+            shuffle: true,
+            drop_last: true,
+            seed: cfg.seed,
+            balanced: cfg.balanced,
+            augment: cfg.augment.then(Augment::default),
+            ..Default::default()
+        };
+        let train = Loader::new(dataset.train.clone(), n, preprocess.clone(), train_cfg, &device)?;
+        let train_eval = Loader::new(
+            dataset.train.clone(),
+            n,
+            preprocess.clone(),
+            LoaderConfig::eval(cfg.batch_size),
+            &device,
+        )?;
+        let val = Loader::new(
+            dataset.val.clone(),
+            n,
+            preprocess,
+            LoaderConfig::eval(cfg.batch_size),
+            &device,
+        )?;
+        let class_weights = if cfg.class_weights {
+            Some(Tensor::new(data::class_weights(&dataset), &device)?)
+        } else {
+            None
+        };
+        reporter.line(&format!(
+            "data: {} classes, {} train / {} val images from {}",
+            n,
+            dataset.train.len(),
+            dataset.val.len(),
+            cfg.data.display()
+        ));
+        let n_groups = model.num_groups();
+        let steps_per_epoch = train.batches_per_epoch();
+        Ok((
+            Session {
+                cfg: cfg.clone(),
+                device,
+                dataset,
+                model,
+                train,
+                train_eval,
+                val,
+                class_weights,
+                n_groups,
+                steps_per_epoch,
+            },
+            report,
+        ))
+    }
+
+    /// An optimizer over the groups trainable with `frozen` groups frozen, with discriminative rates.
+    fn optimizer(&self, frozen: usize) -> Result<Optimizer> {
+        let n = self.n_groups;
+        let mults = even_mults(1.0 / self.cfg.lr_mult, 1.0, n + 1);
+        let model = &self.model;
+        let groups = discriminative_groups(
+            trainable_params(&model.varmap),
+            |name| model.group_of(name).filter(|&g| g >= frozen),
+            &mults,
+            true,
+        )?;
+        self.cfg.optimizer.build(groups)
+    }
+
+    fn schedule(&self, epoch: usize) -> (ScheduleConfig, usize, usize) {
+        let (start, len) = phase_of(&self.cfg, epoch);
+        let steps = len * self.steps_per_epoch;
+        let sched = self.cfg.schedule.build(self.cfg.lr, steps, self.steps_per_epoch);
+        (sched, (epoch - start) * self.steps_per_epoch, steps)
+    }
+
+    /// Pooled features of `loader`'s samples in order, computed once with the backbone frozen.
+    fn features(&self, loader: &Loader) -> Result<(Tensor, Tensor)> {
+        let mut feats = Vec::new();
+        let mut labels = Vec::new();
+        for batch in loader.epoch(0) {
+            let batch = batch?;
+            feats.push(self.model.features(&batch.images, Mode::Frozen, self.n_groups)?);
+            labels.push(batch.labels);
+        }
+        Ok((Tensor::cat(&feats, 0)?, Tensor::cat(&labels, 0)?))
+    }
+
+    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
+        cross_entropy(
+            logits,
+            labels,
+            self.cfg.label_smoothing,
+            self.class_weights.as_ref(),
+        )
+    }
+
+    /// Validation loss, accuracy and confusion matrix, everything frozen (no graph, running stats untouched).
+    fn evaluate(
+        &self,
+        cached: Option<&(Tensor, Tensor)>,
+        reporter: &mut Reporter,
+        epoch: usize,
+    ) -> Result<(RunningStats, ConfusionMatrix)> {
+        let mut cm = ConfusionMatrix::new(self.dataset.classes.len());
+        let mut stats = RunningStats::new();
+        let bs = self.cfg.batch_size;
+        let mut pass = reporter.pass("val", epoch, self.val.batches_per_epoch());
+        let mut handle = |logits: Tensor, labels: Tensor| -> Result<()> {
+            let loss = cross_entropy(&logits, &labels, 0.0, None)?.to_scalar::<f32>()? as f64;
+            let correct = count_correct(&logits, &labels)?;
+            cm.add_batch(&logits, &labels)?;
+            stats.add_batch(loss, correct, labels.dim(0)?);
+            pass.batch(labels.dim(0)?, loss, correct);
+            Ok(())
+        };
+        match cached {
+            Some((f, y)) => {
+                let n = f.dim(0)?;
+                for start in (0..n).step_by(bs) {
+                    let len = bs.min(n - start);
+                    let logits = self.model.head.forward(&f.narrow(0, start, len)?, false)?;
+                    handle(logits, y.narrow(0, start, len)?)?;
+                }
+            }
+            None => {
+                for batch in self.val.epoch(0) {
+                    let batch = batch?;
+                    handle(self.model.predict(&batch.images)?, batch.labels)?;
+                }
+            }
+        }
+        pass.finish();
+        Ok((stats, cm))
+    }
+}
+
+/// Saves weights, optimizer state and the train state as one checkpoint file, atomically.
+fn save_checkpoint(
+    path: &std::path::Path,
+    model: &Classifier,
+    opt: Option<&Optimizer>,
+    state: &TrainState,
+) -> Result<()> {
+    let mut ck = Checkpoint::new(state)?;
+    ck.insert_varmap("model", &model.varmap)?;
+    if let Some(opt) = opt {
+        ck.insert_prefixed("optim", opt.state().tensors);
+    }
+    ck.save(path)
+}
+
+/// Optimizer scalars and rule as JSON, for [`TrainState::optimizer`].
+fn optim_meta(opt: &Optimizer) -> serde_json::Value {
+    let st = opt.state();
+    serde_json::json!({ "rule": st.rule, "scalars": st.scalars })
+}
+
+fn optim_state_from(ck: &Checkpoint, meta: &serde_json::Value) -> Result<OptimState> {
+    Ok(OptimState {
+        rule: meta["rule"].as_str().unwrap_or_default().to_string(),
+        tensors: ck.with_prefix("optim").into_iter().collect(),
+        scalars: serde_json::from_value(meta["scalars"].clone()).unwrap_or_default(),
+    })
+}
+
+/// Runs (or resumes) a fine-tuning run in `run_dir`.
+pub fn finetune(
+    cfg: &FinetuneConfig,
+    run_dir: &RunDir,
+    resume: bool,
+    opts: &RunOptions,
+) -> Result<Outcome> {
+    validate(cfg)?;
+    let total_epochs = cfg.freeze_epochs + cfg.epochs;
+    let mut reporter = Reporter::new(opts.quiet, total_epochs);
+    let (s, report) = Session::build(cfg, &mut reporter)?;
+    if let Some(r) = &report {
+        reporter.line(&r.summary());
+    }
+    if !resume {
+        run_dir.write_config(cfg)?;
+    }
+
+    let mut early = EarlyStopping::new(cfg.monitor, cfg.patience, cfg.min_delta)?;
+    let mut plateau: Option<ReduceOnPlateau> = None;
+    let mut start_epoch = 0;
+    let mut step: u64 = 0;
+    let mut opt: Option<Optimizer> = None;
+    let mut frozen = usize::MAX;
+    let mut metrics_log;
+    if resume {
+        let path = run_dir.resume_checkpoint()?;
+        let ck = Checkpoint::load(&path, &s.device)?;
+        let state: TrainState = ck.meta()?;
+        ck.restore_varmap("model", &s.model.varmap)?;
+        start_epoch = state.epoch;
+        step = state.step;
+        if let Some(e) = state.early_stop {
+            early = e;
+        }
+        if let Some(r) = state.rng.get("dropout") {
+            s.model.head.set_rng_state(r)?;
+        }
+        plateau = serde_json::from_value(state.schedule["plateau"].clone()).unwrap_or(None);
+        if start_epoch < total_epochs {
+            frozen = frozen_at(cfg, start_epoch, s.n_groups);
+            let mut o = s.optimizer(frozen)?;
+            o.load_state(&optim_state_from(&ck, &state.optimizer)?)?;
+            opt = Some(o);
+        }
+        metrics_log = MetricsLog::resume(run_dir.metrics_path(), start_epoch)?;
+        reporter.line(&format!(
+            "resuming {} after epoch {start_epoch} (step {step})",
+            run_dir.path().display()
+        ));
+    } else {
+        metrics_log = MetricsLog::append_to(run_dir.metrics_path())?;
+    }
+
+    let mut history = MetricsLog::read(run_dir.metrics_path())?;
+    let mut cached_train: Option<(Tensor, Tensor)> = None;
+    let mut cached_val: Option<(Tensor, Tensor)> = None;
+    let mut stop_reason = None;
+    let mut epochs_this_run = 0;
+    for epoch in start_epoch..total_epochs {
+        if opts.stop_after.is_some_and(|n| epochs_this_run >= n) {
+            reporter.line(&format!("stopping after {epochs_this_run} epochs as asked (--stop-after)"));
+            return Ok(Outcome {
+                run_dir: run_dir.path().to_path_buf(),
+                epochs_run: epoch,
+                best_epoch: early.best().map(|b| b.0),
+                best_value: early.best().map(|b| b.1),
+                stop_reason: Some("interrupted (--stop-after)".into()),
+                val_acc: history.last().map_or(0.0, |m| m.val_acc),
+                val_loss: history.last().map_or(f64::NAN, |m| m.val_loss),
+            });
+        }
+        let t0 = Instant::now();
+        let f = frozen_at(cfg, epoch, s.n_groups);
+        if f != frozen || opt.is_none() {
+            let mut o = s.optimizer(f)?;
+            if let Some(old) = &opt {
+                o.load_state(&old.state())?;
+            }
+            if f != frozen && frozen != usize::MAX {
+                let names = s.model.backbone.group_names();
+                reporter.line(&format!(
+                    "epoch {}: training {}",
+                    epoch + 1,
+                    if f >= s.n_groups {
+                        "the head only".to_string()
+                    } else {
+                        format!("from {} on", names[f])
+                    }
+                ));
+            }
+            opt = Some(o);
+            frozen = f;
+        }
+        let opt_ref = opt.as_mut().expect("optimizer built above");
+        let (sched, phase_step0, phase_steps) = s.schedule(epoch);
+        if plateau.is_none() {
+            plateau = sched.plateau();
+        }
+        // Frozen-backbone fast path: features once, then only the head trains.
+        let fast = frozen >= s.n_groups && !cfg.augment;
+        if fast && cached_train.is_none() {
+            reporter.line("backbone frozen, no augmentation: computing features once");
+            cached_train = Some(s.features(&s.train_eval)?);
+            cached_val = Some(s.features(&s.val)?);
+        }
+
+        let mut pass = reporter.pass("train", epoch + 1, s.steps_per_epoch);
+        let mut lr = 0.0;
+        let order_batches: Vec<Vec<usize>> = if fast {
+            s.train
+                .epoch_order(epoch as u64)
+                .chunks(s.train.config().batch_size)
+                .map(<[usize]>::to_vec)
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let mut batches = s.train.epoch(epoch as u64);
+        for i in 0..s.steps_per_epoch {
+            let (logits, labels) = if fast {
+                let (feats, ys) = cached_train.as_ref().expect("cached above");
+                let idx = Tensor::new(
+                    order_batches[i].iter().map(|&j| j as u32).collect::<Vec<_>>(),
+                    &s.device,
+                )?;
+                let x = feats.index_select(&idx, 0)?;
+                (s.model.head.forward(&x, true)?, ys.index_select(&idx, 0)?)
+            } else {
+                let Some(batch) = batches.next() else { break };
+                let batch = batch?;
+                (
+                    s.model.forward(&batch.images, Mode::Train, frozen)?,
+                    batch.labels,
+                )
+            };
+            let loss = s.loss(&logits, &labels)?;
+            let mut grads = loss.backward()?;
+            if let Some(max) = cfg.clip_grad_norm {
+                clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
+            }
+            let k = phase_step0 + i;
+            lr = sched.lr_at(k, phase_steps) * plateau.as_ref().map_or(1.0, |p| p.factor());
+            if let Some(m) = sched.momentum_at(k, phase_steps) {
+                opt_ref.set_momentum(m)?;
+            }
+            opt_ref.step(&grads, lr)?;
+            step += 1;
+            let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            let correct = count_correct(&logits, &labels)?;
+            pass.batch(labels.dim(0)?, loss_v, correct);
+        }
+        drop(batches);
+        let train_stats = pass.stats();
+        let images_per_s = pass.images_per_s();
+        pass.finish();
+
+        let (val_stats, _) =
+            s.evaluate(if fast { cached_val.as_ref() } else { None }, &mut reporter, epoch + 1)?;
+        let m = EpochMetrics {
+            epoch: epoch + 1,
+            train_loss: train_stats.loss(),
+            train_acc: train_stats.accuracy(),
+            val_loss: val_stats.loss(),
+            val_acc: val_stats.accuracy(),
+            lr,
+            seconds: t0.elapsed().as_secs_f64(),
+            images_per_s,
+            extra: Default::default(),
+        };
+        if let Some(p) = plateau.as_mut() {
+            p.observe(m.val_loss);
+        }
+        let decision = early.observe(epoch + 1, cfg.monitor.value(&m));
+        let improved = matches!(decision, Decision::Continue { improved: true });
+        let state = TrainState {
+            epoch: epoch + 1,
+            step,
+            early_stop: Some(early.clone()),
+            rng: [("dropout".to_string(), s.model.head.rng_state())].into(),
+            data: serde_json::json!({ "seed": cfg.seed, "next_epoch": epoch + 1 }),
+            optimizer: optim_meta(opt_ref),
+            schedule: serde_json::json!({ "plateau": plateau }),
+            config: serde_json::to_value(cfg).map_err(|e| Error::config("config", e.to_string()))?,
+            classes: s.dataset.classes.clone(),
+        };
+        if improved {
+            save_checkpoint(&run_dir.best_checkpoint(), &s.model, None, &state)?;
+        }
+        save_checkpoint(&run_dir.last_checkpoint(), &s.model, Some(opt_ref), &state)?;
+        metrics_log.append(&m)?;
+        reporter.epoch_done(&m, improved);
+        history.push(m);
+        epochs_this_run += 1;
+        if let Decision::Stop { reason, .. } = decision {
+            reporter.line(&reason);
+            stop_reason = Some(reason);
+            break;
+        }
+    }
+
+    // Keras's restore_best_weights: end with the best epoch's weights.
+    let best = early.best();
+    if best.is_some() && run_dir.best_checkpoint().is_file() {
+        let ck = Checkpoint::load(run_dir.best_checkpoint(), &s.device)?;
+        ck.restore_varmap("model", &s.model.varmap)?;
+    }
+    let (val_stats, cm) = s.evaluate(None, &mut reporter, history.len())?;
+    crate::train::plots::plot_curves(&history, run_dir.curves_png())?;
+    crate::train::plots::plot_confusion(&cm, &s.dataset.classes, run_dir.confusion_png())?;
+    let summary = format_summary(
+        &history,
+        best.map(|b| b.0),
+        stop_reason.as_deref(),
+        &cm,
+        &s.dataset.classes,
+    );
+    reporter.line(&summary);
+    let outcome = Outcome {
+        run_dir: run_dir.path().to_path_buf(),
+        epochs_run: history.len(),
+        best_epoch: best.map(|b| b.0),
+        best_value: best.map(|b| b.1),
+        stop_reason,
+        val_acc: val_stats.accuracy(),
+        val_loss: val_stats.loss(),
+    };
+    let json = serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
+    crate::fsutil::write_atomic(&run_dir.summary_path(), &json)?;
+    Ok(outcome)
+}
+
+/// The sample list of a split, for evaluation commands.
+pub fn samples_of(dataset: &Dataset, split: &str) -> Option<Vec<Sample>> {
+    match split {
+        "train" => Some(dataset.train.clone()),
+        "val" => Some(dataset.val.clone()),
+        "test" => dataset.test.clone(),
+        _ => None,
+    }
+}
