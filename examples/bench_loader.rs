@@ -45,7 +45,11 @@ fn synthetic(w: u32, h: u32, seed: u32) -> RgbImage {
         let noise = (state % 16) as i32 - 8;
         let cx = (x as i32 - (w / 2) as i32 + (seed % 50) as i32).pow(2);
         let cy = (y as i32 - (h / 2) as i32).pow(2);
-        let disc = if cx + cy < ((w.min(h) / 3) as i32).pow(2) { 80 } else { 0 };
+        let disc = if cx + cy < ((w.min(h) / 3) as i32).pow(2) {
+            80
+        } else {
+            0
+        };
         let px = |base: i32| (base + disc + noise).clamp(0, 255) as u8;
         Rgb([
             px((x * 255 / w) as i32),
@@ -61,7 +65,9 @@ fn write_folder(root: &Path, format: ImageFormat, ext: &str, args: &Args) -> u64
         let dir = root.join(format!("class{}", i % 4));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{i:05}.{ext}"));
-        synthetic(args.width, args.height, i as u32).save_with_format(&path, format).unwrap();
+        synthetic(args.width, args.height, i as u32)
+            .save_with_format(&path, format)
+            .unwrap();
         bytes += std::fs::metadata(&path).unwrap().len();
     }
     bytes
@@ -88,7 +94,10 @@ fn run(root: &Path, label: &str, config: LoaderConfig, args: &Args) {
 fn main() {
     let args = Args::parse();
     if let Some(t) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().unwrap();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .unwrap();
     }
     let root = std::env::temp_dir().join(format!("graft-bench-loader-{}", std::process::id()));
     println!(
@@ -104,7 +113,10 @@ fn main() {
     for (format, ext) in [(ImageFormat::Jpeg, "jpg"), (ImageFormat::Png, "png")] {
         let dir = root.join(ext);
         let bytes = write_folder(&dir, format, ext, &args);
-        println!("{ext}: {:.1} KiB per file", bytes as f64 / args.images as f64 / 1024.0);
+        println!(
+            "{ext}: {:.1} KiB per file",
+            bytes as f64 / args.images as f64 / 1024.0
+        );
         let train = LoaderConfig::train(args.batch, 0);
         run(&dir, &format!("{ext} train (augment)"), train, &args);
         let eval = LoaderConfig::eval(args.batch);

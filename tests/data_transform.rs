@@ -22,7 +22,11 @@ fn bicubic_resize_and_normalisation_match_the_pytorch_reference_input() {
     let (w, h) = image.dimensions();
     // Python: c = int(round(224 / 256 * min(w, h))); round() sends halves to even.
     let exact = 224.0 / 256.0 * w.min(h) as f64;
-    let c = if exact.fract() == 0.5 && (exact.floor() as u32) % 2 == 0 { exact.floor() } else { exact.round() } as u32;
+    let c = if exact.fract() == 0.5 && (exact.floor() as u32).is_multiple_of(2) {
+        exact.floor()
+    } else {
+        exact.round()
+    } as u32;
     let (left, top) = ((w - c) / 2, (h - c) / 2);
     let crop = image::imageops::crop_imm(&image, left, top, c, c).to_image();
     let resized = resize(&crop, 224, 224, Interpolation::Bicubic);
@@ -41,7 +45,11 @@ fn bicubic_resize_and_normalisation_match_the_pytorch_reference_input() {
         &Device::Cpu,
     )
     .unwrap();
-    let reference = tensors["chelsea_224.input"].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let reference = tensors["chelsea_224.input"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
     assert_eq!(reference.len(), ours.len());
     // One 8-bit level is 2/255 after normalisation by std 0.5. Pillow accumulates in fixed point, we in
     // f32, so a few samples may round the other way; none may be off by more than one level.
@@ -55,5 +63,9 @@ fn bicubic_resize_and_normalisation_match_the_pytorch_reference_input() {
         }
     }
     // Measured: 4 of 150,528.
-    assert!(off_by_one * 1000 < ours.len(), "{off_by_one} of {} samples one level off", ours.len());
+    assert!(
+        off_by_one * 1000 < ours.len(),
+        "{off_by_one} of {} samples one level off",
+        ours.len()
+    );
 }

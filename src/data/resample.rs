@@ -14,7 +14,10 @@ use image::RgbImage;
 /// Resizes `image` to `width` x `height` with `interpolation`.
 pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation) -> RgbImage {
     let (w0, h0) = image.dimensions();
-    assert!(w0 > 0 && h0 > 0 && width > 0 && height > 0, "resize of an empty image");
+    assert!(
+        w0 > 0 && h0 > 0 && width > 0 && height > 0,
+        "resize of an empty image"
+    );
     if (w0, h0) == (width, height) {
         return image.clone();
     }
@@ -119,7 +122,10 @@ fn resample_horizontal(image: &RgbImage, width: u32, interpolation: Interpolatio
     let mut out = vec![0u8; width as usize * h0 as usize * 3];
     let in_stride = w0 as usize * 3;
     let out_stride = width as usize * 3;
-    for (row, out_row) in src.chunks_exact(in_stride).zip(out.chunks_exact_mut(out_stride)) {
+    for (row, out_row) in src
+        .chunks_exact(in_stride)
+        .zip(out.chunks_exact_mut(out_stride))
+    {
         for (t, px) in taps.iter().zip(out_row.chunks_exact_mut(3)) {
             let (mut r, mut g, mut b) = (0f32, 0f32, 0f32);
             let pixels = &row[t.start * 3..(t.start + t.weights.len()) * 3];
@@ -163,17 +169,26 @@ mod tests {
     use super::*;
 
     fn gradient(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, 90]))
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, 90])
+        })
     }
 
     #[test]
     fn a_constant_image_stays_constant_under_every_filter() {
         let img = RgbImage::from_pixel(37, 23, image::Rgb([10, 200, 77]));
-        for interp in [Interpolation::Bilinear, Interpolation::Bicubic, Interpolation::Nearest] {
+        for interp in [
+            Interpolation::Bilinear,
+            Interpolation::Bicubic,
+            Interpolation::Nearest,
+        ] {
             for (w, h) in [(11, 9), (80, 50), (37, 5)] {
                 let out = resize(&img, w, h, interp);
                 assert_eq!(out.dimensions(), (w, h));
-                assert!(out.pixels().all(|p| p.0 == [10, 200, 77]), "{interp:?} {w}x{h}");
+                assert!(
+                    out.pixels().all(|p| p.0 == [10, 200, 77]),
+                    "{interp:?} {w}x{h}"
+                );
             }
         }
     }
@@ -182,7 +197,9 @@ mod tests {
     fn halving_with_bilinear_averages_pixel_pairs() {
         // Pillow's bilinear at scale 2 has support 2 around centres 1, 3, ...: weights 1/4 3/4 3/4 1/4
         // over pixels 0..4 for output 1 (normalised), and 3/4 1/4 at the left border (after clipping).
-        let img = RgbImage::from_fn(4, 1, |x, _| image::Rgb([[0, 100, 200, 40][x as usize], 0, 0]));
+        let img = RgbImage::from_fn(4, 1, |x, _| {
+            image::Rgb([[0, 100, 200, 40][x as usize], 0, 0])
+        });
         let out = resize(&img, 2, 1, Interpolation::Bilinear);
         // left: taps x=0,1,2 with weights 0.75,0.75,0.25 (triangle at distances .75,.25,... scaled)
         // computed independently: centre 1.0, support 2: xmin 0, xmax 3; w(x) = 1 - |x + .5 - 1| / 2
