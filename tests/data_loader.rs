@@ -374,3 +374,33 @@ fn augmentation_changes_pixels_but_keeps_them_in_the_normalised_range() {
         "{min} {max} outside [{lo}, {hi}]"
     );
 }
+
+#[test]
+fn the_next_batch_is_prepared_while_the_current_one_is_used_and_no_further() {
+    let dir = tempfile::tempdir().unwrap();
+    make_folder(dir.path(), &[6, 6]);
+    let (s, k) = samples(dir.path());
+    let loader = Loader::new(s, k, preprocess(), LoaderConfig::eval(3), &Device::Cpu).unwrap();
+    let mut epoch = loader.epoch(0);
+    let first = epoch.next().unwrap().unwrap();
+    assert_eq!(first.indices, vec![0, 1, 2]);
+    // While we hold batch 0, the background thread decodes batch 1 (its images land in the cache),
+    // then waits for us: with prefetch 1 it never starts batch 2. This waits for the thread, it does
+    // not time it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while loader.cache_stats().memory_images < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch 1 was never prepared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        loader.cache_stats().memory_images,
+        6,
+        "ran ahead of prefetch 1"
+    );
+    let rest: Vec<_> = epoch.map(|b| b.unwrap().indices).collect();
+    assert_eq!(rest, vec![vec![3, 4, 5], vec![6, 7, 8], vec![9, 10, 11]]);
+}
