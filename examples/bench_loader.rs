@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench_loader -- [--images 256] [--width 320] [--height 240]
-//!     [--size 224] [--batch 32] [--epochs 3] [--threads N]
+//!     [--size 224] [--batch 32] [--epochs 3] [--threads N] [--crop-pct 0.875] [--folder DIR]
 //! ```
 //! Batches are only produced, not trained on, so this is the loader's own ceiling.
 
@@ -32,6 +32,12 @@ struct Args {
     /// rayon threads (default: all cores)
     #[arg(long)]
     threads: Option<usize>,
+    /// Measure this existing image folder instead of generated ones.
+    #[arg(long)]
+    folder: Option<std::path::PathBuf>,
+    /// crop_pct of the evaluation transform (1.0 feeds images of the input size as they are).
+    #[arg(long, default_value_t = 0.875)]
+    crop_pct: f64,
 }
 
 /// A photo-like test image: smooth gradients, a few shapes and mild noise (pure noise would make PNGs
@@ -73,13 +79,25 @@ fn write_folder(root: &Path, format: ImageFormat, ext: &str, args: &Args) -> u64
     bytes
 }
 
+/// CPU seconds this process has used (user + system), from /proc on Linux; `None` elsewhere. On a
+/// shared machine wall-clock throughput depends on the neighbours, CPU time per image much less.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn run(root: &Path, label: &str, config: LoaderConfig, args: &Args) {
     let data = ImageFolder::open(root, 0.0, 0).unwrap();
-    let p = Preprocess::imagenet(args.size);
+    let p = Preprocess {
+        crop_pct: args.crop_pct,
+        ..Preprocess::imagenet(args.size)
+    };
     let loader = Loader::new(data.train, data.classes.len(), p, config, &Device::Cpu).unwrap();
     let mut line = format!("{label:>22}:");
     for epoch in 0..args.epochs {
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_seconds());
         let mut n = 0;
         for batch in loader.epoch(epoch) {
             n += batch.unwrap().indices.len();
@@ -87,6 +105,9 @@ fn run(root: &Path, label: &str, config: LoaderConfig, args: &Args) {
         let secs = start.elapsed().as_secs_f64();
         let name = if epoch == 0 { "first" } else { "cached" };
         line += &format!("  {name} {:7.1} img/s", n as f64 / secs);
+        if let (Some(a), Some(b)) = (cpu_start, cpu_seconds()) {
+            line += &format!(" ({:6.0} img/cpu-s)", n as f64 / (b - a).max(0.01));
+        }
     }
     println!("{line}");
 }
@@ -98,6 +119,23 @@ fn main() {
             .num_threads(t)
             .build_global()
             .unwrap();
+    }
+    if let Some(folder) = &args.folder {
+        println!(
+            "{}, -> {}x{}, batch {}",
+            folder.display(),
+            args.size,
+            args.size,
+            args.batch
+        );
+        run(
+            folder,
+            "train (augment)",
+            LoaderConfig::train(args.batch, 0),
+            &args,
+        );
+        run(folder, "eval", LoaderConfig::eval(args.batch), &args);
+        return;
     }
     let root = std::env::temp_dir().join(format!("graft-bench-loader-{}", std::process::id()));
     println!(
