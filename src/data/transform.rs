@@ -153,7 +153,7 @@ pub fn normalize_into(image: &RgbImage, p: &Preprocess, flip: bool, out: &mut [f
 pub fn eval_tensor(image: &DynamicImage, p: &Preprocess, device: &Device) -> Result<Tensor> {
     let rgb = match image {
         DynamicImage::ImageRgb8(rgb) => eval_pixels(rgb, p),
-        other => eval_pixels(&into_rgb(other.clone()), p),
+        other => eval_pixels(&other.to_rgb8(), p),
     };
     let mut data = vec![0f32; p.tensor_len()];
     normalize_into(&rgb, p, false, &mut data);
