@@ -6,7 +6,7 @@
 //! Training augmentation is torchvision's `RandomResizedCrop` + `RandomHorizontalFlip` + optional
 //! `ColorJitter`, with the same parameter draws.
 
-use super::decode::{into_rgb, load_rgb};
+use super::decode::load_rgb;
 use super::resample::resize;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
