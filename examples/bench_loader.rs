@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release --example bench_loader -- [--images 256] [--width 320] [--height 240]
-//!     [--size 224] [--batch 32] [--epochs 3] [--threads N]
+//!     [--size 224] [--batch 32] [--epochs 3] [--threads N] [--crop-pct 0.875] [--folder DIR]
 //! ```
 //! Batches are only produced, not trained on, so this is the loader's own ceiling.
 
@@ -32,6 +32,12 @@ struct Args {
     /// rayon threads (default: all cores)
     #[arg(long)]
     threads: Option<usize>,
+    /// Measure this existing image folder instead of generated ones.
+    #[arg(long)]
+    folder: Option<std::path::PathBuf>,
+    /// crop_pct of the evaluation transform (1.0 feeds images of the input size as they are).
+    #[arg(long, default_value_t = 0.875)]
+    crop_pct: f64,
 }
 
 /// A photo-like test image: smooth gradients, a few shapes and mild noise (pure noise would make PNGs
@@ -45,7 +51,11 @@ fn synthetic(w: u32, h: u32, seed: u32) -> RgbImage {
         let noise = (state % 16) as i32 - 8;
         let cx = (x as i32 - (w / 2) as i32 + (seed % 50) as i32).pow(2);
         let cy = (y as i32 - (h / 2) as i32).pow(2);
-        let disc = if cx + cy < ((w.min(h) / 3) as i32).pow(2) { 80 } else { 0 };
+        let disc = if cx + cy < ((w.min(h) / 3) as i32).pow(2) {
+            80
+        } else {
+            0
+        };
         let px = |base: i32| (base + disc + noise).clamp(0, 255) as u8;
         Rgb([
             px((x * 255 / w) as i32),
@@ -61,19 +71,33 @@ fn write_folder(root: &Path, format: ImageFormat, ext: &str, args: &Args) -> u64
         let dir = root.join(format!("class{}", i % 4));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join(format!("{i:05}.{ext}"));
-        synthetic(args.width, args.height, i as u32).save_with_format(&path, format).unwrap();
+        synthetic(args.width, args.height, i as u32)
+            .save_with_format(&path, format)
+            .unwrap();
         bytes += std::fs::metadata(&path).unwrap().len();
     }
     bytes
 }
 
+/// CPU seconds this process has used (user + system), from /proc on Linux; `None` elsewhere. On a
+/// shared machine wall-clock throughput depends on the neighbours, CPU time per image much less.
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
 fn run(root: &Path, label: &str, config: LoaderConfig, args: &Args) {
     let data = ImageFolder::open(root, 0.0, 0).unwrap();
-    let p = Preprocess::imagenet(args.size);
+    let p = Preprocess {
+        crop_pct: args.crop_pct,
+        ..Preprocess::imagenet(args.size)
+    };
     let loader = Loader::new(data.train, data.classes.len(), p, config, &Device::Cpu).unwrap();
     let mut line = format!("{label:>22}:");
     for epoch in 0..args.epochs {
-        let start = Instant::now();
+        let (start, cpu_start) = (Instant::now(), cpu_seconds());
         let mut n = 0;
         for batch in loader.epoch(epoch) {
             n += batch.unwrap().indices.len();
@@ -81,6 +105,9 @@ fn run(root: &Path, label: &str, config: LoaderConfig, args: &Args) {
         let secs = start.elapsed().as_secs_f64();
         let name = if epoch == 0 { "first" } else { "cached" };
         line += &format!("  {name} {:7.1} img/s", n as f64 / secs);
+        if let (Some(a), Some(b)) = (cpu_start, cpu_seconds()) {
+            line += &format!(" ({:6.0} img/cpu-s)", n as f64 / (b - a).max(0.01));
+        }
     }
     println!("{line}");
 }
@@ -88,7 +115,27 @@ fn run(root: &Path, label: &str, config: LoaderConfig, args: &Args) {
 fn main() {
     let args = Args::parse();
     if let Some(t) = args.threads {
-        rayon::ThreadPoolBuilder::new().num_threads(t).build_global().unwrap();
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build_global()
+            .unwrap();
+    }
+    if let Some(folder) = &args.folder {
+        println!(
+            "{}, -> {}x{}, batch {}",
+            folder.display(),
+            args.size,
+            args.size,
+            args.batch
+        );
+        run(
+            folder,
+            "train (augment)",
+            LoaderConfig::train(args.batch, 0),
+            &args,
+        );
+        run(folder, "eval", LoaderConfig::eval(args.batch), &args);
+        return;
     }
     let root = std::env::temp_dir().join(format!("graft-bench-loader-{}", std::process::id()));
     println!(
@@ -104,7 +151,10 @@ fn main() {
     for (format, ext) in [(ImageFormat::Jpeg, "jpg"), (ImageFormat::Png, "png")] {
         let dir = root.join(ext);
         let bytes = write_folder(&dir, format, ext, &args);
-        println!("{ext}: {:.1} KiB per file", bytes as f64 / args.images as f64 / 1024.0);
+        println!(
+            "{ext}: {:.1} KiB per file",
+            bytes as f64 / args.images as f64 / 1024.0
+        );
         let train = LoaderConfig::train(args.batch, 0);
         run(&dir, &format!("{ext} train (augment)"), train, &args);
         let eval = LoaderConfig::eval(args.batch);

@@ -10,7 +10,10 @@
 //! never mixed. `scripts/fashion-mnist.sh` installs the data and runs this.
 
 use clap::Parser;
-use graft::data::idx::{find_mnist_files, read_idx, write_image_folder, FolderSpec, DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES};
+use graft::data::idx::{
+    find_mnist_files, read_idx, write_image_folder, FolderSpec, DEBIAN_FASHION_MNIST_DIR,
+    FASHION_MNIST_CLASSES,
+};
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -45,7 +48,12 @@ fn main() -> anyhow::Result<()> {
         ("test", test_images, test_labels, args.test_per_class),
     ] {
         let (images, labels) = (read_idx(&images)?, read_idx(&labels)?);
-        let spec = FolderSpec { per_class, size: args.size, rgb: args.rgb, seed: args.seed };
+        let spec = FolderSpec {
+            per_class,
+            size: args.size,
+            rgb: args.rgb,
+            seed: args.seed,
+        };
         let out = args.out.join(split);
         let n = write_image_folder(&images, &labels, &FASHION_MNIST_CLASSES, &out, &spec)?;
         println!("{}: {n} images", out.display());

@@ -30,7 +30,7 @@ if [ -z "$src" ]; then
     if ! has_files "$src"; then
         src=${XDG_CACHE_HOME:-$HOME/.cache}/graft/fashion-mnist
         mkdir -p "$src"
-        base=https://fashion-mnist.s3-website.eu-central-1.amazonaws.com
+        base=http://fashion-mnist.s3-website.eu-central-1.amazonaws.com
         for f in train-images-idx3-ubyte train-labels-idx1-ubyte t10k-images-idx3-ubyte t10k-labels-idx1-ubyte; do
             [ -e "$src/$f.gz" ] || curl -fL -o "$src/$f.gz" "$base/$f.gz"
         done

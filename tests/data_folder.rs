@@ -14,23 +14,25 @@ fn write(path: &Path, bytes: &[u8]) {
 
 fn save_rgb(path: &Path, colour: [u8; 3]) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-    RgbImage::from_pixel(16, 12, Rgb(colour)).save(path).unwrap();
+    RgbImage::from_pixel(16, 12, Rgb(colour))
+        .save(path)
+        .unwrap();
 }
 
 /// An uncompressed little-endian CMYK TIFF, one strip, written byte by byte (the `image` crate does not
 /// encode CMYK).
 fn cmyk_tiff(w: u16, h: u16, cmyk: [u8; 4]) -> Vec<u8> {
     let entries: [(u16, u16, u32, u32); 10] = [
-        (256, 3, 1, w as u32),                       // ImageWidth
-        (257, 3, 1, h as u32),                       // ImageLength
-        (258, 3, 4, 134),                            // BitsPerSample -> offset of [8, 8, 8, 8]
-        (259, 3, 1, 1),                              // Compression: none
-        (262, 3, 1, 5),                              // Photometric: separated (CMYK)
-        (273, 4, 1, 142),                            // StripOffsets
-        (277, 3, 1, 4),                              // SamplesPerPixel
-        (278, 3, 1, h as u32),                       // RowsPerStrip
-        (279, 4, 1, w as u32 * h as u32 * 4),        // StripByteCounts
-        (284, 3, 1, 1),                              // PlanarConfiguration: chunky
+        (256, 3, 1, w as u32),                // ImageWidth
+        (257, 3, 1, h as u32),                // ImageLength
+        (258, 3, 4, 134),                     // BitsPerSample -> offset of [8, 8, 8, 8]
+        (259, 3, 1, 1),                       // Compression: none
+        (262, 3, 1, 5),                       // Photometric: separated (CMYK)
+        (273, 4, 1, 142),                     // StripOffsets
+        (277, 3, 1, 4),                       // SamplesPerPixel
+        (278, 3, 1, h as u32),                // RowsPerStrip
+        (279, 4, 1, w as u32 * h as u32 * 4), // StripByteCounts
+        (284, 3, 1, 1),                       // PlanarConfiguration: chunky
     ];
     let mut out = b"II".to_vec();
     out.extend_from_slice(&42u16.to_le_bytes());
@@ -99,7 +101,7 @@ fn cmyk_jpeg(stored: [u8; 4]) -> Vec<u8> {
         code <<= 1;
     }
     let mut bits: Vec<bool> = Vec::new();
-    let mut put = |value: u32, len: u32, bits: &mut Vec<bool>| {
+    let put = |value: u32, len: u32, bits: &mut Vec<bool>| {
         for i in (0..len).rev() {
             bits.push((value >> i) & 1 == 1);
         }
@@ -109,11 +111,15 @@ fn cmyk_jpeg(stored: [u8; 4]) -> Vec<u8> {
         let category = 32 - dc.unsigned_abs().leading_zeros();
         let (code, len) = codes[category as usize];
         put(code, len, &mut bits);
-        let extra = if dc >= 0 { dc } else { dc + (1 << category) - 1 };
+        let extra = if dc >= 0 {
+            dc
+        } else {
+            dc + (1 << category) - 1
+        };
         put(extra as u32, category, &mut bits);
         put(0, 1, &mut bits); // end of block
     }
-    while bits.len() % 8 != 0 {
+    while !bits.len().is_multiple_of(8) {
         bits.push(true);
     }
     for byte in bits.chunks(8) {
@@ -138,25 +144,37 @@ fn every_format(dir: &Path) -> Vec<(PathBuf, [u8; 3], u8)> {
     save_rgb(&p, [20, 130, 240]);
     files.push((p, [20, 130, 240], 8));
     let p = dir.join("grey.jpg");
-    ImageBuffer::from_pixel(9, 9, Luma([77u8])).save(&p).unwrap();
+    ImageBuffer::from_pixel(9, 9, Luma([77u8]))
+        .save(&p)
+        .unwrap();
     files.push((p, [77, 77, 77], 2));
     let p = dir.join("rgb.png");
     save_rgb(&p, [1, 2, 3]);
     files.push((p, [1, 2, 3], 0));
     let p = dir.join("grey.Png");
-    ImageBuffer::from_pixel(5, 7, Luma([99u8])).save(&p).unwrap();
+    ImageBuffer::from_pixel(5, 7, Luma([99u8]))
+        .save(&p)
+        .unwrap();
     files.push((p, [99, 99, 99], 0));
     let p = dir.join("grey_alpha.png");
-    ImageBuffer::from_pixel(5, 7, LumaA([50u8, 10])).save(&p).unwrap();
+    ImageBuffer::from_pixel(5, 7, LumaA([50u8, 10]))
+        .save(&p)
+        .unwrap();
     files.push((p, [50, 50, 50], 0));
     let p = dir.join("rgba.png");
-    ImageBuffer::from_pixel(6, 4, Rgba([10u8, 220, 30, 0])).save(&p).unwrap();
+    ImageBuffer::from_pixel(6, 4, Rgba([10u8, 220, 30, 0]))
+        .save(&p)
+        .unwrap();
     files.push((p, [10, 220, 30], 0)); // alpha dropped, as PIL's convert("RGB")
     let p = dir.join("rgb16.png");
-    ImageBuffer::from_pixel(3, 3, Rgb([65535u16, 0, 32896])).save(&p).unwrap();
+    ImageBuffer::from_pixel(3, 3, Rgb([65535u16, 0, 32896]))
+        .save(&p)
+        .unwrap();
     files.push((p, [255, 0, 128], 0));
     let p = dir.join("grey16.png");
-    ImageBuffer::from_pixel(3, 3, Luma([257u16 * 60])).save(&p).unwrap();
+    ImageBuffer::from_pixel(3, 3, Luma([257u16 * 60]))
+        .save(&p)
+        .unwrap();
     files.push((p, [60, 60, 60], 0));
     let p = dir.join("rgb.bmp");
     save_rgb(&p, [9, 8, 7]);
@@ -203,7 +221,12 @@ fn every_format_and_colour_model_decodes_to_the_expected_rgb() {
         for px in rgb.pixels() {
             for c in 0..3 {
                 let diff = (px.0[c] as i32 - want[c] as i32).unsigned_abs();
-                assert!(diff <= tolerance as u32, "{}: got {:?}, want {want:?}", path.display(), px.0);
+                assert!(
+                    diff <= tolerance as u32,
+                    "{}: got {:?}, want {want:?}",
+                    path.display(),
+                    px.0
+                );
             }
         }
     }
@@ -227,14 +250,28 @@ fn the_folder_lists_every_format_and_ignores_hidden_and_non_image_files() {
     assert_eq!(data.classes, vec!["cats", "dogs"]);
     assert!(data.val.is_empty() && data.test.is_none());
     let cats: Vec<_> = data.train.iter().filter(|s| s.label == 0).collect();
-    let dogs: Vec<_> = data.train.iter().filter(|s| s.label == 1).map(|s| s.path.clone()).collect();
+    let dogs: Vec<_> = data
+        .train
+        .iter()
+        .filter(|s| s.label == 1)
+        .map(|s| s.path.clone())
+        .collect();
     assert_eq!(cats.len(), formats.len());
-    assert_eq!(dogs, vec![dir.path().join("dogs/d1.png"), dir.path().join("dogs/nested/deeper/d2.JPG")]);
+    assert_eq!(
+        dogs,
+        vec![
+            dir.path().join("dogs/d1.png"),
+            dir.path().join("dogs/nested/deeper/d2.JPG")
+        ]
+    );
 }
 
 fn class_folder(root: &Path, class: &str, n: usize) {
     for i in 0..n {
-        save_rgb(&root.join(class).join(format!("{i:03}.png")), [i as u8, 0, 0]);
+        save_rgb(
+            &root.join(class).join(format!("{i:03}.png")),
+            [i as u8, 0, 0],
+        );
     }
 }
 
@@ -245,9 +282,20 @@ fn classes_are_sorted_by_name_and_validation_is_a_stratified_seeded_fraction() {
     class_folder(dir.path(), "ant", 20);
     class_folder(dir.path(), "Moose", 5);
     let data = ImageFolder::open(dir.path(), 0.2, 42).unwrap();
-    assert_eq!(data.classes, vec!["Moose", "ant", "zebra"], "byte order, as Python's sorted()");
+    assert_eq!(
+        data.classes,
+        vec!["Moose", "ant", "zebra"],
+        "byte order, as Python's sorted()"
+    );
     let count = |s: &[graft::data::Sample], l| s.iter().filter(|x| x.label == l).count();
-    assert_eq!([count(&data.val, 0), count(&data.val, 1), count(&data.val, 2)], [1, 4, 2]);
+    assert_eq!(
+        [
+            count(&data.val, 0),
+            count(&data.val, 1),
+            count(&data.val, 2)
+        ],
+        [1, 4, 2]
+    );
     assert_eq!(data.train.len() + data.val.len(), 35);
     assert!(!data.val_from_folder);
     let again = ImageFolder::open(dir.path(), 0.2, 42).unwrap();
@@ -270,10 +318,17 @@ fn train_val_and_test_folders_are_the_splits() {
     }
     let data = ImageFolder::open(dir.path(), 0.5, 0).unwrap();
     assert_eq!(data.classes, vec!["a", "b"]);
-    assert_eq!((data.train.len(), data.val.len()), (8, 4), "val_split is not applied to a val folder");
+    assert_eq!(
+        (data.train.len(), data.val.len()),
+        (8, 4),
+        "val_split is not applied to a val folder"
+    );
     assert!(data.val_from_folder);
     assert_eq!(data.test.as_ref().unwrap().len(), 6);
-    assert!(data.val.iter().all(|s| s.path.starts_with(dir.path().join("valid"))));
+    assert!(data
+        .val
+        .iter()
+        .all(|s| s.path.starts_with(dir.path().join("valid"))));
 }
 
 #[test]
@@ -286,7 +341,10 @@ fn train_and_test_without_val_split_validation_off_train() {
     let data = ImageFolder::open(dir.path(), 0.2, 0).unwrap();
     assert_eq!((data.train.len(), data.val.len()), (16, 4));
     assert_eq!(data.test.unwrap().len(), 6);
-    assert!(data.val.iter().all(|s| s.path.starts_with(dir.path().join("train"))));
+    assert!(data
+        .val
+        .iter()
+        .all(|s| s.path.starts_with(dir.path().join("train"))));
 }
 
 fn dataset_error(root: &Path) -> String {
@@ -303,7 +361,10 @@ fn unusable_folders_are_clear_errors() {
     let root = dir.path();
 
     let missing = dataset_error(&root.join("nope"));
-    assert!(missing.contains("nope") && missing.contains("cannot open"), "{missing}");
+    assert!(
+        missing.contains("nope") && missing.contains("cannot open"),
+        "{missing}"
+    );
 
     std::fs::create_dir_all(root.join("empty")).unwrap();
     let empty = dataset_error(&root.join("empty"));
@@ -326,16 +387,25 @@ fn unusable_folders_are_clear_errors() {
     class_folder(&root.join("oneempty"), "b", 3);
     std::fs::create_dir_all(root.join("oneempty/c")).unwrap();
     let one_empty = dataset_error(&root.join("oneempty"));
-    assert!(one_empty.contains("class folder(s) c hold no images"), "{one_empty}");
+    assert!(
+        one_empty.contains("class folder(s) c hold no images"),
+        "{one_empty}"
+    );
 
     class_folder(&root.join("split/train"), "a", 3);
     class_folder(&root.join("split/train"), "b", 3);
     class_folder(&root.join("split/val"), "cat", 1);
     let unknown = dataset_error(&root.join("split"));
-    assert!(unknown.contains("`cat` is not among the training classes"), "{unknown}");
+    assert!(
+        unknown.contains("`cat` is not among the training classes"),
+        "{unknown}"
+    );
 
     let bad_fraction = ImageFolder::open(root.join("oneempty"), 1.0, 0).unwrap_err();
-    assert!(bad_fraction.to_string().contains("val_split"), "{bad_fraction}");
+    assert!(
+        bad_fraction.to_string().contains("val_split"),
+        "{bad_fraction}"
+    );
 }
 
 #[test]
@@ -351,7 +421,10 @@ fn corrupt_and_truncated_images_are_errors_naming_the_file() {
     write(&truncated, &png[..png.len() / 2]);
     let mut jpeg = Vec::new();
     RgbImage::from_fn(64, 64, |x, y| Rgb([x as u8, y as u8, 7]))
-        .write_to(&mut std::io::Cursor::new(&mut jpeg), image::ImageFormat::Jpeg)
+        .write_to(
+            &mut std::io::Cursor::new(&mut jpeg),
+            image::ImageFormat::Jpeg,
+        )
         .unwrap();
     let truncated_jpeg = dir.path().join("truncated.jpg");
     write(&truncated_jpeg, &jpeg[..jpeg.len() * 3 / 4]);
@@ -365,7 +438,15 @@ fn corrupt_and_truncated_images_are_errors_naming_the_file() {
     write(&empty, b"");
     let text = dir.path().join("text.webp");
     write(&text, b"hello, world");
-    for path in [garbage, truncated, truncated_jpeg, truncated_gif, empty, text, dir.path().join("absent.png")] {
+    for path in [
+        garbage,
+        truncated,
+        truncated_jpeg,
+        truncated_gif,
+        empty,
+        text,
+        dir.path().join("absent.png"),
+    ] {
         match decode_image(&path) {
             Err(Error::Image { path: p, reason }) => {
                 assert_eq!(p, path);

@@ -4,8 +4,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use graft::data::{
-    load_eval_tensor, Augment, CacheConfig, ColorJitter, ImageFolder, Interpolation, Loader, LoaderConfig, Preprocess,
-    Sample,
+    load_eval_tensor, Augment, CacheConfig, ColorJitter, ImageFolder, Interpolation, Loader,
+    LoaderConfig, Preprocess, Sample,
 };
 use image::{Rgb, RgbImage};
 use std::path::Path;
@@ -56,7 +56,12 @@ fn collect(loader: &Loader, epoch: u64) -> Vec<(Vec<f32>, Vec<u32>, Vec<usize>)>
 fn train_config(seed: u64) -> LoaderConfig {
     LoaderConfig {
         augment: Some(Augment {
-            color_jitter: Some(ColorJitter { brightness: 0.3, contrast: 0.3, saturation: 0.3, hue: 0.1 }),
+            color_jitter: Some(ColorJitter {
+                brightness: 0.3,
+                contrast: 0.3,
+                saturation: 0.3,
+                hue: 0.1,
+            }),
             ..Augment::default()
         }),
         ..LoaderConfig::train(4, seed)
@@ -70,7 +75,11 @@ fn batches_have_nchw_images_and_u32_labels() {
     let (s, k) = samples(dir.path());
     let loader = Loader::new(s, k, preprocess(), LoaderConfig::train(4, 0), &Device::Cpu).unwrap();
     let batches: Vec<_> = loader.epoch(0).map(|b| b.unwrap()).collect();
-    assert_eq!(batches.len(), 2, "10 images in batches of 4, the last 2 dropped");
+    assert_eq!(
+        batches.len(),
+        2,
+        "10 images in batches of 4, the last 2 dropped"
+    );
     assert_eq!(loader.batches_per_epoch(), 2);
     for b in &batches {
         assert_eq!(b.images.dims(), &[4, 3, 16, 16]);
@@ -89,7 +98,11 @@ fn without_drop_last_the_last_batch_is_short_and_every_image_is_seen_once() {
     let sizes: Vec<usize> = collect(&loader, 0).iter().map(|b| b.2.len()).collect();
     assert_eq!(sizes, vec![4, 4, 2]);
     let order: Vec<usize> = collect(&loader, 0).into_iter().flat_map(|b| b.2).collect();
-    assert_eq!(order, (0..10).collect::<Vec<_>>(), "evaluation keeps file order");
+    assert_eq!(
+        order,
+        (0..10).collect::<Vec<_>>(),
+        "evaluation keeps file order"
+    );
 }
 
 #[test]
@@ -101,7 +114,11 @@ fn the_same_seed_gives_the_same_augmented_batches() {
     let b = Loader::new(s.clone(), k, preprocess(), train_config(7), &Device::Cpu).unwrap();
     let first = collect(&a, 0);
     assert_eq!(first, collect(&b, 0), "two loaders, same seed");
-    assert_eq!(first, collect(&a, 0), "the cached second pass draws the same crops");
+    assert_eq!(
+        first,
+        collect(&a, 0),
+        "the cached second pass draws the same crops"
+    );
     let c = Loader::new(s, k, preprocess(), train_config(8), &Device::Cpu).unwrap();
     assert_ne!(first, collect(&c, 0), "another seed, other batches");
     assert_ne!(first, collect(&a, 1), "another epoch, other batches");
@@ -113,7 +130,8 @@ fn epoch_e_does_not_depend_on_the_epochs_run_before_it() {
     let dir = tempfile::tempdir().unwrap();
     make_folder(dir.path(), &[6, 6]);
     let (s, k) = samples(dir.path());
-    let continuous = Loader::new(s.clone(), k, preprocess(), train_config(3), &Device::Cpu).unwrap();
+    let continuous =
+        Loader::new(s.clone(), k, preprocess(), train_config(3), &Device::Cpu).unwrap();
     collect(&continuous, 0);
     collect(&continuous, 1);
     let resumed = Loader::new(s, k, preprocess(), train_config(3), &Device::Cpu).unwrap();
@@ -141,14 +159,31 @@ fn the_evaluation_loader_matches_the_single_image_path() {
     let dir = tempfile::tempdir().unwrap();
     make_folder(dir.path(), &[3, 3]);
     let (s, k) = samples(dir.path());
-    let loader = Loader::new(s.clone(), k, preprocess(), LoaderConfig::eval(4), &Device::Cpu).unwrap();
+    let loader = Loader::new(
+        s.clone(),
+        k,
+        preprocess(),
+        LoaderConfig::eval(4),
+        &Device::Cpu,
+    )
+    .unwrap();
     for batch in loader.epoch(0) {
         let batch = batch.unwrap();
         for (row, &i) in batch.indices.iter().enumerate() {
             let single = load_eval_tensor(&s[i].path, &preprocess(), &Device::Cpu).unwrap();
             let from_batch = batch.images.get(row).unwrap();
-            let diff = (single - from_batch).unwrap().abs().unwrap().max_all().unwrap();
-            assert_eq!(diff.to_scalar::<f32>().unwrap(), 0.0, "{}", s[i].path.display());
+            let diff = (single - from_batch)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert_eq!(
+                diff.to_scalar::<f32>().unwrap(),
+                0.0,
+                "{}",
+                s[i].path.display()
+            );
         }
         let labels = batch.labels.to_vec1::<u32>().unwrap();
         let want: Vec<u32> = batch.indices.iter().map(|&i| s[i].label as u32).collect();
@@ -161,17 +196,31 @@ fn a_disk_cache_serves_later_epochs_and_later_runs_with_the_same_pixels() {
     let dir = tempfile::tempdir().unwrap();
     make_folder(&dir.path().join("data"), &[3, 3]);
     let (s, k) = samples(&dir.path().join("data"));
-    let cache = CacheConfig { memory_bytes: 0, disk_dir: Some(dir.path().join("cache")) };
-    let config = LoaderConfig { cache, batch_size: 3, ..train_config(5) };
+    let cache = CacheConfig {
+        memory_bytes: 0,
+        disk_dir: Some(dir.path().join("cache")),
+    };
+    let config = LoaderConfig {
+        cache,
+        batch_size: 3,
+        ..train_config(5)
+    };
     let loader = Loader::new(s.clone(), k, preprocess(), config.clone(), &Device::Cpu).unwrap();
     let first = collect(&loader, 0);
     assert_eq!(loader.cache_stats().disk_images, 6);
     assert_eq!(loader.cache_stats().memory_images, 0);
-    assert_eq!(std::fs::read_dir(dir.path().join("cache")).unwrap().count(), 6);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("cache")).unwrap().count(),
+        6
+    );
     // A new loader over unchanged files (a later run) reads the disk cache instead of decoding.
     let later_run = Loader::new(s, k, preprocess(), config, &Device::Cpu).unwrap();
     assert_eq!(first, collect(&later_run, 0));
-    assert_eq!(later_run.cache_stats().disk_images, 0, "nothing new had to be written");
+    assert_eq!(
+        later_run.cache_stats().disk_images,
+        0,
+        "nothing new had to be written"
+    );
 }
 
 #[test]
@@ -183,7 +232,11 @@ fn the_memory_cache_holds_every_image_after_the_first_epoch() {
     let first = collect(&loader, 0);
     let stats = loader.cache_stats();
     assert_eq!(stats.memory_images, 8);
-    assert_eq!(stats.memory_bytes, 8 * 16 * 16 * 3, "evaluation caches the final crop");
+    assert_eq!(
+        stats.memory_bytes,
+        8 * 16 * 16 * 3,
+        "evaluation caches the final crop"
+    );
     assert_eq!(first, collect(&loader, 1));
 }
 
@@ -192,7 +245,10 @@ fn balanced_sampling_evens_out_the_classes() {
     let dir = tempfile::tempdir().unwrap();
     make_folder(dir.path(), &[36, 4]);
     let (s, k) = samples(dir.path());
-    let config = LoaderConfig { balanced: true, ..LoaderConfig::train(8, 0) };
+    let config = LoaderConfig {
+        balanced: true,
+        ..LoaderConfig::train(8, 0)
+    };
     let loader = Loader::new(s.clone(), k, preprocess(), config, &Device::Cpu).unwrap();
     let (mut minority, mut total) = (0, 0);
     for epoch in 0..10 {
@@ -202,7 +258,10 @@ fn balanced_sampling_evens_out_the_classes() {
     }
     // 10% of the images, drawn with probability 1/2: about 200 of 400 (seeded, so fixed).
     assert_eq!(total, 400);
-    assert!((150..=250).contains(&minority), "minority drawn {minority} times of {total}");
+    assert!(
+        (150..=250).contains(&minority),
+        "minority drawn {minority} times of {total}"
+    );
 }
 
 #[test]
@@ -246,7 +305,10 @@ fn stopping_an_epoch_early_does_not_hang() {
     let dir = tempfile::tempdir().unwrap();
     make_folder(dir.path(), &[8, 8]);
     let (s, k) = samples(dir.path());
-    let config = LoaderConfig { prefetch: 2, ..LoaderConfig::eval(2) };
+    let config = LoaderConfig {
+        prefetch: 2,
+        ..LoaderConfig::eval(2)
+    };
     let loader = Loader::new(s, k, preprocess(), config, &Device::Cpu).unwrap();
     let first: Vec<_> = loader.epoch(0).take(1).collect();
     assert_eq!(first.len(), 1);
@@ -257,8 +319,13 @@ fn too_few_images_for_one_dropped_batch_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     make_folder(dir.path(), &[2, 2]);
     let (s, k) = samples(dir.path());
-    let err = Loader::new(s, k, preprocess(), LoaderConfig::train(8, 0), &Device::Cpu).err().unwrap();
-    assert!(err.to_string().contains("fewer than one batch of 8"), "{err}");
+    let err = Loader::new(s, k, preprocess(), LoaderConfig::train(8, 0), &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(
+        err.to_string().contains("fewer than one batch of 8"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -266,17 +333,74 @@ fn augmentation_changes_pixels_but_keeps_them_in_the_normalised_range() {
     let dir = tempfile::tempdir().unwrap();
     make_folder(dir.path(), &[4, 4]);
     let (s, k) = samples(dir.path());
-    let plain = Loader::new(s.clone(), k, preprocess(), LoaderConfig::eval(8), &Device::Cpu).unwrap();
-    let aug = Loader::new(s, k, preprocess(), LoaderConfig { shuffle: false, batch_size: 8, ..train_config(0) }, &Device::Cpu).unwrap();
+    let plain = Loader::new(
+        s.clone(),
+        k,
+        preprocess(),
+        LoaderConfig::eval(8),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let aug = Loader::new(
+        s,
+        k,
+        preprocess(),
+        LoaderConfig {
+            shuffle: false,
+            batch_size: 8,
+            ..train_config(0)
+        },
+        &Device::Cpu,
+    )
+    .unwrap();
     let p = collect(&plain, 0);
     let a = collect(&aug, 0);
     assert_eq!(p[0].2, a[0].2, "same samples");
     assert_ne!(p[0].0, a[0].0);
     let pre = preprocess();
     let (lo, hi) = (0..3).fold((f32::MAX, f32::MIN), |(lo, hi), c| {
-        (lo.min(-pre.mean[c] / pre.std[c]), hi.max((1.0 - pre.mean[c]) / pre.std[c]))
+        (
+            lo.min(-pre.mean[c] / pre.std[c]),
+            hi.max((1.0 - pre.mean[c]) / pre.std[c]),
+        )
     });
     let t = Tensor::new(a[0].0.as_slice(), &Device::Cpu).unwrap();
-    let (min, max) = (t.min_all().unwrap().to_scalar::<f32>().unwrap(), t.max_all().unwrap().to_scalar::<f32>().unwrap());
-    assert!(min >= lo - 1e-5 && max <= hi + 1e-5, "{min} {max} outside [{lo}, {hi}]");
+    let (min, max) = (
+        t.min_all().unwrap().to_scalar::<f32>().unwrap(),
+        t.max_all().unwrap().to_scalar::<f32>().unwrap(),
+    );
+    assert!(
+        min >= lo - 1e-5 && max <= hi + 1e-5,
+        "{min} {max} outside [{lo}, {hi}]"
+    );
+}
+
+#[test]
+fn the_next_batch_is_prepared_while_the_current_one_is_used_and_no_further() {
+    let dir = tempfile::tempdir().unwrap();
+    make_folder(dir.path(), &[6, 6]);
+    let (s, k) = samples(dir.path());
+    let loader = Loader::new(s, k, preprocess(), LoaderConfig::eval(3), &Device::Cpu).unwrap();
+    let mut epoch = loader.epoch(0);
+    let first = epoch.next().unwrap().unwrap();
+    assert_eq!(first.indices, vec![0, 1, 2]);
+    // While we hold batch 0, the background thread decodes batch 1 (its images land in the cache),
+    // then waits for us: with prefetch 1 it never starts batch 2. This waits for the thread, it does
+    // not time it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while loader.cache_stats().memory_images < 6 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "batch 1 was never prepared"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        loader.cache_stats().memory_images,
+        6,
+        "ran ahead of prefetch 1"
+    );
+    let rest: Vec<_> = epoch.map(|b| b.unwrap().indices).collect();
+    assert_eq!(rest, vec![vec![3, 4, 5], vec![6, 7, 8], vec![9, 10, 11]]);
 }

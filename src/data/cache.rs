@@ -59,7 +59,11 @@ pub(crate) struct ImageCache {
 const DISK_MAGIC: &[u8; 8] = b"GRAFTRGB";
 
 impl ImageCache {
-    pub(crate) fn new(len: usize, config: &CacheConfig, transform_key: String) -> crate::Result<Self> {
+    pub(crate) fn new(
+        len: usize,
+        config: &CacheConfig,
+        transform_key: String,
+    ) -> crate::Result<Self> {
         if let Some(dir) = &config.disk_dir {
             std::fs::create_dir_all(dir).map_err(|e| crate::Error::io(dir, e))?;
         }
@@ -137,7 +141,10 @@ impl ImageCache {
 
 fn read_raw(file: &Path) -> Option<RgbImage> {
     let mut bytes = Vec::new();
-    std::fs::File::open(file).ok()?.read_to_end(&mut bytes).ok()?;
+    std::fs::File::open(file)
+        .ok()?
+        .read_to_end(&mut bytes)
+        .ok()?;
     if bytes.len() < 16 || &bytes[..8] != DISK_MAGIC {
         return None;
     }
@@ -179,13 +186,23 @@ mod tests {
                 p
             })
             .collect();
-        let config = CacheConfig { memory_bytes: 2 * 60, disk_dir: Some(dir.path().join("cache")) };
+        let config = CacheConfig {
+            memory_bytes: 2 * 60,
+            disk_dir: Some(dir.path().join("cache")),
+        };
         let cache = ImageCache::new(3, &config, "k".into()).unwrap();
         for (i, p) in src.iter().enumerate() {
             assert!(cache.get(i, p).is_none());
             cache.put(i, p, image(i as u8));
         }
-        assert_eq!(cache.stats(), CacheStats { memory_images: 2, memory_bytes: 120, disk_images: 1 });
+        assert_eq!(
+            cache.stats(),
+            CacheStats {
+                memory_images: 2,
+                memory_bytes: 120,
+                disk_images: 1
+            }
+        );
         for (i, p) in src.iter().enumerate() {
             assert_eq!(*cache.get(i, p).unwrap(), image(i as u8));
         }
@@ -198,7 +215,10 @@ mod tests {
 
     #[test]
     fn a_zero_budget_without_disk_caches_nothing() {
-        let config = CacheConfig { memory_bytes: 0, disk_dir: None };
+        let config = CacheConfig {
+            memory_bytes: 0,
+            disk_dir: None,
+        };
         let cache = ImageCache::new(1, &config, String::new()).unwrap();
         cache.put(0, Path::new("x.png"), image(1));
         assert!(cache.get(0, Path::new("x.png")).is_none());

@@ -69,7 +69,10 @@ fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
     let mut i = 2;
     loop {
         // Next marker: 0xFF (possibly repeated as fill) then a code.
-        i += bytes[i.min(bytes.len())..].iter().position(|&b| b == 0xFF).ok_or(TRUNCATED)?;
+        i += bytes[i.min(bytes.len())..]
+            .iter()
+            .position(|&b| b == 0xFF)
+            .ok_or(TRUNCATED)?;
         while bytes.get(i) == Some(&0xFF) {
             i += 1;
         }
@@ -88,7 +91,10 @@ fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
                     // Entropy-coded data: 0xFF 0x00 is a stuffed byte and 0xFF 0xD0..=0xD7 a restart
                     // marker; any other 0xFF xx is the next marker.
                     loop {
-                        i += bytes[i..].iter().position(|&b| b == 0xFF).ok_or(TRUNCATED)?;
+                        i += bytes[i..]
+                            .iter()
+                            .position(|&b| b == 0xFF)
+                            .ok_or(TRUNCATED)?;
                         match bytes.get(i + 1) {
                             None => return Err(TRUNCATED.into()),
                             Some(0x00 | 0xD0..=0xD7) => i += 2,
@@ -126,9 +132,12 @@ mod tests {
     }
 
     fn jpeg_bytes() -> Vec<u8> {
-        let img = RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, (x ^ y) as u8]));
+        let img = RgbImage::from_fn(64, 48, |x, y| {
+            image::Rgb([x as u8 * 4, y as u8 * 5, (x ^ y) as u8])
+        });
         let mut buf = Vec::new();
-        img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Jpeg).unwrap();
+        img.write_to(&mut Cursor::new(&mut buf), ImageFormat::Jpeg)
+            .unwrap();
         buf
     }
 
@@ -144,7 +153,11 @@ mod tests {
     fn a_jpeg_cut_anywhere_fails_the_completeness_check() {
         let bytes = jpeg_bytes();
         for cut in (2..bytes.len() - 1).step_by(37).chain([bytes.len() - 1]) {
-            assert!(check_jpeg_complete(&bytes[..cut]).is_err(), "cut at {cut} of {}", bytes.len());
+            assert!(
+                check_jpeg_complete(&bytes[..cut]).is_err(),
+                "cut at {cut} of {}",
+                bytes.len()
+            );
         }
     }
 

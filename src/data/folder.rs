@@ -72,7 +72,13 @@ pub fn class_weights_of(samples: &[Sample], num_classes: usize) -> Vec<f32> {
     let n = samples.len() as f64;
     counts
         .iter()
-        .map(|&c| if c == 0 { 0.0 } else { (n / (num_classes as f64 * c as f64)) as f32 })
+        .map(|&c| {
+            if c == 0 {
+                0.0
+            } else {
+                (n / (num_classes as f64 * c as f64)) as f32
+            }
+        })
         .collect()
 }
 
@@ -89,9 +95,13 @@ impl ImageFolder {
     pub fn open(root: impl AsRef<Path>, val_split: f64, seed: u64) -> Result<Dataset> {
         let root = root.as_ref();
         if !(0.0..1.0).contains(&val_split) {
-            return Err(Error::config("val_split", format!("{val_split} is not in [0, 1)")));
+            return Err(Error::config(
+                "val_split",
+                format!("{val_split} is not in [0, 1)"),
+            ));
         }
-        let meta = std::fs::metadata(root).map_err(|e| dataset_error(root, format!("cannot open: {e}")))?;
+        let meta = std::fs::metadata(root)
+            .map_err(|e| dataset_error(root, format!("cannot open: {e}")))?;
         if !meta.is_dir() {
             return Err(dataset_error(root, "is not a folder"));
         }
@@ -251,7 +261,10 @@ fn read_split(dir: &Path, classes: &[String]) -> Result<Vec<Sample>> {
         let Some(label) = classes.iter().position(|c| *c == name) else {
             return Err(dataset_error(
                 &folder,
-                format!("class `{name}` is not among the training classes ({})", classes.join(", ")),
+                format!(
+                    "class `{name}` is not among the training classes ({})",
+                    classes.join(", ")
+                ),
             ));
         };
         let mut images = Vec::new();
@@ -266,15 +279,23 @@ fn read_split(dir: &Path, classes: &[String]) -> Result<Vec<Sample>> {
 
 /// Moves `round(count * fraction)` images of each class (at most `count - 1`, so every class keeps one
 /// for training) into the second list, chosen by a shuffle seeded with `seed`. Both lists keep path order.
-pub fn stratified_split(samples: Vec<Sample>, num_classes: usize, fraction: f64, seed: u64) -> (Vec<Sample>, Vec<Sample>) {
+pub fn stratified_split(
+    samples: Vec<Sample>,
+    num_classes: usize,
+    fraction: f64,
+    seed: u64,
+) -> (Vec<Sample>, Vec<Sample>) {
     if fraction <= 0.0 {
         return (samples, Vec::new());
     }
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut to_val = vec![false; samples.len()];
     for label in 0..num_classes {
-        let mut members: Vec<usize> = (0..samples.len()).filter(|&i| samples[i].label == label).collect();
-        let n_val = ((members.len() as f64 * fraction).round() as usize).min(members.len().saturating_sub(1));
+        let mut members: Vec<usize> = (0..samples.len())
+            .filter(|&i| samples[i].label == label)
+            .collect();
+        let n_val = ((members.len() as f64 * fraction).round() as usize)
+            .min(members.len().saturating_sub(1));
         members.shuffle(&mut rng);
         for &i in &members[..n_val] {
             to_val[i] = true;
@@ -300,7 +321,12 @@ mod tests {
         counts
             .iter()
             .enumerate()
-            .flat_map(|(label, &n)| (0..n).map(move |i| Sample { path: PathBuf::from(format!("{label}/{i}.png")), label }))
+            .flat_map(|(label, &n)| {
+                (0..n).map(move |i| Sample {
+                    path: PathBuf::from(format!("{label}/{i}.png")),
+                    label,
+                })
+            })
             .collect()
     }
 
@@ -324,6 +350,9 @@ mod tests {
     fn balanced_weights_follow_sklearn() {
         // sklearn: n_samples / (n_classes * bincount) = 8 / (2 * [6, 2]) = [2/3, 2]
         let w = class_weights_of(&samples(&[6, 2]), 2);
-        assert!((w[0] - 2.0 / 3.0).abs() < 1e-6 && (w[1] - 2.0).abs() < 1e-6, "{w:?}");
+        assert!(
+            (w[0] - 2.0 / 3.0).abs() < 1e-6 && (w[1] - 2.0).abs() < 1e-6,
+            "{w:?}"
+        );
     }
 }

@@ -15,7 +15,16 @@ use std::path::{Path, PathBuf};
 
 /// Fashion-MNIST's class names in label order, made safe as folder names.
 pub const FASHION_MNIST_CLASSES: [&str; 10] = [
-    "T-shirt_top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle_boot",
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle_boot",
 ];
 
 /// Where Debian's `dataset-fashion-mnist` package installs the files.
@@ -62,7 +71,10 @@ pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
         return Err("not an IDX file (bad magic)".into());
     }
     if bytes[2] != 0x08 {
-        return Err(format!("IDX value type 0x{:02x} is not unsigned byte (0x08)", bytes[2]));
+        return Err(format!(
+            "IDX value type 0x{:02x} is not unsigned byte (0x08)",
+            bytes[2]
+        ));
     }
     let ndim = bytes[3] as usize;
     let header = 4 + 4 * ndim;
@@ -70,7 +82,9 @@ pub fn parse_idx(bytes: &[u8]) -> std::result::Result<IdxArray, String> {
         return Err("truncated IDX header".into());
     }
     let dims: Vec<usize> = (0..ndim)
-        .map(|d| u32::from_be_bytes(bytes[4 + 4 * d..8 + 4 * d].try_into().expect("4 bytes")) as usize)
+        .map(|d| {
+            u32::from_be_bytes(bytes[4 + 4 * d..8 + 4 * d].try_into().expect("4 bytes")) as usize
+        })
         .collect();
     let count: usize = dims.iter().product();
     if bytes.len() - header != count {
@@ -117,10 +131,17 @@ pub fn find_mnist_files(dir: &Path) -> Result<[PathBuf; 4]> {
             .find(|p| p.is_file())
             .ok_or_else(|| Error::Dataset {
                 path: dir.to_path_buf(),
-                reason: format!("{name}(.gz) not found; on Debian: apt-get install dataset-fashion-mnist"),
+                reason: format!(
+                    "{name}(.gz) not found; on Debian: apt-get install dataset-fashion-mnist"
+                ),
             })
     };
-    Ok([find(names[0])?, find(names[1])?, find(names[2])?, find(names[3])?])
+    Ok([
+        find(names[0])?,
+        find(names[1])?,
+        find(names[2])?,
+        find(names[3])?,
+    ])
 }
 
 /// How [`write_image_folder`] writes images.
@@ -140,11 +161,20 @@ pub struct FolderSpec {
 /// is the image's position in the IDX file. Returns the number written. When `per_class` is set, that
 /// many images of each class are chosen by a shuffle seeded with `seed` (all of a class when it has
 /// fewer); images are resized bilinearly to `size`.
-pub fn write_image_folder(images: &IdxArray, labels: &IdxArray, classes: &[&str], out: &Path, spec: &FolderSpec) -> Result<usize> {
+pub fn write_image_folder(
+    images: &IdxArray,
+    labels: &IdxArray,
+    classes: &[&str],
+    out: &Path,
+    spec: &FolderSpec,
+) -> Result<usize> {
     if images.dims.len() != 3 || labels.dims.len() != 1 || images.len() != labels.len() {
         return Err(Error::config(
             "idx",
-            format!("images {:?} and labels {:?} do not pair up", images.dims, labels.dims),
+            format!(
+                "images {:?} and labels {:?} do not pair up",
+                images.dims, labels.dims
+            ),
         ));
     }
     let (h, w) = (images.dims[1] as u32, images.dims[2] as u32);
@@ -152,7 +182,13 @@ pub fn write_image_folder(images: &IdxArray, labels: &IdxArray, classes: &[&str]
     for i in 0..labels.len() {
         let label = labels.data[i] as usize;
         let list = by_class.get_mut(label).ok_or_else(|| {
-            Error::config("idx", format!("label {label} at {i} has no class name (have {})", classes.len()))
+            Error::config(
+                "idx",
+                format!(
+                    "label {label} at {i} has no class name (have {})",
+                    classes.len()
+                ),
+            )
         })?;
         list.push(i);
     }
@@ -167,7 +203,8 @@ pub fn write_image_folder(images: &IdxArray, labels: &IdxArray, classes: &[&str]
         let dir = out.join(class);
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
         for i in members {
-            let grey = GrayImage::from_raw(w, h, images.item(i).to_vec()).expect("item has h*w bytes");
+            let grey =
+                GrayImage::from_raw(w, h, images.item(i).to_vec()).expect("item has h*w bytes");
             let grey = if (w, h) == (spec.size, spec.size) {
                 grey
             } else {
@@ -179,7 +216,10 @@ pub fn write_image_folder(images: &IdxArray, labels: &IdxArray, classes: &[&str]
             } else {
                 grey.save(&path)
             };
-            saved.map_err(|e| Error::Image { path: path.clone(), reason: e.to_string() })?;
+            saved.map_err(|e| Error::Image {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
             written += 1;
         }
     }
@@ -191,8 +231,14 @@ mod tests {
     use super::*;
 
     fn tiny() -> (IdxArray, IdxArray) {
-        let images = IdxArray { dims: vec![6, 2, 3], data: (0..36).collect() };
-        let labels = IdxArray { dims: vec![6], data: vec![0, 1, 0, 1, 0, 1] };
+        let images = IdxArray {
+            dims: vec![6, 2, 3],
+            data: (0..36).collect(),
+        };
+        let labels = IdxArray {
+            dims: vec![6],
+            data: vec![0, 1, 0, 1, 0, 1],
+        };
         (images, labels)
     }
 
@@ -220,14 +266,24 @@ mod tests {
     fn the_folder_writer_takes_per_class_images_by_seed() {
         let (images, labels) = tiny();
         let dir = tempfile::tempdir().unwrap();
-        let spec = FolderSpec { per_class: Some(2), size: 4, rgb: true, seed: 1 };
+        let spec = FolderSpec {
+            per_class: Some(2),
+            size: 4,
+            rgb: true,
+            seed: 1,
+        };
         let n = write_image_folder(&images, &labels, &["a", "b"], dir.path(), &spec).unwrap();
         assert_eq!(n, 4);
         for class in ["a", "b"] {
             let files: Vec<_> = std::fs::read_dir(dir.path().join(class)).unwrap().collect();
             assert_eq!(files.len(), 2);
         }
-        let first = std::fs::read_dir(dir.path().join("a")).unwrap().next().unwrap().unwrap().path();
+        let first = std::fs::read_dir(dir.path().join("a"))
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
         let img = image::open(first).unwrap();
         assert_eq!((img.width(), img.height()), (4, 4));
         assert_eq!(img.color(), image::ColorType::Rgb8);

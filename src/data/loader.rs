@@ -13,7 +13,9 @@
 use super::cache::{CacheConfig, CacheStats, ImageCache};
 use super::decode::load_rgb;
 use super::folder::{class_counts, Sample};
-use super::transform::{augment_into, eval_pixels, normalize_into, resize_short_side, Augment, Preprocess};
+use super::transform::{
+    augment_into, eval_pixels, normalize_into, resize_short_side, Augment, Preprocess,
+};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -118,7 +120,13 @@ struct Inner {
 
 impl Loader {
     /// A loader over `samples` (labels below `num_classes`) that produces tensors on `device`.
-    pub fn new(samples: Vec<Sample>, num_classes: usize, preprocess: Preprocess, config: LoaderConfig, device: &Device) -> Result<Self> {
+    pub fn new(
+        samples: Vec<Sample>,
+        num_classes: usize,
+        preprocess: Preprocess,
+        config: LoaderConfig,
+        device: &Device,
+    ) -> Result<Self> {
         preprocess.validate()?;
         if config.batch_size == 0 {
             return Err(Error::config("batch_size", "must be at least 1"));
@@ -132,7 +140,11 @@ impl Loader {
         if let Some(bad) = samples.iter().find(|s| s.label >= num_classes) {
             return Err(Error::config(
                 "label",
-                format!("{} has label {} but there are {num_classes} classes", bad.path.display(), bad.label),
+                format!(
+                    "{} has label {} but there are {num_classes} classes",
+                    bad.path.display(),
+                    bad.label
+                ),
             ));
         }
         if config.drop_last && !samples.is_empty() && samples.len() < config.batch_size {
@@ -225,7 +237,11 @@ impl Loader {
 
     /// The images skipped because they could not be decoded, with the reason, in sample order.
     pub fn skipped(&self) -> Vec<(PathBuf, String)> {
-        let skipped = self.inner.skipped.lock().expect("no thread panics holding the lock");
+        let skipped = self
+            .inner
+            .skipped
+            .lock()
+            .expect("no thread panics holding the lock");
         skipped
             .iter()
             .map(|(&i, reason)| (self.inner.samples[i].path.clone(), reason.clone()))
@@ -290,7 +306,11 @@ impl Inner {
         rng.set_stream(epoch);
         let mut order: Vec<usize> = if self.config.balanced && n > 0 {
             let counts = class_counts(&self.samples, self.num_classes);
-            let weights: Vec<f64> = self.samples.iter().map(|s| 1.0 / counts[s.label] as f64).collect();
+            let weights: Vec<f64> = self
+                .samples
+                .iter()
+                .map(|s| 1.0 / counts[s.label] as f64)
+                .collect();
             let dist = WeightedIndex::new(&weights).expect("weights are positive and finite");
             (0..n).map(|_| dist.sample(&mut rng)).collect()
         } else {
@@ -330,7 +350,12 @@ impl Inner {
 
     /// Fills `out` with sample `index` at epoch position `position`; `false` when it is skipped.
     fn prepare(&self, epoch: u64, position: usize, index: usize, out: &mut [f32]) -> bool {
-        if self.skipped.lock().expect("no panics under the lock").contains_key(&index) {
+        if self
+            .skipped
+            .lock()
+            .expect("no panics under the lock")
+            .contains_key(&index)
+        {
             return false;
         }
         let pixels = match self.pixels(index) {
@@ -341,9 +366,12 @@ impl Inner {
                     other => other.to_string(),
                 };
                 let mut skipped = self.skipped.lock().expect("no panics under the lock");
-                if !skipped.contains_key(&index) {
-                    eprintln!("warning: skipping image {}: {reason}", self.samples[index].path.display());
-                    skipped.insert(index, reason);
+                if let std::collections::btree_map::Entry::Vacant(slot) = skipped.entry(index) {
+                    eprintln!(
+                        "warning: skipping image {}: {reason}",
+                        self.samples[index].path.display()
+                    );
+                    slot.insert(reason);
                 }
                 return false;
             }

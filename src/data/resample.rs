@@ -5,8 +5,9 @@
 //! sample a weighted sum of input samples under a filter centred at `(x + 0.5) * scale`, and the filter
 //! is stretched by the scale when shrinking, so downsampling is antialiased. Bilinear is the triangle
 //! filter, bicubic the cubic convolution with `a = -0.5`, nearest takes the pixel under
-//! `floor((x + 0.5) * scale)`. Pillow rounds between the two passes to 8 bits, and so do we. Pillow
-//! accumulates in fixed point and we in `f32`, so a sample may differ by one level.
+//! `floor((x + 0.5) * scale)`. Weights are computed in `f64` and rounded to 22-bit fixed point, sums
+//! are accumulated in `i32` and rounded to 8 bits after each pass, all exactly as Pillow's
+//! `Resample.c` does, so the pixels are Pillow's to the bit.
 
 use super::transform::Interpolation;
 use image::RgbImage;
@@ -14,7 +15,10 @@ use image::RgbImage;
 /// Resizes `image` to `width` x `height` with `interpolation`.
 pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation) -> RgbImage {
     let (w0, h0) = image.dimensions();
-    assert!(w0 > 0 && h0 > 0 && width > 0 && height > 0, "resize of an empty image");
+    assert!(
+        w0 > 0 && h0 > 0 && width > 0 && height > 0,
+        "resize of an empty image"
+    );
     if (w0, h0) == (width, height) {
         return image.clone();
     }
@@ -51,10 +55,17 @@ fn resize_nearest(image: &RgbImage, width: u32, height: u32) -> RgbImage {
     RgbImage::from_raw(width, height, out).expect("buffer size matches")
 }
 
-/// The filter taps of one output sample: the first input index and the normalised weights.
+/// Pillow's fixed-point precision for 8-bit images: weights are integers scaled by 2^22, so that the
+/// sum of 255 * |weight| over all taps fits an `i32`.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+/// The filter taps of every output sample: `start[i]` is the first input index of output `i`, and
+/// `weights[i * ksize..][..len[i]]` its fixed-point weights.
 struct Taps {
-    start: usize,
-    weights: Vec<f32>,
+    start: Vec<usize>,
+    len: Vec<usize>,
+    ksize: usize,
+    weights: Vec<i32>,
 }
 
 fn filter_support(interpolation: Interpolation) -> f64 {
@@ -83,34 +94,56 @@ fn filter_value(interpolation: Interpolation, x: f64) -> f64 {
     }
 }
 
-/// Pillow's `precompute_coeffs`, in floating point.
-fn taps(in_size: usize, out_size: usize, interpolation: Interpolation) -> Vec<Taps> {
+/// Pillow's `precompute_coeffs` followed by `normalize_coeffs_8bpc`, step for step, so the weights
+/// are the same integers.
+fn taps(in_size: usize, out_size: usize, interpolation: Interpolation) -> Taps {
     let scale = in_size as f64 / out_size as f64;
     let filter_scale = scale.max(1.0);
     let support = filter_support(interpolation) * filter_scale;
-    (0..out_size)
-        .map(|xx| {
-            let center = (xx as f64 + 0.5) * scale;
-            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
-            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
-            let mut weights: Vec<f64> = (xmin..xmax)
-                .map(|x| filter_value(interpolation, (x as f64 - center + 0.5) / filter_scale))
-                .collect();
-            let total: f64 = weights.iter().sum();
-            if total != 0.0 {
-                weights.iter_mut().for_each(|w| *w /= total);
-            }
-            Taps {
-                start: xmin,
-                weights: weights.into_iter().map(|w| w as f32).collect(),
-            }
-        })
-        .collect()
+    let ksize = support.ceil() as usize * 2 + 1;
+    let mut taps = Taps {
+        start: Vec::with_capacity(out_size),
+        len: Vec::with_capacity(out_size),
+        ksize,
+        weights: vec![0; out_size * ksize],
+    };
+    let one = f64::from(1u32 << PRECISION_BITS);
+    let mut k = vec![0f64; ksize];
+    for xx in 0..out_size {
+        let center = (xx as f64 + 0.5) * scale;
+        let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+        let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+        let n = xmax - xmin;
+        let mut total = 0.0;
+        for (x, w) in k[..n].iter_mut().enumerate() {
+            *w = filter_value(
+                interpolation,
+                (x as f64 + xmin as f64 - center + 0.5) / filter_scale,
+            );
+            total += *w;
+        }
+        let out = &mut taps.weights[xx * ksize..xx * ksize + n];
+        for (o, &w) in out.iter_mut().zip(&k[..n]) {
+            let w = if total != 0.0 { w / total } else { w };
+            *o = if w < 0.0 {
+                (-0.5 + w * one) as i32
+            } else {
+                (0.5 + w * one) as i32
+            };
+        }
+        taps.start.push(xmin);
+        taps.len.push(n);
+    }
+    taps
 }
 
-fn to_u8(v: f32) -> u8 {
-    (v + 0.5).clamp(0.0, 255.0) as u8
+/// Rounds a fixed-point sum (which started at one half) to a clamped byte, as Pillow's `clip8`.
+#[inline]
+fn clip8(sum: i32) -> u8 {
+    (sum >> PRECISION_BITS).clamp(0, 255) as u8
 }
+
+const HALF: i32 = 1 << (PRECISION_BITS - 1);
 
 fn resample_horizontal(image: &RgbImage, width: u32, interpolation: Interpolation) -> RgbImage {
     let (w0, h0) = image.dimensions();
@@ -119,18 +152,23 @@ fn resample_horizontal(image: &RgbImage, width: u32, interpolation: Interpolatio
     let mut out = vec![0u8; width as usize * h0 as usize * 3];
     let in_stride = w0 as usize * 3;
     let out_stride = width as usize * 3;
-    for (row, out_row) in src.chunks_exact(in_stride).zip(out.chunks_exact_mut(out_stride)) {
-        for (t, px) in taps.iter().zip(out_row.chunks_exact_mut(3)) {
-            let (mut r, mut g, mut b) = (0f32, 0f32, 0f32);
-            let pixels = &row[t.start * 3..(t.start + t.weights.len()) * 3];
-            for (w, p) in t.weights.iter().zip(pixels.chunks_exact(3)) {
-                r += w * p[0] as f32;
-                g += w * p[1] as f32;
-                b += w * p[2] as f32;
+    for (row, out_row) in src
+        .chunks_exact(in_stride)
+        .zip(out.chunks_exact_mut(out_stride))
+    {
+        for (xx, px) in out_row.chunks_exact_mut(3).enumerate() {
+            let (start, n) = (taps.start[xx], taps.len[xx]);
+            let weights = &taps.weights[xx * taps.ksize..xx * taps.ksize + n];
+            let pixels = &row[start * 3..(start + n) * 3];
+            let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+            for (&w, p) in weights.iter().zip(pixels.chunks_exact(3)) {
+                r += p[0] as i32 * w;
+                g += p[1] as i32 * w;
+                b += p[2] as i32 * w;
             }
-            px[0] = to_u8(r);
-            px[1] = to_u8(g);
-            px[2] = to_u8(b);
+            px[0] = clip8(r);
+            px[1] = clip8(g);
+            px[2] = clip8(b);
         }
     }
     RgbImage::from_raw(width, h0, out).expect("buffer size matches")
@@ -142,17 +180,19 @@ fn resample_vertical(image: &RgbImage, height: u32, interpolation: Interpolation
     let src = image.as_raw();
     let stride = w0 as usize * 3;
     let mut out = vec![0u8; stride * height as usize];
-    let mut acc = vec![0f32; stride];
-    for (t, out_row) in taps.iter().zip(out.chunks_exact_mut(stride)) {
-        acc.iter_mut().for_each(|a| *a = 0.0);
-        for (k, &w) in t.weights.iter().enumerate() {
-            let row = &src[(t.start + k) * stride..(t.start + k + 1) * stride];
+    let mut acc = vec![0i32; stride];
+    for (yy, out_row) in out.chunks_exact_mut(stride).enumerate() {
+        let (start, n) = (taps.start[yy], taps.len[yy]);
+        let weights = &taps.weights[yy * taps.ksize..yy * taps.ksize + n];
+        acc.iter_mut().for_each(|a| *a = HALF);
+        for (k, &w) in weights.iter().enumerate() {
+            let row = &src[(start + k) * stride..(start + k + 1) * stride];
             for (a, &p) in acc.iter_mut().zip(row) {
-                *a += w * p as f32;
+                *a += p as i32 * w;
             }
         }
         for (o, &a) in out_row.iter_mut().zip(&acc) {
-            *o = to_u8(a);
+            *o = clip8(a);
         }
     }
     RgbImage::from_raw(w0, height, out).expect("buffer size matches")
@@ -163,17 +203,26 @@ mod tests {
     use super::*;
 
     fn gradient(w: u32, h: u32) -> RgbImage {
-        RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, 90]))
+        RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([(x * 7 % 256) as u8, (y * 5 % 256) as u8, 90])
+        })
     }
 
     #[test]
     fn a_constant_image_stays_constant_under_every_filter() {
         let img = RgbImage::from_pixel(37, 23, image::Rgb([10, 200, 77]));
-        for interp in [Interpolation::Bilinear, Interpolation::Bicubic, Interpolation::Nearest] {
+        for interp in [
+            Interpolation::Bilinear,
+            Interpolation::Bicubic,
+            Interpolation::Nearest,
+        ] {
             for (w, h) in [(11, 9), (80, 50), (37, 5)] {
                 let out = resize(&img, w, h, interp);
                 assert_eq!(out.dimensions(), (w, h));
-                assert!(out.pixels().all(|p| p.0 == [10, 200, 77]), "{interp:?} {w}x{h}");
+                assert!(
+                    out.pixels().all(|p| p.0 == [10, 200, 77]),
+                    "{interp:?} {w}x{h}"
+                );
             }
         }
     }
@@ -182,7 +231,9 @@ mod tests {
     fn halving_with_bilinear_averages_pixel_pairs() {
         // Pillow's bilinear at scale 2 has support 2 around centres 1, 3, ...: weights 1/4 3/4 3/4 1/4
         // over pixels 0..4 for output 1 (normalised), and 3/4 1/4 at the left border (after clipping).
-        let img = RgbImage::from_fn(4, 1, |x, _| image::Rgb([[0, 100, 200, 40][x as usize], 0, 0]));
+        let img = RgbImage::from_fn(4, 1, |x, _| {
+            image::Rgb([[0, 100, 200, 40][x as usize], 0, 0])
+        });
         let out = resize(&img, 2, 1, Interpolation::Bilinear);
         // left: taps x=0,1,2 with weights 0.75,0.75,0.25 (triangle at distances .75,.25,... scaled)
         // computed independently: centre 1.0, support 2: xmin 0, xmax 3; w(x) = 1 - |x + .5 - 1| / 2

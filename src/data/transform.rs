@@ -6,7 +6,7 @@
 //! Training augmentation is torchvision's `RandomResizedCrop` + `RandomHorizontalFlip` + optional
 //! `ColorJitter`, with the same parameter draws.
 
-use super::decode::{into_rgb, load_rgb};
+use super::decode::load_rgb;
 use super::resample::resize;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -61,8 +61,11 @@ impl Preprocess {
                 format!("{} is not in (0, 1]", self.crop_pct),
             ));
         }
-        if self.std.iter().any(|s| !(*s > 0.0)) {
-            return Err(Error::config("std", format!("{:?} must be positive", self.std)));
+        if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
+            return Err(Error::config(
+                "std",
+                format!("{:?} must be positive", self.std),
+            ));
         }
         Ok(())
     }
@@ -150,7 +153,7 @@ pub fn normalize_into(image: &RgbImage, p: &Preprocess, flip: bool, out: &mut [f
 pub fn eval_tensor(image: &DynamicImage, p: &Preprocess, device: &Device) -> Result<Tensor> {
     let rgb = match image {
         DynamicImage::ImageRgb8(rgb) => eval_pixels(rgb, p),
-        other => eval_pixels(&into_rgb(other.clone()), p),
+        other => eval_pixels(&other.to_rgb8(), p),
     };
     let mut data = vec![0f32; p.tensor_len()];
     normalize_into(&rgb, p, false, &mut data);
@@ -193,14 +196,23 @@ impl Augment {
     pub fn validate(&self) -> Result<()> {
         let [s0, s1] = self.scale;
         if !(s0 > 0.0 && s0 <= s1 && s1 <= 1.0) {
-            return Err(Error::config("augment.scale", format!("{:?} is not 0 < lo <= hi <= 1", self.scale)));
+            return Err(Error::config(
+                "augment.scale",
+                format!("{:?} is not 0 < lo <= hi <= 1", self.scale),
+            ));
         }
         let [r0, r1] = self.ratio;
         if !(r0 > 0.0 && r0 <= r1) {
-            return Err(Error::config("augment.ratio", format!("{:?} is not 0 < lo <= hi", self.ratio)));
+            return Err(Error::config(
+                "augment.ratio",
+                format!("{:?} is not 0 < lo <= hi", self.ratio),
+            ));
         }
         if !(0.0..=1.0).contains(&self.hflip) {
-            return Err(Error::config("augment.hflip", format!("{} is not a probability", self.hflip)));
+            return Err(Error::config(
+                "augment.hflip",
+                format!("{} is not a probability", self.hflip),
+            ));
         }
         if let Some(j) = &self.color_jitter {
             j.validate()?;
@@ -228,12 +240,18 @@ impl ColorJitter {
             ("contrast", self.contrast),
             ("saturation", self.saturation),
         ] {
-            if !(v >= 0.0) {
-                return Err(Error::config(format!("color_jitter.{name}"), format!("{v} is negative")));
+            if v.is_nan() || v < 0.0 {
+                return Err(Error::config(
+                    format!("color_jitter.{name}"),
+                    format!("{v} is negative"),
+                ));
             }
         }
         if !(0.0..=0.5).contains(&self.hue) {
-            return Err(Error::config("color_jitter.hue", format!("{} is not in [0, 0.5]", self.hue)));
+            return Err(Error::config(
+                "color_jitter.hue",
+                format!("{} is not in [0, 0.5]", self.hue),
+            ));
         }
         Ok(())
     }
@@ -250,7 +268,13 @@ pub struct CropBox {
 
 /// torchvision's `RandomResizedCrop.get_params`: ten tries at a box of random area and aspect ratio that
 /// fits, then the centre crop clamped to the ratio range.
-pub fn random_resized_crop_box(width: u32, height: u32, scale: [f64; 2], ratio: [f64; 2], rng: &mut impl Rng) -> CropBox {
+pub fn random_resized_crop_box(
+    width: u32,
+    height: u32,
+    scale: [f64; 2],
+    ratio: [f64; 2],
+    rng: &mut impl Rng,
+) -> CropBox {
     let area = width as f64 * height as f64;
     let (log_lo, log_hi) = (ratio[0].ln(), ratio[1].ln());
     for _ in 0..10 {
@@ -261,18 +285,34 @@ pub fn random_resized_crop_box(width: u32, height: u32, scale: [f64; 2], ratio: 
         if 0 < w && w <= width as i64 && 0 < h && h <= height as i64 {
             let top = rng.random_range(0..=(height as i64 - h)) as u32;
             let left = rng.random_range(0..=(width as i64 - w)) as u32;
-            return CropBox { left, top, width: w as u32, height: h as u32 };
+            return CropBox {
+                left,
+                top,
+                width: w as u32,
+                height: h as u32,
+            };
         }
     }
     let in_ratio = width as f64 / height as f64;
     let (w, h) = if in_ratio < ratio[0] {
-        (width, ((width as f64 / ratio[0]).round() as u32).clamp(1, height))
+        (
+            width,
+            ((width as f64 / ratio[0]).round() as u32).clamp(1, height),
+        )
     } else if in_ratio > ratio[1] {
-        (((height as f64 * ratio[1]).round() as u32).clamp(1, width), height)
+        (
+            ((height as f64 * ratio[1]).round() as u32).clamp(1, width),
+            height,
+        )
     } else {
         (width, height)
     };
-    CropBox { left: (width - w) / 2, top: (height - h) / 2, width: w, height: h }
+    CropBox {
+        left: (width - w) / 2,
+        top: (height - h) / 2,
+        width: w,
+        height: h,
+    }
 }
 
 fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
@@ -285,7 +325,13 @@ fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
 
 /// One augmented training image: random resized crop to `input_size`, maybe flipped, maybe jittered,
 /// normalised into `out` (CHW).
-pub fn augment_into(image: &RgbImage, p: &Preprocess, aug: &Augment, rng: &mut impl Rng, out: &mut [f32]) {
+pub fn augment_into(
+    image: &RgbImage,
+    p: &Preprocess,
+    aug: &Augment,
+    rng: &mut impl Rng,
+    out: &mut [f32],
+) {
     let (w, h) = image.dimensions();
     let b = random_resized_crop_box(w, h, aug.scale, aug.ratio, rng);
     let crop = image::imageops::crop_imm(image, b.left, b.top, b.width, b.height).to_image();
@@ -301,7 +347,9 @@ pub fn augment_into(image: &RgbImage, p: &Preprocess, aug: &Augment, rng: &mut i
                 .collect();
             jitter(&mut pixels, j, rng);
             let jittered = RgbImage::from_fn(s, s, |x, y| {
-                image::Rgb(pixels[(y * s + x) as usize].map(|v| (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8))
+                image::Rgb(
+                    pixels[(y * s + x) as usize].map(|v| (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8),
+                )
             });
             normalize_into(&jittered, p, flip, out);
         }
@@ -327,7 +375,10 @@ fn jitter(pixels: &mut [[f32; 3]], j: &ColorJitter, rng: &mut impl Rng) {
         match op {
             0 => {
                 if let Some(b) = b {
-                    pixels.iter_mut().flatten().for_each(|v| *v = (*v * b).clamp(0.0, 1.0));
+                    pixels
+                        .iter_mut()
+                        .flatten()
+                        .for_each(|v| *v = (*v * b).clamp(0.0, 1.0));
                 }
             }
             1 => {
@@ -343,7 +394,8 @@ fn jitter(pixels: &mut [[f32; 3]], j: &ColorJitter, rng: &mut impl Rng) {
                 if let Some(s) = s {
                     for p in pixels.iter_mut() {
                         let l = luma(p);
-                        p.iter_mut().for_each(|v| *v = (s * *v + (1.0 - s) * l).clamp(0.0, 1.0));
+                        p.iter_mut()
+                            .for_each(|v| *v = (s * *v + (1.0 - s) * l).clamp(0.0, 1.0));
                     }
                 }
             }
@@ -405,9 +457,15 @@ mod tests {
     #[test]
     fn short_side_resize_truncates_the_long_side_like_torchvision() {
         let img = RgbImage::new(333, 250);
-        assert_eq!(resize_short_side(&img, 256, Interpolation::Bilinear).dimensions(), (340, 256));
+        assert_eq!(
+            resize_short_side(&img, 256, Interpolation::Bilinear).dimensions(),
+            (340, 256)
+        );
         let tall = RgbImage::new(100, 301);
-        assert_eq!(resize_short_side(&tall, 50, Interpolation::Bicubic).dimensions(), (50, 150));
+        assert_eq!(
+            resize_short_side(&tall, 50, Interpolation::Bicubic).dimensions(),
+            (50, 150)
+        );
     }
 
     #[test]
@@ -423,16 +481,33 @@ mod tests {
 
     #[test]
     fn normalisation_maps_pixels_through_mean_and_std() {
-        let p = Preprocess { input_size: 2, crop_pct: 1.0, interpolation: Interpolation::Nearest, mean: [0.5, 0.0, 1.0], std: [0.5, 1.0, 2.0] };
-        let img = RgbImage::from_fn(2, 2, |x, _| if x == 0 { image::Rgb([255, 0, 51]) } else { image::Rgb([0, 255, 255]) });
+        let p = Preprocess {
+            input_size: 2,
+            crop_pct: 1.0,
+            interpolation: Interpolation::Nearest,
+            mean: [0.5, 0.0, 1.0],
+            std: [0.5, 1.0, 2.0],
+        };
+        let img = RgbImage::from_fn(2, 2, |x, _| {
+            if x == 0 {
+                image::Rgb([255, 0, 51])
+            } else {
+                image::Rgb([0, 255, 255])
+            }
+        });
         let mut out = vec![0f32; 12];
         normalize_into(&img, &p, false, &mut out);
-        let expect = [1.0, -1.0, 1.0, -1.0, 0.0, 1.0, 0.0, 1.0, -0.4, 0.0, -0.4, 0.0];
+        let expect = [
+            1.0, -1.0, 1.0, -1.0, 0.0, 1.0, 0.0, 1.0, -0.4, 0.0, -0.4, 0.0,
+        ];
         for (a, b) in out.iter().zip(expect) {
             assert!((a - b).abs() < 1e-6, "{out:?}");
         }
         normalize_into(&img, &p, true, &mut out);
-        assert!((out[0] + 1.0).abs() < 1e-6 && (out[1] - 1.0).abs() < 1e-6, "flip mirrors columns");
+        assert!(
+            (out[0] + 1.0).abs() < 1e-6 && (out[1] - 1.0).abs() < 1e-6,
+            "flip mirrors columns"
+        );
     }
 
     #[test]
@@ -440,7 +515,9 @@ mod tests {
         let mut rng = ChaCha8Rng::seed_from_u64(3);
         for _ in 0..500 {
             let b = random_resized_crop_box(320, 240, [0.08, 1.0], [0.75, 4.0 / 3.0], &mut rng);
-            assert!(b.left + b.width <= 320 && b.top + b.height <= 240 && b.width > 0 && b.height > 0);
+            assert!(
+                b.left + b.width <= 320 && b.top + b.height <= 240 && b.width > 0 && b.height > 0
+            );
             let frac = (b.width * b.height) as f64 / (320.0 * 240.0);
             assert!(frac > 0.07 && frac <= 1.0, "{b:?}");
         }
@@ -466,7 +543,10 @@ mod tests {
 
     #[test]
     fn preprocess_round_trips_through_json_with_lowercase_interpolation() {
-        let p = Preprocess { interpolation: Interpolation::Bicubic, ..Preprocess::imagenet(224) };
+        let p = Preprocess {
+            interpolation: Interpolation::Bicubic,
+            ..Preprocess::imagenet(224)
+        };
         let json = serde_json::to_string(&p).unwrap();
         assert!(json.contains("\"bicubic\""), "{json}");
         assert_eq!(serde_json::from_str::<Preprocess>(&json).unwrap(), p);
