@@ -5,6 +5,7 @@
 //! of named *layer groups* (ResNet: stem, layer1..layer4; EfficientNet-Lite: stem, its stages, ...); the
 //! classifier (`fc` / `_fc`) is a separate [`Linear`](layers::Linear) head so a new one can replace it.
 
+pub mod efficientnet;
 pub mod layers;
 pub mod pth;
 pub mod resnet;
