@@ -584,4 +584,41 @@ mod tests {
                 > 0.
         );
     }
+
+    #[test]
+    fn frozen_groups_get_no_gradient_and_keep_their_running_statistics() {
+        let (varmap, net) = fresh_lite0();
+        // A non-square input of mixed parity also exercises the explicit SAME padding under backward.
+        let x = Tensor::randn(0f32, 1., (2, 3, 32, 27), &Device::Cpu).unwrap();
+        let before = varmap.data().lock().unwrap()["_bn0.running_mean"]
+            .as_tensor()
+            .copy()
+            .unwrap();
+        let logits = net.forward_logits(&x, Mode::Train, 2).unwrap();
+        let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        assert!(grads.get(data["_conv_stem.weight"].as_tensor()).is_none());
+        assert!(grads
+            .get(data["_blocks.0._depthwise_conv.weight"].as_tensor())
+            .is_none());
+        assert!(grads
+            .get(data["_blocks.1._depthwise_conv.weight"].as_tensor())
+            .is_some());
+        assert!(grads.get(data["_bn1.weight"].as_tensor()).is_some());
+        let after = data["_bn0.running_mean"].as_tensor();
+        let moved = (after - &before).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(moved.to_scalar::<f32>().unwrap(), 0.);
+        let head_mean = data["_bn1.running_mean"].as_tensor();
+        let head_moved = head_mean
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            head_moved > 0.,
+            "trained groups update their running statistics"
+        );
+    }
 }
