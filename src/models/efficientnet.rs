@@ -7,7 +7,8 @@
 //! eps 1e-3, and every convolution pads like TensorFlow's "SAME": for a stride-2 convolution on an even
 //! input size the padding is one row/column smaller at the top/left than at the bottom/right. The
 //! weights were trained with that padding; PyTorch's symmetric `k / 2` changes the top class of real
-//! images.
+//! images. BatchNorm momentum is the layers' common 0.1 (PyTorch's default, which the fine-tuning anchor
+//! in the golden README used), not the 0.01 of the TensorFlow original; it only matters when training.
 //!
 //! Layer groups, in forward order (what `freeze_until` and per-group learning rates refer to):
 //! * `stem`: `_conv_stem`, `_bn0` (stride 2, 32 channels);
