@@ -7,7 +7,8 @@
 //! eps 1e-3, and every convolution pads like TensorFlow's "SAME": for a stride-2 convolution on an even
 //! input size the padding is one row/column smaller at the top/left than at the bottom/right. The
 //! weights were trained with that padding; PyTorch's symmetric `k / 2` changes the top class of real
-//! images.
+//! images. BatchNorm momentum is the layers' common 0.1 (PyTorch's default, which the fine-tuning anchor
+//! in the golden README used), not the 0.01 of the TensorFlow original; it only matters when training.
 //!
 //! Layer groups, in forward order (what `freeze_until` and per-group learning rates refer to):
 //! * `stem`: `_conv_stem`, `_bn0` (stride 2, 32 channels);
@@ -582,6 +583,43 @@ mod tests {
                 .to_scalar::<f32>()
                 .unwrap()
                 > 0.
+        );
+    }
+
+    #[test]
+    fn frozen_groups_get_no_gradient_and_keep_their_running_statistics() {
+        let (varmap, net) = fresh_lite0();
+        // A non-square input of mixed parity also exercises the explicit SAME padding under backward.
+        let x = Tensor::randn(0f32, 1., (2, 3, 32, 27), &Device::Cpu).unwrap();
+        let before = varmap.data().lock().unwrap()["_bn0.running_mean"]
+            .as_tensor()
+            .copy()
+            .unwrap();
+        let logits = net.forward_logits(&x, Mode::Train, 2).unwrap();
+        let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let data = varmap.data().lock().unwrap();
+        assert!(grads.get(data["_conv_stem.weight"].as_tensor()).is_none());
+        assert!(grads
+            .get(data["_blocks.0._depthwise_conv.weight"].as_tensor())
+            .is_none());
+        assert!(grads
+            .get(data["_blocks.1._depthwise_conv.weight"].as_tensor())
+            .is_some());
+        assert!(grads.get(data["_bn1.weight"].as_tensor()).is_some());
+        let after = data["_bn0.running_mean"].as_tensor();
+        let moved = (after - &before).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(moved.to_scalar::<f32>().unwrap(), 0.);
+        let head_mean = data["_bn1.running_mean"].as_tensor();
+        let head_moved = head_mean
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            head_moved > 0.,
+            "trained groups update their running statistics"
         );
     }
 }
