@@ -99,7 +99,14 @@ enum Grads {
 }
 
 /// Runs one configuration and returns the largest parameter error over all steps.
-fn run_case(case: &Value, problem: &Problem, dtype: DType, grads_from: Grads, tol: f64) -> Result<f64, String> {
+fn run_case(
+    case: &Value,
+    problem: &Problem,
+    dtype: DType,
+    grads_from: Grads,
+    fused: bool,
+    tol: f64,
+) -> Result<f64, String> {
     let class = case["torch_class"].as_str().ok_or("no torch_class")?;
     let hyper = case["hyperparams"].as_object().ok_or("no hyperparams")?;
     let (config, lr) = OptimizerConfig::from_torch(class, hyper).map_err(|e| e.to_string())?;
@@ -123,6 +130,7 @@ fn run_case(case: &Value, problem: &Problem, dtype: DType, grads_from: Grads, to
     let mut opt = config
         .build(groups::single_group([("theta".to_string(), theta.clone())]))
         .map_err(|e| e.to_string())?;
+    opt.set_fused(fused);
     let mut worst: f64 = 0.0;
     for (t, (g, want)) in grads.iter().zip(params).enumerate() {
         let store = match grads_from {
@@ -161,7 +169,8 @@ fn run_case(case: &Value, problem: &Problem, dtype: DType, grads_from: Grads, to
     Ok(worst)
 }
 
-/// Walks every file and configuration; returns (cases run, failures).
+/// Walks every file and configuration, with the fused CPU pass and with candle tensor ops; returns
+/// (cases run, failures).
 fn walk(grads_from: Grads) -> (usize, Vec<String>) {
     let mut failures = Vec::new();
     let mut cases = 0;
@@ -190,10 +199,16 @@ fn walk(grads_from: Grads) -> (usize, Vec<String>) {
         };
         for case in configs {
             cases += 1;
-            let label = format!("{name}/{} ({grads_from:?} gradients)", case["name"].as_str().unwrap_or("?"));
-            match run_case(case, &problem, dtype, grads_from, tol) {
-                Ok(worst) => eprintln!("{label}: max abs error {worst:e}"),
-                Err(e) => failures.push(format!("{label}: {e}")),
+            for fused in [true, false] {
+                let label = format!(
+                    "{name}/{} ({grads_from:?} gradients, {})",
+                    case["name"].as_str().unwrap_or("?"),
+                    if fused { "fused" } else { "tensor ops" }
+                );
+                match run_case(case, &problem, dtype, grads_from, fused, tol) {
+                    Ok(worst) => eprintln!("{label}: max abs error {worst:e}"),
+                    Err(e) => failures.push(format!("{label}: {e}")),
+                }
             }
         }
     }

@@ -98,13 +98,15 @@ fn configs() -> Vec<OptimizerConfig> {
 fn save_load_and_continue_equals_an_uninterrupted_run_for_every_optimizer() {
     let p = problem();
     let dir = tempfile::tempdir().unwrap();
-    for config in configs() {
+    for (config, fused) in configs().into_iter().flat_map(|c| [(c.clone(), true), (c, false)]) {
         let (w, b) = fresh_params();
         let mut opt = config.build(groups(&w, &b)).unwrap();
+        opt.set_fused(fused);
         train(&mut opt, &p, &w, &b, 0..STEPS);
 
         let (w1, b1) = fresh_params();
         let mut first = config.build(groups(&w1, &b1)).unwrap();
+        first.set_fused(fused);
         train(&mut first, &p, &w1, &b1, 0..SPLIT);
         let path = dir.path().join(format!("{}.safetensors", config.kind()));
         first.state().save(&path).unwrap();
@@ -113,11 +115,12 @@ fn save_load_and_continue_equals_an_uninterrupted_run_for_every_optimizer() {
 
         let (w2, b2) = (Var::from_tensor(&w_saved).unwrap(), Var::from_tensor(&b_saved).unwrap());
         let mut resumed = config.build(groups(&w2, &b2)).unwrap();
+        resumed.set_fused(fused);
         resumed.load_state(&OptimState::load(&path, &Device::Cpu).unwrap()).unwrap();
         train(&mut resumed, &p, &w2, &b2, SPLIT..STEPS);
 
-        assert_eq!(bits(&w2), bits(&w), "{config:?}: weights differ after resume");
-        assert_eq!(bits(&b2), bits(&b), "{config:?}: bias differs after resume");
+        assert_eq!(bits(&w2), bits(&w), "{config:?} (fused {fused}): weights differ after resume");
+        assert_eq!(bits(&b2), bits(&b), "{config:?} (fused {fused}): bias differs after resume");
         assert_ne!(bits(&w), bits(&fresh_params().0), "{config:?}: training did not move the weights");
     }
 }
@@ -213,4 +216,22 @@ fn state_of_another_optimizer_or_an_incomplete_state_is_rejected() {
         .insert("w.exp_avg".into(), Tensor::zeros(3, DType::F32, &Device::Cpu).unwrap());
     let err = adam.load_state(&state).unwrap_err().to_string();
     assert!(err.contains("w.exp_avg") && err.contains("shape"), "{err}");
+}
+
+#[test]
+fn fused_and_tensor_op_steps_agree_in_f32_for_every_optimizer() {
+    let p = problem();
+    for config in configs() {
+        let run = |fused: bool| {
+            let (w, b) = fresh_params();
+            let mut opt = config.build(groups(&w, &b)).unwrap();
+            opt.set_fused(fused);
+            train(&mut opt, &p, &w, &b, 0..STEPS);
+            let w: Vec<f32> = w.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            w
+        };
+        let (fused, ops) = (run(true), run(false));
+        let worst = fused.iter().zip(&ops).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-5, "{config:?}: fused and tensor-op runs differ by {worst}");
+    }
 }

@@ -30,6 +30,7 @@ pub mod adam;
 pub mod clip;
 pub mod config;
 pub mod groups;
+pub mod kernel;
 pub mod nadam;
 pub mod rmsprop;
 pub mod schedule;
@@ -71,6 +72,19 @@ pub trait UpdateRule: std::fmt::Debug + Send + Sync + 'static {
         state: &Self::State,
     ) -> Result<(Tensor, Self::State)>;
 
+    /// The same step as [`UpdateRule::update`] fused into one parallel pass ([`kernel::map_cpu`]), where the
+    /// tensors allow it (contiguous f32/f64 on the CPU); `None` otherwise. The default has no fused form.
+    fn update_fused(
+        &self,
+        _lr: f64,
+        _weight_decay: f64,
+        _param: &Tensor,
+        _grad: &Tensor,
+        _state: &Self::State,
+    ) -> Result<Option<(Tensor, Self::State)>> {
+        Ok(None)
+    }
+
     /// Writes a state's tensors and scalars under their slot names.
     fn export(&self, state: &Self::State, out: &mut SlotWriter);
 
@@ -88,6 +102,7 @@ pub trait UpdateRule: std::fmt::Debug + Send + Sync + 'static {
 /// A rule together with the states of the parameters it has stepped; the object-safe face of [`UpdateRule`].
 trait Engine: std::fmt::Debug + Send + Sync {
     fn family(&self) -> &'static str;
+    fn set_fused(&mut self, fused: bool);
     fn step_param(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, weight_decay: f64) -> Result<()>;
     fn export(&self, names: &[&str], out: &mut OptimState);
     fn import(&mut self, params: &[(&str, &Var)], src: &OptimState) -> Result<()>;
@@ -97,6 +112,7 @@ trait Engine: std::fmt::Debug + Send + Sync {
 
 struct RuleEngine<R: UpdateRule> {
     rule: R,
+    fused: bool,
     states: HashMap<String, R::State>,
 }
 
@@ -104,6 +120,7 @@ impl<R: UpdateRule> std::fmt::Debug for RuleEngine<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuleEngine")
             .field("rule", &self.rule)
+            .field("fused", &self.fused)
             .field("params_with_state", &self.states.len())
             .finish()
     }
@@ -114,6 +131,10 @@ impl<R: UpdateRule> Engine for RuleEngine<R> {
         self.rule.family()
     }
 
+    fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
     fn step_param(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, weight_decay: f64) -> Result<()> {
         // Detached: the update must not record a gradient graph through the parameter.
         let param = var.as_detached_tensor();
@@ -122,7 +143,15 @@ impl<R: UpdateRule> Engine for RuleEngine<R> {
             Some(s) => s.clone(),
             None => self.rule.init(&param)?,
         };
-        let (new_param, new_state) = self.rule.update(lr, weight_decay, &param, &grad, &state)?;
+        let fused = if self.fused {
+            self.rule.update_fused(lr, weight_decay, &param, &grad, &state)?
+        } else {
+            None
+        };
+        let (new_param, new_state) = match fused {
+            Some(done) => done,
+            None => self.rule.update(lr, weight_decay, &param, &grad, &state)?,
+        };
         var.set(&new_param)?;
         self.states.insert(name.to_string(), new_state);
         Ok(())
@@ -222,6 +251,14 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Chooses the implementation, not the numbers (like PyTorch's `foreach`/`fused` flags): with `true`, the
+    /// default, contiguous f32/f64 parameters on the CPU are updated in one fused multi-threaded pass
+    /// ([`kernel::map_cpu`]); with `false`, or on other devices, by candle tensor ops. The two agree to
+    /// rounding.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.engine.set_fused(fused);
+    }
+
     /// The configuration this optimizer was built from.
     pub fn config(&self) -> &OptimizerConfig {
         &self.config
@@ -267,9 +304,11 @@ impl Optimizer {
 
     /// Replaces the state with `state`: each grouped parameter takes its stored state, or starts fresh when
     /// `state` has none for it (it was frozen when the state was saved); stored states of parameters not in
-    /// any group are ignored. On error the optimizer's state is unchanged.
+    /// any group are ignored. An empty `OptimState::default()` resets every parameter to fresh state. On
+    /// error the optimizer's state is unchanged.
     pub fn load_state(&mut self, state: &OptimState) -> Result<()> {
-        if state.rule != self.engine.family() {
+        let empty = state.tensors.is_empty() && state.scalars.is_empty();
+        if state.rule != self.engine.family() && !(empty && state.rule.is_empty()) {
             return Err(Error::config(
                 "optimizer state",
                 format!(
@@ -291,6 +330,7 @@ impl Optimizer {
 fn boxed_engine<R: UpdateRule>(rule: R) -> Box<dyn Engine> {
     Box::new(RuleEngine {
         rule,
+        fused: true,
         states: HashMap::new(),
     })
 }
