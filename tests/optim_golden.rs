@@ -26,7 +26,11 @@ fn golden_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no optimizer vectors in {}", dir.display());
+    assert!(
+        !files.is_empty(),
+        "no optimizer vectors in {}",
+        dir.display()
+    );
     files
 }
 
@@ -73,8 +77,14 @@ impl Problem {
 
     /// The loss at `theta`, with a graph back to it.
     fn loss(&self, theta: &Var) -> candle_core::Result<Tensor> {
-        let pred = self.a.matmul(&theta.as_tensor().unsqueeze(1)?)?.squeeze(1)?;
-        (pred - &self.y)?.sqr()?.sum_all()?.affine(0.5 / self.n as f64, 0.0)
+        let pred = self
+            .a
+            .matmul(&theta.as_tensor().unsqueeze(1)?)?
+            .squeeze(1)?;
+        (pred - &self.y)?
+            .sqr()?
+            .sum_all()?
+            .affine(0.5 / self.n as f64, 0.0)
     }
 }
 
@@ -86,7 +96,11 @@ fn max_abs_diff(t: &Tensor, want: &[f64]) -> Result<f64, String> {
     if got.len() != want.len() {
         return Err(format!("{} values, expected {}", got.len(), want.len()));
     }
-    Ok(got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max))
+    Ok(got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max))
 }
 
 /// Where the gradient of each step comes from.
@@ -144,17 +158,25 @@ fn run_case(
             }
             Grads::Autograd => {
                 let loss = problem.loss(&theta).map_err(|e| e.to_string())?;
-                let loss_err = (loss.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(|e| e.to_string())?
+                let loss_err = (loss
+                    .to_dtype(DType::F64)
+                    .and_then(|l| l.to_scalar::<f64>())
+                    .map_err(|e| e.to_string())?
                     - losses[t])
                     .abs();
                 if loss_err > tol {
                     return Err(format!("step {}: loss off by {loss_err:e}", t + 1));
                 }
                 let store = loss.backward().map_err(|e| e.to_string())?;
-                let grad = store.get(theta.as_tensor()).ok_or("autograd gave no gradient")?;
+                let grad = store
+                    .get(theta.as_tensor())
+                    .ok_or("autograd gave no gradient")?;
                 let grad_err = max_abs_diff(grad, &floats(g)?)?;
                 if grad_err > tol {
-                    return Err(format!("step {}: autograd gradient off by {grad_err:e}", t + 1));
+                    return Err(format!(
+                        "step {}: autograd gradient off by {grad_err:e}",
+                        t + 1
+                    ));
                 }
                 store
             }
@@ -162,7 +184,10 @@ fn run_case(
         opt.step(&store, lr).map_err(|e| e.to_string())?;
         let err = max_abs_diff(theta.as_tensor(), &floats(want)?)?;
         if err > tol || err.is_nan() {
-            return Err(format!("step {}: parameters off by {err:e} (tolerance {tol:e})", t + 1));
+            return Err(format!(
+                "step {}: parameters off by {err:e} (tolerance {tol:e})",
+                t + 1
+            ));
         }
         worst = worst.max(err);
     }
@@ -175,8 +200,10 @@ fn walk(grads_from: Grads) -> (usize, Vec<String>) {
     let mut failures = Vec::new();
     let mut cases = 0;
     for file in golden_files() {
-        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let doc: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let (dtype, tol) = match doc["dtype"].as_str() {
             Some("float64") => (DType::F64, 1e-10),
@@ -219,12 +246,22 @@ fn walk(grads_from: Grads) -> (usize, Vec<String>) {
 fn every_golden_optimizer_matches_pytorch_with_recorded_gradients() {
     let (cases, failures) = walk(Grads::Recorded);
     assert!(cases > 0, "no optimizer configurations found");
-    assert!(failures.is_empty(), "{} of {cases} failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn every_golden_optimizer_matches_pytorch_with_candle_autograd() {
     let (cases, failures) = walk(Grads::Autograd);
     assert!(cases > 0, "no optimizer configurations found");
-    assert!(failures.is_empty(), "{} of {cases} failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

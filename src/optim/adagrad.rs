@@ -33,7 +33,11 @@ pub fn adagrad_update(
     grad: &Tensor,
     state: &AdagradState,
 ) -> Result<(Tensor, AdagradState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     if weight_decay != 0.0 {
         g = (g + param.affine(weight_decay, 0.0)?)?;
     }
@@ -56,7 +60,12 @@ fn adagrad_fused<T: Real>(
 ) -> Result<Option<(Tensor, AdagradState)>> {
     let step = state.step + 1;
     let clr = T::of(lr / (1.0 + (step - 1) as f64 * hp.lr_decay));
-    let (wd, eps, maximize, decay) = (T::of(weight_decay), T::of(hp.eps), hp.maximize, weight_decay != 0.0);
+    let (wd, eps, maximize, decay) = (
+        T::of(weight_decay),
+        T::of(hp.eps),
+        hp.maximize,
+        weight_decay != 0.0,
+    );
     let out = map_cpu::<T, _, _>([param, grad, &state.sum], |[p, g, s]| {
         let g = if maximize { -g } else { g };
         let g = if decay { g + p * wd } else { g };
@@ -76,7 +85,9 @@ impl UpdateRule for Adagrad {
     fn init(&self, param: &Tensor) -> Result<AdagradState> {
         Ok(AdagradState {
             step: 0,
-            sum: param.ones_like()?.affine(self.initial_accumulator_value, 0.0)?,
+            sum: param
+                .ones_like()?
+                .affine(self.initial_accumulator_value, 0.0)?,
         })
     }
 
@@ -99,7 +110,10 @@ impl UpdateRule for Adagrad {
         grad: &Tensor,
         state: &AdagradState,
     ) -> Result<Option<(Tensor, AdagradState)>> {
-        by_float_dtype!(param, adagrad_fused(self, lr, weight_decay, param, grad, state))
+        by_float_dtype!(
+            param,
+            adagrad_fused(self, lr, weight_decay, param, grad, state)
+        )
     }
 
     fn export(&self, state: &AdagradState, out: &mut SlotWriter) {
@@ -122,7 +136,10 @@ impl UpdateRule for Adagrad {
     }
 
     fn set_momentum(&mut self, _momentum: f64) -> Result<()> {
-        Err(Error::config("momentum", "AdaGrad has no momentum to schedule"))
+        Err(Error::config(
+            "momentum",
+            "AdaGrad has no momentum to schedule",
+        ))
     }
 }
 

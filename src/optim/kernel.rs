@@ -20,6 +20,8 @@ pub trait Real:
     + std::ops::Mul<Output = Self>
     + std::ops::Div<Output = Self>
     + std::ops::Neg<Output = Self>
+    + std::ops::AddAssign
+    + std::ops::MulAssign
     + PartialOrd
 {
     fn sqrt(self) -> Self;
@@ -80,7 +82,9 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
         let Storage::Cpu(cpu) = &**storage else {
             return Ok(None);
         };
-        let (Some((start, end)), true) = (layout.contiguous_offsets(), layout.shape() == first.shape()) else {
+        let (Some((start, end)), true) =
+            (layout.contiguous_offsets(), layout.shape() == first.shape())
+        else {
             return Ok(None);
         };
         let Ok(all) = cpu.as_slice::<T>() else {
@@ -94,7 +98,10 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
         let mut iters: Vec<_> = outs.iter_mut().map(|o| o.chunks_mut(CHUNK)).collect();
         let mut items: Vec<(usize, Vec<&mut [T]>)> = Vec::with_capacity(n.div_ceil(CHUNK));
         for i in 0..n.div_ceil(CHUNK) {
-            items.push((i * CHUNK, iters.iter_mut().filter_map(Iterator::next).collect()));
+            items.push((
+                i * CHUNK,
+                iters.iter_mut().filter_map(Iterator::next).collect(),
+            ));
         }
         items.into_par_iter().for_each(|(base, mut chunk)| {
             let len = chunk.first().map_or(0, |c| c.len());
@@ -112,7 +119,11 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
     for out in outs {
         tensors.push(Tensor::from_vec(out, shape.clone(), first.device())?);
     }
-    Ok(Some(tensors.try_into().unwrap_or_else(|_| unreachable!("M outputs"))))
+    Ok(Some(
+        tensors
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("M outputs")),
+    ))
 }
 
 /// Runs `$body::<f32>` or `$body::<f64>` by the dtype of `$t`; other dtypes give `Ok(None)`.
@@ -137,9 +148,17 @@ mod tests {
         let n = CHUNK * 2 + 17;
         let a = Tensor::arange(0f32, n as f32, &Device::Cpu).unwrap();
         let b = a.affine(0.5, 1.0).unwrap();
-        let [s, d] = map_cpu::<f32, 2, 2>([&a, &b], |[x, y]| [x + y, x - y]).unwrap().unwrap();
-        assert_eq!(s.to_vec1::<f32>().unwrap(), (&a + &b).unwrap().to_vec1::<f32>().unwrap());
-        assert_eq!(d.to_vec1::<f32>().unwrap(), (&a - &b).unwrap().to_vec1::<f32>().unwrap());
+        let [s, d] = map_cpu::<f32, 2, 2>([&a, &b], |[x, y]| [x + y, x - y])
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.to_vec1::<f32>().unwrap(),
+            (&a + &b).unwrap().to_vec1::<f32>().unwrap()
+        );
+        assert_eq!(
+            d.to_vec1::<f32>().unwrap(),
+            (&a - &b).unwrap().to_vec1::<f32>().unwrap()
+        );
     }
 
     #[test]

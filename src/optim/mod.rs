@@ -4,6 +4,8 @@
 //!   [`adam`] (Adam, AdamW, AMSGrad), [`nadam`]. Each rule is a pure function
 //!   `(hyperparameters, lr, weight decay, param, grad, state) -> (param, state)` over device tensors; PyTorch's
 //!   definitions are the ones matched where textbooks differ (see `../shared/golden/optim/vectors.json`).
+//!   On the CPU each rule also has the same arithmetic fused into one multi-threaded pass ([`kernel`]), used by
+//!   default because a dozen single-threaded tensor ops per step cost several times more.
 //! * [`groups`]: parameter groups by name, each with its own learning-rate multiplier and weight decay; a
 //!   frozen parameter is simply in no group.
 //! * [`config`]: [`OptimizerConfig`], the serde description (`kind` plus hyperparameters, PyTorch's defaults)
@@ -17,11 +19,21 @@
 //! use graft::optim::{groups, OptimizerConfig, ScheduleConfig};
 //! # let varmap = candle_nn::VarMap::new();
 //! # let loss: candle_core::Tensor = todo!();
-//! let groups = groups::no_decay_groups(groups::trainable_params(&varmap));
+//! // Stem frozen; layer1..layer3 at 1/100..1/10 of the rate, layer4 and the head at the full rate;
+//! // no weight decay on biases and BatchNorm.
+//! let stages = ["layer1.", "layer2.", "layer3.", "layer4.", "fc."];
+//! let group_of = |name: &str| stages.iter().position(|s| name.starts_with(s)).map(|g| g.min(3));
+//! let mults = groups::even_mults(0.01, 1.0, 4);
+//! let groups = groups::discriminative_groups(groups::trainable_params(&varmap), group_of, &mults, true)?;
 //! let mut opt = OptimizerConfig::from_kind("adamw")?.build(groups)?;
-//! let schedule = ScheduleConfig::Constant { lr: 1e-3 };
-//! let grads = loss.backward()?;
-//! opt.step(&grads, schedule.lr_at(0, 100))?;
+//! let schedule = ScheduleConfig::fit_one_cycle(1e-3);
+//! let (step, total) = (0, 1000);
+//! let mut grads = loss.backward()?;
+//! graft::optim::clip_grad_norm(&mut grads, &opt.vars(), 1.0)?;
+//! if let Some(m) = schedule.momentum_at(step, total) {
+//!     opt.set_momentum(m)?;
+//! }
+//! opt.step(&grads, schedule.lr_at(step, total))?;
 //! # Ok(()) }
 //! ```
 
@@ -103,7 +115,14 @@ pub trait UpdateRule: std::fmt::Debug + Send + Sync + 'static {
 trait Engine: std::fmt::Debug + Send + Sync {
     fn family(&self) -> &'static str;
     fn set_fused(&mut self, fused: bool);
-    fn step_param(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, weight_decay: f64) -> Result<()>;
+    fn step_param(
+        &mut self,
+        name: &str,
+        var: &Var,
+        grad: &Tensor,
+        lr: f64,
+        weight_decay: f64,
+    ) -> Result<()>;
     fn export(&self, names: &[&str], out: &mut OptimState);
     fn import(&mut self, params: &[(&str, &Var)], src: &OptimState) -> Result<()>;
     fn momentum(&self) -> Option<f64>;
@@ -135,7 +154,14 @@ impl<R: UpdateRule> Engine for RuleEngine<R> {
         self.fused = fused;
     }
 
-    fn step_param(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, weight_decay: f64) -> Result<()> {
+    fn step_param(
+        &mut self,
+        name: &str,
+        var: &Var,
+        grad: &Tensor,
+        lr: f64,
+        weight_decay: f64,
+    ) -> Result<()> {
         // Detached: the update must not record a gradient graph through the parameter.
         let param = var.as_detached_tensor();
         let grad = grad.detach();
@@ -144,7 +170,8 @@ impl<R: UpdateRule> Engine for RuleEngine<R> {
             None => self.rule.init(&param)?,
         };
         let fused = if self.fused {
-            self.rule.update_fused(lr, weight_decay, &param, &grad, &state)?
+            self.rule
+                .update_fused(lr, weight_decay, &param, &grad, &state)?
         } else {
             None
         };

@@ -40,7 +40,11 @@ pub fn nadam_update(
     grad: &Tensor,
     state: &NAdamState,
 ) -> Result<(Tensor, NAdamState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     let mut p = param.clone();
     if weight_decay != 0.0 {
         if hp.decoupled_weight_decay {
@@ -57,8 +61,12 @@ pub fn nadam_update(
     let mu_product = state.mu_product * mu;
     let mu_product_next = mu_product * mu_next;
     let exp_avg = (state.exp_avg.affine(hp.beta1, 0.0)? + g.affine(1.0 - hp.beta1, 0.0)?)?;
-    let exp_avg_sq = (state.exp_avg_sq.affine(hp.beta2, 0.0)? + g.sqr()?.affine(1.0 - hp.beta2, 0.0)?)?;
-    let denom = exp_avg_sq.affine(1.0 / bias_correction2, 0.0)?.sqrt()?.affine(1.0, hp.eps)?;
+    let exp_avg_sq =
+        (state.exp_avg_sq.affine(hp.beta2, 0.0)? + g.sqr()?.affine(1.0 - hp.beta2, 0.0)?)?;
+    let denom = exp_avg_sq
+        .affine(1.0 / bias_correction2, 0.0)?
+        .sqrt()?
+        .affine(1.0, hp.eps)?;
     let grad_coef = lr * (1.0 - mu) / (1.0 - mu_product);
     let avg_coef = lr * mu_next / (1.0 - mu_product_next);
     let num = (g.affine(grad_coef, 0.0)? + exp_avg.affine(avg_coef, 0.0)?)?;
@@ -92,24 +100,37 @@ fn nadam_fused<T: Real>(
     let grad_coef = T::of(lr * (1.0 - mu) / (1.0 - mu_product));
     let avg_coef = T::of(lr * mu_next / (1.0 - mu_product * mu_next));
     let inv_bc2 = T::of(1.0 / bias_correction2);
-    let (b1, rest1, b2, rest2) = (T::of(hp.beta1), T::of(1.0 - hp.beta1), T::of(hp.beta2), T::of(1.0 - hp.beta2));
-    let (eps, wd, shrink) = (T::of(hp.eps), T::of(weight_decay), T::of(1.0 - lr * weight_decay));
-    let (maximize, decoupled, decay) = (hp.maximize, hp.decoupled_weight_decay, weight_decay != 0.0);
-    let out = map_cpu::<T, _, _>([param, grad, &state.exp_avg, &state.exp_avg_sq], |[p, g, m, v]| {
-        let mut g = if maximize { -g } else { g };
-        let mut p = p;
-        if decay {
-            if decoupled {
-                p = p * shrink;
-            } else {
-                g = g + p * wd;
+    let (b1, rest1, b2, rest2) = (
+        T::of(hp.beta1),
+        T::of(1.0 - hp.beta1),
+        T::of(hp.beta2),
+        T::of(1.0 - hp.beta2),
+    );
+    let (eps, wd, shrink) = (
+        T::of(hp.eps),
+        T::of(weight_decay),
+        T::of(1.0 - lr * weight_decay),
+    );
+    let (maximize, decoupled, decay) =
+        (hp.maximize, hp.decoupled_weight_decay, weight_decay != 0.0);
+    let out = map_cpu::<T, _, _>(
+        [param, grad, &state.exp_avg, &state.exp_avg_sq],
+        |[p, g, m, v]| {
+            let mut g = if maximize { -g } else { g };
+            let mut p = p;
+            if decay {
+                if decoupled {
+                    p *= shrink;
+                } else {
+                    g += p * wd;
+                }
             }
-        }
-        let m = m * b1 + g * rest1;
-        let v = v * b2 + g * g * rest2;
-        let denom = (v * inv_bc2).sqrt() + eps;
-        [p - (g * grad_coef + m * avg_coef) / denom, m, v]
-    })?;
+            let m = m * b1 + g * rest1;
+            let v = v * b2 + g * g * rest2;
+            let denom = (v * inv_bc2).sqrt() + eps;
+            [p - (g * grad_coef + m * avg_coef) / denom, m, v]
+        },
+    )?;
     Ok(out.map(|[p, exp_avg, exp_avg_sq]| {
         (
             p,
@@ -158,7 +179,10 @@ impl UpdateRule for NAdam {
         grad: &Tensor,
         state: &NAdamState,
     ) -> Result<Option<(Tensor, NAdamState)>> {
-        by_float_dtype!(param, nadam_fused(self, lr, weight_decay, param, grad, state))
+        by_float_dtype!(
+            param,
+            nadam_fused(self, lr, weight_decay, param, grad, state)
+        )
     }
 
     fn export(&self, state: &NAdamState, out: &mut SlotWriter) {

@@ -39,11 +39,16 @@ pub fn rmsprop_update(
     grad: &Tensor,
     state: &RmsPropState,
 ) -> Result<(Tensor, RmsPropState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     if weight_decay != 0.0 {
         g = (g + param.affine(weight_decay, 0.0)?)?;
     }
-    let square_avg = (state.square_avg.affine(hp.alpha, 0.0)? + g.sqr()?.affine(1.0 - hp.alpha, 0.0)?)?;
+    let square_avg =
+        (state.square_avg.affine(hp.alpha, 0.0)? + g.sqr()?.affine(1.0 - hp.alpha, 0.0)?)?;
     let (avg, grad_avg) = if hp.centered {
         let prev = match &state.grad_avg {
             Some(ga) => ga.clone(),
@@ -63,7 +68,10 @@ pub fn rmsprop_update(
         };
         ((param - buf.affine(lr, 0.0)?)?, Some(buf))
     } else {
-        ((param - (g / avg)?.affine(lr, 0.0)?)?, state.momentum_buffer.clone())
+        (
+            (param - (g / avg)?.affine(lr, 0.0)?)?,
+            state.momentum_buffer.clone(),
+        )
     };
     Ok((
         p,
@@ -88,7 +96,12 @@ fn rmsprop_fused<T: Real>(
 ) -> Result<Option<(Tensor, RmsPropState)>> {
     let (lr_t, wd, eps) = (T::of(lr), T::of(weight_decay), T::of(hp.eps));
     let (alpha, rest, mu) = (T::of(hp.alpha), T::of(1.0 - hp.alpha), T::of(hp.momentum));
-    let (maximize, decay, centered, momentum) = (hp.maximize, weight_decay != 0.0, hp.centered, hp.momentum > 0.0);
+    let (maximize, decay, centered, momentum) = (
+        hp.maximize,
+        weight_decay != 0.0,
+        hp.centered,
+        hp.momentum > 0.0,
+    );
     // The running mean and the momentum buffer take part only when used; absent ones start at zero.
     let ga0 = match (&state.grad_avg, centered) {
         (_, false) => None,
@@ -126,7 +139,11 @@ fn rmsprop_fused<T: Real>(
                 let (p, v, _, _) = elem(p, g, v, T::zero(), T::zero());
                 [p, v]
             })?;
-            (out.map(|[p, v]| (p, v)), None, state.momentum_buffer.clone())
+            (
+                out.map(|[p, v]| (p, v)),
+                None,
+                state.momentum_buffer.clone(),
+            )
         }
         (Some(ga0), None) => match map_cpu::<T, _, _>([param, grad, sq, ga0], |[p, g, v, ga]| {
             let (p, v, ga, _) = elem(p, g, v, ga, T::zero());
@@ -142,13 +159,15 @@ fn rmsprop_fused<T: Real>(
             Some([p, v, b]) => (Some((p, v)), None, Some(b)),
             None => (None, None, None),
         },
-        (Some(ga0), Some(b0)) => match map_cpu::<T, _, _>([param, grad, sq, ga0, b0], |[p, g, v, ga, b]| {
-            let (p, v, ga, b) = elem(p, g, v, ga, b);
-            [p, v, ga, b]
-        })? {
-            Some([p, v, ga, b]) => (Some((p, v)), Some(ga), Some(b)),
-            None => (None, None, None),
-        },
+        (Some(ga0), Some(b0)) => {
+            match map_cpu::<T, _, _>([param, grad, sq, ga0, b0], |[p, g, v, ga, b]| {
+                let (p, v, ga, b) = elem(p, g, v, ga, b);
+                [p, v, ga, b]
+            })? {
+                Some([p, v, ga, b]) => (Some((p, v)), Some(ga), Some(b)),
+                None => (None, None, None),
+            }
+        }
     };
     Ok(out.map(|(p, square_avg)| {
         (
@@ -198,7 +217,10 @@ impl UpdateRule for RmsProp {
         grad: &Tensor,
         state: &RmsPropState,
     ) -> Result<Option<(Tensor, RmsPropState)>> {
-        by_float_dtype!(param, rmsprop_fused(self, lr, weight_decay, param, grad, state))
+        by_float_dtype!(
+            param,
+            rmsprop_fused(self, lr, weight_decay, param, grad, state)
+        )
     }
 
     fn export(&self, state: &RmsPropState, out: &mut SlotWriter) {
@@ -258,6 +280,9 @@ mod tests {
         let (p1, _) = rmsprop_update(&hp, 0.01, 0.0, &p0, &g, &hp.init(&p0).unwrap()).unwrap();
         let want = 0.01 / 0.01f64.sqrt();
         let got = p1.to_vec1::<f64>().unwrap();
-        assert!((got[0] + want).abs() < 1e-12 && (got[1] - want).abs() < 1e-12, "{got:?}");
+        assert!(
+            (got[0] + want).abs() < 1e-12 && (got[1] - want).abs() < 1e-12,
+            "{got:?}"
+        );
     }
 }

@@ -37,7 +37,11 @@ pub fn sgd_update(
     grad: &Tensor,
     state: &SgdState,
 ) -> Result<(Tensor, SgdState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     if weight_decay != 0.0 {
         g = (g + param.affine(weight_decay, 0.0)?)?;
     }
@@ -66,7 +70,12 @@ fn sgd_fused<T: Real>(
     grad: &Tensor,
     state: &SgdState,
 ) -> Result<Option<(Tensor, SgdState)>> {
-    let (lr, wd, mu, keep) = (T::of(lr), T::of(weight_decay), T::of(hp.momentum), T::of(1.0 - hp.dampening));
+    let (lr, wd, mu, keep) = (
+        T::of(lr),
+        T::of(weight_decay),
+        T::of(hp.momentum),
+        T::of(1.0 - hp.dampening),
+    );
     let (maximize, decay, nesterov) = (hp.maximize, weight_decay != 0.0, hp.nesterov);
     let effective = move |p: T, g: T| {
         let g = if maximize { -g } else { g };
@@ -178,7 +187,15 @@ mod tests {
             nesterov: false,
             maximize: false,
         };
-        let (p, s) = sgd_update(&hp, 0.5, 0.0, &t(&[1.0, 2.0]), &t(&[2.0, -4.0]), &SgdState::default()).unwrap();
+        let (p, s) = sgd_update(
+            &hp,
+            0.5,
+            0.0,
+            &t(&[1.0, 2.0]),
+            &t(&[2.0, -4.0]),
+            &SgdState::default(),
+        )
+        .unwrap();
         assert_eq!(vals(&p), vec![0.0, 4.0]);
         assert!(s.momentum_buffer.is_none());
     }
@@ -191,7 +208,8 @@ mod tests {
             nesterov: false,
             maximize: false,
         };
-        let (p, s) = sgd_update(&hp, 1.0, 0.0, &t(&[0.0]), &t(&[1.0]), &SgdState::default()).unwrap();
+        let (p, s) =
+            sgd_update(&hp, 1.0, 0.0, &t(&[0.0]), &t(&[1.0]), &SgdState::default()).unwrap();
         assert_eq!(vals(&p), vec![-1.0]);
         assert_eq!(vals(s.momentum_buffer.as_ref().unwrap()), vec![1.0]);
         // second step: b = 0.9 * 1 + 0.5 * 1
@@ -208,7 +226,8 @@ mod tests {
             nesterov: false,
             maximize: true,
         };
-        let (p, _) = sgd_update(&hp, 0.1, 0.0, &t(&[0.0]), &t(&[1.0]), &SgdState::default()).unwrap();
+        let (p, _) =
+            sgd_update(&hp, 0.1, 0.0, &t(&[0.0]), &t(&[1.0]), &SgdState::default()).unwrap();
         assert!((vals(&p)[0] - 0.1).abs() < 1e-15);
     }
 }

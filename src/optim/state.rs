@@ -49,19 +49,21 @@ impl OptimState {
     pub fn load(path: impl AsRef<Path>, device: &Device) -> Result<Self> {
         let path = path.as_ref();
         let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-        let (_, meta) =
-            safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| Error::bad_file(path, e.to_string()))?;
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| Error::bad_file(path, e.to_string()))?;
         let meta = meta.metadata().clone().unwrap_or_default();
-        let rule = meta
-            .get(RULE_KEY)
-            .cloned()
-            .ok_or_else(|| Error::bad_file(path, format!("no `{RULE_KEY}` in the metadata: not an optimizer state")))?;
+        let rule = meta.get(RULE_KEY).cloned().ok_or_else(|| {
+            Error::bad_file(
+                path,
+                format!("no `{RULE_KEY}` in the metadata: not an optimizer state"),
+            )
+        })?;
         let mut scalars = BTreeMap::new();
         for (k, v) in &meta {
             if let Some(name) = k.strip_prefix(SCALAR_PREFIX) {
-                let x: f64 = v
-                    .parse()
-                    .map_err(|_| Error::bad_file(path, format!("scalar `{name}` = `{v}` is not a number")))?;
+                let x: f64 = v.parse().map_err(|_| {
+                    Error::bad_file(path, format!("scalar `{name}` = `{v}` is not a number"))
+                })?;
                 scalars.insert(name.to_string(), x);
             }
         }
@@ -84,12 +86,16 @@ pub struct SlotWriter<'a> {
 impl SlotWriter<'_> {
     /// Stores tensor slot `slot` of this parameter.
     pub fn tensor(&mut self, slot: &str, t: &Tensor) {
-        self.state.tensors.insert(format!("{}.{slot}", self.param), t.clone());
+        self.state
+            .tensors
+            .insert(format!("{}.{slot}", self.param), t.clone());
     }
 
     /// Stores scalar slot `slot` of this parameter.
     pub fn scalar(&mut self, slot: &str, x: f64) {
-        self.state.scalars.insert(format!("{}.{slot}", self.param), x);
+        self.state
+            .scalars
+            .insert(format!("{}.{slot}", self.param), x);
     }
 }
 
@@ -115,10 +121,17 @@ impl SlotReader<'_> {
         if t.dims() != self.like.dims() {
             return Err(Error::config(
                 format!("optimizer state `{key}`"),
-                format!("has shape {:?}, the parameter has {:?}", t.dims(), self.like.dims()),
+                format!(
+                    "has shape {:?}, the parameter has {:?}",
+                    t.dims(),
+                    self.like.dims()
+                ),
             ));
         }
-        Ok(Some(t.to_device(self.like.device())?.to_dtype(self.like.dtype())?))
+        Ok(Some(
+            t.to_device(self.like.device())?
+                .to_dtype(self.like.dtype())?,
+        ))
     }
 
     /// Tensor slot `slot`; its absence is an error (the state is incomplete).
