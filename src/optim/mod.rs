@@ -361,3 +361,91 @@ fn boxed_engine<R: UpdateRule>(rule: R) -> Box<dyn Engine> {
         states: HashMap::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn var(v: f64) -> Var {
+        Var::new(&[v], &Device::Cpu).unwrap()
+    }
+
+    fn value(v: &Var) -> f64 {
+        v.as_tensor().to_vec1::<f64>().unwrap()[0]
+    }
+
+    #[test]
+    fn each_group_uses_its_lr_multiplier_and_weight_decay() {
+        let (a, b, c) = (var(1.0), var(1.0), var(1.0));
+        let groups = vec![
+            ParamGroup::new("inherits", vec![("a".into(), a.clone())]),
+            ParamGroup::new("slow", vec![("b".into(), b.clone())]).with_lr_mult(0.5),
+            ParamGroup::new("no_decay", vec![("c".into(), c.clone())]).with_weight_decay(0.0),
+        ];
+        let config = OptimizerConfig::Sgd {
+            weight_decay: 0.1,
+            maximize: false,
+        };
+        for fused in [true, false] {
+            for v in [&a, &b, &c] {
+                v.set(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+            let mut opt = config.build(groups.clone()).unwrap();
+            opt.set_fused(fused);
+            let mut grads = GradStore::default();
+            for v in [&a, &b, &c] {
+                grads.insert(v.as_tensor(), Tensor::new(&[1.0f64], &Device::Cpu).unwrap());
+            }
+            opt.step(&grads, 0.1).unwrap();
+            // a: 1 - 0.1 (1 + 0.1); b: 1 - 0.05 (1 + 0.1); c: 1 - 0.1
+            assert!(
+                (value(&a) - 0.89).abs() < 1e-15,
+                "fused {fused}: {}",
+                value(&a)
+            );
+            assert!(
+                (value(&b) - 0.945).abs() < 1e-15,
+                "fused {fused}: {}",
+                value(&b)
+            );
+            assert!(
+                (value(&c) - 0.9).abs() < 1e-15,
+                "fused {fused}: {}",
+                value(&c)
+            );
+        }
+    }
+
+    #[test]
+    fn a_parameter_in_two_groups_is_rejected() {
+        let a = var(0.0);
+        let groups = vec![
+            ParamGroup::new("one", vec![("a".into(), a.clone())]),
+            ParamGroup::new("two", vec![("a".into(), a)]),
+        ];
+        let err = OptimizerConfig::from_kind("adam")
+            .unwrap()
+            .build(groups)
+            .unwrap_err();
+        assert!(err.to_string().contains("`a`"), "{err}");
+    }
+
+    #[test]
+    fn momentum_is_settable_except_for_adagrad() {
+        let mut adam = OptimizerConfig::from_kind("adam")
+            .unwrap()
+            .build(vec![])
+            .unwrap();
+        assert_eq!(adam.momentum(), Some(0.9));
+        adam.set_momentum(0.85).unwrap();
+        assert_eq!(adam.momentum(), Some(0.85));
+        let mut adagrad = OptimizerConfig::from_kind("adagrad")
+            .unwrap()
+            .build(vec![])
+            .unwrap();
+        assert_eq!(adagrad.momentum(), None);
+        assert!(adagrad.set_momentum(0.9).is_err());
+    }
+}
