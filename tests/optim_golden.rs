@@ -26,7 +26,11 @@ fn golden_files() -> Vec<PathBuf> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
-    assert!(!files.is_empty(), "no optimizer vectors in {}", dir.display());
+    assert!(
+        !files.is_empty(),
+        "no optimizer vectors in {}",
+        dir.display()
+    );
     files
 }
 
@@ -73,8 +77,14 @@ impl Problem {
 
     /// The loss at `theta`, with a graph back to it.
     fn loss(&self, theta: &Var) -> candle_core::Result<Tensor> {
-        let pred = self.a.matmul(&theta.as_tensor().unsqueeze(1)?)?.squeeze(1)?;
-        (pred - &self.y)?.sqr()?.sum_all()?.affine(0.5 / self.n as f64, 0.0)
+        let pred = self
+            .a
+            .matmul(&theta.as_tensor().unsqueeze(1)?)?
+            .squeeze(1)?;
+        (pred - &self.y)?
+            .sqr()?
+            .sum_all()?
+            .affine(0.5 / self.n as f64, 0.0)
     }
 }
 
@@ -86,7 +96,11 @@ fn max_abs_diff(t: &Tensor, want: &[f64]) -> Result<f64, String> {
     if got.len() != want.len() {
         return Err(format!("{} values, expected {}", got.len(), want.len()));
     }
-    Ok(got.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f64::max))
+    Ok(got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max))
 }
 
 /// Where the gradient of each step comes from.
@@ -99,7 +113,14 @@ enum Grads {
 }
 
 /// Runs one configuration and returns the largest parameter error over all steps.
-fn run_case(case: &Value, problem: &Problem, dtype: DType, grads_from: Grads, tol: f64) -> Result<f64, String> {
+fn run_case(
+    case: &Value,
+    problem: &Problem,
+    dtype: DType,
+    grads_from: Grads,
+    fused: bool,
+    tol: f64,
+) -> Result<f64, String> {
     let class = case["torch_class"].as_str().ok_or("no torch_class")?;
     let hyper = case["hyperparams"].as_object().ok_or("no hyperparams")?;
     let (config, lr) = OptimizerConfig::from_torch(class, hyper).map_err(|e| e.to_string())?;
@@ -123,6 +144,7 @@ fn run_case(case: &Value, problem: &Problem, dtype: DType, grads_from: Grads, to
     let mut opt = config
         .build(groups::single_group([("theta".to_string(), theta.clone())]))
         .map_err(|e| e.to_string())?;
+    opt.set_fused(fused);
     let mut worst: f64 = 0.0;
     for (t, (g, want)) in grads.iter().zip(params).enumerate() {
         let store = match grads_from {
@@ -136,17 +158,25 @@ fn run_case(case: &Value, problem: &Problem, dtype: DType, grads_from: Grads, to
             }
             Grads::Autograd => {
                 let loss = problem.loss(&theta).map_err(|e| e.to_string())?;
-                let loss_err = (loss.to_dtype(DType::F64).and_then(|l| l.to_scalar::<f64>()).map_err(|e| e.to_string())?
+                let loss_err = (loss
+                    .to_dtype(DType::F64)
+                    .and_then(|l| l.to_scalar::<f64>())
+                    .map_err(|e| e.to_string())?
                     - losses[t])
                     .abs();
                 if loss_err > tol {
                     return Err(format!("step {}: loss off by {loss_err:e}", t + 1));
                 }
                 let store = loss.backward().map_err(|e| e.to_string())?;
-                let grad = store.get(theta.as_tensor()).ok_or("autograd gave no gradient")?;
+                let grad = store
+                    .get(theta.as_tensor())
+                    .ok_or("autograd gave no gradient")?;
                 let grad_err = max_abs_diff(grad, &floats(g)?)?;
                 if grad_err > tol {
-                    return Err(format!("step {}: autograd gradient off by {grad_err:e}", t + 1));
+                    return Err(format!(
+                        "step {}: autograd gradient off by {grad_err:e}",
+                        t + 1
+                    ));
                 }
                 store
             }
@@ -154,20 +184,26 @@ fn run_case(case: &Value, problem: &Problem, dtype: DType, grads_from: Grads, to
         opt.step(&store, lr).map_err(|e| e.to_string())?;
         let err = max_abs_diff(theta.as_tensor(), &floats(want)?)?;
         if err > tol || err.is_nan() {
-            return Err(format!("step {}: parameters off by {err:e} (tolerance {tol:e})", t + 1));
+            return Err(format!(
+                "step {}: parameters off by {err:e} (tolerance {tol:e})",
+                t + 1
+            ));
         }
         worst = worst.max(err);
     }
     Ok(worst)
 }
 
-/// Walks every file and configuration; returns (cases run, failures).
+/// Walks every file and configuration, with the fused CPU pass and with candle tensor ops; returns
+/// (cases run, failures).
 fn walk(grads_from: Grads) -> (usize, Vec<String>) {
     let mut failures = Vec::new();
     let mut cases = 0;
     for file in golden_files() {
-        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
-        let doc: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let doc: Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let (dtype, tol) = match doc["dtype"].as_str() {
             Some("float64") => (DType::F64, 1e-10),
@@ -190,10 +226,16 @@ fn walk(grads_from: Grads) -> (usize, Vec<String>) {
         };
         for case in configs {
             cases += 1;
-            let label = format!("{name}/{} ({grads_from:?} gradients)", case["name"].as_str().unwrap_or("?"));
-            match run_case(case, &problem, dtype, grads_from, tol) {
-                Ok(worst) => eprintln!("{label}: max abs error {worst:e}"),
-                Err(e) => failures.push(format!("{label}: {e}")),
+            for fused in [true, false] {
+                let label = format!(
+                    "{name}/{} ({grads_from:?} gradients, {})",
+                    case["name"].as_str().unwrap_or("?"),
+                    if fused { "fused" } else { "tensor ops" }
+                );
+                match run_case(case, &problem, dtype, grads_from, fused, tol) {
+                    Ok(worst) => eprintln!("{label}: max abs error {worst:e}"),
+                    Err(e) => failures.push(format!("{label}: {e}")),
+                }
             }
         }
     }
@@ -204,12 +246,22 @@ fn walk(grads_from: Grads) -> (usize, Vec<String>) {
 fn every_golden_optimizer_matches_pytorch_with_recorded_gradients() {
     let (cases, failures) = walk(Grads::Recorded);
     assert!(cases > 0, "no optimizer configurations found");
-    assert!(failures.is_empty(), "{} of {cases} failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 #[test]
 fn every_golden_optimizer_matches_pytorch_with_candle_autograd() {
     let (cases, failures) = walk(Grads::Autograd);
     assert!(cases > 0, "no optimizer configurations found");
-    assert!(failures.is_empty(), "{} of {cases} failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {cases} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }

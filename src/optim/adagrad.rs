@@ -1,6 +1,7 @@
 //! AdaGrad as `torch.optim.Adagrad` defines it: the accumulator starts at `initial_accumulator_value`,
 //! `eps` is added outside the square root, and `lr_decay` shrinks the step as `lr / (1 + (t - 1) lr_decay)`.
 
+use super::kernel::{by_float_dtype, map_cpu, Real};
 use super::{SlotReader, SlotWriter, UpdateRule};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -32,7 +33,11 @@ pub fn adagrad_update(
     grad: &Tensor,
     state: &AdagradState,
 ) -> Result<(Tensor, AdagradState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     if weight_decay != 0.0 {
         g = (g + param.affine(weight_decay, 0.0)?)?;
     }
@@ -42,6 +47,32 @@ pub fn adagrad_update(
     let std = sum.sqrt()?.affine(1.0, hp.eps)?;
     let p = (param - (g / std)?.affine(clr, 0.0)?)?;
     Ok((p, AdagradState { step, sum }))
+}
+
+/// [`adagrad_update`] in one fused pass on the CPU; `None` where [`map_cpu`] declines.
+fn adagrad_fused<T: Real>(
+    hp: &Adagrad,
+    lr: f64,
+    weight_decay: f64,
+    param: &Tensor,
+    grad: &Tensor,
+    state: &AdagradState,
+) -> Result<Option<(Tensor, AdagradState)>> {
+    let step = state.step + 1;
+    let clr = T::of(lr / (1.0 + (step - 1) as f64 * hp.lr_decay));
+    let (wd, eps, maximize, decay) = (
+        T::of(weight_decay),
+        T::of(hp.eps),
+        hp.maximize,
+        weight_decay != 0.0,
+    );
+    let out = map_cpu::<T, _, _>([param, grad, &state.sum], |[p, g, s]| {
+        let g = if maximize { -g } else { g };
+        let g = if decay { g + p * wd } else { g };
+        let s = s + g * g;
+        [p - g / (s.sqrt() + eps) * clr, s]
+    })?;
+    Ok(out.map(|[p, sum]| (p, AdagradState { step, sum })))
 }
 
 impl UpdateRule for Adagrad {
@@ -54,7 +85,9 @@ impl UpdateRule for Adagrad {
     fn init(&self, param: &Tensor) -> Result<AdagradState> {
         Ok(AdagradState {
             step: 0,
-            sum: param.ones_like()?.affine(self.initial_accumulator_value, 0.0)?,
+            sum: param
+                .ones_like()?
+                .affine(self.initial_accumulator_value, 0.0)?,
         })
     }
 
@@ -67,6 +100,20 @@ impl UpdateRule for Adagrad {
         state: &AdagradState,
     ) -> Result<(Tensor, AdagradState)> {
         adagrad_update(self, lr, weight_decay, param, grad, state)
+    }
+
+    fn update_fused(
+        &self,
+        lr: f64,
+        weight_decay: f64,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &AdagradState,
+    ) -> Result<Option<(Tensor, AdagradState)>> {
+        by_float_dtype!(
+            param,
+            adagrad_fused(self, lr, weight_decay, param, grad, state)
+        )
     }
 
     fn export(&self, state: &AdagradState, out: &mut SlotWriter) {
@@ -89,7 +136,10 @@ impl UpdateRule for Adagrad {
     }
 
     fn set_momentum(&mut self, _momentum: f64) -> Result<()> {
-        Err(Error::config("momentum", "AdaGrad has no momentum to schedule"))
+        Err(Error::config(
+            "momentum",
+            "AdaGrad has no momentum to schedule",
+        ))
     }
 }
 

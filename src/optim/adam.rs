@@ -4,6 +4,7 @@
 //! the parameter shrinks by `lr * wd` before the Adam step. AMSGrad keeps the running maximum of the second
 //! moment and divides by it. `eps` is added after the bias-corrected square root, as PyTorch does.
 
+use super::kernel::{by_float_dtype, map_cpu, Real};
 use super::{SlotReader, SlotWriter, UpdateRule};
 use crate::Result;
 use candle_core::Tensor;
@@ -41,7 +42,11 @@ pub fn adam_update(
     grad: &Tensor,
     state: &AdamState,
 ) -> Result<(Tensor, AdamState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     let mut p = param.clone();
     if weight_decay != 0.0 {
         if hp.decoupled_weight_decay {
@@ -52,7 +57,8 @@ pub fn adam_update(
     }
     let step = state.step + 1;
     let exp_avg = (state.exp_avg.affine(hp.beta1, 0.0)? + g.affine(1.0 - hp.beta1, 0.0)?)?;
-    let exp_avg_sq = (state.exp_avg_sq.affine(hp.beta2, 0.0)? + g.sqr()?.affine(1.0 - hp.beta2, 0.0)?)?;
+    let exp_avg_sq =
+        (state.exp_avg_sq.affine(hp.beta2, 0.0)? + g.sqr()?.affine(1.0 - hp.beta2, 0.0)?)?;
     let bias_correction1 = 1.0 - hp.beta1.powf(step as f64);
     let bias_correction2_sqrt = (1.0 - hp.beta2.powf(step as f64)).sqrt();
     let step_size = lr / bias_correction1;
@@ -76,6 +82,80 @@ pub fn adam_update(
             max_exp_avg_sq,
         },
     ))
+}
+
+/// [`adam_update`] in one fused pass on the CPU; `None` where [`map_cpu`] declines.
+fn adam_fused<T: Real>(
+    hp: &Adam,
+    lr: f64,
+    weight_decay: f64,
+    param: &Tensor,
+    grad: &Tensor,
+    state: &AdamState,
+) -> Result<Option<(Tensor, AdamState)>> {
+    let step = state.step + 1;
+    let bias_correction2_sqrt = (1.0 - hp.beta2.powf(step as f64)).sqrt();
+    let step_size = T::of(lr / (1.0 - hp.beta1.powf(step as f64)));
+    let inv_bc2 = T::of(1.0 / bias_correction2_sqrt);
+    let (b1, rest1, b2, rest2) = (
+        T::of(hp.beta1),
+        T::of(1.0 - hp.beta1),
+        T::of(hp.beta2),
+        T::of(1.0 - hp.beta2),
+    );
+    let (eps, wd, shrink) = (
+        T::of(hp.eps),
+        T::of(weight_decay),
+        T::of(1.0 - lr * weight_decay),
+    );
+    let (maximize, decoupled, decay) =
+        (hp.maximize, hp.decoupled_weight_decay, weight_decay != 0.0);
+    // One element: (p, g, m, v) -> (p with decay applied, m, v); the caller divides by the chosen second moment.
+    let moments = move |p: T, g: T, m: T, v: T| {
+        let mut g = if maximize { -g } else { g };
+        let mut p = p;
+        if decay {
+            if decoupled {
+                p *= shrink;
+            } else {
+                g += p * wd;
+            }
+        }
+        (p, m * b1 + g * rest1, v * b2 + g * g * rest2)
+    };
+    let apply = move |p: T, m: T, second: T| p - m / (second.sqrt() * inv_bc2 + eps) * step_size;
+    let (m0, v0) = (&state.exp_avg, &state.exp_avg_sq);
+    let out = match (&state.max_exp_avg_sq, hp.amsgrad) {
+        (_, false) => map_cpu::<T, _, _>([param, grad, m0, v0], |[p, g, m, v]| {
+            let (p, m, v) = moments(p, g, m, v);
+            [apply(p, m, v), m, v]
+        })?
+        .map(|[p, m, v]| (p, m, v, None)),
+        (None, true) => map_cpu::<T, _, _>([param, grad, m0, v0], |[p, g, m, v]| {
+            let (p, m, v) = moments(p, g, m, v);
+            [apply(p, m, v), m, v]
+        })?
+        .map(|[p, m, v]| (p, m, v.clone(), Some(v))),
+        (Some(vmax0), true) => {
+            map_cpu::<T, _, _>([param, grad, m0, v0, vmax0], |[p, g, m, v, vmax]| {
+                let (p, m, v) = moments(p, g, m, v);
+                let vmax = vmax.maximum(v);
+                [apply(p, m, vmax), m, v, vmax]
+            })?
+            .map(|[p, m, v, vmax]| (p, m, v, Some(vmax)))
+        }
+    };
+    Ok(out.map(|(p, exp_avg, exp_avg_sq, max_exp_avg_sq)| {
+        (
+            p,
+            AdamState {
+                step,
+                exp_avg,
+                exp_avg_sq,
+                max_exp_avg_sq,
+            },
+        )
+    }))
 }
 
 impl UpdateRule for Adam {
@@ -103,6 +183,20 @@ impl UpdateRule for Adam {
         state: &AdamState,
     ) -> Result<(Tensor, AdamState)> {
         adam_update(self, lr, weight_decay, param, grad, state)
+    }
+
+    fn update_fused(
+        &self,
+        lr: f64,
+        weight_decay: f64,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &AdamState,
+    ) -> Result<Option<(Tensor, AdamState)>> {
+        by_float_dtype!(
+            param,
+            adam_fused(self, lr, weight_decay, param, grad, state)
+        )
     }
 
     fn export(&self, state: &AdamState, out: &mut SlotWriter) {
@@ -164,7 +258,10 @@ mod tests {
         let g = Tensor::new(&[0.3f64, -7.0], &Device::Cpu).unwrap();
         let (p1, s1) = adam_update(&hp, 0.1, 0.0, &p0, &g, &hp.init(&p0).unwrap()).unwrap();
         let got = p1.to_vec1::<f64>().unwrap();
-        assert!((got[0] - 0.9).abs() < 1e-12 && (got[1] + 0.9).abs() < 1e-12, "{got:?}");
+        assert!(
+            (got[0] - 0.9).abs() < 1e-12 && (got[1] + 0.9).abs() < 1e-12,
+            "{got:?}"
+        );
         assert_eq!(s1.step, 1);
     }
 

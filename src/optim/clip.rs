@@ -45,7 +45,11 @@ pub fn clip_grad_norm<'a>(
 }
 
 /// Clamps every gradient of `vars` to `[-clip_value, clip_value]`.
-pub fn clip_grad_value<'a>(grads: &mut GradStore, vars: impl IntoIterator<Item = &'a Var>, clip_value: f64) -> Result<()> {
+pub fn clip_grad_value<'a>(
+    grads: &mut GradStore,
+    vars: impl IntoIterator<Item = &'a Var>,
+    clip_value: f64,
+) -> Result<()> {
     for var in vars {
         let t = var.as_tensor();
         if let Some(g) = grads.remove(t) {
@@ -64,8 +68,14 @@ mod tests {
         let a = Var::new(&[0.0f32, 0.0], &Device::Cpu).unwrap();
         let b = Var::new(&[0.0f32], &Device::Cpu).unwrap();
         let mut grads = GradStore::default();
-        grads.insert(a.as_tensor(), Tensor::new(&[3.0f32, 0.0], &Device::Cpu).unwrap());
-        grads.insert(b.as_tensor(), Tensor::new(&[-4.0f32], &Device::Cpu).unwrap());
+        grads.insert(
+            a.as_tensor(),
+            Tensor::new(&[3.0f32, 0.0], &Device::Cpu).unwrap(),
+        );
+        grads.insert(
+            b.as_tensor(),
+            Tensor::new(&[-4.0f32], &Device::Cpu).unwrap(),
+        );
         (a, b, grads)
     }
 
@@ -77,21 +87,32 @@ mod tests {
         let ga: Vec<f32> = grads.get(a.as_tensor()).unwrap().to_vec1().unwrap();
         let gb: Vec<f32> = grads.get(b.as_tensor()).unwrap().to_vec1().unwrap();
         let coef = 1.0 / (5.0 + 1e-6);
-        assert!((ga[0] as f64 - 3.0 * coef).abs() < 1e-6 && (gb[0] as f64 + 4.0 * coef).abs() < 1e-6);
+        assert!(
+            (ga[0] as f64 - 3.0 * coef).abs() < 1e-6 && (gb[0] as f64 + 4.0 * coef).abs() < 1e-6
+        );
     }
 
     #[test]
     fn norm_below_the_limit_leaves_gradients_alone() {
         let (a, b, mut grads) = setup();
         clip_grad_norm(&mut grads, [&a, &b], 10.0).unwrap();
-        assert_eq!(grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![3.0, 0.0]);
+        assert_eq!(
+            grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            vec![3.0, 0.0]
+        );
     }
 
     #[test]
     fn clip_by_value_clamps_each_entry() {
         let (a, b, mut grads) = setup();
         clip_grad_value(&mut grads, [&a, &b], 2.0).unwrap();
-        assert_eq!(grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![2.0, 0.0]);
-        assert_eq!(grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap(), vec![-2.0]);
+        assert_eq!(
+            grads.get(a.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            vec![2.0, 0.0]
+        );
+        assert_eq!(
+            grads.get(b.as_tensor()).unwrap().to_vec1::<f32>().unwrap(),
+            vec![-2.0]
+        );
     }
 }

@@ -151,8 +151,12 @@ const TORCH_IMPLEMENTATION_FLAGS: [&str; 4] = ["foreach", "fused", "differentiab
 impl OptimizerConfig {
     /// The configuration of kind `kind` with every hyperparameter at its default.
     pub fn from_kind(kind: &str) -> Result<Self> {
-        serde_json::from_value(serde_json::json!({ "kind": kind }))
-            .map_err(|_| Error::config("optimizer", format!("unknown kind `{kind}`; known: {}", KINDS.join("|"))))
+        serde_json::from_value(serde_json::json!({ "kind": kind })).map_err(|_| {
+            Error::config(
+                "optimizer",
+                format!("unknown kind `{kind}`; known: {}", KINDS.join("|")),
+            )
+        })
     }
 
     /// The kind's name, as in [`KINDS`].
@@ -205,21 +209,32 @@ impl OptimizerConfig {
             if ok && v.is_finite() {
                 Ok(())
             } else {
-                Err(Error::config(format!("{kind} {what}"), format!("{v} is out of range")))
+                Err(Error::config(
+                    format!("{kind} {what}"),
+                    format!("{v} is out of range"),
+                ))
             }
         };
-        check(self.weight_decay() >= 0.0, "weight_decay", self.weight_decay())?;
+        check(
+            self.weight_decay() >= 0.0,
+            "weight_decay",
+            self.weight_decay(),
+        )?;
         match *self {
             OptimizerConfig::Sgd { .. } => {}
             OptimizerConfig::Momentum {
-                momentum, dampening, ..
+                momentum,
+                dampening,
+                ..
             } => {
                 check(momentum >= 0.0, "momentum", momentum)?;
                 check(dampening.abs() <= 1.0, "dampening", dampening)?;
             }
-            OptimizerConfig::Nesterov { momentum, .. } => {
-                check(momentum > 0.0, "momentum (Nesterov needs momentum > 0)", momentum)?
-            }
+            OptimizerConfig::Nesterov { momentum, .. } => check(
+                momentum > 0.0,
+                "momentum (Nesterov needs momentum > 0)",
+                momentum,
+            )?,
             OptimizerConfig::Adagrad {
                 lr_decay,
                 initial_accumulator_value,
@@ -227,11 +242,18 @@ impl OptimizerConfig {
                 ..
             } => {
                 check(lr_decay >= 0.0, "lr_decay", lr_decay)?;
-                check(initial_accumulator_value >= 0.0, "initial_accumulator_value", initial_accumulator_value)?;
+                check(
+                    initial_accumulator_value >= 0.0,
+                    "initial_accumulator_value",
+                    initial_accumulator_value,
+                )?;
                 check(eps >= 0.0, "eps", eps)?;
             }
             OptimizerConfig::Rmsprop {
-                alpha, eps, momentum, ..
+                alpha,
+                eps,
+                momentum,
+                ..
             } => {
                 check(alpha >= 0.0, "alpha", alpha)?;
                 check(eps >= 0.0, "eps", eps)?;
@@ -276,9 +298,9 @@ impl OptimizerConfig {
                 maximize,
                 ..
             } => boxed_engine(sgd(momentum, dampening, false, maximize)),
-            OptimizerConfig::Nesterov { momentum, maximize, .. } => {
-                boxed_engine(sgd(momentum, 0.0, true, maximize))
-            }
+            OptimizerConfig::Nesterov {
+                momentum, maximize, ..
+            } => boxed_engine(sgd(momentum, 0.0, true, maximize)),
             OptimizerConfig::Adagrad {
                 lr_decay,
                 initial_accumulator_value,
@@ -351,11 +373,44 @@ impl OptimizerConfig {
         let class_name = class.rsplit('.').next().unwrap_or(class);
         let what = format!("torch optimizer {class}");
         let known: &[&str] = match class_name {
-            "SGD" => &["momentum", "dampening", "weight_decay", "nesterov", "maximize"],
-            "Adagrad" => &["lr_decay", "initial_accumulator_value", "eps", "weight_decay", "maximize"],
-            "RMSprop" => &["alpha", "eps", "centered", "momentum", "weight_decay", "maximize"],
-            "Adam" | "AdamW" => &["betas", "eps", "amsgrad", "weight_decay", "maximize", "decoupled_weight_decay"],
-            "NAdam" => &["betas", "eps", "momentum_decay", "weight_decay", "maximize", "decoupled_weight_decay"],
+            "SGD" => &[
+                "momentum",
+                "dampening",
+                "weight_decay",
+                "nesterov",
+                "maximize",
+            ],
+            "Adagrad" => &[
+                "lr_decay",
+                "initial_accumulator_value",
+                "eps",
+                "weight_decay",
+                "maximize",
+            ],
+            "RMSprop" => &[
+                "alpha",
+                "eps",
+                "centered",
+                "momentum",
+                "weight_decay",
+                "maximize",
+            ],
+            "Adam" | "AdamW" => &[
+                "betas",
+                "eps",
+                "amsgrad",
+                "weight_decay",
+                "maximize",
+                "decoupled_weight_decay",
+            ],
+            "NAdam" => &[
+                "betas",
+                "eps",
+                "momentum_decay",
+                "weight_decay",
+                "maximize",
+                "decoupled_weight_decay",
+            ],
             _ => {
                 return Err(Error::config(
                     what,
@@ -366,35 +421,40 @@ impl OptimizerConfig {
         let mut lr = None;
         for (k, v) in hyperparams {
             if k == "lr" {
-                lr = Some(
-                    v.as_f64()
-                        .ok_or_else(|| Error::config(what.clone(), format!("lr {v} is not a number")))?,
-                );
-            } else if !known.contains(&k.as_str()) && !TORCH_IMPLEMENTATION_FLAGS.contains(&k.as_str()) {
-                return Err(Error::config(what, format!("unknown hyperparameter `{k}` = {v}")));
+                lr = Some(v.as_f64().ok_or_else(|| {
+                    Error::config(what.clone(), format!("lr {v} is not a number"))
+                })?);
+            } else if !known.contains(&k.as_str())
+                && !TORCH_IMPLEMENTATION_FLAGS.contains(&k.as_str())
+            {
+                return Err(Error::config(
+                    what,
+                    format!("unknown hyperparameter `{k}` = {v}"),
+                ));
             }
         }
         let num = |k: &str, default: f64| -> Result<f64> {
             match hyperparams.get(k) {
                 None | Some(serde_json::Value::Null) => Ok(default),
-                Some(v) => v
-                    .as_f64()
-                    .ok_or_else(|| Error::config(what.clone(), format!("`{k}` = {v} is not a number"))),
+                Some(v) => v.as_f64().ok_or_else(|| {
+                    Error::config(what.clone(), format!("`{k}` = {v} is not a number"))
+                }),
             }
         };
         let flag = |k: &str, default: bool| -> Result<bool> {
             match hyperparams.get(k) {
                 None | Some(serde_json::Value::Null) => Ok(default),
-                Some(v) => v
-                    .as_bool()
-                    .ok_or_else(|| Error::config(what.clone(), format!("`{k}` = {v} is not a boolean"))),
+                Some(v) => v.as_bool().ok_or_else(|| {
+                    Error::config(what.clone(), format!("`{k}` = {v} is not a boolean"))
+                }),
             }
         };
         let betas = || -> Result<[f64; 2]> {
             match hyperparams.get("betas") {
                 None | Some(serde_json::Value::Null) => Ok(betas_default()),
-                Some(v) => serde_json::from_value::<[f64; 2]>(v.clone())
-                    .map_err(|_| Error::config(what.clone(), format!("betas {v} are not two numbers"))),
+                Some(v) => serde_json::from_value::<[f64; 2]>(v.clone()).map_err(|_| {
+                    Error::config(what.clone(), format!("betas {v} are not two numbers"))
+                }),
             }
         };
         let maximize = flag("maximize", false)?;
@@ -405,7 +465,10 @@ impl OptimizerConfig {
                 let weight_decay = num("weight_decay", 0.0)?;
                 let nesterov = flag("nesterov", false)?;
                 if nesterov && (momentum <= 0.0 || dampening != 0.0) {
-                    return Err(Error::config(what, "Nesterov momentum requires a momentum and zero dampening"));
+                    return Err(Error::config(
+                        what,
+                        "Nesterov momentum requires a momentum and zero dampening",
+                    ));
                 }
                 if nesterov {
                     OptimizerConfig::Nesterov {
@@ -444,8 +507,16 @@ impl OptimizerConfig {
             },
             "Adam" | "AdamW" => {
                 let decoupled = class_name == "AdamW" || flag("decoupled_weight_decay", false)?;
-                let default_wd = if class_name == "AdamW" { adamw_weight_decay() } else { 0.0 };
-                let (betas, eps, amsgrad) = (betas()?, num("eps", eps_default())?, flag("amsgrad", false)?);
+                let default_wd = if class_name == "AdamW" {
+                    adamw_weight_decay()
+                } else {
+                    0.0
+                };
+                let (betas, eps, amsgrad) = (
+                    betas()?,
+                    num("eps", eps_default())?,
+                    flag("amsgrad", false)?,
+                );
                 let weight_decay = num("weight_decay", default_wd)?;
                 if decoupled {
                     OptimizerConfig::Adamw {
@@ -513,7 +584,8 @@ mod tests {
     fn config_round_trips_through_json() {
         let cfg: OptimizerConfig =
             serde_json::from_str(r#"{"kind":"rmsprop","centered":true,"momentum":0.5}"#).unwrap();
-        let back: OptimizerConfig = serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        let back: OptimizerConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
         assert_eq!(cfg, back);
     }
 
@@ -527,12 +599,16 @@ mod tests {
     #[test]
     fn torch_sgd_becomes_the_matching_kind() {
         let hp = |s: &str| serde_json::from_str::<serde_json::Map<_, _>>(s).unwrap();
-        let (c, lr) = OptimizerConfig::from_torch("torch.optim.SGD", &hp(r#"{"lr":0.1,"foreach":null}"#)).unwrap();
+        let (c, lr) =
+            OptimizerConfig::from_torch("torch.optim.SGD", &hp(r#"{"lr":0.1,"foreach":null}"#))
+                .unwrap();
         assert_eq!(c.kind(), "sgd");
         assert_eq!(lr, Some(0.1));
-        let (c, _) = OptimizerConfig::from_torch("SGD", &hp(r#"{"momentum":0.9,"nesterov":true}"#)).unwrap();
+        let (c, _) =
+            OptimizerConfig::from_torch("SGD", &hp(r#"{"momentum":0.9,"nesterov":true}"#)).unwrap();
         assert_eq!(c.kind(), "nesterov");
-        let (c, _) = OptimizerConfig::from_torch("Adam", &hp(r#"{"decoupled_weight_decay":true}"#)).unwrap();
+        let (c, _) =
+            OptimizerConfig::from_torch("Adam", &hp(r#"{"decoupled_weight_decay":true}"#)).unwrap();
         assert_eq!(c.kind(), "adamw");
         let err = OptimizerConfig::from_torch("SGD", &hp(r#"{"lookahead":3}"#)).unwrap_err();
         assert!(err.to_string().contains("lookahead"), "{err}");

@@ -90,7 +90,9 @@ impl GroupSpec {
 
 /// Parameter names that are buffers (BatchNorm statistics), never parameters.
 pub fn is_buffer(name: &str) -> bool {
-    name.ends_with("running_mean") || name.ends_with("running_var") || name.ends_with("num_batches_tracked")
+    name.ends_with("running_mean")
+        || name.ends_with("running_var")
+        || name.ends_with("num_batches_tracked")
 }
 
 /// The usual no-decay rule: tensors of rank 0 or 1, i.e. biases and BatchNorm/LayerNorm scales and shifts.
@@ -185,7 +187,10 @@ pub fn discriminative_groups(
     if let Some((name, g)) = missing {
         return Err(Error::config(
             "lr_mults",
-            format!("`{name}` is in group {g} but only {} multipliers were given", lr_mults.len()),
+            format!(
+                "`{name}` is in group {g} but only {} multipliers were given",
+                lr_mults.len()
+            ),
         ));
     }
     Ok(groups)
@@ -232,9 +237,15 @@ mod tests {
     fn no_decay_groups_split_biases_and_norms_from_weights() {
         let groups = no_decay_groups(named());
         assert_eq!(groups.len(), 2);
-        assert_eq!(names(&groups[0]), ["conv1.weight", "layer1.0.conv1.weight", "fc.weight"]);
+        assert_eq!(
+            names(&groups[0]),
+            ["conv1.weight", "layer1.0.conv1.weight", "fc.weight"]
+        );
         assert_eq!(groups[0].weight_decay, None);
-        assert_eq!(names(&groups[1]), ["bn1.weight", "layer1.0.bn1.bias", "fc.bias"]);
+        assert_eq!(
+            names(&groups[1]),
+            ["bn1.weight", "layer1.0.bn1.bias", "fc.bias"]
+        );
         assert_eq!(groups[1].weight_decay, Some(0.0));
     }
 
@@ -252,7 +263,10 @@ mod tests {
         let groups = discriminative_groups(named(), group_of, &[0.1, 1.0], false).unwrap();
         assert_eq!(groups.len(), 2);
         assert_eq!(groups[0].lr_mult, 0.1);
-        assert_eq!(names(&groups[0]), ["layer1.0.conv1.weight", "layer1.0.bn1.bias"]);
+        assert_eq!(
+            names(&groups[0]),
+            ["layer1.0.conv1.weight", "layer1.0.bn1.bias"]
+        );
         assert_eq!(names(&groups[1]), ["fc.weight", "fc.bias"]);
     }
 
@@ -286,6 +300,8 @@ mod tests {
     #[test]
     fn even_mults_are_geometric_from_first_to_last() {
         let m = even_mults(0.01, 1.0, 3);
-        assert!((m[0] - 0.01).abs() < 1e-15 && (m[1] - 0.1).abs() < 1e-15 && (m[2] - 1.0).abs() < 1e-15);
+        assert!(
+            (m[0] - 0.01).abs() < 1e-15 && (m[1] - 0.1).abs() < 1e-15 && (m[2] - 1.0).abs() < 1e-15
+        );
     }
 }

@@ -4,6 +4,8 @@
 //!   [`adam`] (Adam, AdamW, AMSGrad), [`nadam`]. Each rule is a pure function
 //!   `(hyperparameters, lr, weight decay, param, grad, state) -> (param, state)` over device tensors; PyTorch's
 //!   definitions are the ones matched where textbooks differ (see `../shared/golden/optim/vectors.json`).
+//!   On the CPU each rule also has the same arithmetic fused into one multi-threaded pass ([`kernel`]), used by
+//!   default because a dozen single-threaded tensor ops per step cost several times more.
 //! * [`groups`]: parameter groups by name, each with its own learning-rate multiplier and weight decay; a
 //!   frozen parameter is simply in no group.
 //! * [`config`]: [`OptimizerConfig`], the serde description (`kind` plus hyperparameters, PyTorch's defaults)
@@ -17,11 +19,21 @@
 //! use graft::optim::{groups, OptimizerConfig, ScheduleConfig};
 //! # let varmap = candle_nn::VarMap::new();
 //! # let loss: candle_core::Tensor = todo!();
-//! let groups = groups::no_decay_groups(groups::trainable_params(&varmap));
+//! // Stem frozen; layer1..layer3 at 1/100..1/10 of the rate, layer4 and the head at the full rate;
+//! // no weight decay on biases and BatchNorm.
+//! let stages = ["layer1.", "layer2.", "layer3.", "layer4.", "fc."];
+//! let group_of = |name: &str| stages.iter().position(|s| name.starts_with(s)).map(|g| g.min(3));
+//! let mults = groups::even_mults(0.01, 1.0, 4);
+//! let groups = groups::discriminative_groups(groups::trainable_params(&varmap), group_of, &mults, true)?;
 //! let mut opt = OptimizerConfig::from_kind("adamw")?.build(groups)?;
-//! let schedule = ScheduleConfig::Constant { lr: 1e-3 };
-//! let grads = loss.backward()?;
-//! opt.step(&grads, schedule.lr_at(0, 100))?;
+//! let schedule = ScheduleConfig::fit_one_cycle(1e-3);
+//! let (step, total) = (0, 1000);
+//! let mut grads = loss.backward()?;
+//! graft::optim::clip_grad_norm(&mut grads, &opt.vars(), 1.0)?;
+//! if let Some(m) = schedule.momentum_at(step, total) {
+//!     opt.set_momentum(m)?;
+//! }
+//! opt.step(&grads, schedule.lr_at(step, total))?;
 //! # Ok(()) }
 //! ```
 
@@ -30,6 +42,7 @@ pub mod adam;
 pub mod clip;
 pub mod config;
 pub mod groups;
+pub mod kernel;
 pub mod nadam;
 pub mod rmsprop;
 pub mod schedule;
@@ -71,6 +84,19 @@ pub trait UpdateRule: std::fmt::Debug + Send + Sync + 'static {
         state: &Self::State,
     ) -> Result<(Tensor, Self::State)>;
 
+    /// The same step as [`UpdateRule::update`] fused into one parallel pass ([`kernel::map_cpu`]), where the
+    /// tensors allow it (contiguous f32/f64 on the CPU); `None` otherwise. The default has no fused form.
+    fn update_fused(
+        &self,
+        _lr: f64,
+        _weight_decay: f64,
+        _param: &Tensor,
+        _grad: &Tensor,
+        _state: &Self::State,
+    ) -> Result<Option<(Tensor, Self::State)>> {
+        Ok(None)
+    }
+
     /// Writes a state's tensors and scalars under their slot names.
     fn export(&self, state: &Self::State, out: &mut SlotWriter);
 
@@ -88,7 +114,15 @@ pub trait UpdateRule: std::fmt::Debug + Send + Sync + 'static {
 /// A rule together with the states of the parameters it has stepped; the object-safe face of [`UpdateRule`].
 trait Engine: std::fmt::Debug + Send + Sync {
     fn family(&self) -> &'static str;
-    fn step_param(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, weight_decay: f64) -> Result<()>;
+    fn set_fused(&mut self, fused: bool);
+    fn step_param(
+        &mut self,
+        name: &str,
+        var: &Var,
+        grad: &Tensor,
+        lr: f64,
+        weight_decay: f64,
+    ) -> Result<()>;
     fn export(&self, names: &[&str], out: &mut OptimState);
     fn import(&mut self, params: &[(&str, &Var)], src: &OptimState) -> Result<()>;
     fn momentum(&self) -> Option<f64>;
@@ -97,6 +131,7 @@ trait Engine: std::fmt::Debug + Send + Sync {
 
 struct RuleEngine<R: UpdateRule> {
     rule: R,
+    fused: bool,
     states: HashMap<String, R::State>,
 }
 
@@ -104,6 +139,7 @@ impl<R: UpdateRule> std::fmt::Debug for RuleEngine<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RuleEngine")
             .field("rule", &self.rule)
+            .field("fused", &self.fused)
             .field("params_with_state", &self.states.len())
             .finish()
     }
@@ -114,7 +150,18 @@ impl<R: UpdateRule> Engine for RuleEngine<R> {
         self.rule.family()
     }
 
-    fn step_param(&mut self, name: &str, var: &Var, grad: &Tensor, lr: f64, weight_decay: f64) -> Result<()> {
+    fn set_fused(&mut self, fused: bool) {
+        self.fused = fused;
+    }
+
+    fn step_param(
+        &mut self,
+        name: &str,
+        var: &Var,
+        grad: &Tensor,
+        lr: f64,
+        weight_decay: f64,
+    ) -> Result<()> {
         // Detached: the update must not record a gradient graph through the parameter.
         let param = var.as_detached_tensor();
         let grad = grad.detach();
@@ -122,7 +169,16 @@ impl<R: UpdateRule> Engine for RuleEngine<R> {
             Some(s) => s.clone(),
             None => self.rule.init(&param)?,
         };
-        let (new_param, new_state) = self.rule.update(lr, weight_decay, &param, &grad, &state)?;
+        let fused = if self.fused {
+            self.rule
+                .update_fused(lr, weight_decay, &param, &grad, &state)?
+        } else {
+            None
+        };
+        let (new_param, new_state) = match fused {
+            Some(done) => done,
+            None => self.rule.update(lr, weight_decay, &param, &grad, &state)?,
+        };
         var.set(&new_param)?;
         self.states.insert(name.to_string(), new_state);
         Ok(())
@@ -222,6 +278,14 @@ impl Optimizer {
         Ok(())
     }
 
+    /// Chooses the implementation, not the numbers (like PyTorch's `foreach`/`fused` flags): with `true`, the
+    /// default, contiguous f32/f64 parameters on the CPU are updated in one fused multi-threaded pass
+    /// ([`kernel::map_cpu`]); with `false`, or on other devices, by candle tensor ops. The two agree to
+    /// rounding.
+    pub fn set_fused(&mut self, fused: bool) {
+        self.engine.set_fused(fused);
+    }
+
     /// The configuration this optimizer was built from.
     pub fn config(&self) -> &OptimizerConfig {
         &self.config
@@ -267,9 +331,11 @@ impl Optimizer {
 
     /// Replaces the state with `state`: each grouped parameter takes its stored state, or starts fresh when
     /// `state` has none for it (it was frozen when the state was saved); stored states of parameters not in
-    /// any group are ignored. On error the optimizer's state is unchanged.
+    /// any group are ignored. An empty `OptimState::default()` resets every parameter to fresh state. On
+    /// error the optimizer's state is unchanged.
     pub fn load_state(&mut self, state: &OptimState) -> Result<()> {
-        if state.rule != self.engine.family() {
+        let empty = state.tensors.is_empty() && state.scalars.is_empty();
+        if state.rule != self.engine.family() && !(empty && state.rule.is_empty()) {
             return Err(Error::config(
                 "optimizer state",
                 format!(
@@ -291,6 +357,95 @@ impl Optimizer {
 fn boxed_engine<R: UpdateRule>(rule: R) -> Box<dyn Engine> {
     Box::new(RuleEngine {
         rule,
+        fused: true,
         states: HashMap::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn var(v: f64) -> Var {
+        Var::new(&[v], &Device::Cpu).unwrap()
+    }
+
+    fn value(v: &Var) -> f64 {
+        v.as_tensor().to_vec1::<f64>().unwrap()[0]
+    }
+
+    #[test]
+    fn each_group_uses_its_lr_multiplier_and_weight_decay() {
+        let (a, b, c) = (var(1.0), var(1.0), var(1.0));
+        let groups = vec![
+            ParamGroup::new("inherits", vec![("a".into(), a.clone())]),
+            ParamGroup::new("slow", vec![("b".into(), b.clone())]).with_lr_mult(0.5),
+            ParamGroup::new("no_decay", vec![("c".into(), c.clone())]).with_weight_decay(0.0),
+        ];
+        let config = OptimizerConfig::Sgd {
+            weight_decay: 0.1,
+            maximize: false,
+        };
+        for fused in [true, false] {
+            for v in [&a, &b, &c] {
+                v.set(&Tensor::new(&[1.0f64], &Device::Cpu).unwrap())
+                    .unwrap();
+            }
+            let mut opt = config.build(groups.clone()).unwrap();
+            opt.set_fused(fused);
+            let mut grads = GradStore::default();
+            for v in [&a, &b, &c] {
+                grads.insert(v.as_tensor(), Tensor::new(&[1.0f64], &Device::Cpu).unwrap());
+            }
+            opt.step(&grads, 0.1).unwrap();
+            // a: 1 - 0.1 (1 + 0.1); b: 1 - 0.05 (1 + 0.1); c: 1 - 0.1
+            assert!(
+                (value(&a) - 0.89).abs() < 1e-15,
+                "fused {fused}: {}",
+                value(&a)
+            );
+            assert!(
+                (value(&b) - 0.945).abs() < 1e-15,
+                "fused {fused}: {}",
+                value(&b)
+            );
+            assert!(
+                (value(&c) - 0.9).abs() < 1e-15,
+                "fused {fused}: {}",
+                value(&c)
+            );
+        }
+    }
+
+    #[test]
+    fn a_parameter_in_two_groups_is_rejected() {
+        let a = var(0.0);
+        let groups = vec![
+            ParamGroup::new("one", vec![("a".into(), a.clone())]),
+            ParamGroup::new("two", vec![("a".into(), a)]),
+        ];
+        let err = OptimizerConfig::from_kind("adam")
+            .unwrap()
+            .build(groups)
+            .unwrap_err();
+        assert!(err.to_string().contains("`a`"), "{err}");
+    }
+
+    #[test]
+    fn momentum_is_settable_except_for_adagrad() {
+        let mut adam = OptimizerConfig::from_kind("adam")
+            .unwrap()
+            .build(vec![])
+            .unwrap();
+        assert_eq!(adam.momentum(), Some(0.9));
+        adam.set_momentum(0.85).unwrap();
+        assert_eq!(adam.momentum(), Some(0.85));
+        let mut adagrad = OptimizerConfig::from_kind("adagrad")
+            .unwrap()
+            .build(vec![])
+            .unwrap();
+        assert_eq!(adagrad.momentum(), None);
+        assert!(adagrad.set_momentum(0.9).is_err());
+    }
 }

@@ -2,6 +2,7 @@
 //! `mu_t = b1 (1 - 0.5 * 0.96^(t psi))`, psi = `momentum_decay`), whose running product of `mu` is part of the
 //! state and must be saved to resume exactly.
 
+use super::kernel::{by_float_dtype, map_cpu, Real};
 use super::{SlotReader, SlotWriter, UpdateRule};
 use crate::Result;
 use candle_core::Tensor;
@@ -39,7 +40,11 @@ pub fn nadam_update(
     grad: &Tensor,
     state: &NAdamState,
 ) -> Result<(Tensor, NAdamState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     let mut p = param.clone();
     if weight_decay != 0.0 {
         if hp.decoupled_weight_decay {
@@ -56,8 +61,12 @@ pub fn nadam_update(
     let mu_product = state.mu_product * mu;
     let mu_product_next = mu_product * mu_next;
     let exp_avg = (state.exp_avg.affine(hp.beta1, 0.0)? + g.affine(1.0 - hp.beta1, 0.0)?)?;
-    let exp_avg_sq = (state.exp_avg_sq.affine(hp.beta2, 0.0)? + g.sqr()?.affine(1.0 - hp.beta2, 0.0)?)?;
-    let denom = exp_avg_sq.affine(1.0 / bias_correction2, 0.0)?.sqrt()?.affine(1.0, hp.eps)?;
+    let exp_avg_sq =
+        (state.exp_avg_sq.affine(hp.beta2, 0.0)? + g.sqr()?.affine(1.0 - hp.beta2, 0.0)?)?;
+    let denom = exp_avg_sq
+        .affine(1.0 / bias_correction2, 0.0)?
+        .sqrt()?
+        .affine(1.0, hp.eps)?;
     let grad_coef = lr * (1.0 - mu) / (1.0 - mu_product);
     let avg_coef = lr * mu_next / (1.0 - mu_product_next);
     let num = (g.affine(grad_coef, 0.0)? + exp_avg.affine(avg_coef, 0.0)?)?;
@@ -71,6 +80,68 @@ pub fn nadam_update(
             exp_avg_sq,
         },
     ))
+}
+
+/// [`nadam_update`] in one fused pass on the CPU; `None` where [`map_cpu`] declines.
+fn nadam_fused<T: Real>(
+    hp: &NAdam,
+    lr: f64,
+    weight_decay: f64,
+    param: &Tensor,
+    grad: &Tensor,
+    state: &NAdamState,
+) -> Result<Option<(Tensor, NAdamState)>> {
+    let step = state.step + 1;
+    let t = step as f64;
+    let bias_correction2 = 1.0 - hp.beta2.powf(t);
+    let mu = hp.beta1 * (1.0 - 0.5 * 0.96f64.powf(t * hp.momentum_decay));
+    let mu_next = hp.beta1 * (1.0 - 0.5 * 0.96f64.powf((t + 1.0) * hp.momentum_decay));
+    let mu_product = state.mu_product * mu;
+    let grad_coef = T::of(lr * (1.0 - mu) / (1.0 - mu_product));
+    let avg_coef = T::of(lr * mu_next / (1.0 - mu_product * mu_next));
+    let inv_bc2 = T::of(1.0 / bias_correction2);
+    let (b1, rest1, b2, rest2) = (
+        T::of(hp.beta1),
+        T::of(1.0 - hp.beta1),
+        T::of(hp.beta2),
+        T::of(1.0 - hp.beta2),
+    );
+    let (eps, wd, shrink) = (
+        T::of(hp.eps),
+        T::of(weight_decay),
+        T::of(1.0 - lr * weight_decay),
+    );
+    let (maximize, decoupled, decay) =
+        (hp.maximize, hp.decoupled_weight_decay, weight_decay != 0.0);
+    let out = map_cpu::<T, _, _>(
+        [param, grad, &state.exp_avg, &state.exp_avg_sq],
+        |[p, g, m, v]| {
+            let mut g = if maximize { -g } else { g };
+            let mut p = p;
+            if decay {
+                if decoupled {
+                    p *= shrink;
+                } else {
+                    g += p * wd;
+                }
+            }
+            let m = m * b1 + g * rest1;
+            let v = v * b2 + g * g * rest2;
+            let denom = (v * inv_bc2).sqrt() + eps;
+            [p - (g * grad_coef + m * avg_coef) / denom, m, v]
+        },
+    )?;
+    Ok(out.map(|[p, exp_avg, exp_avg_sq]| {
+        (
+            p,
+            NAdamState {
+                step,
+                mu_product,
+                exp_avg,
+                exp_avg_sq,
+            },
+        )
+    }))
 }
 
 impl UpdateRule for NAdam {
@@ -98,6 +169,20 @@ impl UpdateRule for NAdam {
         state: &NAdamState,
     ) -> Result<(Tensor, NAdamState)> {
         nadam_update(self, lr, weight_decay, param, grad, state)
+    }
+
+    fn update_fused(
+        &self,
+        lr: f64,
+        weight_decay: f64,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &NAdamState,
+    ) -> Result<Option<(Tensor, NAdamState)>> {
+        by_float_dtype!(
+            param,
+            nadam_fused(self, lr, weight_decay, param, grad, state)
+        )
     }
 
     fn export(&self, state: &NAdamState, out: &mut SlotWriter) {

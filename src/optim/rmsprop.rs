@@ -2,6 +2,7 @@
 //! subtracts the squared running mean of the gradient, and momentum accumulates the already-normalised step
 //! (`b <- mu b + g / d`), with the learning rate applied outside the buffer.
 
+use super::kernel::{by_float_dtype, map_cpu, Real};
 use super::{SlotReader, SlotWriter, UpdateRule};
 use crate::Result;
 use candle_core::Tensor;
@@ -38,11 +39,16 @@ pub fn rmsprop_update(
     grad: &Tensor,
     state: &RmsPropState,
 ) -> Result<(Tensor, RmsPropState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     if weight_decay != 0.0 {
         g = (g + param.affine(weight_decay, 0.0)?)?;
     }
-    let square_avg = (state.square_avg.affine(hp.alpha, 0.0)? + g.sqr()?.affine(1.0 - hp.alpha, 0.0)?)?;
+    let square_avg =
+        (state.square_avg.affine(hp.alpha, 0.0)? + g.sqr()?.affine(1.0 - hp.alpha, 0.0)?)?;
     let (avg, grad_avg) = if hp.centered {
         let prev = match &state.grad_avg {
             Some(ga) => ga.clone(),
@@ -62,7 +68,10 @@ pub fn rmsprop_update(
         };
         ((param - buf.affine(lr, 0.0)?)?, Some(buf))
     } else {
-        ((param - (g / avg)?.affine(lr, 0.0)?)?, state.momentum_buffer.clone())
+        (
+            (param - (g / avg)?.affine(lr, 0.0)?)?,
+            state.momentum_buffer.clone(),
+        )
     };
     Ok((
         p,
@@ -73,6 +82,104 @@ pub fn rmsprop_update(
             momentum_buffer,
         },
     ))
+}
+
+/// [`rmsprop_update`] in one fused pass on the CPU; `None` where [`map_cpu`] declines. Absent running
+/// means and momentum buffers are zeros, as in PyTorch.
+fn rmsprop_fused<T: Real>(
+    hp: &RmsProp,
+    lr: f64,
+    weight_decay: f64,
+    param: &Tensor,
+    grad: &Tensor,
+    state: &RmsPropState,
+) -> Result<Option<(Tensor, RmsPropState)>> {
+    let (lr_t, wd, eps) = (T::of(lr), T::of(weight_decay), T::of(hp.eps));
+    let (alpha, rest, mu) = (T::of(hp.alpha), T::of(1.0 - hp.alpha), T::of(hp.momentum));
+    let (maximize, decay, centered, momentum) = (
+        hp.maximize,
+        weight_decay != 0.0,
+        hp.centered,
+        hp.momentum > 0.0,
+    );
+    // The running mean and the momentum buffer take part only when used; absent ones start at zero.
+    let ga0 = match (&state.grad_avg, centered) {
+        (_, false) => None,
+        (Some(ga), true) => Some(ga.clone()),
+        (None, true) => Some(param.zeros_like()?),
+    };
+    let b0 = match (&state.momentum_buffer, momentum) {
+        (_, false) => None,
+        (Some(b), true) => Some(b.clone()),
+        (None, true) => Some(param.zeros_like()?),
+    };
+    // One element: (p, g, v, ga, b) -> (p, v, ga, b); `ga` and `b` are ignored unless centered / momentum.
+    let elem = move |p: T, g: T, v: T, ga: T, b: T| {
+        let g = if maximize { -g } else { g };
+        let g = if decay { g + p * wd } else { g };
+        let v = v * alpha + g * g * rest;
+        let (avg, ga) = if centered {
+            let ga = ga + (g - ga) * rest;
+            ((v - ga * ga).sqrt(), ga)
+        } else {
+            (v.sqrt(), ga)
+        };
+        let avg = avg + eps;
+        if momentum {
+            let b = b * mu + g / avg;
+            (p - b * lr_t, v, ga, b)
+        } else {
+            (p - g / avg * lr_t, v, ga, b)
+        }
+    };
+    let sq = &state.square_avg;
+    let (out, grad_avg, momentum_buffer) = match (&ga0, &b0) {
+        (None, None) => {
+            let out = map_cpu::<T, _, _>([param, grad, sq], |[p, g, v]| {
+                let (p, v, _, _) = elem(p, g, v, T::zero(), T::zero());
+                [p, v]
+            })?;
+            (
+                out.map(|[p, v]| (p, v)),
+                None,
+                state.momentum_buffer.clone(),
+            )
+        }
+        (Some(ga0), None) => match map_cpu::<T, _, _>([param, grad, sq, ga0], |[p, g, v, ga]| {
+            let (p, v, ga, _) = elem(p, g, v, ga, T::zero());
+            [p, v, ga]
+        })? {
+            Some([p, v, ga]) => (Some((p, v)), Some(ga), state.momentum_buffer.clone()),
+            None => (None, None, None),
+        },
+        (None, Some(b0)) => match map_cpu::<T, _, _>([param, grad, sq, b0], |[p, g, v, b]| {
+            let (p, v, _, b) = elem(p, g, v, T::zero(), b);
+            [p, v, b]
+        })? {
+            Some([p, v, b]) => (Some((p, v)), None, Some(b)),
+            None => (None, None, None),
+        },
+        (Some(ga0), Some(b0)) => {
+            match map_cpu::<T, _, _>([param, grad, sq, ga0, b0], |[p, g, v, ga, b]| {
+                let (p, v, ga, b) = elem(p, g, v, ga, b);
+                [p, v, ga, b]
+            })? {
+                Some([p, v, ga, b]) => (Some((p, v)), Some(ga), Some(b)),
+                None => (None, None, None),
+            }
+        }
+    };
+    Ok(out.map(|(p, square_avg)| {
+        (
+            p,
+            RmsPropState {
+                step: state.step + 1,
+                square_avg,
+                grad_avg,
+                momentum_buffer,
+            },
+        )
+    }))
 }
 
 impl UpdateRule for RmsProp {
@@ -100,6 +207,20 @@ impl UpdateRule for RmsProp {
         state: &RmsPropState,
     ) -> Result<(Tensor, RmsPropState)> {
         rmsprop_update(self, lr, weight_decay, param, grad, state)
+    }
+
+    fn update_fused(
+        &self,
+        lr: f64,
+        weight_decay: f64,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &RmsPropState,
+    ) -> Result<Option<(Tensor, RmsPropState)>> {
+        by_float_dtype!(
+            param,
+            rmsprop_fused(self, lr, weight_decay, param, grad, state)
+        )
     }
 
     fn export(&self, state: &RmsPropState, out: &mut SlotWriter) {
@@ -159,6 +280,9 @@ mod tests {
         let (p1, _) = rmsprop_update(&hp, 0.01, 0.0, &p0, &g, &hp.init(&p0).unwrap()).unwrap();
         let want = 0.01 / 0.01f64.sqrt();
         let got = p1.to_vec1::<f64>().unwrap();
-        assert!((got[0] + want).abs() < 1e-12 && (got[1] - want).abs() < 1e-12, "{got:?}");
+        assert!(
+            (got[0] + want).abs() < 1e-12 && (got[1] - want).abs() < 1e-12,
+            "{got:?}"
+        );
     }
 }

@@ -139,7 +139,12 @@ impl ScheduleConfig {
 
     /// Checks that the schedule can be evaluated (positive rates, factors and sizes).
     pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, v: f64| Err(Error::config(format!("schedule {what}"), format!("{v} is out of range")));
+        let bad = |what: &str, v: f64| {
+            Err(Error::config(
+                format!("schedule {what}"),
+                format!("{v} is out of range"),
+            ))
+        };
         match *self {
             ScheduleConfig::Constant { lr }
             | ScheduleConfig::Exponential { lr, .. }
@@ -151,17 +156,23 @@ impl ScheduleConfig {
                 bad("lr", lr)
             }
             ScheduleConfig::Step { step_size: 0, .. } => bad("step_size", 0.0),
-            ScheduleConfig::OneCycle { max_lr, .. } if !(max_lr.is_finite() && max_lr > 0.0) => bad("max_lr", max_lr),
-            ScheduleConfig::OneCycle { pct_start, three_phase, .. }
-                if !(pct_start > 0.0 && pct_start < if three_phase { 0.5 } else { 1.0 }) =>
-            {
+            ScheduleConfig::OneCycle { max_lr, .. } if !(max_lr.is_finite() && max_lr > 0.0) => {
+                bad("max_lr", max_lr)
+            }
+            ScheduleConfig::OneCycle {
+                pct_start,
+                three_phase,
+                ..
+            } if !(pct_start > 0.0 && pct_start < if three_phase { 0.5 } else { 1.0 }) => {
                 bad("pct_start", pct_start)
             }
             ScheduleConfig::OneCycle {
                 div_factor,
                 final_div_factor,
                 ..
-            } if !(div_factor > 0.0 && final_div_factor > 0.0) => bad("div_factor", div_factor.min(final_div_factor)),
+            } if !(div_factor > 0.0 && final_div_factor > 0.0) => {
+                bad("div_factor", div_factor.min(final_div_factor))
+            }
             ScheduleConfig::Plateau { ref plateau, .. } => plateau.validate(),
             _ => Ok(()),
         }
@@ -172,7 +183,11 @@ impl ScheduleConfig {
     pub fn lr_at(&self, step: usize, total_steps: usize) -> f64 {
         match *self {
             ScheduleConfig::Constant { lr } | ScheduleConfig::Plateau { lr, .. } => lr,
-            ScheduleConfig::Step { lr, step_size, gamma } => lr * gamma.powi((step / step_size.max(1)) as i32),
+            ScheduleConfig::Step {
+                lr,
+                step_size,
+                gamma,
+            } => lr * gamma.powi((step / step_size.max(1)) as i32),
             ScheduleConfig::Exponential { lr, gamma } => lr * gamma.powf(step as f64),
             ScheduleConfig::Cosine {
                 lr,
@@ -195,7 +210,8 @@ impl ScheduleConfig {
     pub fn momentum_at(&self, step: usize, total_steps: usize) -> Option<f64> {
         match *self {
             ScheduleConfig::OneCycle {
-                cycle_momentum: true, ..
+                cycle_momentum: true,
+                ..
             } => Some(self.one_cycle_at(step, total_steps).1),
             _ => None,
         }
@@ -233,7 +249,11 @@ impl ScheduleConfig {
         let (ends, pos): (Vec<f64>, f64) = match style {
             OneCycleStyle::Torch => {
                 let ends = if three_phase {
-                    vec![pct_start * total - 1.0, 2.0 * pct_start * total - 2.0, total - 1.0]
+                    vec![
+                        pct_start * total - 1.0,
+                        2.0 * pct_start * total - 2.0,
+                        total - 1.0,
+                    ]
                 } else {
                     vec![pct_start * total - 1.0, total - 1.0]
                 };
@@ -294,7 +314,11 @@ impl ScheduleConfig {
             };
             if inside || i == last {
                 let width = phase.end - start;
-                let pct = if width > 0.0 { ((pos - start) / width).clamp(0.0, 1.0) } else { 1.0 };
+                let pct = if width > 0.0 {
+                    ((pos - start) / width).clamp(0.0, 1.0)
+                } else {
+                    1.0
+                };
                 return (interpolate(phase.lr, pct), interpolate(phase.momentum, pct));
             }
             start = phase.end;
@@ -358,7 +382,10 @@ impl PlateauConfig {
     /// Checks `0 < factor < 1` and non-negative thresholds.
     pub fn validate(&self) -> Result<()> {
         if !(self.factor > 0.0 && self.factor < 1.0) {
-            return Err(Error::config("plateau factor", format!("{} must be in (0, 1)", self.factor)));
+            return Err(Error::config(
+                "plateau factor",
+                format!("{} must be in (0, 1)", self.factor),
+            ));
         }
         if !(self.threshold >= 0.0 && self.min_factor >= 0.0 && self.eps >= 0.0) {
             return Err(Error::config(
@@ -461,7 +488,10 @@ mod tests {
 
     #[test]
     fn exponential_is_gamma_to_the_step() {
-        let s = ScheduleConfig::Exponential { lr: 2.0, gamma: 0.9 };
+        let s = ScheduleConfig::Exponential {
+            lr: 2.0,
+            gamma: 0.9,
+        };
         assert!(close(s.lr_at(10, 100), 2.0 * 0.9f64.powi(10)));
     }
 
@@ -478,14 +508,18 @@ mod tests {
         // halfway through the cosine: (1 + 0.1) / 2
         assert!(close(s.lr_at(60, 110), 0.55));
         // a quarter: 0.1 + 0.9 (1 + cos(pi/4)) / 2
-        assert!(close(s.lr_at(35, 110), 0.1 + 0.45 * (1.0 + (PI / 4.0).cos())));
+        assert!(close(
+            s.lr_at(35, 110),
+            0.1 + 0.45 * (1.0 + (PI / 4.0).cos())
+        ));
         assert!(close(s.lr_at(110, 110), 0.1));
     }
 
     #[test]
     fn torch_one_cycle_hits_its_end_points_at_onecyclelr_steps() {
         // OneCycleLR(max_lr=1, total_steps=100): pct_start 0.3, peak at step 29, min_lr = 1/25/1e4 at step 99.
-        let s: ScheduleConfig = serde_json::from_str(r#"{"kind":"one_cycle","max_lr":1.0}"#).unwrap();
+        let s: ScheduleConfig =
+            serde_json::from_str(r#"{"kind":"one_cycle","max_lr":1.0}"#).unwrap();
         assert!(close(s.lr_at(0, 100), 0.04));
         assert!(close(s.momentum_at(0, 100).unwrap(), 0.95));
         assert!(close(s.lr_at(29, 100), 1.0));
@@ -524,12 +558,18 @@ mod tests {
         assert!(close(s.lr_at(625, 1000), (1.0 + 1e-5) / 2.0));
         assert!(close(s.momentum_at(625, 1000).unwrap(), 0.9));
         // pos 0.125 in phase 1: 0.04 + (1 + cos(pi (1 - 0.5))) (1 - 0.04) / 2 (fastai's SchedCos)
-        assert!(close(s.lr_at(125, 1000), 0.04 + (1.0 + (PI * 0.5).cos()) * 0.96 / 2.0));
+        assert!(close(
+            s.lr_at(125, 1000),
+            0.04 + (1.0 + (PI * 0.5).cos()) * 0.96 / 2.0
+        ));
     }
 
     #[test]
     fn constant_schedule_does_not_cycle_momentum() {
-        assert_eq!(ScheduleConfig::Constant { lr: 0.1 }.momentum_at(3, 10), None);
+        assert_eq!(
+            ScheduleConfig::Constant { lr: 0.1 }.momentum_at(3, 10),
+            None
+        );
     }
 
     #[test]
@@ -568,7 +608,8 @@ mod tests {
     #[test]
     fn schedule_config_is_plain_json() {
         let s: ScheduleConfig =
-            serde_json::from_str(r#"{"kind":"plateau","lr":0.01,"plateau":{"patience":3}}"#).unwrap();
+            serde_json::from_str(r#"{"kind":"plateau","lr":0.01,"plateau":{"patience":3}}"#)
+                .unwrap();
         s.validate().unwrap();
         assert_eq!(s.plateau().unwrap().config.patience, 3);
         assert!(serde_json::from_str::<ScheduleConfig>(r#"{"kind":"step","lr":0.1}"#).is_err());

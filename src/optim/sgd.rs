@@ -5,6 +5,7 @@
 //! learning rate multiplies the buffer at the update, not inside it (so a learning-rate change takes effect at
 //! once), and the first step copies the gradient into the buffer without dampening.
 
+use super::kernel::{by_float_dtype, map_cpu, Real};
 use super::{SlotReader, SlotWriter, UpdateRule};
 use crate::Result;
 use candle_core::Tensor;
@@ -36,7 +37,11 @@ pub fn sgd_update(
     grad: &Tensor,
     state: &SgdState,
 ) -> Result<(Tensor, SgdState)> {
-    let mut g = if hp.maximize { grad.neg()? } else { grad.clone() };
+    let mut g = if hp.maximize {
+        grad.neg()?
+    } else {
+        grad.clone()
+    };
     if weight_decay != 0.0 {
         g = (g + param.affine(weight_decay, 0.0)?)?;
     }
@@ -54,6 +59,56 @@ pub fn sgd_update(
         next.momentum_buffer = Some(buf);
     }
     Ok(((param - g.affine(lr, 0.0)?)?, next))
+}
+
+/// [`sgd_update`] in one fused pass on the CPU; `None` where [`map_cpu`] declines.
+fn sgd_fused<T: Real>(
+    hp: &Sgd,
+    lr: f64,
+    weight_decay: f64,
+    param: &Tensor,
+    grad: &Tensor,
+    state: &SgdState,
+) -> Result<Option<(Tensor, SgdState)>> {
+    let (lr, wd, mu, keep) = (
+        T::of(lr),
+        T::of(weight_decay),
+        T::of(hp.momentum),
+        T::of(1.0 - hp.dampening),
+    );
+    let (maximize, decay, nesterov) = (hp.maximize, weight_decay != 0.0, hp.nesterov);
+    let effective = move |p: T, g: T| {
+        let g = if maximize { -g } else { g };
+        if decay {
+            g + p * wd
+        } else {
+            g
+        }
+    };
+    let direction = move |g: T, b: T| if nesterov { g + b * mu } else { b };
+    if hp.momentum == 0.0 {
+        let out = map_cpu::<T, _, _>([param, grad], |[p, g]| [p - effective(p, g) * lr])?;
+        return Ok(out.map(|[p]| (p, state.clone())));
+    }
+    let out = match &state.momentum_buffer {
+        None => map_cpu::<T, _, _>([param, grad], |[p, g]| {
+            let g = effective(p, g);
+            [p - direction(g, g) * lr, g]
+        })?,
+        Some(buf) => map_cpu::<T, _, _>([param, grad, buf], |[p, g, b]| {
+            let g = effective(p, g);
+            let b = b * mu + g * keep;
+            [p - direction(g, b) * lr, b]
+        })?,
+    };
+    Ok(out.map(|[p, b]| {
+        (
+            p,
+            SgdState {
+                momentum_buffer: Some(b),
+            },
+        )
+    }))
 }
 
 impl UpdateRule for Sgd {
@@ -76,6 +131,17 @@ impl UpdateRule for Sgd {
         state: &SgdState,
     ) -> Result<(Tensor, SgdState)> {
         sgd_update(self, lr, weight_decay, param, grad, state)
+    }
+
+    fn update_fused(
+        &self,
+        lr: f64,
+        weight_decay: f64,
+        param: &Tensor,
+        grad: &Tensor,
+        state: &SgdState,
+    ) -> Result<Option<(Tensor, SgdState)>> {
+        by_float_dtype!(param, sgd_fused(self, lr, weight_decay, param, grad, state))
     }
 
     fn export(&self, state: &SgdState, out: &mut SlotWriter) {
@@ -121,7 +187,15 @@ mod tests {
             nesterov: false,
             maximize: false,
         };
-        let (p, s) = sgd_update(&hp, 0.5, 0.0, &t(&[1.0, 2.0]), &t(&[2.0, -4.0]), &SgdState::default()).unwrap();
+        let (p, s) = sgd_update(
+            &hp,
+            0.5,
+            0.0,
+            &t(&[1.0, 2.0]),
+            &t(&[2.0, -4.0]),
+            &SgdState::default(),
+        )
+        .unwrap();
         assert_eq!(vals(&p), vec![0.0, 4.0]);
         assert!(s.momentum_buffer.is_none());
     }
@@ -134,7 +208,8 @@ mod tests {
             nesterov: false,
             maximize: false,
         };
-        let (p, s) = sgd_update(&hp, 1.0, 0.0, &t(&[0.0]), &t(&[1.0]), &SgdState::default()).unwrap();
+        let (p, s) =
+            sgd_update(&hp, 1.0, 0.0, &t(&[0.0]), &t(&[1.0]), &SgdState::default()).unwrap();
         assert_eq!(vals(&p), vec![-1.0]);
         assert_eq!(vals(s.momentum_buffer.as_ref().unwrap()), vec![1.0]);
         // second step: b = 0.9 * 1 + 0.5 * 1
@@ -151,7 +226,8 @@ mod tests {
             nesterov: false,
             maximize: true,
         };
-        let (p, _) = sgd_update(&hp, 0.1, 0.0, &t(&[0.0]), &t(&[1.0]), &SgdState::default()).unwrap();
+        let (p, _) =
+            sgd_update(&hp, 0.1, 0.0, &t(&[0.0]), &t(&[1.0]), &SgdState::default()).unwrap();
         assert!((vals(&p)[0] - 0.1).abs() < 1e-15);
     }
 }
