@@ -2,6 +2,7 @@
 //! command; `anyhow` is used here and in `main.rs` only.
 
 mod convert;
+mod finetune;
 mod inspect;
 mod predict;
 
@@ -21,6 +22,8 @@ pub enum Command {
     Predict(predict::PredictArgs),
     /// Show a base model's layer groups, parameter counts and what was loaded.
     Inspect(inspect::InspectArgs),
+    /// Fine-tune a pretrained base on a folder of labelled images.
+    Finetune(Box<finetune::FinetuneArgs>),
     /// Convert a PyTorch checkpoint (.pth/.pt/.bin, zip or legacy format) to safetensors.
     Convert(convert::ConvertArgs),
 }
@@ -45,5 +48,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Predict(a) => predict::run(a),
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
+        Command::Finetune(a) => finetune::run(*a),
     }
 }

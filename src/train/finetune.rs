@@ -90,6 +90,8 @@ pub struct FinetuneConfig {
     pub val_split: f64,
     /// Square input size; `None` takes the card's.
     pub image_size: Option<usize>,
+    /// Evaluation crop fraction; `None` takes the card's.
+    pub crop_pct: Option<f64>,
     pub batch_size: usize,
     /// Epochs with the whole backbone frozen (head only), first.
     pub freeze_epochs: usize,
@@ -223,6 +225,10 @@ fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
         }
         p.input_size = s;
     }
+    if let Some(c) = cfg.crop_pct {
+        p.crop_pct = c;
+    }
+    p.validate()?;
     Ok(p)
 }
 
@@ -414,18 +420,16 @@ fn save_checkpoint(
     ck.save(path)
 }
 
-/// Optimizer scalars and rule as JSON, for [`TrainState::optimizer`].
+/// Optimizer rule and scalars for [`TrainState::optimizer`], as the strings `OptimState::metadata` writes
+/// (shortest round-trip notation: JSON numbers would not bring every f64 back bit for bit).
 fn optim_meta(opt: &Optimizer) -> serde_json::Value {
-    let st = opt.state();
-    serde_json::json!({ "rule": st.rule, "scalars": st.scalars })
+    serde_json::json!(opt.state().metadata())
 }
 
 fn optim_state_from(ck: &Checkpoint, meta: &serde_json::Value) -> Result<OptimState> {
-    Ok(OptimState {
-        rule: meta["rule"].as_str().unwrap_or_default().to_string(),
-        tensors: ck.with_prefix("optim").into_iter().collect(),
-        scalars: serde_json::from_value(meta["scalars"].clone()).unwrap_or_default(),
-    })
+    let metadata: std::collections::HashMap<String, String> = serde_json::from_value(meta.clone())
+        .map_err(|e| Error::config("checkpoint optimizer state", e.to_string()))?;
+    OptimState::from_metadata(ck.with_prefix("optim").into_iter().collect(), &metadata)
 }
 
 /// Runs (or resumes) a fine-tuning run in `run_dir`.
