@@ -7,6 +7,7 @@
 pub mod data;
 pub mod device;
 pub mod error;
+pub mod export;
 pub mod fsutil;
 pub mod models;
 pub mod cli;

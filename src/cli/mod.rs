@@ -2,6 +2,8 @@
 //! command; `anyhow` is used here and in `main.rs` only.
 
 mod convert;
+mod eval;
+mod export;
 mod finetune;
 mod inspect;
 mod predict;
@@ -24,6 +26,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Fine-tune a pretrained base on a folder of labelled images.
     Finetune(Box<finetune::FinetuneArgs>),
+    /// Write a run's best weights and their metadata as one deployment safetensors file.
+    Export(export::ExportArgs),
+    /// Accuracy, confusion matrix and per-class scores of an exported model on an image folder.
+    Eval(eval::EvalArgs),
     /// Convert a PyTorch checkpoint (.pth/.pt/.bin, zip or legacy format) to safetensors.
     Convert(convert::ConvertArgs),
 }
@@ -49,5 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Finetune(a) => finetune::run(*a),
+        Command::Export(a) => export::run(a),
+        Command::Eval(a) => eval::run(a),
     }
 }

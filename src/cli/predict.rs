@@ -13,6 +13,9 @@ use std::path::PathBuf;
 pub struct PredictArgs {
     #[command(flatten)]
     pub base: BaseArgs,
+    /// A deployment file written by `graft export` (instead of --base).
+    #[arg(long, conflicts_with_all = ["base", "weights"])]
+    pub model: Option<PathBuf>,
     /// How many classes to show per image.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
@@ -82,17 +85,52 @@ pub fn print_predictions(preds: &[Prediction], format: Format) -> anyhow::Result
     Ok(())
 }
 
+/// The two kinds of model predict runs: a pretrained base with its ImageNet classifier, or an export.
+enum Model {
+    Base(Box<Pretrained>),
+    Export(Box<crate::models::classifier::Classifier>),
+}
+
+impl Model {
+    fn preprocess(&self) -> &crate::data::Preprocess {
+        match self {
+            Model::Base(m) => m.preprocess(),
+            Model::Export(m) => &m.spec.preprocess,
+        }
+    }
+    fn classes(&self) -> &[String] {
+        match self {
+            Model::Base(m) => &m.classes,
+            Model::Export(m) => &m.spec.classes,
+        }
+    }
+    fn logits(&self, x: &Tensor) -> crate::Result<Tensor> {
+        match self {
+            Model::Base(m) => m.logits(x),
+            Model::Export(m) => m.predict(x),
+        }
+    }
+}
+
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
     }
     let device = crate::device::parse_device(&args.base.device)?;
-    let Some(base) = args.base.base.as_deref() else {
-        bail!("--base NAME is required (e.g. --base resnet18)");
+    let model = match (&args.model, args.base.base.as_deref()) {
+        (Some(path), _) => Model::Export(Box::new(
+            crate::export::load_model(path, &device)
+                .with_context(|| format!("loading model {}", path.display()))?,
+        )),
+        (None, Some(base)) => {
+            let card = card::card(base)?;
+            Model::Base(Box::new(
+                Pretrained::load(&card, args.base.weights.as_deref(), &device)
+                    .with_context(|| format!("loading base `{base}`"))?,
+            ))
+        }
+        (None, None) => bail!("give --base NAME (e.g. --base resnet18) or --model FILE"),
     };
-    let card = card::card(base)?;
-    let model = Pretrained::load(&card, args.base.weights.as_deref(), &device)
-        .with_context(|| format!("loading base `{base}`"))?;
     let mut preds = Vec::new();
     let mut failed = 0;
     for path in &args.images {
@@ -105,7 +143,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             }
         };
         let logits = model.logits(&image.unsqueeze(0)?)?;
-        let top = top_k(&logits, &model.classes, args.top_k)?.remove(0);
+        let top = top_k(&logits, model.classes(), args.top_k)?.remove(0);
         preds.push(Prediction {
             path: path.display().to_string(),
             top,

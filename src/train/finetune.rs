@@ -232,11 +232,22 @@ fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
     Ok(p)
 }
 
+/// The classifier a config describes, for `classes`.
+pub fn classifier_spec(cfg: &FinetuneConfig, classes: Vec<String>) -> Result<ClassifierSpec> {
+    let card = card::card(&cfg.base)?;
+    Ok(ClassifierSpec {
+        arch: card.arch.clone(),
+        base: card.name.clone(),
+        head: cfg.head.clone(),
+        classes,
+        preprocess: preprocess_for(cfg)?,
+    })
+}
+
 impl Session {
     fn build(cfg: &FinetuneConfig, reporter: &mut Reporter) -> Result<(Session, Option<LoadReport>)> {
         let device = crate::device::parse_device(&cfg.device)?;
         let card = card::card(&cfg.base)?;
-        let preprocess = preprocess_for(cfg)?;
         let dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
         if dataset.val.is_empty() {
             return Err(Error::Dataset {
@@ -244,13 +255,8 @@ impl Session {
                 reason: "no validation images: add a val/ folder or use --val-split > 0".into(),
             });
         }
-        let spec = ClassifierSpec {
-            arch: card.arch.clone(),
-            base: card.name.clone(),
-            head: cfg.head.clone(),
-            classes: dataset.classes.clone(),
-            preprocess: preprocess.clone(),
-        };
+        let spec = classifier_spec(cfg, dataset.classes.clone())?;
+        let preprocess = spec.preprocess.clone();
         let model = Classifier::new(spec, &device)?;
         model.head.reset_parameters(&mut seeded(cfg.seed))?;
         let report = if cfg.pretrained {

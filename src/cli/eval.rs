@@ -1,0 +1,118 @@
+//! `graft eval --model model.safetensors --data DIR`: accuracy, confusion matrix, per-class scores.
+
+use anyhow::{bail, Context};
+use clap::Args;
+use std::path::PathBuf;
+
+use crate::data::{ImageFolder, Loader, LoaderConfig, Sample};
+use crate::train::metrics::ConfusionMatrix;
+use crate::train::loss::cross_entropy;
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// A deployment file written by `graft export`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Image folder: DIR/<class>/..., or DIR/{train,val,test}/<class>/...
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Which images: `all` (a plain class folder), or `test`, `val`, `train` of a split folder. Default:
+    /// test if there is one, else val if there is a val folder, else all.
+    #[arg(long)]
+    pub split: Option<String>,
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Print one JSON object instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    let device = crate::device::parse_device(&args.device)?;
+    let model = crate::export::load_model(&args.model, &device)
+        .with_context(|| format!("loading model {}", args.model.display()))?;
+    let ds = ImageFolder::open(&args.data, 0.0, 0)?;
+    let split = args.split.clone().unwrap_or_else(|| {
+        if ds.test.is_some() {
+            "test".into()
+        } else if ds.val_from_folder {
+            "val".into()
+        } else {
+            "all".into()
+        }
+    });
+    let samples: Vec<Sample> = match split.as_str() {
+        "all" | "train" => ds.train.clone(),
+        "val" => ds.val.clone(),
+        "test" => ds.test.clone().context("--split test: the data folder has no test/ folder")?,
+        other => bail!("--split: `{other}` is not all|train|val|test"),
+    };
+    // Map the folder's class names onto the model's label order.
+    let classes = &model.spec.classes;
+    let mut to_model = Vec::new();
+    for name in &ds.classes {
+        match classes.iter().position(|c| c == name) {
+            Some(i) => to_model.push(i),
+            None => bail!(
+                "class `{name}` of {} is not one of the model's classes ({})",
+                args.data.display(),
+                classes.join(", ")
+            ),
+        }
+    }
+    let samples: Vec<Sample> = samples
+        .into_iter()
+        .map(|s| Sample {
+            label: to_model[s.label],
+            ..s
+        })
+        .collect();
+    let loader = Loader::new(
+        samples,
+        classes.len(),
+        model.spec.preprocess.clone(),
+        LoaderConfig::eval(args.batch_size),
+        &device,
+    )?;
+    let mut cm = ConfusionMatrix::new(classes.len());
+    let mut loss_sum = 0.0;
+    let mut seen = 0usize;
+    for batch in loader.epoch(0) {
+        let batch = batch?;
+        let logits = model.predict(&batch.images)?;
+        let b = batch.labels.dim(0)?;
+        loss_sum += cross_entropy(&logits, &batch.labels, 0.0, None)?.to_scalar::<f32>()? as f64 * b as f64;
+        seen += b;
+        cm.add_batch(&logits, &batch.labels)?;
+    }
+    let skipped = loader.skipped();
+    if seen == 0 {
+        bail!("no readable images in {} ({split})", args.data.display());
+    }
+    let loss = loss_sum / seen as f64;
+    if args.json {
+        let per_class: Vec<_> = cm
+            .all_scores()
+            .iter()
+            .zip(classes)
+            .map(|(s, c)| serde_json::json!({"class": c, "precision": s.precision, "recall": s.recall, "f1": s.f1, "support": s.support}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"split": split, "images": seen, "skipped": skipped.len(), "accuracy": cm.accuracy(), "loss": loss, "per_class": per_class})
+        );
+    } else {
+        println!(
+            "{} images ({split}) of {}: accuracy {:.2}%, loss {:.4}{}",
+            seen,
+            args.data.display(),
+            cm.accuracy() * 100.0,
+            loss,
+            if skipped.is_empty() { String::new() } else { format!(", {} unreadable images skipped", skipped.len()) }
+        );
+        println!("{}", cm.render(classes));
+    }
+    Ok(())
+}
