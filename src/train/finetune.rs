@@ -249,10 +249,10 @@ impl Session {
         let device = crate::device::parse_device(&cfg.device)?;
         let card = card::card(&cfg.base)?;
         let dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
-        if dataset.val.is_empty() {
+        if dataset.val.is_empty() && cfg.patience.is_some() {
             return Err(Error::Dataset {
                 path: cfg.data.clone(),
-                reason: "no validation images: add a val/ folder or use --val-split > 0".into(),
+                reason: "early stopping (--patience) needs validation images: add a val/ folder or use --val-split > 0".into(),
             });
         }
         let spec = classifier_spec(cfg, dataset.classes.clone())?;
@@ -362,6 +362,11 @@ impl Session {
         Ok((Tensor::cat(&feats, 0)?, Tensor::cat(&labels, 0)?))
     }
 
+    /// Whether there are validation images (without them: no early stopping, the last weights are kept).
+    fn has_val(&self) -> bool {
+        !self.dataset.val.is_empty()
+    }
+
     fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
         cross_entropy(
             logits,
@@ -380,6 +385,9 @@ impl Session {
     ) -> Result<(RunningStats, ConfusionMatrix)> {
         let mut cm = ConfusionMatrix::new(self.dataset.classes.len());
         let mut stats = RunningStats::new();
+        if !self.has_val() {
+            return Ok((stats, cm));
+        }
         let bs = self.cfg.batch_size;
         let mut pass = reporter.pass("val", epoch, self.val.batches_per_epoch());
         let mut handle = |logits: Tensor, labels: Tensor| -> Result<()> {
@@ -542,7 +550,9 @@ pub fn finetune(
         if fast && cached_train.is_none() {
             reporter.line("backbone frozen, no augmentation: computing features once");
             cached_train = Some(s.features(&s.train_eval)?);
-            cached_val = Some(s.features(&s.val)?);
+            if s.has_val() {
+                cached_val = Some(s.features(&s.val)?);
+            }
         }
 
         let mut pass = reporter.pass("train", epoch + 1, s.steps_per_epoch);
@@ -608,10 +618,14 @@ pub fn finetune(
             images_per_s,
             extra: Default::default(),
         };
-        if let Some(p) = plateau.as_mut() {
-            p.observe(m.val_loss);
-        }
-        let decision = early.observe(epoch + 1, cfg.monitor.value(&m));
+        let decision = if s.has_val() {
+            if let Some(p) = plateau.as_mut() {
+                p.observe(m.val_loss);
+            }
+            early.observe(epoch + 1, cfg.monitor.value(&m))
+        } else {
+            Decision::Continue { improved: false }
+        };
         let improved = matches!(decision, Decision::Continue { improved: true });
         let state = TrainState {
             epoch: epoch + 1,
@@ -647,7 +661,9 @@ pub fn finetune(
     }
     let (val_stats, cm) = s.evaluate(None, &mut reporter, history.len())?;
     crate::train::plots::plot_curves(&history, run_dir.curves_png())?;
-    crate::train::plots::plot_confusion(&cm, &s.dataset.classes, run_dir.confusion_png())?;
+    if s.has_val() {
+        crate::train::plots::plot_confusion(&cm, &s.dataset.classes, run_dir.confusion_png())?;
+    }
     let summary = format_summary(
         &history,
         best.map(|b| b.0),
