@@ -1,0 +1,149 @@
+//! End to end through the real binary: finetune on a small generated folder, stop early, resume after an
+//! interruption to the same result, export, and predict from the export with the same answers as eval.
+
+mod common;
+
+use candle_core::Device;
+use common::{graft_ok, make_folder, resnet18_weights};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The flags of one small, fast run: ResNet-18 (golden weights) at 32x32, one frozen epoch then up to
+/// four unfrozen ones; `--min-delta 100` means no epoch after the first counts as an improvement, so
+/// `--patience 2` stops the run after epoch 3 for certain.
+fn run_flags<'a>(data: &'a str, weights: &'a str, run: &'a str) -> Vec<&'a str> {
+    vec![
+        "finetune", "--base", "resnet18", "--weights", weights, "--data", data, "--image-size", "32",
+        "--crop-pct", "1", "--batch-size", "4", "--freeze-epochs", "1", "--epochs", "4", "--lr", "1e-3",
+        "--patience", "2", "--min-delta", "100", "--seed", "7", "--quiet", "--run-dir", run,
+    ]
+}
+
+fn model_tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
+    let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
+    t.into_iter()
+        .filter(|(k, _)| k.starts_with("model."))
+        .map(|(k, v)| {
+            let v = v.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap();
+            (k, v.to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn finetune_stops_early_resumes_identically_exports_and_predicts_like_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["blue", "green", "red"], 8);
+    let weights = resnet18_weights();
+    let (d, w) = (data.to_str().unwrap(), weights.to_str().unwrap());
+
+    // Uninterrupted run.
+    let full = tmp.path().join("full");
+    graft_ok(&run_flags(d, w, full.to_str().unwrap()));
+    let m_full = metrics(&full);
+    assert_eq!(m_full.len(), 3, "patience 2 after a best first epoch stops after epoch 3: {m_full:?}");
+    for f in ["config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "curves.png", "confusion.png"] {
+        assert!(full.join(f).is_file(), "{f} missing from the run folder");
+    }
+    for key in ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"] {
+        assert!(m_full[0].get(key).is_some(), "metrics.jsonl lacks {key}");
+    }
+
+    // Interrupted after two epochs, then resumed.
+    let split = tmp.path().join("split");
+    let mut first = run_flags(d, w, split.to_str().unwrap());
+    first.extend(["--stop-after", "2"]);
+    graft_ok(&first);
+    assert_eq!(metrics(&split).len(), 2);
+    graft_ok(&["finetune", "--resume", split.to_str().unwrap(), "--quiet"]);
+    let m_split = metrics(&split);
+    assert_eq!(m_split.len(), m_full.len());
+    for (a, b) in m_full.iter().zip(&m_split) {
+        for key in ["train_loss", "train_acc", "val_loss", "val_acc", "lr"] {
+            let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{key}: {x} vs {y}");
+        }
+    }
+    for file in ["last.safetensors", "best.safetensors"] {
+        let (a, b) = (model_tensors(&full.join(file)), model_tensors(&split.join(file)));
+        assert_eq!(a.len(), b.len());
+        for (k, va) in &a {
+            let vb = &b[k];
+            let diff = va.iter().zip(vb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(diff <= 1e-5, "{file} {k}: resumed run differs by {diff}");
+        }
+    }
+
+    // Export, then predict and eval from the export alone.
+    let export = tmp.path().join("model.safetensors");
+    graft_ok(&["export", split.to_str().unwrap(), "--out", export.to_str().unwrap()]);
+    let eval: serde_json::Value =
+        serde_json::from_str(&graft_ok(&["eval", "--model", export.to_str().unwrap(), "--data", d, "--json"]))
+            .unwrap();
+    let mut images = Vec::new();
+    for class in ["blue", "green", "red"] {
+        for e in std::fs::read_dir(data.join(class)).unwrap() {
+            images.push(e.unwrap().path());
+        }
+    }
+    let mut args = vec!["predict".to_string(), "--model".into(), export.display().to_string()];
+    args.extend(["--format".into(), "json".into(), "--top-k".into(), "1".into()]);
+    args.extend(images.iter().map(|p| p.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = graft_ok(&args);
+    let mut correct = 0;
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), images.len());
+    for line in lines {
+        let p: serde_json::Value = serde_json::from_str(line).unwrap();
+        let path = p["path"].as_str().unwrap();
+        let class = Path::new(path).parent().unwrap().file_name().unwrap().to_str().unwrap();
+        if p["top"][0]["class"].as_str().unwrap() == class {
+            correct += 1;
+        }
+    }
+    let predict_acc = correct as f64 / images.len() as f64;
+    let eval_acc = eval["accuracy"].as_f64().unwrap();
+    assert!((predict_acc - eval_acc).abs() < 1e-9, "predict {predict_acc} vs eval {eval_acc}");
+    assert_eq!(eval["images"].as_u64().unwrap() as usize, images.len());
+}
+
+#[test]
+fn a_linear_probe_trains_the_head_on_cached_features_and_leaves_the_backbone_alone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["blue", "red"], 6);
+    let weights = resnet18_weights();
+    let run = tmp.path().join("probe");
+    graft_ok(&[
+        "finetune", "--base", "resnet18", "--weights", weights.to_str().unwrap(), "--data",
+        data.to_str().unwrap(), "--image-size", "32", "--batch-size", "4", "--freeze-epochs", "3",
+        "--epochs", "0", "--lr", "1e-2", "--schedule", "constant", "--optimizer", "adam", "--quiet",
+        "--run-dir", run.to_str().unwrap(),
+    ]);
+    let after = model_tensors(&run.join("last.safetensors"));
+    let before = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let mut compared = 0;
+    for (k, v) in &after {
+        let key = k.strip_prefix("model.").unwrap();
+        if key.starts_with("head.") {
+            continue;
+        }
+        let orig = before[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(&orig, v, "{key} changed although the backbone was frozen");
+        compared += 1;
+    }
+    assert!(compared >= 100, "compared only {compared} backbone tensors");
+    let m = metrics(&run);
+    assert_eq!(m.len(), 3);
+    assert!(m[2]["train_loss"].as_f64().unwrap() < m[0]["train_loss"].as_f64().unwrap());
+}

@@ -1,0 +1,75 @@
+//! Helpers shared by the CLI integration tests: run the real binary, make small image folders.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Runs `graft` with `args` and extra environment variables.
+pub fn graft(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_graft"));
+    cmd.args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("graft runs")
+}
+
+/// Runs `graft` and fails the test, printing both streams, unless it succeeds.
+pub fn graft_ok(args: &[&str]) -> String {
+    let out = graft(args, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "graft {:?} failed\n--- stdout\n{stdout}\n--- stderr\n{}",
+        args,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+/// Runs `graft`, expects failure without a panic, and returns stderr.
+pub fn graft_err(args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = graft(args, env);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "graft {:?} succeeded but should fail\n--- stdout\n{}",
+        args,
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(!stderr.contains("panicked"), "graft {:?} panicked:\n{stderr}", args);
+    stderr
+}
+
+/// The golden reference folder (`$GRAFT_GOLDEN`, default `../shared/golden`).
+pub fn golden() -> PathBuf {
+    std::env::var_os("GRAFT_GOLDEN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/golden"))
+}
+
+/// The golden ResNet-18 weights (random, PyTorch-made): a real torchvision-layout file.
+pub fn resnet18_weights() -> PathBuf {
+    golden().join("models/resnet18_seed0/weights.safetensors")
+}
+
+/// Writes `per_class` 32x32 PNGs for each of `classes` classes under `root/<class>/`. Each class has its
+/// own colour (plus seeded noise), so a network learns to tell them apart in a few steps.
+pub fn make_folder(root: &Path, classes: &[&str], per_class: usize) {
+    let colours = [[220u8, 40, 40], [40, 200, 60], [50, 60, 230], [230, 220, 40]];
+    let mut state = 12345u32;
+    for (c, name) in classes.iter().enumerate() {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for i in 0..per_class {
+            let img = image::RgbImage::from_fn(32, 32, |x, y| {
+                state = state.wrapping_mul(1664525).wrapping_add(1013904223);
+                let noise = (state >> 24) as i32 - 128;
+                let base = colours[c % colours.len()];
+                let stripe = if (x + y + i as u32) % 8 < 4 { 30 } else { -30 };
+                image::Rgb(base.map(|v| (v as i32 + noise / 3 + stripe).clamp(0, 255) as u8))
+            });
+            img.save(dir.join(format!("{i:03}.png"))).unwrap();
+        }
+    }
+}
