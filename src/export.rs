@@ -41,7 +41,10 @@ pub fn export_run(run: &RunDir, out: &Path) -> Result<ExportReport> {
     let spec = classifier_spec(&cfg, state.classes.clone())?;
     let tensors: HashMap<_, _> = ck.with_prefix("model").into_iter().collect();
     if tensors.is_empty() {
-        return Err(Error::bad_file(&source, "no model weights in this checkpoint"));
+        return Err(Error::bad_file(
+            &source,
+            "no model weights in this checkpoint",
+        ));
     }
     // Check that the weights really build the spec's model before anything is written.
     let model = Classifier::new(spec.clone(), &Device::Cpu)?;
@@ -57,7 +60,10 @@ pub fn export_run(run: &RunDir, out: &Path) -> Result<ExportReport> {
         SPEC_KEY.to_string(),
         serde_json::to_string(&spec).map_err(|e| Error::config("spec", e.to_string()))?,
     );
-    metadata.insert("graft.version".to_string(), env!("CARGO_PKG_VERSION").to_string());
+    metadata.insert(
+        "graft.version".to_string(),
+        env!("CARGO_PKG_VERSION").to_string(),
+    );
     metadata.insert("graft.run".to_string(), run.path().display().to_string());
     weights::save_safetensors_atomic(out, &tensors, Some(metadata))?;
     Ok(ExportReport {

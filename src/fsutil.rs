@@ -46,6 +46,9 @@ mod tests {
     fn unwritable_folder_is_named() {
         let p = Path::new("/nonexistent-graft-dir/x.safetensors");
         let msg = write_atomic(p, b"x").unwrap_err().to_string();
-        assert!(msg.contains("/nonexistent-graft-dir/x.safetensors"), "{msg}");
+        assert!(
+            msg.contains("/nonexistent-graft-dir/x.safetensors"),
+            "{msg}"
+        );
     }
 }

@@ -4,13 +4,13 @@
 //! checkpoint, freeze and unfreeze its layer groups, attach a new head, train it with optimizers that
 //! match PyTorch step for step, and export a single deployment file.
 
+pub mod cli;
 pub mod data;
 pub mod device;
 pub mod error;
 pub mod export;
 pub mod fsutil;
 pub mod models;
-pub mod cli;
 pub mod optim;
 pub mod train;
 

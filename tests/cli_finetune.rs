@@ -13,9 +13,34 @@ use std::path::Path;
 /// `--patience 2` stops the run after epoch 3 for certain.
 fn run_flags<'a>(data: &'a str, weights: &'a str, run: &'a str) -> Vec<&'a str> {
     vec![
-        "finetune", "--base", "resnet18", "--weights", weights, "--data", data, "--image-size", "32",
-        "--crop-pct", "1", "--batch-size", "4", "--freeze-epochs", "1", "--epochs", "4", "--lr", "1e-3",
-        "--patience", "2", "--min-delta", "100", "--seed", "7", "--quiet", "--run-dir", run,
+        "finetune",
+        "--base",
+        "resnet18",
+        "--weights",
+        weights,
+        "--data",
+        data,
+        "--image-size",
+        "32",
+        "--crop-pct",
+        "1",
+        "--batch-size",
+        "4",
+        "--freeze-epochs",
+        "1",
+        "--epochs",
+        "4",
+        "--lr",
+        "1e-3",
+        "--patience",
+        "2",
+        "--min-delta",
+        "100",
+        "--seed",
+        "7",
+        "--quiet",
+        "--run-dir",
+        run,
     ]
 }
 
@@ -24,7 +49,11 @@ fn model_tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
     t.into_iter()
         .filter(|(k, _)| k.starts_with("model."))
         .map(|(k, v)| {
-            let v = v.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap();
+            let v = v
+                .flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
             (k, v.to_vec1::<f32>().unwrap())
         })
         .collect()
@@ -50,11 +79,31 @@ fn finetune_stops_early_resumes_identically_exports_and_predicts_like_eval() {
     let full = tmp.path().join("full");
     graft_ok(&run_flags(d, w, full.to_str().unwrap()));
     let m_full = metrics(&full);
-    assert_eq!(m_full.len(), 3, "patience 2 after a best first epoch stops after epoch 3: {m_full:?}");
-    for f in ["config.json", "metrics.jsonl", "best.safetensors", "last.safetensors", "curves.png", "confusion.png"] {
+    assert_eq!(
+        m_full.len(),
+        3,
+        "patience 2 after a best first epoch stops after epoch 3: {m_full:?}"
+    );
+    for f in [
+        "config.json",
+        "metrics.jsonl",
+        "best.safetensors",
+        "last.safetensors",
+        "curves.png",
+        "confusion.png",
+    ] {
         assert!(full.join(f).is_file(), "{f} missing from the run folder");
     }
-    for key in ["epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds", "images_per_s"] {
+    for key in [
+        "epoch",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "lr",
+        "seconds",
+        "images_per_s",
+    ] {
         assert!(m_full[0].get(key).is_some(), "metrics.jsonl lacks {key}");
     }
 
@@ -70,33 +119,63 @@ fn finetune_stops_early_resumes_identically_exports_and_predicts_like_eval() {
     for (a, b) in m_full.iter().zip(&m_split) {
         for key in ["train_loss", "train_acc", "val_loss", "val_acc", "lr"] {
             let (x, y) = (a[key].as_f64().unwrap(), b[key].as_f64().unwrap());
-            assert!((x - y).abs() <= 1e-6 * x.abs().max(1.0), "{key}: {x} vs {y}");
+            assert!(
+                (x - y).abs() <= 1e-6 * x.abs().max(1.0),
+                "{key}: {x} vs {y}"
+            );
         }
     }
     for file in ["last.safetensors", "best.safetensors"] {
-        let (a, b) = (model_tensors(&full.join(file)), model_tensors(&split.join(file)));
+        let (a, b) = (
+            model_tensors(&full.join(file)),
+            model_tensors(&split.join(file)),
+        );
         assert_eq!(a.len(), b.len());
         for (k, va) in &a {
             let vb = &b[k];
-            let diff = va.iter().zip(vb).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            let diff = va
+                .iter()
+                .zip(vb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
             assert!(diff <= 1e-5, "{file} {k}: resumed run differs by {diff}");
         }
     }
 
     // Export, then predict and eval from the export alone.
     let export = tmp.path().join("model.safetensors");
-    graft_ok(&["export", split.to_str().unwrap(), "--out", export.to_str().unwrap()]);
-    let eval: serde_json::Value =
-        serde_json::from_str(&graft_ok(&["eval", "--model", export.to_str().unwrap(), "--data", d, "--json"]))
-            .unwrap();
+    graft_ok(&[
+        "export",
+        split.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    let eval: serde_json::Value = serde_json::from_str(&graft_ok(&[
+        "eval",
+        "--model",
+        export.to_str().unwrap(),
+        "--data",
+        d,
+        "--json",
+    ]))
+    .unwrap();
     let mut images = Vec::new();
     for class in ["blue", "green", "red"] {
         for e in std::fs::read_dir(data.join(class)).unwrap() {
             images.push(e.unwrap().path());
         }
     }
-    let mut args = vec!["predict".to_string(), "--model".into(), export.display().to_string()];
-    args.extend(["--format".into(), "json".into(), "--top-k".into(), "1".into()]);
+    let mut args = vec![
+        "predict".to_string(),
+        "--model".into(),
+        export.display().to_string(),
+    ];
+    args.extend([
+        "--format".into(),
+        "json".into(),
+        "--top-k".into(),
+        "1".into(),
+    ]);
     args.extend(images.iter().map(|p| p.display().to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = graft_ok(&args);
@@ -106,14 +185,23 @@ fn finetune_stops_early_resumes_identically_exports_and_predicts_like_eval() {
     for line in lines {
         let p: serde_json::Value = serde_json::from_str(line).unwrap();
         let path = p["path"].as_str().unwrap();
-        let class = Path::new(path).parent().unwrap().file_name().unwrap().to_str().unwrap();
+        let class = Path::new(path)
+            .parent()
+            .unwrap()
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap();
         if p["top"][0]["class"].as_str().unwrap() == class {
             correct += 1;
         }
     }
     let predict_acc = correct as f64 / images.len() as f64;
     let eval_acc = eval["accuracy"].as_f64().unwrap();
-    assert!((predict_acc - eval_acc).abs() < 1e-9, "predict {predict_acc} vs eval {eval_acc}");
+    assert!(
+        (predict_acc - eval_acc).abs() < 1e-9,
+        "predict {predict_acc} vs eval {eval_acc}"
+    );
     assert_eq!(eval["images"].as_u64().unwrap() as usize, images.len());
 }
 
@@ -125,10 +213,30 @@ fn a_linear_probe_trains_the_head_on_cached_features_and_leaves_the_backbone_alo
     let weights = resnet18_weights();
     let run = tmp.path().join("probe");
     graft_ok(&[
-        "finetune", "--base", "resnet18", "--weights", weights.to_str().unwrap(), "--data",
-        data.to_str().unwrap(), "--image-size", "32", "--batch-size", "4", "--freeze-epochs", "3",
-        "--epochs", "0", "--lr", "1e-2", "--schedule", "constant", "--optimizer", "adam", "--quiet",
-        "--run-dir", run.to_str().unwrap(),
+        "finetune",
+        "--base",
+        "resnet18",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--freeze-epochs",
+        "3",
+        "--epochs",
+        "0",
+        "--lr",
+        "1e-2",
+        "--schedule",
+        "constant",
+        "--optimizer",
+        "adam",
+        "--quiet",
+        "--run-dir",
+        run.to_str().unwrap(),
     ]);
     let after = model_tensors(&run.join("last.safetensors"));
     let before = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();

@@ -22,22 +22,43 @@ fn base_resnet18_resolves_from_the_hub_cache_with_no_network() {
     lay_out_hub_cache(tmp.path());
     let home = tmp.path().to_str().unwrap();
     // An endpoint nothing listens on: any attempt to reach the network would fail.
-    let env = [("HF_HOME", home), ("HF_ENDPOINT", "http://127.0.0.1:9"), ("GRAFT_CACHE", home)];
+    let env = [
+        ("HF_HOME", home),
+        ("HF_ENDPOINT", "http://127.0.0.1:9"),
+        ("GRAFT_CACHE", home),
+    ];
     let out = graft(&["inspect", "--base", "resnet18"], &env);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("timm/resnet18.a1_in1k"), "{stdout}");
     assert!(stdout.contains("loaded 102 tensors"), "{stdout}");
     // Offline mode reads the same cache.
-    let offline = [("HF_HOME", home), ("HF_HUB_OFFLINE", "1"), ("GRAFT_CACHE", home)];
-    assert!(graft(&["inspect", "--base", "resnet18"], &offline).status.success());
+    let offline = [
+        ("HF_HOME", home),
+        ("HF_HUB_OFFLINE", "1"),
+        ("GRAFT_CACHE", home),
+    ];
+    assert!(graft(&["inspect", "--base", "resnet18"], &offline)
+        .status
+        .success());
 }
 
 #[test]
 fn an_empty_cache_offline_says_where_it_looked() {
     let tmp = tempfile::tempdir().unwrap();
     let home = tmp.path().to_str().unwrap();
-    let env = [("HF_HOME", home), ("HF_HUB_OFFLINE", "1"), ("GRAFT_CACHE", home)];
+    let env = [
+        ("HF_HOME", home),
+        ("HF_HUB_OFFLINE", "1"),
+        ("GRAFT_CACHE", home),
+    ];
     let err = graft_err(&["inspect", "--base", "resnet34"], &env);
-    assert!(err.contains("timm/resnet34.a1_in1k") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(
+        err.contains("timm/resnet34.a1_in1k") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 }

@@ -24,7 +24,10 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
         if report.skipped.is_empty() {
             String::new()
         } else {
-            format!("; skipped non-tensor entries: {}", report.skipped.join(", "))
+            format!(
+                "; skipped non-tensor entries: {}",
+                report.skipped.join(", ")
+            )
         }
     );
     Ok(())

@@ -5,8 +5,8 @@ use clap::Args;
 use std::path::PathBuf;
 
 use crate::data::{ImageFolder, Loader, LoaderConfig, Sample};
-use crate::train::metrics::ConfusionMatrix;
 use crate::train::loss::cross_entropy;
+use crate::train::metrics::ConfusionMatrix;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -46,7 +46,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let samples: Vec<Sample> = match split.as_str() {
         "all" | "train" => ds.train.clone(),
         "val" => ds.val.clone(),
-        "test" => ds.test.clone().context("--split test: the data folder has no test/ folder")?,
+        "test" => ds
+            .test
+            .clone()
+            .context("--split test: the data folder has no test/ folder")?,
         other => bail!("--split: `{other}` is not all|train|val|test"),
     };
     // Map the folder's class names onto the model's label order.
@@ -83,7 +86,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let batch = batch?;
         let logits = model.predict(&batch.images)?;
         let b = batch.labels.dim(0)?;
-        loss_sum += cross_entropy(&logits, &batch.labels, 0.0, None)?.to_scalar::<f32>()? as f64 * b as f64;
+        loss_sum +=
+            cross_entropy(&logits, &batch.labels, 0.0, None)?.to_scalar::<f32>()? as f64 * b as f64;
         seen += b;
         cm.add_batch(&logits, &batch.labels)?;
     }
@@ -110,7 +114,11 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             args.data.display(),
             cm.accuracy() * 100.0,
             loss,
-            if skipped.is_empty() { String::new() } else { format!(", {} unreadable images skipped", skipped.len()) }
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(", {} unreadable images skipped", skipped.len())
+            }
         );
         println!("{}", cm.render(classes));
     }

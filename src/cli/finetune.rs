@@ -211,14 +211,17 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
             .parse::<Init>()
             .map_err(|e| anyhow::anyhow!("--init: {e}"))?;
     }
-    let schedule: ScheduleKind = serde_json::from_value(serde_json::json!(args.schedule))
-        .map_err(|_| {
+    let schedule: ScheduleKind =
+        serde_json::from_value(serde_json::json!(args.schedule)).map_err(|_| {
             anyhow::anyhow!(
                 "--schedule: `{}` is not constant|step|exponential|cosine|onecycle|plateau",
                 args.schedule
             )
         })?;
-    let monitor: Monitor = args.monitor.parse().map_err(|e| anyhow::anyhow!("--monitor: {e}"))?;
+    let monitor: Monitor = args
+        .monitor
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--monitor: {e}"))?;
     let class_weights = match args.class_weights.as_str() {
         "auto" => true,
         "none" => false,

@@ -1,10 +1,10 @@
 //! `graft inspect`: a base model's layer groups, parameter counts and what was loaded.
 
 use super::BaseArgs;
-use anyhow::{bail, Context};
-use clap::Args;
 use crate::models::card;
 use crate::models::pretrained::Pretrained;
+use anyhow::{bail, Context};
+use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct InspectArgs {
@@ -42,7 +42,10 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     println!("{}", model.report.summary());
     println!("weights from: {:?}", model.origin);
     println!();
-    println!("{:<4} {:<12} {:>14} {:>12}", "#", "group", "parameters", "buffers");
+    println!(
+        "{:<4} {:<12} {:>14} {:>12}",
+        "#", "group", "parameters", "buffers"
+    );
     let mut names = groups.clone();
     names.push(format!("head ({})", model.backbone.classifier_prefix()));
     for (i, name) in names.iter().enumerate() {

@@ -1,11 +1,11 @@
 //! `graft predict`: top-k classes for each image.
 
 use super::BaseArgs;
+use crate::models::card;
+use crate::models::pretrained::Pretrained;
 use anyhow::{bail, Context};
 use candle_core::{Tensor, D};
 use clap::{Args, ValueEnum};
-use crate::models::card;
-use crate::models::pretrained::Pretrained;
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -134,14 +134,15 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let mut preds = Vec::new();
     let mut failed = 0;
     for path in &args.images {
-        let image = match crate::data::transform::load_eval_tensor(path, model.preprocess(), &device) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("error: {e}");
-                failed += 1;
-                continue;
-            }
-        };
+        let image =
+            match crate::data::transform::load_eval_tensor(path, model.preprocess(), &device) {
+                Ok(t) => t,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    failed += 1;
+                    continue;
+                }
+            };
         let logits = model.logits(&image.unsqueeze(0)?)?;
         let top = top_k(&logits, model.classes(), args.top_k)?.remove(0);
         preds.push(Prediction {

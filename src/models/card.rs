@@ -150,6 +150,9 @@ mod tests {
     #[test]
     fn unknown_base_lists_the_known_ones() {
         let msg = card("resnet19").unwrap_err().to_string();
-        assert!(msg.contains("resnet19") && msg.contains("resnet18"), "{msg}");
+        assert!(
+            msg.contains("resnet19") && msg.contains("resnet18"),
+            "{msg}"
+        );
     }
 }

@@ -45,7 +45,10 @@ pub fn cached_weights_path(name: &str) -> PathBuf {
 
 fn hub_offline() -> bool {
     matches!(
-        std::env::var("HF_HUB_OFFLINE").as_deref().map(str::to_ascii_lowercase).as_deref(),
+        std::env::var("HF_HUB_OFFLINE")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
         Ok("1") | Ok("true") | Ok("yes") | Ok("on")
     )
 }

@@ -8,8 +8,8 @@
 pub mod card;
 pub mod classifier;
 pub mod efficientnet;
-pub mod hub;
 pub mod head;
+pub mod hub;
 pub mod layers;
 pub mod pretrained;
 pub mod pth;

@@ -86,13 +86,20 @@ impl LoadReport {
         for (_, r) in &self.skipped {
             *reasons.entry(r.as_str()).or_default() += 1;
         }
-        let mut s = format!("loaded {} tensors from {}", self.loaded, self.file.display());
+        let mut s = format!(
+            "loaded {} tensors from {}",
+            self.loaded,
+            self.file.display()
+        );
         if !self.skipped.is_empty() {
             let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
             s.push_str(&format!("; skipped {}", parts.join(", ")));
         }
         if !self.initialised.is_empty() {
-            s.push_str(&format!("; newly initialised: {}", self.initialised.join(", ")));
+            s.push_str(&format!(
+                "; newly initialised: {}",
+                self.initialised.join(", ")
+            ));
         }
         s
     }
@@ -127,13 +134,10 @@ pub fn load_into(
             report.initialised.push(name.clone());
             continue;
         }
-        let t = file
-            .tensors
-            .get(name)
-            .ok_or_else(|| Error::MissingTensor {
-                name: name.clone(),
-                file: file.path.clone(),
-            })?;
+        let t = file.tensors.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.clone(),
+            file: file.path.clone(),
+        })?;
         if t.dims() != var.dims() {
             return Err(Error::ShapeMismatch {
                 name: name.clone(),

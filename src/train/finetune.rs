@@ -16,11 +16,13 @@ use crate::models::weights::{self, LoadReport};
 use crate::models::Mode;
 use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
 use crate::optim::schedule::ReduceOnPlateau;
-use crate::optim::{clip_grad_norm, Optimizer, OptimizerConfig, OptimState, ScheduleConfig};
+use crate::optim::{clip_grad_norm, OptimState, Optimizer, OptimizerConfig, ScheduleConfig};
 use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
 use crate::train::loss::cross_entropy;
-use crate::train::metrics::{count_correct, ConfusionMatrix, EpochMetrics, MetricsLog, RunningStats};
+use crate::train::metrics::{
+    count_correct, ConfusionMatrix, EpochMetrics, MetricsLog, RunningStats,
+};
 use crate::train::progress::{format_summary, Reporter};
 use crate::train::rng::seeded;
 use crate::{Error, Result};
@@ -185,10 +187,16 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
         return Err(Error::config("--batch-size", "must be at least 1"));
     }
     if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
-        return Err(Error::config("--lr", format!("must be positive, got {}", cfg.lr)));
+        return Err(Error::config(
+            "--lr",
+            format!("must be positive, got {}", cfg.lr),
+        ));
     }
-    if !(cfg.lr_mult >= 1.0) {
-        return Err(Error::config("--lr-mult", format!("must be at least 1, got {}", cfg.lr_mult)));
+    if cfg.lr_mult.is_nan() || cfg.lr_mult < 1.0 {
+        return Err(Error::config(
+            "--lr-mult",
+            format!("must be at least 1, got {}", cfg.lr_mult),
+        ));
     }
     if !(0.0..1.0).contains(&cfg.label_smoothing) {
         return Err(Error::config(
@@ -221,7 +229,10 @@ fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
     let mut p = card.preprocess.clone();
     if let Some(s) = cfg.image_size {
         if s < 16 {
-            return Err(Error::config("--image-size", format!("{s} is too small (at least 16)")));
+            return Err(Error::config(
+                "--image-size",
+                format!("{s} is too small (at least 16)"),
+            ));
         }
         p.input_size = s;
     }
@@ -238,14 +249,17 @@ pub fn classifier_spec(cfg: &FinetuneConfig, classes: Vec<String>) -> Result<Cla
     Ok(ClassifierSpec {
         arch: card.arch.clone(),
         base: card.name.clone(),
-        head: cfg.head.clone(),
+        head: cfg.head,
         classes,
         preprocess: preprocess_for(cfg)?,
     })
 }
 
 impl Session {
-    fn build(cfg: &FinetuneConfig, reporter: &mut Reporter) -> Result<(Session, Option<LoadReport>)> {
+    fn build(
+        cfg: &FinetuneConfig,
+        reporter: &mut Reporter,
+    ) -> Result<(Session, Option<LoadReport>)> {
         let device = crate::device::parse_device(&cfg.device)?;
         let card = card::card(&cfg.base)?;
         let dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
@@ -283,7 +297,13 @@ impl Session {
             augment: cfg.augment.then(Augment::default),
             ..Default::default()
         };
-        let train = Loader::new(dataset.train.clone(), n, preprocess.clone(), train_cfg, &device)?;
+        let train = Loader::new(
+            dataset.train.clone(),
+            n,
+            preprocess.clone(),
+            train_cfg,
+            &device,
+        )?;
         let train_eval = Loader::new(
             dataset.train.clone(),
             n,
@@ -346,7 +366,10 @@ impl Session {
     fn schedule(&self, epoch: usize) -> (ScheduleConfig, usize, usize) {
         let (start, len) = phase_of(&self.cfg, epoch);
         let steps = len * self.steps_per_epoch;
-        let sched = self.cfg.schedule.build(self.cfg.lr, steps, self.steps_per_epoch);
+        let sched = self
+            .cfg
+            .schedule
+            .build(self.cfg.lr, steps, self.steps_per_epoch);
         (sched, (epoch - start) * self.steps_per_epoch, steps)
     }
 
@@ -356,7 +379,10 @@ impl Session {
         let mut labels = Vec::new();
         for batch in loader.epoch(0) {
             let batch = batch?;
-            feats.push(self.model.features(&batch.images, Mode::Frozen, self.n_groups)?);
+            feats.push(
+                self.model
+                    .features(&batch.images, Mode::Frozen, self.n_groups)?,
+            );
             labels.push(batch.labels);
         }
         Ok((Tensor::cat(&feats, 0)?, Tensor::cat(&labels, 0)?))
@@ -504,10 +530,11 @@ pub fn finetune(
     let mut cached_train: Option<(Tensor, Tensor)> = None;
     let mut cached_val: Option<(Tensor, Tensor)> = None;
     let mut stop_reason = None;
-    let mut epochs_this_run = 0;
-    for epoch in start_epoch..total_epochs {
+    for (epochs_this_run, epoch) in (start_epoch..total_epochs).enumerate() {
         if opts.stop_after.is_some_and(|n| epochs_this_run >= n) {
-            reporter.line(&format!("stopping after {epochs_this_run} epochs as asked (--stop-after)"));
+            reporter.line(&format!(
+                "stopping after {epochs_this_run} epochs as asked (--stop-after)"
+            ));
             return Ok(Outcome {
                 run_dir: run_dir.path().to_path_buf(),
                 epochs_run: epoch,
@@ -567,11 +594,15 @@ pub fn finetune(
             Vec::new()
         };
         let mut batches = s.train.epoch(epoch as u64);
+        #[allow(clippy::needless_range_loop)] // `i` also positions the step in the schedule
         for i in 0..s.steps_per_epoch {
             let (logits, labels) = if fast {
                 let (feats, ys) = cached_train.as_ref().expect("cached above");
                 let idx = Tensor::new(
-                    order_batches[i].iter().map(|&j| j as u32).collect::<Vec<_>>(),
+                    order_batches[i]
+                        .iter()
+                        .map(|&j| j as u32)
+                        .collect::<Vec<_>>(),
                     &s.device,
                 )?;
                 let x = feats.index_select(&idx, 0)?;
@@ -605,8 +636,11 @@ pub fn finetune(
         let images_per_s = pass.images_per_s();
         pass.finish();
 
-        let (val_stats, _) =
-            s.evaluate(if fast { cached_val.as_ref() } else { None }, &mut reporter, epoch + 1)?;
+        let (val_stats, _) = s.evaluate(
+            if fast { cached_val.as_ref() } else { None },
+            &mut reporter,
+            epoch + 1,
+        )?;
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: train_stats.loss(),
@@ -635,7 +669,8 @@ pub fn finetune(
             data: serde_json::json!({ "seed": cfg.seed, "next_epoch": epoch + 1 }),
             optimizer: optim_meta(opt_ref),
             schedule: serde_json::json!({ "plateau": plateau }),
-            config: serde_json::to_value(cfg).map_err(|e| Error::config("config", e.to_string()))?,
+            config: serde_json::to_value(cfg)
+                .map_err(|e| Error::config("config", e.to_string()))?,
             classes: s.dataset.classes.clone(),
         };
         if improved {
@@ -645,7 +680,6 @@ pub fn finetune(
         metrics_log.append(&m)?;
         reporter.epoch_done(&m, improved);
         history.push(m);
-        epochs_this_run += 1;
         if let Decision::Stop { reason, .. } = decision {
             reporter.line(&reason);
             stop_reason = Some(reason);
@@ -681,7 +715,8 @@ pub fn finetune(
         val_acc: val_stats.accuracy(),
         val_loss: val_stats.loss(),
     };
-    let json = serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
     crate::fsutil::write_atomic(&run_dir.summary_path(), &json)?;
     Ok(outcome)
 }

@@ -8,8 +8,8 @@
 pub mod checkpoint;
 pub mod early_stop;
 pub mod finetune;
-pub mod loss;
 mod font;
+pub mod loss;
 pub mod metrics;
 pub mod plots;
 pub mod progress;

@@ -37,7 +37,11 @@ pub fn graft_err(args: &[&str], env: &[(&str, &str)]) -> String {
         args,
         String::from_utf8_lossy(&out.stdout)
     );
-    assert!(!stderr.contains("panicked"), "graft {:?} panicked:\n{stderr}", args);
+    assert!(
+        !stderr.contains("panicked"),
+        "graft {:?} panicked:\n{stderr}",
+        args
+    );
     stderr
 }
 
@@ -56,7 +60,12 @@ pub fn resnet18_weights() -> PathBuf {
 /// Writes `per_class` 32x32 PNGs for each of `classes` classes under `root/<class>/`. Each class has its
 /// own colour (plus seeded noise), so a network learns to tell them apart in a few steps.
 pub fn make_folder(root: &Path, classes: &[&str], per_class: usize) {
-    let colours = [[220u8, 40, 40], [40, 200, 60], [50, 60, 230], [230, 220, 40]];
+    let colours = [
+        [220u8, 40, 40],
+        [40, 200, 60],
+        [50, 60, 230],
+        [230, 220, 40],
+    ];
     let mut state = 12345u32;
     for (c, name) in classes.iter().enumerate() {
         let dir = root.join(name);
