@@ -1,9 +1,10 @@
 //! Forward throughput of a ResNet in eval mode, random weights, CPU, f32.
 //!
 //! ```text
-//! cargo run --release --example bench_forward -- [arch=resnet18] [size=224] [batch=16] [iters=5]
+//! cargo run --release --example bench_forward -- [arch=resnet18] [size=224] [batch=16] [iters=5] [forward|train]
 //! ```
-//! Prints images per second of the whole network (logits), then, for the stem's max-pool on the same
+//! Prints images per second of the whole network (logits), then (unless a fifth argument is given: `forward` stops there, `train` times one
+//! forward + backward in training mode instead), for the stem's max-pool on the same
 //! batch, the time of graft's max-pool op against the same pool composed from candle ops
 //! (`max_pool2d_composed`: pad with -inf, gather the argmax of the 9 shifted views), forward and backward.
 
@@ -49,6 +50,26 @@ fn main() -> anyhow::Result<()> {
         rayon::current_num_threads()
     );
 
+    if std::env::args().nth(5).as_deref() == Some("train") {
+        let secs = time(iters, || {
+            let loss = net
+                .forward_t(&x, true)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            loss.backward().unwrap();
+        });
+        println!(
+            "{arch} train forward + backward, batch {batch} at {size}x{size}: {:.1} ms/batch, {:.1} images/s",
+            secs * 1e3,
+            batch as f64 / secs
+        );
+    }
+    if std::env::args().nth(5).is_some() {
+        return Ok(());
+    }
     let stem = Var::randn(0f32, 1., (batch, 64, size / 2, size / 2), &dev)?;
     let ours = time(iters, || {
         let y = max_pool2d(stem.as_tensor(), 3, 2, 1).unwrap();

@@ -111,19 +111,23 @@ pub fn conv2d(
 impl Conv2d {
     /// Convolves `x` (`[N, in, H, W]`) into `[N, out, H', W']`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let w = mode.weight(&self.weight);
-        let y = if self.depthwise && x.device().is_cpu() {
-            depthwise_conv2d(x, &w, self.cfg.padding, self.cfg.stride)?
-        } else {
-            let (x, padding) = self.backward_safe_input(x)?;
-            x.conv2d(&w, padding, self.cfg.stride, 1, self.cfg.groups)?
-        };
+        let y = self.convolve(x, &mode.weight(&self.weight))?;
         match &self.bias {
             None => Ok(y),
             Some(b) => {
                 let b = mode.weight(b).reshape((1, (), 1, 1))?;
                 Ok(y.broadcast_add(&b)?)
             }
+        }
+    }
+
+    /// The bias-free convolution of `x` with the filter `w` (this layer's geometry).
+    fn convolve(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        if self.depthwise && x.device().is_cpu() {
+            depthwise_conv2d(x, w, self.cfg.padding, self.cfg.stride)
+        } else {
+            let (x, padding) = self.backward_safe_input(x)?;
+            Ok(x.conv2d(w, padding, self.cfg.stride, 1, self.cfg.groups)?)
         }
     }
 
@@ -181,6 +185,28 @@ pub struct BatchNorm {
     running_var: Var,
     eps: f64,
     momentum: f64,
+}
+
+/// `bn(conv(x))`. Outside [`Mode::Train`] the BatchNorm is folded into the convolution: the filter is
+/// scaled per output channel and the shift becomes a bias, which saves two passes over the activations.
+/// The result is the same up to float rounding, and it stays differentiable in every parameter
+/// (in [`Mode::Eval`]) or builds no graph (in [`Mode::Frozen`]).
+pub fn conv_bn(x: &Tensor, conv: &Conv2d, bn: &BatchNorm, mode: Mode) -> Result<Tensor> {
+    if mode.is_train() {
+        return bn.forward(&conv.forward(x, mode)?, mode);
+    }
+    let c = bn.num_features();
+    let (scale, shift) = bn.folded(&mode.weight(&bn.weight), &mode.weight(&bn.bias))?;
+    let (scale, mut shift) = (scale.reshape(c)?, shift.reshape(c)?);
+    let w = mode
+        .weight(&conv.weight)
+        .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
+    if let Some(b) = &conv.bias {
+        shift = (shift + mode.weight(b).mul(&scale)?)?;
+    }
+    Ok(conv
+        .convolve(x, &w)?
+        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
 }
 
 /// PyTorch's default BatchNorm momentum: `running = 0.9 * running + 0.1 * batch`.
@@ -255,6 +281,7 @@ impl BatchNorm {
         let c = self.num_features();
         let mean = self.running_mean.as_tensor().detach().reshape((1, c, 1))?;
         let var = self.running_var.as_tensor().detach().reshape((1, c, 1))?;
+        let (w, b) = (w.reshape((1, c, 1))?, b.reshape((1, c, 1))?);
         let scale = w.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let shift = b.broadcast_sub(&mean.broadcast_mul(&scale)?)?;
         Ok((scale, shift))
@@ -455,6 +482,54 @@ mod tests {
             }
             let after: Vec<f64> = bn.running_mean().as_tensor().to_vec1().unwrap();
             assert_eq!(after, rm.to_vec());
+        }
+    }
+
+    #[test]
+    fn conv_bn_folds_batch_norm_outside_training_without_changing_results_or_gradients() {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            bias: true,
+            ..Default::default()
+        };
+        let conv = conv2d(2, 3, 3, cfg, vb.pp("conv")).unwrap();
+        let bn = batch_norm_f64(&varmap);
+        let x = Tensor::randn(0f64, 1., (2, 2, 7, 7), &dev).unwrap();
+        let probe = Tensor::randn(0f64, 1., (2, 3, 4, 4), &dev).unwrap();
+        let params = [conv.weight(), conv.bias().unwrap(), bn.weight(), bn.bias()];
+        let folded = conv_bn(&x, &conv, &bn, Mode::Eval).unwrap();
+        let plain = bn
+            .forward(&conv.forward(&x, Mode::Eval).unwrap(), Mode::Eval)
+            .unwrap();
+        assert!(max_abs(&folded, &plain) < 1e-12);
+        let g1 = (folded * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for p in params {
+            assert!(max_abs(g1.get(p).unwrap(), g2.get(p).unwrap()) < 1e-12);
+        }
+        let frozen = conv_bn(&x, &conv, &bn, Mode::Frozen).unwrap();
+        let g3 = (frozen * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for p in params {
+            assert!(g3.get(p).is_none());
         }
     }
 

@@ -6,7 +6,7 @@
 //! classifier `fc` is not a group: it is a separate [`Linear`] that [`ResNet::classifier`] builds, so a new
 //! head of any width can take its place.
 
-use super::layers::{batch_norm, conv2d, global_avg_pool, linear, max_pool2d};
+use super::layers::{batch_norm, conv2d, conv_bn, global_avg_pool, linear, max_pool2d};
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
@@ -115,7 +115,7 @@ impl Downsample {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x, mode)?, mode)
+        conv_bn(x, &self.conv, &self.bn, mode)
     }
 }
 
@@ -165,7 +165,7 @@ impl ResBlock {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = bn.forward(&conv.forward(&h, mode)?, mode)?;
+            h = conv_bn(&h, conv, bn, mode)?;
             if i != last {
                 h = h.relu()?;
             }
@@ -309,10 +309,7 @@ impl Backbone for ResNet {
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match i {
             0 => {
-                let h = self
-                    .bn1
-                    .forward(&self.conv1.forward(x, mode)?, mode)?
-                    .relu()?;
+                let h = conv_bn(x, &self.conv1, &self.bn1, mode)?.relu()?;
                 max_pool2d(&h, 3, 2, 1)
             }
             1..=4 => self.stages[i - 1]
