@@ -1,4 +1,4 @@
-//! Forward throughput of a ResNet in eval mode, random weights, CPU, f32.
+//! Forward throughput of a ResNet in eval and frozen mode, random weights, CPU, f32.
 //!
 //! ```text
 //! cargo run --release --example bench_forward -- [arch=resnet18] [size=224] [batch=16] [iters=5] [forward|train]
@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use graft::models::layers::{depthwise_conv2d, max_pool2d, max_pool2d_composed};
 use graft::models::resnet::{ResNet, ResNetConfig};
+use graft::models::Mode;
 use std::time::Instant;
 
 fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
@@ -50,6 +51,14 @@ fn main() -> anyhow::Result<()> {
         rayon::current_num_threads()
     );
 
+    let secs = time(iters, || {
+        net.forward_logits(&x, Mode::Frozen, 5).unwrap();
+    });
+    println!(
+        "{arch} frozen forward, batch {batch} at {size}x{size}: {:.1} ms/batch, {:.1} images/s",
+        secs * 1e3,
+        batch as f64 / secs
+    );
     if std::env::args().nth(5).as_deref() == Some("train") {
         let secs = time(iters, || {
             let loss = net

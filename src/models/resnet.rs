@@ -395,6 +395,31 @@ mod tests {
     }
 
     #[test]
+    fn frozen_and_eval_forwards_agree() {
+        // Frozen runs dense convolutions on the im2col path, Eval on candle's conv2d.
+        let (net, _varmap) = small_resnet18();
+        let x = Tensor::randn(0f32, 1., (2, 3, 40, 40), &Device::Cpu).unwrap();
+        let eval = net.forward_logits(&x, Mode::Eval, 0).unwrap();
+        let frozen = net.forward_logits(&x, Mode::Frozen, 5).unwrap();
+        let scale = eval
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (eval - frozen)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-4 * scale.max(1.), "{diff} vs scale {scale}");
+    }
+
+    #[test]
     fn keys_map_to_their_groups() {
         let (net, varmap) = small_resnet18();
         assert_eq!(net.group_of("conv1.weight"), Some(0));

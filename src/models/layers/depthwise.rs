@@ -57,18 +57,18 @@ pub fn depthwise_conv2d(
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    padding: usize,
-    stride: usize,
+pub(super) struct Geom {
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) padding: usize,
+    pub(super) stride: usize,
 }
 
 impl Geom {
-    fn out_hw(&self) -> (usize, usize) {
+    pub(super) fn out_hw(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.padding - self.kh) / self.stride + 1,
             (self.w + 2 * self.padding - self.kw) / self.stride + 1,
@@ -102,7 +102,7 @@ impl Geom {
 
     /// Calls `f(out_index, in_index, filter_index)` for every tap of one plane, row by row.
     #[inline]
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+    pub(super) fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
         let (oh, ow) = self.out_hw();
         for oy in 0..oh {
             for ky in 0..self.kh {
@@ -121,7 +121,7 @@ impl Geom {
     }
 }
 
-fn contiguous_slice<'a, T: WithDType>(
+pub(super) fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     op: &str,
