@@ -5,7 +5,7 @@
 //! a custom op whose backward is the matching fold, and the products are candle matmuls, so the backward
 //! pass is two matmuls and one fold, all differentiable through candle's own autograd.
 
-use super::depthwise::{contiguous_slice, Geom};
+use super::depthwise::{axpy_scatter, contiguous_slice, span, Geom};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -52,7 +52,19 @@ impl Im2Col {
         let mut cols = vec![T::from_f64(0.); n * g.c * taps * l];
         cols.par_chunks_mut(taps * l)
             .zip(x.par_chunks(plane_in))
-            .for_each(|(dst, src)| g.for_each_tap(|oi, ii, fi| dst[fi * l + oi] = src[ii]));
+            .for_each(|(dst, src)| {
+                g.for_each_run(|r| {
+                    let row = &mut dst[r.tap * l + r.out..r.tap * l + r.out + r.len];
+                    let seen = &src[span(r, g.stride)];
+                    if g.stride == 1 {
+                        row.copy_from_slice(seen);
+                    } else {
+                        for (d, &v) in row.iter_mut().zip(seen.iter().step_by(g.stride)) {
+                            *d = v;
+                        }
+                    }
+                })
+            });
         (
             T::to_cpu_storage_owned(cols),
             Shape::from((n, g.c * taps, l)),
@@ -98,7 +110,12 @@ impl Col2Im {
         let mut x = vec![T::from_f64(0.); n * g.c * plane_in];
         x.par_chunks_mut(plane_in)
             .zip(cols.par_chunks(taps * l))
-            .for_each(|(dst, src)| g.for_each_tap(|oi, ii, fi| dst[ii] += src[fi * l + oi]));
+            .for_each(|(dst, src)| {
+                g.for_each_run(|r| {
+                    let row = &src[r.tap * l + r.out..r.tap * l + r.out + r.len];
+                    axpy_scatter(&mut dst[span(r, g.stride)], T::from_f64(1.), row, g.stride)
+                })
+            });
         (T::to_cpu_storage_owned(x), Shape::from((n, g.c, g.h, g.w)))
     }
 }
