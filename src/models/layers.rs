@@ -141,6 +141,13 @@ impl Conv2d {
                 self.cfg.padding,
                 self.cfg.stride,
             )?)
+        } else if self.cfg.groups == 1 && x.device().is_cpu() {
+            Ok(im2col::conv2d_candle_forward(
+                x,
+                w,
+                self.cfg.padding,
+                self.cfg.stride,
+            )?)
         } else {
             let (x, padding) = self.backward_safe_input(x)?;
             Ok(x.conv2d(w, padding, self.cfg.stride, 1, self.cfg.groups)?)
