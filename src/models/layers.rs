@@ -5,9 +5,18 @@
 //! `<prefix>.conv1.weight`). Every forward takes a [`Mode`]: weights go through [`Mode::weight`], so a layer
 //! run in [`Mode::Frozen`] builds no gradient graph.
 //!
-//! Two ops that candle 0.11 lacks or runs slowly live in submodules and are used automatically:
-//! [`max_pool2d`] (with padding, stride < kernel, and a backward pass) and a depthwise convolution
-//! (`groups == in == out channels`), which candle runs as one convolution per channel.
+//! Ops that candle 0.11 lacks or runs slowly are CPU custom ops in submodules, used automatically (other
+//! devices fall back to candle's ops):
+//! - [`max_pool2d`]: padding, stride < kernel, and a backward pass (PyTorch's tie rule);
+//! - `depthwise`: depthwise convolution (`groups == in == out`), which candle runs as one convolution per
+//!   channel (about 50x slower, forward and backward);
+//! - `im2col`: dense convolutions keep candle's forward (its rounding tracks PyTorch's, which gradient
+//!   parity needs) but get an im2col + matmul + col2im backward instead of candle's direct transposed
+//!   convolution; in [`Mode::Frozen`] the forward runs on im2col + matmul as well;
+//! - `bn_train`: training-mode BatchNorm with a hand-written backward (candle's autograd reduces over the
+//!   batch and spatial axes one element at a time).
+//!
+//! `examples/bench_forward.rs` measures them against the candle ops they replace.
 
 mod bn_train;
 mod depthwise;
@@ -48,7 +57,8 @@ impl Default for Conv2dConfig {
 /// A 2-D convolution over `[N, C, H, W]`, weights `[out, in / groups, k, k]` under `weight` (and `bias`).
 ///
 /// A depthwise convolution (`groups == in == out`) runs on [`depthwise_conv2d`] instead of candle's grouped
-/// convolution, which would launch one convolution per channel.
+/// convolution, which would launch one convolution per channel. Padding is symmetric: for TensorFlow
+/// "SAME" padding, pad the input asymmetrically first (`Tensor::pad_with_zeros`) and use `padding: 0`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -125,29 +135,22 @@ impl Conv2d {
 
     /// The bias-free convolution of `x` with the filter `w` (this layer's geometry).
     ///
-    /// Depthwise layers use [`depthwise_conv2d`]. Frozen dense layers on the CPU use an im2col + matmul
-    /// path that is about a fifth faster than candle's conv2d; layers that build a gradient graph stay on
-    /// candle's conv2d, whose rounding matches PyTorch's closely. The im2col path differs from it only in
-    /// the last bits (1e-7 relative, forward and backward agree to 1e-16 in f64), yet on the golden
-    /// ResNet-18 training case it moves the stem and layer1 gradients by 1e-3 relative instead of 4e-6,
-    /// presumably by flipping near-ties of a later ReLU or max-pool; PyTorch parity of gradients wins.
+    /// Depthwise layers use [`depthwise_conv2d`]. Dense layers on the CPU compute their forward values
+    /// with im2col + matmul (about 1.7x faster than candle's conv2d) except in [`Mode::Train`], where they
+    /// keep candle's conv2d, whose rounding tracks PyTorch's closely. The two differ only in the last bits
+    /// (1e-7 relative; 1e-16 in f64), yet on the golden ResNet-18 training case the im2col values move the
+    /// stem and layer1 gradients by 1e-3 relative instead of 4e-6, presumably by flipping near-ties of a
+    /// later ReLU or max-pool: training keeps PyTorch parity. Either way the backward is im2col-based.
     fn convolve(&self, x: &Tensor, w: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (p, s) = (self.cfg.padding, self.cfg.stride);
         if self.depthwise && x.device().is_cpu() {
-            depthwise_conv2d(x, w, self.cfg.padding, self.cfg.stride)
-        } else if mode == Mode::Frozen && self.cfg.groups == 1 && x.device().is_cpu() {
-            Ok(im2col::conv2d_im2col(
-                x,
-                w,
-                self.cfg.padding,
-                self.cfg.stride,
-            )?)
+            depthwise_conv2d(x, w, p, s)
         } else if self.cfg.groups == 1 && x.device().is_cpu() {
-            Ok(im2col::conv2d_candle_forward(
-                x,
-                w,
-                self.cfg.padding,
-                self.cfg.stride,
-            )?)
+            Ok(match mode {
+                Mode::Frozen => im2col::conv2d_im2col(x, w, p, s)?,
+                Mode::Eval => im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Im2col)?,
+                Mode::Train => im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Candle)?,
+            })
         } else {
             let (x, padding) = self.backward_safe_input(x)?;
             Ok(x.conv2d(w, padding, self.cfg.stride, 1, self.cfg.groups)?)

@@ -396,7 +396,7 @@ mod tests {
 
     #[test]
     fn frozen_and_eval_forwards_agree() {
-        // Frozen runs dense convolutions on the im2col path, Eval on candle's conv2d.
+        // Frozen only drops the gradient graph (and the output copy of Eval's differentiable conv op).
         let (net, _varmap) = small_resnet18();
         let x = Tensor::randn(0f32, 1., (2, 3, 40, 40), &Device::Cpu).unwrap();
         let eval = net.forward_logits(&x, Mode::Eval, 0).unwrap();
