@@ -458,6 +458,39 @@ mod tests {
     }
 
     #[test]
+    fn a_bottleneck_network_runs_a_training_step() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = ResNet::with_classifier(ResNetConfig::resnet50(), 5, vb).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let logits = net.forward_t(&x, true).unwrap();
+        assert_eq!(logits.dims(), &[2, 5]);
+        let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let vars = varmap.data().lock().unwrap();
+        for key in [
+            "conv1.weight",
+            "layer1.0.conv3.weight",
+            "layer1.0.downsample.0.weight",
+            "layer4.2.bn3.bias",
+        ] {
+            let g = grads
+                .get(vars[key].as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {key}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm.is_finite() && norm > 0.0,
+                "{key}: gradient norm {norm}"
+            );
+        }
+    }
+
+    #[test]
     fn group_outputs_have_the_expected_shapes() {
         let (net, _varmap) = small_resnet18();
         let mut h = Tensor::zeros((1, 3, 64, 64), DType::F32, &Device::Cpu).unwrap();
