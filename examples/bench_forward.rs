@@ -1,16 +1,20 @@
-//! Forward throughput of a ResNet in eval mode, random weights, CPU, f32.
+//! Throughput of a ResNet on the CPU in f32 with random weights, and of graft's CPU kernels against the
+//! candle ops they replace.
 //!
 //! ```text
-//! cargo run --release --example bench_forward -- [arch=resnet18] [size=224] [batch=16] [iters=5]
+//! cargo run --release --example bench_forward -- [arch=resnet18] [size=224] [batch=16] [iters=5] [forward|train]
 //! ```
-//! Prints images per second of the whole network (logits), then, for the stem's max-pool on the same
-//! batch, the time of graft's max-pool op against the same pool composed from candle ops
-//! (`max_pool2d_composed`: pad with -inf, gather the argmax of the 9 shifted views), forward and backward.
+//! Prints images per second of the whole network (logits) in `Mode::Eval` and `Mode::Frozen`. With
+//! `forward` it stops there; with `train` it adds one training step (forward + backward, `Mode::Train`)
+//! and stops. Without a fifth argument it goes on to the kernels, on the same batch size: the stem's
+//! 3x3/2 max-pool (graft's op against `max_pool2d_composed`) and a 3x3 depthwise convolution (graft's op
+//! against candle's grouped conv2d), forward and forward + backward. Times are the best of `iters` runs.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use graft::models::layers::{depthwise_conv2d, max_pool2d, max_pool2d_composed};
 use graft::models::resnet::{ResNet, ResNetConfig};
+use graft::models::Mode;
 use std::time::Instant;
 
 fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
@@ -20,13 +24,16 @@ fn arg<T: std::str::FromStr>(i: usize, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// Best wall time of `iters` runs after one warm-up: on a shared machine the minimum is the least noisy.
 fn time<F: FnMut()>(iters: usize, mut f: F) -> f64 {
     f();
-    let t = Instant::now();
-    for _ in 0..iters {
-        f();
-    }
-    t.elapsed().as_secs_f64() / iters as f64
+    (0..iters.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -49,6 +56,34 @@ fn main() -> anyhow::Result<()> {
         rayon::current_num_threads()
     );
 
+    let secs = time(iters, || {
+        net.forward_logits(&x, Mode::Frozen, 5).unwrap();
+    });
+    println!(
+        "{arch} frozen forward, batch {batch} at {size}x{size}: {:.1} ms/batch, {:.1} images/s",
+        secs * 1e3,
+        batch as f64 / secs
+    );
+    if std::env::args().nth(5).as_deref() == Some("train") {
+        let secs = time(iters, || {
+            let loss = net
+                .forward_t(&x, true)
+                .unwrap()
+                .sqr()
+                .unwrap()
+                .mean_all()
+                .unwrap();
+            loss.backward().unwrap();
+        });
+        println!(
+            "{arch} train forward + backward, batch {batch} at {size}x{size}: {:.1} ms/batch, {:.1} images/s",
+            secs * 1e3,
+            batch as f64 / secs
+        );
+    }
+    if std::env::args().nth(5).is_some() {
+        return Ok(());
+    }
     let stem = Var::randn(0f32, 1., (batch, 64, size / 2, size / 2), &dev)?;
     let ours = time(iters, || {
         let y = max_pool2d(stem.as_tensor(), 3, 2, 1).unwrap();

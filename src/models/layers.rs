@@ -5,11 +5,22 @@
 //! `<prefix>.conv1.weight`). Every forward takes a [`Mode`]: weights go through [`Mode::weight`], so a layer
 //! run in [`Mode::Frozen`] builds no gradient graph.
 //!
-//! Two ops that candle 0.11 lacks or runs slowly live in submodules and are used automatically:
-//! [`max_pool2d`] (with padding, stride < kernel, and a backward pass) and a depthwise convolution
-//! (`groups == in == out channels`), which candle runs as one convolution per channel.
+//! Ops that candle 0.11 lacks or runs slowly are CPU custom ops in submodules, used automatically (other
+//! devices fall back to candle's ops):
+//! - [`max_pool2d`]: padding, stride < kernel, and a backward pass (PyTorch's tie rule);
+//! - `depthwise`: depthwise convolution (`groups == in == out`), which candle runs as one convolution per
+//!   channel (about 50x slower, forward and backward);
+//! - `im2col`: dense convolutions keep candle's forward (its rounding tracks PyTorch's, which gradient
+//!   parity needs) but get an im2col + matmul + col2im backward instead of candle's direct transposed
+//!   convolution; in [`Mode::Frozen`] the forward runs on im2col + matmul as well;
+//! - `bn_train`: training-mode BatchNorm with a hand-written backward (candle's autograd reduces over the
+//!   batch and spatial axes one element at a time).
+//!
+//! `examples/bench_forward.rs` measures them against the candle ops they replace.
 
+mod bn_train;
 mod depthwise;
+mod im2col;
 mod pool;
 
 pub use depthwise::depthwise_conv2d;
@@ -46,7 +57,8 @@ impl Default for Conv2dConfig {
 /// A 2-D convolution over `[N, C, H, W]`, weights `[out, in / groups, k, k]` under `weight` (and `bias`).
 ///
 /// A depthwise convolution (`groups == in == out`) runs on [`depthwise_conv2d`] instead of candle's grouped
-/// convolution, which would launch one convolution per channel.
+/// convolution, which would launch one convolution per channel. Padding is symmetric: for TensorFlow
+/// "SAME" padding, pad the input asymmetrically first (`Tensor::pad_with_zeros`) and use `padding: 0`.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -111,19 +123,37 @@ pub fn conv2d(
 impl Conv2d {
     /// Convolves `x` (`[N, in, H, W]`) into `[N, out, H', W']`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let w = mode.weight(&self.weight);
-        let y = if self.depthwise && x.device().is_cpu() {
-            depthwise_conv2d(x, &w, self.cfg.padding, self.cfg.stride)?
-        } else {
-            let (x, padding) = self.backward_safe_input(x)?;
-            x.conv2d(&w, padding, self.cfg.stride, 1, self.cfg.groups)?
-        };
+        let y = self.convolve(x, &mode.weight(&self.weight), mode)?;
         match &self.bias {
             None => Ok(y),
             Some(b) => {
                 let b = mode.weight(b).reshape((1, (), 1, 1))?;
                 Ok(y.broadcast_add(&b)?)
             }
+        }
+    }
+
+    /// The bias-free convolution of `x` with the filter `w` (this layer's geometry).
+    ///
+    /// Depthwise layers use [`depthwise_conv2d`]. Dense layers on the CPU compute their forward values
+    /// with im2col + matmul (about 1.7x faster than candle's conv2d) except in [`Mode::Train`], where they
+    /// keep candle's conv2d, whose rounding tracks PyTorch's closely. The two differ only in the last bits
+    /// (1e-7 relative; 1e-16 in f64), yet on the golden ResNet-18 training case the im2col values move the
+    /// stem and layer1 gradients by 1e-3 relative instead of 4e-6, presumably by flipping near-ties of a
+    /// later ReLU or max-pool: training keeps PyTorch parity. Either way the backward is im2col-based.
+    fn convolve(&self, x: &Tensor, w: &Tensor, mode: Mode) -> Result<Tensor> {
+        let (p, s) = (self.cfg.padding, self.cfg.stride);
+        if self.depthwise && x.device().is_cpu() {
+            depthwise_conv2d(x, w, p, s)
+        } else if self.cfg.groups == 1 && x.device().is_cpu() {
+            Ok(match mode {
+                Mode::Frozen => im2col::conv2d_im2col(x, w, p, s)?,
+                Mode::Eval => im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Im2col)?,
+                Mode::Train => im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Candle)?,
+            })
+        } else {
+            let (x, padding) = self.backward_safe_input(x)?;
+            Ok(x.conv2d(w, padding, self.cfg.stride, 1, self.cfg.groups)?)
         }
     }
 
@@ -183,6 +213,28 @@ pub struct BatchNorm {
     momentum: f64,
 }
 
+/// `bn(conv(x))`. Outside [`Mode::Train`] the BatchNorm is folded into the convolution: the filter is
+/// scaled per output channel and the shift becomes a bias, which saves two passes over the activations.
+/// The result is the same up to float rounding, and it stays differentiable in every parameter
+/// (in [`Mode::Eval`]) or builds no graph (in [`Mode::Frozen`]).
+pub fn conv_bn(x: &Tensor, conv: &Conv2d, bn: &BatchNorm, mode: Mode) -> Result<Tensor> {
+    if mode.is_train() {
+        return bn.forward(&conv.forward(x, mode)?, mode);
+    }
+    let c = bn.num_features();
+    let (scale, shift) = bn.folded(&mode.weight(&bn.weight), &mode.weight(&bn.bias))?;
+    let (scale, mut shift) = (scale.reshape(c)?, shift.reshape(c)?);
+    let w = mode
+        .weight(&conv.weight)
+        .broadcast_mul(&scale.reshape((c, 1, 1, 1))?)?;
+    if let Some(b) = &conv.bias {
+        shift = (shift + mode.weight(b).mul(&scale)?)?;
+    }
+    Ok(conv
+        .convolve(x, &w, mode)?
+        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
+}
+
 /// PyTorch's default BatchNorm momentum: `running = 0.9 * running + 0.1 * batch`.
 pub const BN_MOMENTUM: f64 = 0.1;
 
@@ -236,12 +288,12 @@ impl BatchNorm {
                     format!("training needs more than one value per channel, got {dims:?}"),
                 ));
             }
-            let mean = (x3.sum_keepdim(2)?.sum_keepdim(0)? / count as f64)?;
-            let centered = x3.broadcast_sub(&mean)?;
-            let var = (centered.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? / count as f64)?;
-            let scale = w.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
-            let y = centered.broadcast_mul(&scale)?.broadcast_add(&b)?;
-            self.update_running(&mean.detach(), &var.detach(), count)?;
+            let (y, mean, var) = if x.device().is_cpu() {
+                self.train_kernel(&x3, mode)?
+            } else {
+                self.train_composed(&x3, &w, &b)?
+            };
+            self.update_running(&mean, &var, count)?;
             y
         } else {
             let (scale, shift) = self.folded(&w, &b)?;
@@ -250,11 +302,43 @@ impl BatchNorm {
         Ok(y.reshape(dims)?)
     }
 
+    /// Training forward on the CPU kernel: `(y, batch mean, biased batch variance)`.
+    fn train_kernel(&self, x3: &Tensor, mode: Mode) -> Result<(Tensor, Tensor, Tensor)> {
+        let x3 = x3.contiguous()?;
+        let (mean, var) = bn_train::batch_stats(&x3)?;
+        let (c, dev) = (mean.len(), x3.device());
+        let (mean_t, var_t) = (
+            Tensor::from_vec(mean.clone(), c, dev)?,
+            Tensor::from_vec(var.clone(), c, dev)?,
+        );
+        let (w, b) = (mode.weight(&self.weight), mode.weight(&self.bias));
+        let y = bn_train::batch_norm_train(&x3, &w, &b, mean, var, self.eps)?;
+        Ok((y, mean_t, var_t))
+    }
+
+    /// Training forward composed from candle ops (any device): `(y, batch mean, biased batch variance)`.
+    /// `w` and `b` are `[1, C, 1]`.
+    fn train_composed(
+        &self,
+        x3: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let count = (x3.elem_count() / self.num_features()) as f64;
+        let mean = (x3.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
+        let centered = x3.broadcast_sub(&mean)?;
+        let var = (centered.sqr()?.sum_keepdim(2)?.sum_keepdim(0)? / count)?;
+        let scale = w.broadcast_div(&(&var + self.eps)?.sqrt()?)?;
+        let y = centered.broadcast_mul(&scale)?.broadcast_add(b)?;
+        Ok((y, mean.detach(), var.detach()))
+    }
+
     /// Eval-mode scale and shift `[1, C, 1]`: `y = x * scale + shift`.
     fn folded(&self, w: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
         let c = self.num_features();
         let mean = self.running_mean.as_tensor().detach().reshape((1, c, 1))?;
         let var = self.running_var.as_tensor().detach().reshape((1, c, 1))?;
+        let (w, b) = (w.reshape((1, c, 1))?, b.reshape((1, c, 1))?);
         let scale = w.broadcast_div(&(var + self.eps)?.sqrt()?)?;
         let shift = b.broadcast_sub(&mean.broadcast_mul(&scale)?)?;
         Ok((scale, shift))
@@ -436,6 +520,40 @@ mod tests {
     }
 
     #[test]
+    fn batch_norm_training_kernel_matches_the_composed_ops_with_gradients() {
+        let varmap = VarMap::new();
+        let bn = batch_norm_f64(&varmap);
+        let x = candle_core::Var::randn(0.5f64, 2., (3, 3, 4, 5), &Device::Cpu).unwrap();
+        let x3 = x.as_tensor().reshape((3, 3, 20)).unwrap();
+        let probe = Tensor::randn(0f64, 1., (3, 3, 20), &Device::Cpu).unwrap();
+        let (w, b) = (
+            bn.weight().reshape((1, 3, 1)).unwrap(),
+            bn.bias().reshape((1, 3, 1)).unwrap(),
+        );
+        let (y1, m1, v1) = bn.train_kernel(&x3, Mode::Train).unwrap();
+        let (y2, m2, v2) = bn.train_composed(&x3, &w, &b).unwrap();
+        assert!(max_abs(&y1, &y2) < 1e-12);
+        assert!(max_abs(&m1.flatten_all().unwrap(), &m2.flatten_all().unwrap()) < 1e-12);
+        assert!(max_abs(&v1.flatten_all().unwrap(), &v2.flatten_all().unwrap()) < 1e-12);
+        let g1 = (y1 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (y2 * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for t in [x.as_tensor(), bn.weight(), bn.bias()] {
+            let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
+            assert!(max_abs(a, b) < 1e-12, "{}", max_abs(a, b));
+        }
+    }
+
+    #[test]
     fn batch_norm_eval_uses_running_statistics_and_leaves_them_alone() {
         let varmap = VarMap::new();
         let bn = batch_norm_f64(&varmap);
@@ -455,6 +573,54 @@ mod tests {
             }
             let after: Vec<f64> = bn.running_mean().as_tensor().to_vec1().unwrap();
             assert_eq!(after, rm.to_vec());
+        }
+    }
+
+    #[test]
+    fn conv_bn_folds_batch_norm_outside_training_without_changing_results_or_gradients() {
+        let dev = Device::Cpu;
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F64, &dev);
+        let cfg = Conv2dConfig {
+            padding: 1,
+            stride: 2,
+            bias: true,
+            ..Default::default()
+        };
+        let conv = conv2d(2, 3, 3, cfg, vb.pp("conv")).unwrap();
+        let bn = batch_norm_f64(&varmap);
+        let x = Tensor::randn(0f64, 1., (2, 2, 7, 7), &dev).unwrap();
+        let probe = Tensor::randn(0f64, 1., (2, 3, 4, 4), &dev).unwrap();
+        let params = [conv.weight(), conv.bias().unwrap(), bn.weight(), bn.bias()];
+        let folded = conv_bn(&x, &conv, &bn, Mode::Eval).unwrap();
+        let plain = bn
+            .forward(&conv.forward(&x, Mode::Eval).unwrap(), Mode::Eval)
+            .unwrap();
+        assert!(max_abs(&folded, &plain) < 1e-12);
+        let g1 = (folded * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (plain * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for p in params {
+            assert!(max_abs(g1.get(p).unwrap(), g2.get(p).unwrap()) < 1e-12);
+        }
+        let frozen = conv_bn(&x, &conv, &bn, Mode::Frozen).unwrap();
+        let g3 = (frozen * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for p in params {
+            assert!(g3.get(p).is_none());
         }
     }
 

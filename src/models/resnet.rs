@@ -6,7 +6,7 @@
 //! classifier `fc` is not a group: it is a separate [`Linear`] that [`ResNet::classifier`] builds, so a new
 //! head of any width can take its place.
 
-use super::layers::{batch_norm, conv2d, global_avg_pool, linear, max_pool2d};
+use super::layers::{batch_norm, conv2d, conv_bn, global_avg_pool, linear, max_pool2d};
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
@@ -115,7 +115,7 @@ impl Downsample {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.bn.forward(&self.conv.forward(x, mode)?, mode)
+        conv_bn(x, &self.conv, &self.bn, mode)
     }
 }
 
@@ -165,7 +165,7 @@ impl ResBlock {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = bn.forward(&conv.forward(&h, mode)?, mode)?;
+            h = conv_bn(&h, conv, bn, mode)?;
             if i != last {
                 h = h.relu()?;
             }
@@ -309,10 +309,7 @@ impl Backbone for ResNet {
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match i {
             0 => {
-                let h = self
-                    .bn1
-                    .forward(&self.conv1.forward(x, mode)?, mode)?
-                    .relu()?;
+                let h = conv_bn(x, &self.conv1, &self.bn1, mode)?.relu()?;
                 max_pool2d(&h, 3, 2, 1)
             }
             1..=4 => self.stages[i - 1]
@@ -398,6 +395,31 @@ mod tests {
     }
 
     #[test]
+    fn frozen_and_eval_forwards_agree() {
+        // Frozen only drops the gradient graph (and the output copy of Eval's differentiable conv op).
+        let (net, _varmap) = small_resnet18();
+        let x = Tensor::randn(0f32, 1., (2, 3, 40, 40), &Device::Cpu).unwrap();
+        let eval = net.forward_logits(&x, Mode::Eval, 0).unwrap();
+        let frozen = net.forward_logits(&x, Mode::Frozen, 5).unwrap();
+        let scale = eval
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (eval - frozen)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff <= 1e-4 * scale.max(1.), "{diff} vs scale {scale}");
+    }
+
+    #[test]
     fn keys_map_to_their_groups() {
         let (net, varmap) = small_resnet18();
         assert_eq!(net.group_of("conv1.weight"), Some(0));
@@ -432,6 +454,39 @@ mod tests {
                 assert_eq!(vars["layer1.0.conv3.weight"].dims(), &[256, 64, 1, 1]);
                 assert_eq!(vars["layer4.2.conv2.weight"].dims(), &[512, 512, 3, 3]);
             }
+        }
+    }
+
+    #[test]
+    fn a_bottleneck_network_runs_a_training_step() {
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let net = ResNet::with_classifier(ResNetConfig::resnet50(), 5, vb).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, 3, 32, 32), &Device::Cpu).unwrap();
+        let logits = net.forward_t(&x, true).unwrap();
+        assert_eq!(logits.dims(), &[2, 5]);
+        let grads = logits.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+        let vars = varmap.data().lock().unwrap();
+        for key in [
+            "conv1.weight",
+            "layer1.0.conv3.weight",
+            "layer1.0.downsample.0.weight",
+            "layer4.2.bn3.bias",
+        ] {
+            let g = grads
+                .get(vars[key].as_tensor())
+                .unwrap_or_else(|| panic!("no gradient for {key}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                norm.is_finite() && norm > 0.0,
+                "{key}: gradient norm {norm}"
+            );
         }
     }
 

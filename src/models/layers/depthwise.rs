@@ -57,18 +57,18 @@ pub fn depthwise_conv2d(
 }
 
 #[derive(Debug, Clone, Copy)]
-struct Geom {
-    c: usize,
-    h: usize,
-    w: usize,
-    kh: usize,
-    kw: usize,
-    padding: usize,
-    stride: usize,
+pub(super) struct Geom {
+    pub(super) c: usize,
+    pub(super) h: usize,
+    pub(super) w: usize,
+    pub(super) kh: usize,
+    pub(super) kw: usize,
+    pub(super) padding: usize,
+    pub(super) stride: usize,
 }
 
 impl Geom {
-    fn out_hw(&self) -> (usize, usize) {
+    pub(super) fn out_hw(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.padding - self.kh) / self.stride + 1,
             (self.w + 2 * self.padding - self.kw) / self.stride + 1,
@@ -100,9 +100,10 @@ impl Geom {
         (lo, hi.max(lo))
     }
 
-    /// Calls `f(out_index, in_index, filter_index)` for every tap of one plane, row by row.
+    /// Calls `f(run)` for every `(output row, filter row, filter column)` of one plane whose taps fall
+    /// inside the image: outputs `out..out + len` of the plane read inputs `inp + j * stride`.
     #[inline]
-    fn for_each_tap(&self, mut f: impl FnMut(usize, usize, usize)) {
+    pub(super) fn for_each_run(&self, mut f: impl FnMut(Run)) {
         let (oh, ow) = self.out_hw();
         for oy in 0..oh {
             for ky in 0..self.kh {
@@ -111,9 +112,13 @@ impl Geom {
                 };
                 for kx in 0..self.kw {
                     let (lo, hi) = self.col_range(kx, ow);
-                    for ox in lo..hi {
-                        let ix = ox * self.stride + kx - self.padding;
-                        f(oy * ow + ox, iy * self.w + ix, ky * self.kw + kx);
+                    if lo < hi {
+                        f(Run {
+                            out: oy * ow + lo,
+                            inp: iy * self.w + lo * self.stride + kx - self.padding,
+                            tap: ky * self.kw + kx,
+                            len: hi - lo,
+                        });
                     }
                 }
             }
@@ -121,7 +126,79 @@ impl Geom {
     }
 }
 
-fn contiguous_slice<'a, T: WithDType>(
+/// A row segment of taps: see [`Geom::for_each_run`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Run {
+    pub(super) out: usize,
+    pub(super) inp: usize,
+    pub(super) tap: usize,
+    pub(super) len: usize,
+}
+
+/// `dst[j] += a * src[j * stride]` (vectorised for stride 1).
+#[inline]
+pub(super) fn axpy_gather<T: WithDType>(dst: &mut [T], a: T, src: &[T], stride: usize) {
+    if stride == 1 {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d += a * v;
+        }
+    } else {
+        for (d, &v) in dst.iter_mut().zip(src.iter().step_by(stride)) {
+            *d += a * v;
+        }
+    }
+}
+
+/// `dst[j * stride] += a * src[j]` (vectorised for stride 1).
+#[inline]
+pub(super) fn axpy_scatter<T: WithDType>(dst: &mut [T], a: T, src: &[T], stride: usize) {
+    if stride == 1 {
+        for (d, &v) in dst.iter_mut().zip(src) {
+            *d += a * v;
+        }
+    } else {
+        for (d, &v) in dst.iter_mut().step_by(stride).zip(src) {
+            *d += a * v;
+        }
+    }
+}
+
+/// `sum_j a[j] * b[j * stride]`.
+#[inline]
+fn dot_strided<T: WithDType>(a: &[T], b: &[T], stride: usize) -> T {
+    let mut acc = T::from_f64(0.);
+    if stride == 1 {
+        // Eight independent partial sums, so the loop vectorises (a single sum is latency-bound).
+        let n = a.len().min(b.len());
+        let (a, b) = (&a[..n], &b[..n]);
+        let mut lanes = [T::from_f64(0.); 8];
+        for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+            for i in 0..8 {
+                lanes[i] += ca[i] * cb[i];
+            }
+        }
+        let tail = n - n % 8;
+        for (&x, &y) in a[tail..].iter().zip(&b[tail..]) {
+            acc += x * y;
+        }
+        for v in lanes {
+            acc += v;
+        }
+    } else {
+        for (&x, &y) in a.iter().zip(b.iter().step_by(stride)) {
+            acc += x * y;
+        }
+    }
+    acc
+}
+
+/// Input span of a run: from `inp`, `len` taps `stride` apart.
+#[inline]
+pub(super) fn span(r: Run, stride: usize) -> std::ops::Range<usize> {
+    r.inp..r.inp + (r.len - 1) * stride + 1
+}
+
+pub(super) fn contiguous_slice<'a, T: WithDType>(
     s: &'a CpuStorage,
     l: &Layout,
     op: &str,
@@ -177,7 +254,14 @@ impl DepthwiseConv {
             .enumerate()
             .for_each(|(p, (o, xi))| {
                 let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
-                g.for_each_tap(|oi, ii, fi| o[oi] += f[fi] * xi[ii]);
+                g.for_each_run(|r| {
+                    axpy_gather(
+                        &mut o[r.out..r.out + r.len],
+                        f[r.tap],
+                        &xi[span(r, g.stride)],
+                        g.stride,
+                    )
+                });
             });
         (T::to_cpu_storage_owned(out), Shape::from((n, g.c, oh, ow)))
     }
@@ -227,7 +311,14 @@ impl DepthwiseGradInput {
             .enumerate()
             .for_each(|(p, (gxi, gyi))| {
                 let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
-                g.for_each_tap(|oi, ii, fi| gxi[ii] += f[fi] * gyi[oi]);
+                g.for_each_run(|r| {
+                    axpy_scatter(
+                        &mut gxi[span(r, g.stride)],
+                        f[r.tap],
+                        &gyi[r.out..r.out + r.len],
+                        g.stride,
+                    )
+                });
             });
         (T::to_cpu_storage_owned(gx), Shape::from((n, g.c, g.h, g.w)))
     }
@@ -264,7 +355,10 @@ impl DepthwiseGradWeight {
                 let p = b * g.c + ch;
                 let xi = &x[p * plane_in..(p + 1) * plane_in];
                 let gyi = &gy[p * plane_out..(p + 1) * plane_out];
-                g.for_each_tap(|oi, ii, fi| f[fi] += gyi[oi] * xi[ii]);
+                g.for_each_run(|r| {
+                    f[r.tap] +=
+                        dot_strided(&gyi[r.out..r.out + r.len], &xi[span(r, g.stride)], g.stride)
+                });
             }
         });
         (

@@ -1,0 +1,317 @@
+//! Training-mode BatchNorm as one CPU op with a hand-written backward.
+//!
+//! Composed from candle ops, a training BatchNorm records about ten full-size ops whose backward reduces
+//! over axes 0 and 2 of `[N, C, S]` at once, which candle does one element at a time; the backward then
+//! costs ten times the forward. Here the forward is one pass for the statistics and one for the output,
+//! and the backward one pass for the two per-channel sums and one for the input gradient, all parallel
+//! over channels or planes. Sums accumulate in f64, as PyTorch's CPU kernel does for f32.
+
+use super::depthwise::contiguous_slice;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+use std::sync::Arc;
+
+/// Batch statistics of `x` `[N, C, S]` (contiguous, CPU): per-channel mean and biased variance, in f64.
+pub(super) fn batch_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+    let (_, c, _) = x.dims3()?;
+    let stats = x.apply_op1_no_bwd(&BnStats)?.to_vec2::<f64>()?;
+    debug_assert_eq!(stats[0].len(), c);
+    Ok((stats[0].clone(), stats[1].clone()))
+}
+
+/// `y = (x - mean) / sqrt(var + eps) * w + b` over `x` `[N, C, S]` with the given batch statistics;
+/// differentiable in `x`, `w` and `b` (the statistics' dependence on `x` included).
+pub(super) fn batch_norm_train(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    let invstd = var.iter().map(|v| 1. / (v + eps).sqrt()).collect();
+    let op = BnTrain {
+        mean: Arc::new(mean),
+        invstd: Arc::new(invstd),
+    };
+    x.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
+}
+
+/// Per-channel slices of a contiguous `[N, C, S]` buffer: calls `f(n, plane)` for channel `ch`.
+#[inline]
+fn for_channel<T>(x: &[T], c: usize, s: usize, ch: usize, mut f: impl FnMut(usize, &[T])) {
+    let n = x.len() / (c * s);
+    for i in 0..n {
+        let at = (i * c + ch) * s;
+        f(i, &x[at..at + s]);
+    }
+}
+
+fn dims3(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
+    l.shape().dims3()
+}
+
+macro_rules! dispatch1 {
+    ($self:ident, $s:ident, $l:ident, $($extra:expr),*) => {{
+        let name = $self.name();
+        match $s {
+            CpuStorage::F32(_) => Ok($self.run(contiguous_slice::<f32>($s, $l, name)?, $($extra),*)),
+            CpuStorage::F64(_) => Ok($self.run(contiguous_slice::<f64>($s, $l, name)?, $($extra),*)),
+            CpuStorage::F16(_) => Ok($self.run(contiguous_slice::<half::f16>($s, $l, name)?, $($extra),*)),
+            CpuStorage::BF16(_) => Ok($self.run(contiguous_slice::<half::bf16>($s, $l, name)?, $($extra),*)),
+            _ => candle_core::bail!("{name}: unsupported dtype {:?}", $s.dtype()),
+        }
+    }};
+}
+
+/// `x [N, C, S] -> [2, C]` f64: mean and biased variance per channel (two passes).
+struct BnStats;
+
+impl BnStats {
+    fn run<T: WithDType>(&self, x: &[T], (_, c, s): (usize, usize, usize)) -> (CpuStorage, Shape) {
+        let count = (x.len() / c) as f64;
+        let stats: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let mut sum = 0f64;
+                for_channel(x, c, s, ch, |_, p| {
+                    sum += p.iter().map(|v| v.to_f64()).sum::<f64>()
+                });
+                let mean = sum / count;
+                let mut sq = 0f64;
+                for_channel(x, c, s, ch, |_, p| {
+                    sq += p.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>()
+                });
+                (mean, sq / count)
+            })
+            .collect();
+        let mut out: Vec<f64> = stats.iter().map(|m| m.0).collect();
+        out.extend(stats.iter().map(|m| m.1));
+        (CpuStorage::F64(out), Shape::from((2, c)))
+    }
+}
+
+impl CustomOp1 for BnStats {
+    fn name(&self) -> &'static str {
+        "graft-batch-norm-stats"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let d = dims3(l)?;
+        dispatch1!(self, s, l, d)
+    }
+}
+
+/// `(x, w, b) -> y`, holding the batch statistics it normalises with.
+struct BnTrain {
+    mean: Arc<Vec<f64>>,
+    invstd: Arc<Vec<f64>>,
+}
+
+impl BnTrain {
+    fn run<T: WithDType>(
+        &self,
+        x: &[T],
+        w: &[T],
+        b: &[T],
+        c: usize,
+        s: usize,
+    ) -> (CpuStorage, Shape) {
+        let mut y = vec![T::from_f64(0.); x.len()];
+        y.par_chunks_mut(s)
+            .zip(x.par_chunks(s))
+            .enumerate()
+            .for_each(|(p, (yp, xp))| {
+                let ch = p % c;
+                let (mean, scale, shift) = (
+                    self.mean[ch],
+                    self.invstd[ch] * w[ch].to_f64(),
+                    b[ch].to_f64(),
+                );
+                for (o, v) in yp.iter_mut().zip(xp) {
+                    *o = T::from_f64((v.to_f64() - mean) * scale + shift);
+                }
+            });
+        let n = x.len() / (c * s);
+        (T::to_cpu_storage_owned(y), Shape::from((n, c, s)))
+    }
+}
+
+impl CustomOp3 for BnTrain {
+    fn name(&self) -> &'static str {
+        "graft-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (_, c, s) = dims3(l1)?;
+        let name = self.name();
+        macro_rules! go {
+            ($t:ty) => {
+                Ok(self.run(
+                    contiguous_slice::<$t>(s1, l1, name)?,
+                    contiguous_slice::<$t>(s2, l2, name)?,
+                    contiguous_slice::<$t>(s3, l3, name)?,
+                    c,
+                    s,
+                ))
+            };
+        }
+        match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => go!(f32),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => go!(f64),
+            (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => go!(half::f16),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => go!(half::bf16),
+            _ => candle_core::bail!("{name}: unsupported or mixed dtypes {:?}", s1.dtype()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.contiguous()?;
+        let stats = BnGradSums {
+            mean: self.mean.clone(),
+            invstd: self.invstd.clone(),
+        };
+        let sums = x.apply_op2_no_bwd(&grad, &stats)?.to_vec2::<f64>()?;
+        let (sum_dy, sum_dy_xhat) = (sums[0].clone(), sums[1].clone());
+        let c = sum_dy.len();
+        let db = Tensor::from_vec(sum_dy.clone(), c, x.device())?.to_dtype(w.dtype())?;
+        let dw = Tensor::from_vec(sum_dy_xhat.clone(), c, x.device())?.to_dtype(w.dtype())?;
+        let gx = BnGradInput {
+            mean: self.mean.clone(),
+            invstd: self.invstd.clone(),
+            w: w.to_dtype(candle_core::DType::F64)?.to_vec1()?,
+            sum_dy,
+            sum_dy_xhat,
+        };
+        let dx = x.apply_op2_no_bwd(&grad, &gx)?;
+        Ok((Some(dx), Some(dw), Some(db)))
+    }
+}
+
+/// `(x, dy) -> [2, C]` f64: per channel `sum(dy)` and `sum(dy * xhat)`.
+struct BnGradSums {
+    mean: Arc<Vec<f64>>,
+    invstd: Arc<Vec<f64>>,
+}
+
+impl BnGradSums {
+    fn run<T: WithDType>(&self, x: &[T], dy: &[T], c: usize, s: usize) -> (CpuStorage, Shape) {
+        let sums: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
+                let (mut a, mut b) = (0f64, 0f64);
+                for_channel(x, c, s, ch, |i, xp| {
+                    let at = (i * c + ch) * s;
+                    for (xv, g) in xp.iter().zip(&dy[at..at + s]) {
+                        let g = g.to_f64();
+                        a += g;
+                        b += g * (xv.to_f64() - mean) * invstd;
+                    }
+                });
+                (a, b)
+            })
+            .collect();
+        let mut out: Vec<f64> = sums.iter().map(|v| v.0).collect();
+        out.extend(sums.iter().map(|v| v.1));
+        (CpuStorage::F64(out), Shape::from((2, c)))
+    }
+}
+
+/// `(x, dy) -> dx = w * invstd * (dy - sum(dy) / M - xhat * sum(dy * xhat) / M)`.
+struct BnGradInput {
+    mean: Arc<Vec<f64>>,
+    invstd: Arc<Vec<f64>>,
+    w: Vec<f64>,
+    sum_dy: Vec<f64>,
+    sum_dy_xhat: Vec<f64>,
+}
+
+impl BnGradInput {
+    fn run<T: WithDType>(&self, x: &[T], dy: &[T], c: usize, s: usize) -> (CpuStorage, Shape) {
+        let m = (x.len() / c) as f64;
+        let mut dx = vec![T::from_f64(0.); x.len()];
+        dx.par_chunks_mut(s)
+            .zip(x.par_chunks(s).zip(dy.par_chunks(s)))
+            .enumerate()
+            .for_each(|(p, (dxp, (xp, gp)))| {
+                let ch = p % c;
+                let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
+                let k = self.w[ch] * invstd;
+                let (mdy, mdyx) = (self.sum_dy[ch] / m, self.sum_dy_xhat[ch] / m);
+                for ((o, xv), g) in dxp.iter_mut().zip(xp).zip(gp) {
+                    let xhat = (xv.to_f64() - mean) * invstd;
+                    *o = T::from_f64(k * (g.to_f64() - mdy - xhat * mdyx));
+                }
+            });
+        let n = x.len() / (c * s);
+        (T::to_cpu_storage_owned(dx), Shape::from((n, c, s)))
+    }
+}
+
+macro_rules! impl_op2 {
+    ($ty:ty, $name:literal) => {
+        impl CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                let (_, c, s) = dims3(l1)?;
+                let name = self.name();
+                match (s1, s2) {
+                    (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(self.run(
+                        contiguous_slice::<f32>(s1, l1, name)?,
+                        contiguous_slice::<f32>(s2, l2, name)?,
+                        c,
+                        s,
+                    )),
+                    (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(self.run(
+                        contiguous_slice::<f64>(s1, l1, name)?,
+                        contiguous_slice::<f64>(s2, l2, name)?,
+                        c,
+                        s,
+                    )),
+                    (CpuStorage::F16(_), CpuStorage::F16(_)) => Ok(self.run(
+                        contiguous_slice::<half::f16>(s1, l1, name)?,
+                        contiguous_slice::<half::f16>(s2, l2, name)?,
+                        c,
+                        s,
+                    )),
+                    (CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok(self.run(
+                        contiguous_slice::<half::bf16>(s1, l1, name)?,
+                        contiguous_slice::<half::bf16>(s2, l2, name)?,
+                        c,
+                        s,
+                    )),
+                    _ => candle_core::bail!("{name}: unsupported or mixed dtypes {:?}", s1.dtype()),
+                }
+            }
+        }
+    };
+}
+
+impl_op2!(BnGradSums, "graft-batch-norm-grad-sums");
+impl_op2!(BnGradInput, "graft-batch-norm-grad-input");
