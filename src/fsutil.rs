@@ -1,31 +1,42 @@
 //! File-system helpers shared by everything that writes user-visible files.
 
 use crate::{Error, Result};
+use std::fs::{self, File};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-/// Writes `bytes` to `path` atomically: a temporary file beside it is written and synced, then renamed
-/// over `path`. A crash or Ctrl-C at any point leaves either the old file or the new one, never half of one.
+/// Writes `bytes` to `path` atomically: `NAME.tmp` in the same folder is written and fsynced, then renamed
+/// over `path`, then the folder is fsynced. A crash or Ctrl-C at any point leaves either the old file or the
+/// new one, never half of one; a failed write removes its temporary file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "out".into());
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    result.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
+    let tmp = tmp_path(path);
+    let written = File::create(&tmp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    if let Err(e) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e));
+    }
+    fs::rename(&tmp, path).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
         Error::io(path, e)
-    })
+    })?;
+    // Make the rename itself durable. Opening a folder for sync is not possible everywhere (Windows), and the
+    // data is already safe under either name, so failure here is not an error.
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// `NAME.tmp` next to `NAME`.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".tmp");
+    path.with_file_name(name)
 }
 
 #[cfg(test)]

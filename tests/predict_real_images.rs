@@ -18,10 +18,20 @@ fn efficientnet_lite0_sees_a_cat_and_an_espresso() {
     let chelsea = images.join("chelsea.png");
     let coffee = images.join("coffee.png");
     let out = graft_ok(&[
-        "predict", "--base", "efficientnet_lite0", "--format", "json", "--top-k", "5",
-        chelsea.to_str().unwrap(), coffee.to_str().unwrap(),
+        "predict",
+        "--base",
+        "efficientnet_lite0",
+        "--format",
+        "json",
+        "--top-k",
+        "5",
+        chelsea.to_str().unwrap(),
+        coffee.to_str().unwrap(),
     ]);
-    let preds: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let preds: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(preds.len(), 2);
     let top1 = |p: &serde_json::Value| p["top"][0]["index"].as_u64().unwrap();
     assert_eq!(top1(&preds[0]), 282, "chelsea: {}", preds[0]);

@@ -620,6 +620,9 @@ mod tests {
             .unwrap()
             .to_scalar::<f32>()
             .unwrap();
-        assert!(head_moved > 0., "trained groups update their running statistics");
+        assert!(
+            head_moved > 0.,
+            "trained groups update their running statistics"
+        );
     }
 }

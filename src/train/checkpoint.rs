@@ -22,39 +22,14 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Value of the `format` key in a checkpoint's `__metadata__`.
 pub const CHECKPOINT_FORMAT: &str = "graft-checkpoint/1";
 
-/// Writes `bytes` to `path` atomically: `path.tmp` in the same folder, fsync, rename, fsync of the folder.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let mut file = File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    file.write_all(bytes)
-        .and_then(|_| file.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    drop(file);
-    fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
-    // Make the rename itself durable. Opening a folder for sync is not possible everywhere (Windows), and the
-    // data is already safe in either name, so failure here is not an error.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
-}
-
-/// `NAME.tmp` next to `NAME`.
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
+pub use crate::fsutil::{tmp_path, write_atomic};
 
 /// Named tensors plus typed metadata, saved and loaded as one safetensors file.
 #[derive(Debug, Clone)]
