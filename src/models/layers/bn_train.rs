@@ -20,7 +20,8 @@ pub(super) fn batch_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>
     Ok((stats[0].clone(), stats[1].clone()))
 }
 
-/// `y = (x - mean) / sqrt(var + eps) * w + b` over `x` `[N, C, S]` with the given batch statistics;
+/// `y = (x - mean) / sqrt(var + eps) * w + b` over `x` `[N, C, S]` with the given batch statistics
+/// (computed as PyTorch's CPU kernel does: `x * alpha + beta`, in the tensor's type);
 /// differentiable in `x`, `w` and `b` (the statistics' dependence on `x` included).
 pub(super) fn batch_norm_train(
     x: &Tensor,
@@ -123,14 +124,14 @@ impl BnTrain {
             .zip(x.par_chunks(s))
             .enumerate()
             .for_each(|(p, (yp, xp))| {
+                // PyTorch's CPU kernel: statistics rounded to the tensor's type, then
+                // `y = x * alpha + beta` with `alpha = invstd * w`, `beta = b - mean * alpha`.
                 let ch = p % c;
-                let (mean, scale, shift) = (
-                    self.mean[ch],
-                    self.invstd[ch] * w[ch].to_f64(),
-                    b[ch].to_f64(),
-                );
-                for (o, v) in yp.iter_mut().zip(xp) {
-                    *o = T::from_f64((v.to_f64() - mean) * scale + shift);
+                let (mean, invstd) = (T::from_f64(self.mean[ch]), T::from_f64(self.invstd[ch]));
+                let alpha = invstd * w[ch];
+                let beta = b[ch] - mean * alpha;
+                for (o, &v) in yp.iter_mut().zip(xp) {
+                    *o = v * alpha + beta;
                 }
             });
         let n = x.len() / (c * s);
