@@ -255,3 +255,60 @@ fn a_linear_probe_trains_the_head_on_cached_features_and_leaves_the_backbone_alo
     assert_eq!(m.len(), 3);
     assert!(m[2]["train_loss"].as_f64().unwrap() < m[0]["train_loss"].as_f64().unwrap());
 }
+
+#[test]
+fn train_bn_trains_batchnorm_affine_parameters_of_frozen_groups_and_nothing_else_there() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["blue", "red"], 6);
+    let weights = resnet18_weights();
+    let run = tmp.path().join("probe");
+    graft_ok(&[
+        "finetune",
+        "--base",
+        "resnet18",
+        "--weights",
+        weights.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "4",
+        "--freeze-epochs",
+        "2",
+        "--epochs",
+        "0",
+        "--lr",
+        "1e-2",
+        "--train-bn",
+        "--quiet",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    let after = model_tensors(&run.join("last.safetensors"));
+    let before = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    let (mut bn_moved, mut checked) = (0, 0);
+    for (k, v) in &after {
+        let key = k.strip_prefix("model.").unwrap();
+        if key.starts_with("head.") {
+            continue;
+        }
+        let orig = before[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let is_bn_affine = before[key].rank() == 1 && !key.contains("running_");
+        if is_bn_affine {
+            bn_moved += usize::from(&orig != v);
+        } else {
+            assert_eq!(
+                &orig, v,
+                "{key} changed: only BatchNorm scales and shifts may train"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked > 50, "checked {checked}");
+    assert!(
+        bn_moved > 10,
+        "only {bn_moved} BatchNorm affine tensors moved"
+    );
+}

@@ -107,6 +107,10 @@ pub struct FinetuneArgs {
     /// from epoch 3 and layer3 from epoch 6 (1-based epochs).
     #[arg(long, value_delimiter = ',')]
     pub unfreeze_at: Vec<String>,
+    /// Keep BatchNorm scales and shifts trainable inside frozen groups (fastai's train_bn); their running
+    /// statistics stay as loaded.
+    #[arg(long)]
+    pub train_bn: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -259,6 +263,7 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
         monitor,
         frozen_prefix,
         unfreeze_at,
+        train_bn: args.train_bn,
         device: args.device.clone(),
     })
 }

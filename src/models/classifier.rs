@@ -37,6 +37,8 @@ pub struct Classifier {
     pub varmap: VarMap,
     pub backbone: Box<dyn Backbone>,
     pub head: Head,
+    /// Frozen groups keep their BatchNorm scales and shifts trainable (fastai's `train_bn`).
+    pub train_bn: bool,
 }
 
 impl Classifier {
@@ -57,6 +59,7 @@ impl Classifier {
             varmap,
             backbone,
             head,
+            train_bn: false,
         })
     }
 
@@ -81,9 +84,22 @@ impl Classifier {
         self.backbone.group_names().len()
     }
 
-    /// Pooled features with the first `frozen_groups` groups frozen.
+    /// Pooled features with the first `frozen_groups` groups frozen (with trainable BatchNorm affine
+    /// parameters when `train_bn` is set and `mode` trains).
     pub fn features(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
-        self.backbone.forward_features(x, mode, frozen_groups)
+        if !(self.train_bn && mode.is_train()) || frozen_groups == 0 {
+            return self.backbone.forward_features(x, mode, frozen_groups);
+        }
+        let mut h = x.clone();
+        for i in 0..self.num_groups() {
+            let m = if i < frozen_groups {
+                Mode::FrozenTrainBn
+            } else {
+                mode
+            };
+            h = self.backbone.forward_group(i, &h, m)?;
+        }
+        crate::models::layers::global_avg_pool(&h)
     }
 
     /// Logits `[N, classes]`.

@@ -148,7 +148,9 @@ impl Conv2d {
         } else if self.cfg.groups == 1 && x.device().is_cpu() {
             Ok(match mode {
                 Mode::Frozen => im2col::conv2d_im2col(x, w, p, s)?,
-                Mode::Eval => im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Im2col)?,
+                Mode::Eval | Mode::FrozenTrainBn => {
+                    im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Im2col)?
+                }
                 Mode::Train => im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Candle)?,
             })
         } else {
@@ -222,7 +224,7 @@ pub fn conv_bn(x: &Tensor, conv: &Conv2d, bn: &BatchNorm, mode: Mode) -> Result<
         return bn.forward(&conv.forward(x, mode)?, mode);
     }
     let c = bn.num_features();
-    let (scale, shift) = bn.folded(&mode.weight(&bn.weight), &mode.weight(&bn.bias))?;
+    let (scale, shift) = bn.folded(&mode.bn_param(&bn.weight), &mode.bn_param(&bn.bias))?;
     let (scale, mut shift) = (scale.reshape(c)?, shift.reshape(c)?);
     let w = mode
         .weight(&conv.weight)
@@ -278,8 +280,8 @@ impl BatchNorm {
         let spatial: usize = dims[2..].iter().product();
         // [N, C, S] view: per-channel reductions run over the contiguous last axis, then the batch axis.
         let x3 = x.reshape((n, c, spatial))?;
-        let w = mode.weight(&self.weight).reshape((1, c, 1))?;
-        let b = mode.weight(&self.bias).reshape((1, c, 1))?;
+        let w = mode.bn_param(&self.weight).reshape((1, c, 1))?;
+        let b = mode.bn_param(&self.bias).reshape((1, c, 1))?;
         let y = if mode.is_train() {
             let count = n * spatial;
             if count < 2 {

@@ -26,11 +26,14 @@ use candle_core::Tensor;
 /// * `Eval`: BatchNorm uses running statistics; autograd still records ops on trainable weights.
 /// * `Frozen`: like `Eval`, but weights are used detached, so no gradient graph is built at all and the
 ///   running statistics are never touched. Frozen groups cost a plain inference forward.
+/// * `FrozenTrainBn`: frozen, except that BatchNorm scales and shifts still train (fastai's `train_bn`):
+///   convolution weights are detached, BatchNorm runs on its running statistics and leaves them alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     Train,
     Eval,
     Frozen,
+    FrozenTrainBn,
 }
 
 impl Mode {
@@ -40,6 +43,14 @@ impl Mode {
     }
     /// Returns `t` detached when frozen, so ops on it are not recorded.
     pub fn weight(self, t: &Tensor) -> Tensor {
+        if matches!(self, Mode::Frozen | Mode::FrozenTrainBn) {
+            t.detach()
+        } else {
+            t.clone()
+        }
+    }
+    /// A BatchNorm scale or shift: detached only in `Frozen` (it trains in `FrozenTrainBn`).
+    pub fn bn_param(self, t: &Tensor) -> Tensor {
         if self == Mode::Frozen {
             t.detach()
         } else {

@@ -123,6 +123,9 @@ pub struct FinetuneConfig {
     pub frozen_prefix: usize,
     /// Gradual unfreezing: (1-based epoch, number of frozen groups from that epoch on).
     pub unfreeze_at: Vec<(usize, usize)>,
+    /// BatchNorm scales and shifts of frozen groups still train (their running statistics do not move).
+    #[serde(default)]
+    pub train_bn: bool,
     pub device: String,
 }
 
@@ -271,7 +274,8 @@ impl Session {
         }
         let spec = classifier_spec(cfg, dataset.classes.clone())?;
         let preprocess = spec.preprocess.clone();
-        let model = Classifier::new(spec, &device)?;
+        let mut model = Classifier::new(spec, &device)?;
+        model.train_bn = cfg.train_bn;
         model.head.reset_parameters(&mut seeded(cfg.seed))?;
         let report = if cfg.pretrained {
             let resolved = match &cfg.weights {
@@ -354,9 +358,21 @@ impl Session {
         let n = self.n_groups;
         let mults = even_mults(1.0 / self.cfg.lr_mult, 1.0, n + 1);
         let model = &self.model;
+        let params = trainable_params(&model.varmap);
+        // With train_bn, the rank-1 parameters of frozen groups (BatchNorm scales and shifts: the backbones'
+        // convolutions have no biases) stay trainable, at their group's rate.
+        let bn_affine: std::collections::HashSet<String> = params
+            .iter()
+            .filter(|(_, v)| self.cfg.train_bn && v.as_tensor().rank() == 1)
+            .map(|(k, _)| k.clone())
+            .collect();
         let groups = discriminative_groups(
-            trainable_params(&model.varmap),
-            |name| model.group_of(name).filter(|&g| g >= frozen),
+            params,
+            |name| {
+                model
+                    .group_of(name)
+                    .filter(|&g| g >= frozen || bn_affine.contains(name))
+            },
             &mults,
             true,
         )?;
@@ -573,7 +589,7 @@ pub fn finetune(
             plateau = sched.plateau();
         }
         // Frozen-backbone fast path: features once, then only the head trains.
-        let fast = frozen >= s.n_groups && !cfg.augment;
+        let fast = frozen >= s.n_groups && !cfg.augment && !cfg.train_bn;
         if fast && cached_train.is_none() {
             reporter.line("backbone frozen, no augmentation: computing features once");
             cached_train = Some(s.features(&s.train_eval)?);
