@@ -12,7 +12,7 @@ mkdir -p "$out"
 
 scripts/fetch-efficientnet-lite0.sh
 cargo build --release
-graft=target/release/graft
+graft=${CARGO_TARGET_DIR:-target}/release/graft
 golden=${GRAFT_GOLDEN:-../shared/golden}
 if [ -d "$golden/images" ]; then
     $graft predict --base efficientnet_lite0 "$golden/images/chelsea.png" "$golden/images/coffee.png" --top-k 3
