@@ -81,6 +81,17 @@ pub fn hub_get(repo: &str, file: &str) -> Result<PathBuf> {
         .map_err(|e| err(format!("download failed: {e}")))
 }
 
+/// The weights to load for a card: `local` when the user named a file (`--weights`), else [`resolve`].
+pub fn resolve_or_local(card: &ModelCard, local: Option<&std::path::Path>) -> Result<Resolved> {
+    match local {
+        Some(p) => Ok(Resolved {
+            path: p.to_path_buf(),
+            origin: Origin::Local,
+        }),
+        None => resolve(card),
+    }
+}
+
 /// Finds the weights of a card: the hub first where the card names a repo, then graft's cache.
 /// The error lists every place that was tried and how to fill graft's cache.
 pub fn resolve(card: &ModelCard) -> Result<Resolved> {

@@ -3,7 +3,7 @@
 
 use crate::data::Preprocess;
 use crate::models::card::ModelCard;
-use crate::models::hub::{self, Origin, Resolved};
+use crate::models::hub::{self, Origin};
 use crate::models::weights::{self, LoadReport};
 use crate::models::{build_backbone, Backbone, Mode};
 use crate::Result;
@@ -25,13 +25,7 @@ pub struct Pretrained {
 impl Pretrained {
     /// Builds the card's architecture and loads `weights` (or the card's weights through the hub/cache).
     pub fn load(card: &ModelCard, weights: Option<&Path>, device: &Device) -> Result<Self> {
-        let resolved = match weights {
-            Some(p) => Resolved {
-                path: p.to_path_buf(),
-                origin: Origin::Local,
-            },
-            None => hub::resolve(card)?,
-        };
+        let resolved = hub::resolve_or_local(card, weights)?;
         let file = weights::read_weights(&resolved.path, device)?;
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);

@@ -71,15 +71,11 @@ impl OptimState {
     /// `__metadata__` ([`OptimState::metadata`]). The file is written next to its destination and renamed
     /// over it, so a crash never leaves a half-written state.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        let path = path.as_ref();
-        let mut tensors: Vec<(&String, &Tensor)> = self.tensors.iter().collect();
-        tensors.sort_by(|a, b| a.0.cmp(b.0));
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = std::path::PathBuf::from(tmp);
-        safetensors::serialize_to_file(tensors, Some(self.metadata()), &tmp)
-            .map_err(|e| Error::bad_file(&tmp, e.to_string()))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+        crate::models::weights::save_safetensors_atomic(
+            path.as_ref(),
+            &self.tensors,
+            Some(self.metadata()),
+        )
     }
 
     /// Reads a state written by [`OptimState::save`]; tensors land on `device` (they move to each

@@ -7,11 +7,11 @@
 //! order, augmentation and dropout are pure functions of (seed, epoch, position), ends with the same
 //! weights and metrics as an uninterrupted run.
 
-use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig, Preprocess, Sample};
+use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig, Preprocess};
 use crate::models::card;
 use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::models::head::HeadConfig;
-use crate::models::hub::{self, Origin, Resolved};
+use crate::models::hub;
 use crate::models::weights::{self, LoadReport};
 use crate::models::Mode;
 use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
@@ -169,7 +169,7 @@ fn frozen_at(cfg: &FinetuneConfig, epoch: usize, n_groups: usize) -> usize {
     frozen.max(cfg.frozen_prefix).min(n_groups)
 }
 
-/// The training phase an epoch belongs to: (first epoch, epoch count, base learning rate).
+/// The training phase an epoch belongs to: (its first epoch, its number of epochs).
 fn phase_of(cfg: &FinetuneConfig, epoch: usize) -> (usize, usize) {
     if epoch < cfg.freeze_epochs {
         (0, cfg.freeze_epochs)
@@ -278,13 +278,7 @@ impl Session {
         model.train_bn = cfg.train_bn;
         model.head.reset_parameters(&mut seeded(cfg.seed))?;
         let report = if cfg.pretrained {
-            let resolved = match &cfg.weights {
-                Some(p) => Resolved {
-                    path: p.clone(),
-                    origin: Origin::Local,
-                },
-                None => hub::resolve(&card)?,
-            };
+            let resolved = hub::resolve_or_local(&card, cfg.weights.as_deref())?;
             let file = weights::read_weights(&resolved.path, &device)?;
             Some(model.load_backbone(&file)?)
         } else {
@@ -735,14 +729,4 @@ pub fn finetune(
         serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
     crate::fsutil::write_atomic(&run_dir.summary_path(), &json)?;
     Ok(outcome)
-}
-
-/// The sample list of a split, for evaluation commands.
-pub fn samples_of(dataset: &Dataset, split: &str) -> Option<Vec<Sample>> {
-    match split {
-        "train" => Some(dataset.train.clone()),
-        "val" => Some(dataset.val.clone()),
-        "test" => dataset.test.clone(),
-        _ => None,
-    }
 }
