@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# graft beside PyTorch on this machine's CPU, in one run: images/s and peak memory of inference forward,
+# full training step and frozen-backbone step, ResNet-18 and EfficientNet-Lite0 at 128 and 224, batch 16.
+#
+#   scripts/bench.sh                 # everything; JSON lines to bench-results.jsonl, then the table
+#   scripts/bench.sh resnet18 224    # filters, as for `cargo bench --bench train_step`
+#
+# The two frameworks run alternately, configuration by configuration, each in a fresh process, so a change of
+# load on a shared machine hits both alike. PyTorch runs only when `python3 -c 'import torch'` works; without
+# it the table shows graft alone. GRAFT_BENCH_BATCH / GRAFT_BENCH_ITERS change batch size and timed batches.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out="${GRAFT_BENCH_OUT:-bench-results.jsonl}"
+: > "$out"
+have_torch=0
+python3 -c 'import torch' 2>/dev/null && have_torch=1
+# Build once, then run the binary itself: editing the sources during a run cannot change what is measured.
+exe=$(cargo bench --bench train_step --no-run --message-format=json -q |
+  python3 -c 'import json, sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("executable") and m.get("target", {}).get("name") == "train_step":
+        print(m["executable"])')
+echo "# $(uptime)" >&2
+filters=("$@")
+for model in resnet18 efficientnet_lite0; do
+  for size in 128 224; do
+    for mode in forward train frozen; do
+      # A configuration runs when every filter names one of its model, size or mode.
+      skip=0
+      for f in "${filters[@]+"${filters[@]}"}"; do
+        [ "$f" = "$model" ] || [ "$f" = "$size" ] || [ "$f" = "$mode" ] || skip=1
+      done
+      [ $skip -eq 1 ] && continue
+      "$exe" --bench "$model" "$size" "$mode" | tee -a "$out"
+      if [ $have_torch -eq 1 ]; then
+        python3 scripts/bench-pytorch.py "$model" "$size" "$mode" 2>/dev/null | tee -a "$out"
+      fi
+    done
+  done
+done
+echo "# $(uptime)" >&2
+python3 - "$out" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+by = {}
+for r in rows:
+    by.setdefault((r["model"], r["size"], r["mode"]), {})[r["framework"]] = r
+print()
+print("| model | size | mode | graft img/s | PyTorch img/s | ratio | graft peak MiB | PyTorch peak MiB |")
+print("|---|---|---|---|---|---|---|---|")
+for (model, size, mode), fw in by.items():
+    g, t = fw.get("graft"), fw.get("pytorch")
+    gi = g["images_per_s"] if g else None
+    ti = t["images_per_s"] if t else None
+    ratio = f"{gi / ti:.2f}" if gi and ti else "-"
+    cell = lambda r, k: str(r[k]) if r and r.get(k) is not None else "-"
+    print(f"| {model} | {size} | {mode} | {cell(g, 'images_per_s')} | {cell(t, 'images_per_s')} | {ratio} "
+          f"| {cell(g, 'peak_rss_mib')} | {cell(t, 'peak_rss_mib')} |")
+PY
