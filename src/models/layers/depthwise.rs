@@ -289,10 +289,18 @@ impl CustomOp2 for DepthwiseConv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        // Only the gradients something upstream needs: not the input's when it is the output of a frozen
+        // group, not the filter's when it is detached.
         let grad = grad.contiguous()?;
-        let gx = grad.apply_op2_no_bwd(weight, &DepthwiseGradInput(self.0))?;
-        let gw = x.apply_op2_no_bwd(&grad, &DepthwiseGradWeight(self.0))?;
-        Ok((Some(gx), Some(gw)))
+        let gx = match x.track_op() {
+            true => Some(grad.apply_op2_no_bwd(weight, &DepthwiseGradInput(self.0))?),
+            false => None,
+        };
+        let gw = match weight.track_op() {
+            true => Some(x.apply_op2_no_bwd(&grad, &DepthwiseGradWeight(self.0))?),
+            false => None,
+        };
+        Ok((gx, gw))
     }
 }
 

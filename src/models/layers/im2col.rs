@@ -124,12 +124,20 @@ impl CustomOp3 for ConvWithIm2ColBackward {
         // Batch folded into the columns, so each product is one large matmul: grad [O, N * L],
         // cols [C * K * K, N * L].
         let grad = grad.transpose(0, 1)?.contiguous()?.reshape((o, n * l))?;
-        let cols = if pointwise {
-            x.transpose(0, 1)?.contiguous()?.reshape((g.c, n * l))?
+        let gw = if weight.track_op() {
+            let cols = if pointwise {
+                x.transpose(0, 1)?.contiguous()?.reshape((g.c, n * l))?
+            } else {
+                x.apply_op1_no_bwd(&Im2ColFolded(g))?
+            };
+            Some(grad.matmul(&cols.t()?)?.reshape(weight.shape())?)
         } else {
-            x.apply_op1_no_bwd(&Im2ColFolded(g))?
+            None
         };
-        let gw = grad.matmul(&cols.t()?)?.reshape(weight.shape())?;
+        if !x.track_op() {
+            // The image, or the output of a frozen group: nothing upstream needs this gradient.
+            return Ok((None, gw, None));
+        }
         let gcols = weight.reshape((o, ckk))?.t()?.matmul(&grad)?;
         let gx = if pointwise {
             gcols
@@ -139,7 +147,7 @@ impl CustomOp3 for ConvWithIm2ColBackward {
         } else {
             gcols.apply_op1_no_bwd(&Col2ImFolded(g))?
         };
-        Ok((Some(gx), Some(gw), None))
+        Ok((Some(gx), gw, None))
     }
 }
 
