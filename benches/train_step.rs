@@ -26,6 +26,10 @@ use graft::optim::{groups, OptimizerConfig};
 use std::process::Command;
 use std::time::Instant;
 
+/// The allocator of the `graft` binary (see src/main.rs), so the numbers are the ones users get.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const MODELS: [&str; 2] = ["resnet18", "efficientnet_lite0"];
 const SIZES: [usize; 2] = [128, 224];
 const MODES: [&str; 3] = ["forward", "train", "frozen"];

@@ -2,6 +2,11 @@
 
 use clap::Parser;
 
+/// Training allocates and frees activation-sized buffers for every op; the system allocator hands large
+/// ones back to the kernel each time, so every step pays its page faults again. mimalloc keeps them.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = graft::cli::Cli::parse();
     match graft::cli::run(cli) {

@@ -19,7 +19,7 @@
 //!
 //! The classifier `_fc` is not part of the backbone: [`EfficientNetLite::classifier`] builds one.
 
-use super::layers::{batch_norm, conv2d, linear, BatchNorm, Conv2d, Conv2dConfig, Linear};
+use super::layers::{self, batch_norm, conv2d, linear, BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -201,7 +201,7 @@ fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
 }
 
 fn relu6(x: &Tensor) -> Result<Tensor> {
-    Ok(x.clamp(0f32, 6f32)?)
+    Ok(layers::relu6(x)?)
 }
 
 /// An inverted-residual block: expand 1x1 (when `expand > 1`) -> ReLU6 -> depthwise kxk -> ReLU6 ->

@@ -13,16 +13,19 @@
 //! - `im2col`: dense convolutions keep candle's forward (its rounding tracks PyTorch's, which gradient
 //!   parity needs) but get an im2col + matmul + col2im backward instead of candle's direct transposed
 //!   convolution; in [`Mode::Frozen`] the forward runs on im2col + matmul as well;
+//! - [`relu`], [`relu6`]: one-pass forward and backward (candle's backward takes three and about ten passes);
 //! - `bn_train`: training-mode BatchNorm with a hand-written backward (candle's autograd reduces over the
 //!   batch and spatial axes one element at a time).
 //!
 //! `examples/bench_forward.rs` measures them against the candle ops they replace.
 
+mod activation;
 mod bn_train;
 mod depthwise;
 mod im2col;
 mod pool;
 
+pub use activation::{relu, relu6};
 pub use depthwise::depthwise_conv2d;
 pub use pool::{max_pool2d, max_pool2d_composed};
 

@@ -6,7 +6,7 @@
 //! classifier `fc` is not a group: it is a separate [`Linear`] that [`ResNet::classifier`] builds, so a new
 //! head of any width can take its place.
 
-use super::layers::{batch_norm, conv2d, conv_bn, global_avg_pool, linear, max_pool2d};
+use super::layers::{batch_norm, conv2d, conv_bn, global_avg_pool, linear, max_pool2d, relu};
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
@@ -167,14 +167,14 @@ impl ResBlock {
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
             h = conv_bn(&h, conv, bn, mode)?;
             if i != last {
-                h = h.relu()?;
+                h = relu(&h)?;
             }
         }
         let shortcut = match &self.downsample {
             Some(d) => d.forward(x, mode)?,
             None => x.clone(),
         };
-        Ok((h + shortcut)?.relu()?)
+        Ok(relu(&(h + shortcut)?)?)
     }
 }
 
@@ -309,7 +309,7 @@ impl Backbone for ResNet {
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match i {
             0 => {
-                let h = conv_bn(x, &self.conv1, &self.bn1, mode)?.relu()?;
+                let h = relu(&conv_bn(x, &self.conv1, &self.bn1, mode)?)?;
                 max_pool2d(&h, 3, 2, 1)
             }
             1..=4 => self.stages[i - 1]

@@ -1,0 +1,206 @@
+//! ReLU and ReLU6 on the CPU with a one-pass backward.
+//!
+//! candle 0.11 differentiates `relu` as `grad * (x >= 0).to_dtype()` (three passes and two temporaries per
+//! activation) and `clamp(0, 6)` as a maximum and a minimum, each with masks, a division and a sum (about
+//! ten passes). Here the forward is one pass and the backward is one pass over the gradient and the saved
+//! output, with PyTorch's rule: the gradient flows where the output lies strictly inside `(0, max)`.
+
+use super::depthwise::contiguous_slice;
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+/// Elements per rayon task: large enough that task overhead vanishes, small enough to split any tensor
+/// worth splitting.
+const CHUNK: usize = 1 << 14;
+
+/// `max(x, 0)`, differentiable (PyTorch's rule: zero gradient where the output is 0). Runs candle's
+/// `relu` on other devices.
+pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.relu();
+    }
+    x.contiguous()?.apply_op1(Clamp(f64::INFINITY))
+}
+
+/// `min(max(x, 0), 6)`, differentiable (PyTorch's `hardtanh` rule: the gradient flows where
+/// `0 < x < 6`). Runs candle's `clamp` on other devices.
+pub fn relu6(x: &Tensor) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return x.clamp(0f32, 6f32);
+    }
+    x.contiguous()?.apply_op1(Clamp(6.))
+}
+
+/// Clamps to `[0, .0]`.
+struct Clamp(f64);
+
+impl Clamp {
+    fn run<T: WithDType>(&self, x: &[T], shape: &Shape) -> (CpuStorage, Shape) {
+        let (zero, max) = (T::from_f64(0.), T::from_f64(self.0));
+        let mut y = vec![zero; x.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(x.par_chunks(CHUNK))
+            .for_each(|(y, x)| {
+                for (y, &v) in y.iter_mut().zip(x) {
+                    *y = if v > zero {
+                        if v < max {
+                            v
+                        } else {
+                            max
+                        }
+                    } else {
+                        zero
+                    };
+                }
+            });
+        (T::to_cpu_storage_owned(y), shape.clone())
+    }
+}
+
+impl CustomOp1 for Clamp {
+    fn name(&self) -> &'static str {
+        "graft-clamp-activation"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let shape = l.shape();
+        match s {
+            CpuStorage::F32(_) => Ok(self.run(contiguous_slice::<f32>(s, l, name)?, shape)),
+            CpuStorage::F64(_) => Ok(self.run(contiguous_slice::<f64>(s, l, name)?, shape)),
+            CpuStorage::F16(_) => Ok(self.run(contiguous_slice::<half::f16>(s, l, name)?, shape)),
+            CpuStorage::BF16(_) => Ok(self.run(contiguous_slice::<half::bf16>(s, l, name)?, shape)),
+            _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
+        }
+    }
+
+    fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        Ok(Some(
+            grad.contiguous()?.apply_op2_no_bwd(y, &ClampGrad(self.0))?,
+        ))
+    }
+}
+
+/// `(grad_output, output) -> grad_input`: `grad` where `0 < output < .0`, else 0.
+struct ClampGrad(f64);
+
+impl ClampGrad {
+    fn run<T: WithDType>(&self, g: &[T], y: &[T], shape: &Shape) -> (CpuStorage, Shape) {
+        let (zero, max) = (T::from_f64(0.), T::from_f64(self.0));
+        let mut gx = vec![zero; g.len()];
+        gx.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+            .for_each(|(gx, (g, y))| {
+                for ((gx, &g), &y) in gx.iter_mut().zip(g).zip(y) {
+                    *gx = if y > zero && y < max { g } else { zero };
+                }
+            });
+        (T::to_cpu_storage_owned(gx), shape.clone())
+    }
+}
+
+impl CustomOp2 for ClampGrad {
+    fn name(&self) -> &'static str {
+        "graft-clamp-activation-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let shape = l1.shape();
+        if l2.shape() != shape {
+            candle_core::bail!("{name}: shapes differ, {:?} and {:?}", shape, l2.shape());
+        }
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(self.run(
+                contiguous_slice::<f32>(s1, l1, name)?,
+                contiguous_slice::<f32>(s2, l2, name)?,
+                shape,
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(self.run(
+                contiguous_slice::<f64>(s1, l1, name)?,
+                contiguous_slice::<f64>(s2, l2, name)?,
+                shape,
+            )),
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => Ok(self.run(
+                contiguous_slice::<half::f16>(s1, l1, name)?,
+                contiguous_slice::<half::f16>(s2, l2, name)?,
+                shape,
+            )),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok(self.run(
+                contiguous_slice::<half::bf16>(s1, l1, name)?,
+                contiguous_slice::<half::bf16>(s2, l2, name)?,
+                shape,
+            )),
+            _ => candle_core::bail!(
+                "{name}: unsupported or mixed dtypes {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Values away from the kinks (0 and 6), where every rule agrees, plus the kinks themselves.
+    fn input() -> Var {
+        let v: Vec<f64> = (0..40).map(|i| (i as f64 - 12.) * 0.75).collect();
+        Var::from_vec(v, (2, 4, 5), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn relu_and_relu6_match_candle_forward_and_pytorch_gradients() {
+        let x = input();
+        let probe = Tensor::randn(0f64, 1., (2, 4, 5), &Device::Cpu).unwrap();
+        for (max, ours) in [
+            (f64::INFINITY, relu(x.as_tensor()).unwrap()),
+            (6., relu6(x.as_tensor()).unwrap()),
+        ] {
+            let theirs = x.as_tensor().clamp(0., max).unwrap();
+            let (a, b): (Vec<f64>, Vec<f64>) = (
+                ours.flatten_all().unwrap().to_vec1().unwrap(),
+                theirs.flatten_all().unwrap().to_vec1().unwrap(),
+            );
+            assert_eq!(a, b, "forward, max {max}");
+            let grads = (ours * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g: Vec<f64> = grads
+                .get(x.as_tensor())
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let xs: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+            let ps: Vec<f64> = probe.flatten_all().unwrap().to_vec1().unwrap();
+            for i in 0..xs.len() {
+                // torch: threshold_backward / hardtanh_backward, zero at the kinks.
+                let expected = if xs[i] > 0. && xs[i] < max { ps[i] } else { 0. };
+                assert_eq!(g[i], expected, "gradient at x = {}, max {max}", xs[i]);
+            }
+        }
+    }
+
+    #[test]
+    fn f32_relu_on_a_strided_input_matches_candle() {
+        let x = Tensor::randn(0f32, 3., (3, 50, 70), &Device::Cpu).unwrap();
+        let xt = x.transpose(1, 2).unwrap();
+        let ours: Vec<f32> = relu(&xt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let theirs: Vec<f32> = xt.relu().unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(ours, theirs);
+    }
+}
