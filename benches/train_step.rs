@@ -38,7 +38,7 @@ const CLASSES: usize = 1000;
 /// A network with a classifier, behind one call: logits in `mode` with `frozen` groups frozen.
 enum Net {
     ResNet(ResNet),
-    EfficientNet(EfficientNetLite),
+    EfficientNet(Box<EfficientNetLite>),
 }
 
 impl Net {
@@ -50,11 +50,11 @@ impl Net {
                 vb,
             )?)
         } else {
-            Net::EfficientNet(EfficientNetLite::with_classifier(
+            Net::EfficientNet(Box::new(EfficientNetLite::with_classifier(
                 EfficientNetLiteConfig::from_arch(model)?,
                 CLASSES,
                 vb,
-            )?)
+            )?))
         })
     }
 
