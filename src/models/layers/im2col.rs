@@ -7,7 +7,9 @@
 
 use super::depthwise::{axpy_scatter, contiguous_slice, span, Geom};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Storage, Tensor, WithDType,
+};
 use rayon::prelude::*;
 
 /// `bias-free conv2d(x, weight)` for `groups == 1`: `x` `[N, C, H, W]`, `weight` `[O, C, K, K]`, symmetric
@@ -68,56 +70,104 @@ pub(super) fn conv2d_im2col_backward(
         padding,
         stride,
     };
-    let (xd, wd) = (x.detach(), weight.detach());
-    let y = match forward {
-        Forward::Candle => xd.conv2d(&wd, padding, stride, 1, 1)?,
-        Forward::Im2col => conv2d_im2col(&xd, &wd, padding, stride)?,
-    };
-    x.contiguous()?
-        .apply_op3(&weight.contiguous()?, &y, ConvWithIm2ColBackward(geom))
+    x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        ConvWithIm2ColBackward { geom, forward },
+    )
 }
 
-/// `(x, weight, y) -> y`: passes the precomputed output through and differentiates it as a convolution.
-struct ConvWithIm2ColBackward(Geom);
+/// `(x, weight) -> conv2d(x, weight)`, computed by `forward`, differentiated as a convolution.
+///
+/// The forward values are computed inside the op (on tensors rebuilt from its inputs) rather than
+/// passed in as a third argument: an argument stays alive with the autograd graph, which would keep every
+/// convolution output twice until the backward pass.
+struct ConvWithIm2ColBackward {
+    geom: Geom,
+    forward: Forward,
+}
 
-impl CustomOp3 for ConvWithIm2ColBackward {
+impl ConvWithIm2ColBackward {
+    fn run<T: WithDType>(
+        &self,
+        x: &[T],
+        xl: &Layout,
+        w: &[T],
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let dev = Device::Cpu;
+        let (xt, wt) = (
+            Tensor::from_slice(x, xl.shape(), &dev)?,
+            Tensor::from_slice(w, wl.shape(), &dev)?,
+        );
+        let (p, s) = (self.geom.padding, self.geom.stride);
+        let y = match self.forward {
+            Forward::Candle => xt.conv2d(&wt, p, s, 1, 1)?,
+            Forward::Im2col => conv2d_im2col(&xt, &wt, p, s)?,
+        }
+        .contiguous()?;
+        let (storage, layout) = y.storage_and_layout();
+        let values = match &*storage {
+            Storage::Cpu(cs) => contiguous_slice::<T>(cs, layout, "graft-conv2d-im2col")?.to_vec(),
+            _ => candle_core::bail!("graft-conv2d-im2col: the forward left the CPU"),
+        };
+        Ok((T::to_cpu_storage_owned(values), y.shape().clone()))
+    }
+}
+
+impl CustomOp2 for ConvWithIm2ColBackward {
     fn name(&self) -> &'static str {
         "graft-conv2d-im2col-backward"
     }
 
     fn cpu_fwd(
         &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        y: &CpuStorage,
-        yl: &Layout,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let name = self.name();
-        let out = match y {
-            CpuStorage::F32(_) => CpuStorage::F32(contiguous_slice::<f32>(y, yl, name)?.to_vec()),
-            CpuStorage::F64(_) => CpuStorage::F64(contiguous_slice::<f64>(y, yl, name)?.to_vec()),
-            CpuStorage::F16(_) => {
-                CpuStorage::F16(contiguous_slice::<half::f16>(y, yl, name)?.to_vec())
-            }
-            CpuStorage::BF16(_) => {
-                CpuStorage::BF16(contiguous_slice::<half::bf16>(y, yl, name)?.to_vec())
-            }
-            _ => candle_core::bail!("{name}: unsupported dtype {:?}", y.dtype()),
-        };
-        Ok((out, yl.shape().clone()))
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run(
+                contiguous_slice::<f32>(s1, l1, name)?,
+                l1,
+                contiguous_slice::<f32>(s2, l2, name)?,
+                l2,
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.run(
+                contiguous_slice::<f64>(s1, l1, name)?,
+                l1,
+                contiguous_slice::<f64>(s2, l2, name)?,
+                l2,
+            ),
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => self.run(
+                contiguous_slice::<half::f16>(s1, l1, name)?,
+                l1,
+                contiguous_slice::<half::f16>(s2, l2, name)?,
+                l2,
+            ),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.run(
+                contiguous_slice::<half::bf16>(s1, l1, name)?,
+                l1,
+                contiguous_slice::<half::bf16>(s2, l2, name)?,
+                l2,
+            ),
+            _ => candle_core::bail!(
+                "{name}: unsupported or mixed dtypes {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        }
     }
 
     fn bwd(
         &self,
         x: &Tensor,
         weight: &Tensor,
-        _y: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let g = self.0;
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = self.geom;
         let (n, o, oh, ow) = grad.dims4()?;
         let (ckk, l) = (g.c * g.kh * g.kw, oh * ow);
         let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
@@ -136,7 +186,7 @@ impl CustomOp3 for ConvWithIm2ColBackward {
         };
         if !x.track_op() {
             // The image, or the output of a frozen group: nothing upstream needs this gradient.
-            return Ok((None, gw, None));
+            return Ok((None, gw));
         }
         let gcols = weight.reshape((o, ckk))?.t()?.matmul(&grad)?;
         let gx = if pointwise {
@@ -147,7 +197,7 @@ impl CustomOp3 for ConvWithIm2ColBackward {
         } else {
             gcols.apply_op1_no_bwd(&Col2ImFolded(g))?
         };
-        Ok((Some(gx), gw, None))
+        Ok((Some(gx), gw))
     }
 }
 
@@ -252,7 +302,7 @@ impl CustomOp1 for Col2Im {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
+    use candle_core::Var;
 
     fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)
