@@ -8,6 +8,12 @@
 # The two frameworks run alternately, configuration by configuration, each in a fresh process, so a change of
 # load on a shared machine hits both alike. PyTorch runs only when `python3 -c 'import torch'` works; without
 # it the table shows graft alone. GRAFT_BENCH_BATCH / GRAFT_BENCH_ITERS change batch size and timed batches.
+#
+# PyTorch runs with OMP_WAIT_POLICY=PASSIVE unless the variable is set: with OpenMP's default spin-waiting, on a
+# machine whose cores are shared with other work, PyTorch's throughput collapses (ResNet-18 forward at 128 under
+# a load average of 4 on 2 cores: 13.8 images/s spinning, 66.0 passive), and the table would compare schedulers
+# instead of kernels. On an idle machine the two policies are within noise.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${GRAFT_BENCH_OUT:-bench-results.jsonl}"
