@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use std::path::PathBuf;
 
-use crate::models::card;
+use crate::models::base;
 use crate::models::head::{Activation, HeadConfig, Init};
 use crate::optim::OptimizerConfig;
 use crate::train::checkpoint::RunDir;
@@ -13,7 +13,8 @@ use crate::train::finetune::{finetune, FinetuneConfig, RunOptions, ScheduleKind}
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
-    /// Base model (models/*.json): resnet18, resnet34, resnet50, efficientnet_lite0.
+    /// Base model (models/*.json): resnet18, resnet34, resnet50, efficientnet_lite0; an encoder from random
+    /// initialisation, dense:784,300,150 or conv:32,64,128; or a pretraining run's encoder, ae:RUN_DIR.
     #[arg(long)]
     pub base: Option<String>,
     /// Local pretrained weights instead of the hub/cache lookup.
@@ -165,14 +166,7 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     let Some(data) = args.data.clone() else {
         bail!("--data DIR is required: a folder with one subfolder of images per class");
     };
-    let card = card::card(&base)?;
-    // Backbone groups: the card's groups without the head.
-    let groups: Vec<String> = card
-        .groups
-        .iter()
-        .filter(|g| g.as_str() != "head")
-        .cloned()
-        .collect();
+    let groups = base::resolve(&base)?.group_names()?;
     let mut frozen_prefix = 0;
     for (i, name) in args.freeze.iter().enumerate() {
         let idx = group_index(&groups, name, "--freeze")?;

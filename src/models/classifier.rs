@@ -99,7 +99,7 @@ impl Classifier {
             };
             h = self.backbone.forward_group(i, &h, m)?;
         }
-        crate::models::layers::global_avg_pool(&h)
+        self.backbone.pool(&h)
     }
 
     /// Logits `[N, classes]`.

@@ -8,11 +8,10 @@
 //! weights and metrics as an uninterrupted run.
 
 use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig, Preprocess};
-use crate::models::card;
+use crate::models::base;
 use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::models::head::HeadConfig;
-use crate::models::hub;
-use crate::models::weights::{self, LoadReport};
+use crate::models::weights::LoadReport;
 use crate::models::Mode;
 use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
 use crate::optim::schedule::ReduceOnPlateau;
@@ -82,7 +81,8 @@ impl ScheduleKind {
 /// Everything that defines a fine-tuning run; saved as the run's config and in every checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneConfig {
-    /// Model card name (`resnet18`, `efficientnet_lite0`, ...).
+    /// Base: a model card name (`resnet18`, ...), an encoder arch (`dense:784,300,150`) or `ae:RUN_DIR`
+    /// (see [`base::resolve`]).
     pub base: String,
     /// Local weights instead of the card's; ignored when `pretrained` is false.
     pub weights: Option<PathBuf>,
@@ -209,7 +209,7 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     }
     cfg.optimizer.validate()?;
     cfg.head.validate()?;
-    card::card(&cfg.base).map(|_| ())
+    base::resolve(&cfg.base).map(|_| ())
 }
 
 /// Everything a run needs at hand, built from its config.
@@ -228,8 +228,8 @@ struct Session {
 }
 
 fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
-    let card = card::card(&cfg.base)?;
-    let mut p = card.preprocess.clone();
+    let base = base::resolve(&cfg.base)?;
+    let mut p = base.preprocess.clone();
     if let Some(s) = cfg.image_size {
         if s < 16 {
             return Err(Error::config(
@@ -243,15 +243,16 @@ fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
         p.crop_pct = c;
     }
     p.validate()?;
+    base.check_preprocess(&p)?;
     Ok(p)
 }
 
 /// The classifier a config describes, for `classes`.
 pub fn classifier_spec(cfg: &FinetuneConfig, classes: Vec<String>) -> Result<ClassifierSpec> {
-    let card = card::card(&cfg.base)?;
+    let base = base::resolve(&cfg.base)?;
     Ok(ClassifierSpec {
-        arch: card.arch.clone(),
-        base: card.name.clone(),
+        arch: base.arch.clone(),
+        base: base.name.clone(),
         head: cfg.head,
         classes,
         preprocess: preprocess_for(cfg)?,
@@ -264,7 +265,7 @@ impl Session {
         reporter: &mut Reporter,
     ) -> Result<(Session, Option<LoadReport>)> {
         let device = crate::device::parse_device(&cfg.device)?;
-        let card = card::card(&cfg.base)?;
+        let base = base::resolve(&cfg.base)?;
         let dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
         if dataset.val.is_empty() && cfg.patience.is_some() {
             return Err(Error::Dataset {
@@ -278,9 +279,9 @@ impl Session {
         model.train_bn = cfg.train_bn;
         model.head.reset_parameters(&mut seeded(cfg.seed))?;
         let report = if cfg.pretrained {
-            let resolved = hub::resolve_or_local(&card, cfg.weights.as_deref())?;
-            let file = weights::read_weights(&resolved.path, &device)?;
-            Some(model.load_backbone(&file)?)
+            base.read_weights(cfg.weights.as_deref(), &device)?
+                .map(|file| model.load_backbone(&file))
+                .transpose()?
         } else {
             None
         };
