@@ -335,7 +335,12 @@ impl Session {
         let val = Loader::new(val_s.clone(), 1, p.clone(), LoaderConfig::eval(cfg.batch_size), &device)?;
         let grid_src = if val_s.is_empty() { &train_s } else { &val_s };
         let grid_loader = Loader::new(
-            grid_src.iter().take(grid::GRID_IMAGES).cloned().collect(),
+            grid_src
+                .iter()
+                .step_by((grid_src.len() / grid::GRID_IMAGES).max(1))
+                .take(grid::GRID_IMAGES)
+                .cloned()
+                .collect(),
             1,
             p,
             LoaderConfig::eval(grid::GRID_IMAGES),
@@ -479,7 +484,7 @@ impl Session {
 
 /// Draws every weight from the initialisation its layer calls for with a generator seeded by `seed`
 /// (candle's own initialisers draw from an unseeded one), so that a run is reproducible.
-fn init_weights(model: &StackedAutoencoder, seed: u64) -> Result<()> {
+pub fn init_weights(model: &StackedAutoencoder, seed: u64) -> Result<()> {
     let act = model.config.activation;
     let data = model.varmap.data().lock().expect("varmap lock");
     let mut keys: Vec<&String> = data.keys().collect();
