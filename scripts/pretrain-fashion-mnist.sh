@@ -16,7 +16,7 @@ set -euo pipefail
 out=${1:-runs/pretrain-fmnist}
 cd "$(dirname "$0")/.."
 EPOCHS_DENSE=${EPOCHS_DENSE:-3}
-EPOCHS_CONV=${EPOCHS_CONV:-1}
+EPOCHS_CONV=${EPOCHS_CONV:-2}
 EPOCHS_RBM=${EPOCHS_RBM:-3}
 CONV_IMAGES=${CONV_IMAGES:-20000}
 FT_EPOCHS=${FT_EPOCHS:-30}

@@ -8,7 +8,9 @@ use candle_core::Device;
 use common::{graft_err, graft_ok, make_folder};
 use graft::models::encoder::EncoderConfig;
 use graft::pretrain::model::StackedAutoencoder;
-use graft::pretrain::{init_weights, pretrain, Method, Noise, PretrainConfig, RunOptions, Sparsity};
+use graft::pretrain::{
+    init_weights, pretrain, Method, Noise, PretrainConfig, RunOptions, Sparsity,
+};
 use graft::train::checkpoint::RunDir;
 use graft::train::finetune::ScheduleKind;
 use graft::train::metrics::MetricsLog;
@@ -65,7 +67,8 @@ fn group(tensors: &BTreeMap<String, Vec<f32>>, stage: usize) -> Vec<(String, Vec
     tensors
         .iter()
         .filter(|(k, _)| {
-            k.starts_with(&format!("stage{stage}.")) || k.starts_with(&format!("decoder.stage{stage}."))
+            k.starts_with(&format!("stage{stage}."))
+                || k.starts_with(&format!("decoder.stage{stage}."))
         })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
@@ -79,7 +82,12 @@ fn greedy_stages_train_one_at_a_time_with_the_stages_below_frozen() {
     let mut cfg = config(&data, "dense:64,16,8");
     cfg.finetune_epochs = 1;
     // The weights every stage starts from: the seeded initialisation.
-    let fresh = StackedAutoencoder::new(EncoderConfig::parse(&cfg.arch).unwrap(), false, &Device::Cpu).unwrap();
+    let fresh = StackedAutoencoder::new(
+        EncoderConfig::parse(&cfg.arch).unwrap(),
+        false,
+        &Device::Cpu,
+    )
+    .unwrap();
     init_weights(&fresh, cfg.seed).unwrap();
     let init: BTreeMap<String, Vec<f32>> = fresh
         .varmap
@@ -87,28 +95,71 @@ fn greedy_stages_train_one_at_a_time_with_the_stages_below_frozen() {
         .lock()
         .unwrap()
         .iter()
-        .map(|(k, v)| (k.clone(), v.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .map(|(k, v)| {
+            (
+                k.clone(),
+                v.as_tensor()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap(),
+            )
+        })
         .collect();
 
     let run = RunDir::create(Some(&tmp.path().join("run"))).unwrap();
     pretrain(&cfg, &run, false, &quiet(Some(1))).unwrap();
     let after1 = checkpoint_model(&run.last_checkpoint());
-    assert_ne!(group(&after1, 1), group(&init, 1), "stage 1 trained in epoch 1");
-    assert_eq!(group(&after1, 2), group(&init, 2), "stage 2 untouched while stage 1 trains");
+    assert_ne!(
+        group(&after1, 1),
+        group(&init, 1),
+        "stage 1 trained in epoch 1"
+    );
+    assert_eq!(
+        group(&after1, 2),
+        group(&init, 2),
+        "stage 2 untouched while stage 1 trains"
+    );
 
     pretrain(&cfg, &run, true, &quiet(Some(1))).unwrap();
     let after2 = checkpoint_model(&run.last_checkpoint());
-    assert_eq!(group(&after2, 1), group(&after1, 1), "stage 1 frozen while stage 2 trains");
-    assert_ne!(group(&after2, 2), group(&after1, 2), "stage 2 trained in epoch 2");
-    assert!(!run.path().join("encoder.safetensors").exists(), "not finished yet");
+    assert_eq!(
+        group(&after2, 1),
+        group(&after1, 1),
+        "stage 1 frozen while stage 2 trains"
+    );
+    assert_ne!(
+        group(&after2, 2),
+        group(&after1, 2),
+        "stage 2 trained in epoch 2"
+    );
+    assert!(
+        !run.path().join("encoder.safetensors").exists(),
+        "not finished yet"
+    );
 
     // Finishing the run writes the encoder (no decoder keys) and a grid per stage.
     pretrain(&cfg, &run, true, &quiet(None)).unwrap();
-    let enc = candle_core::safetensors::load(run.path().join("encoder.safetensors"), &Device::Cpu).unwrap();
+    let enc = candle_core::safetensors::load(run.path().join("encoder.safetensors"), &Device::Cpu)
+        .unwrap();
     let mut keys: Vec<&String> = enc.keys().collect();
     keys.sort();
-    assert_eq!(keys, ["stage1.bias", "stage1.weight", "stage2.bias", "stage2.weight"]);
-    for f in ["recon-stage1.png", "recon-stage2.png", "recon-finetune.png", "curves.png", "encoder.json"] {
+    assert_eq!(
+        keys,
+        [
+            "stage1.bias",
+            "stage1.weight",
+            "stage2.bias",
+            "stage2.weight"
+        ]
+    );
+    for f in [
+        "recon-stage1.png",
+        "recon-stage2.png",
+        "recon-finetune.png",
+        "curves.png",
+        "encoder.json",
+    ] {
         assert!(run.path().join(f).is_file(), "{f}");
     }
 }
@@ -176,11 +227,18 @@ fn reconstruction_loss_falls_on_a_small_synthetic_set() {
             cfg.lr = 0.1;
             cfg.optimizer = graft::optim::OptimizerConfig::from_kind("momentum").unwrap();
         }
-        let run = RunDir::create(Some(&tmp.path().join(format!("{}-{tied}", arch.replace([':', ','], "_"))))).unwrap();
+        let run = RunDir::create(Some(
+            &tmp.path()
+                .join(format!("{}-{tied}", arch.replace([':', ','], "_"))),
+        ))
+        .unwrap();
         pretrain(&cfg, &run, false, &quiet(None)).unwrap();
         let m = MetricsLog::read(run.metrics_path()).unwrap();
         let (first, last) = (m[0].val_loss, m.last().unwrap().val_loss);
-        assert!(last < 0.8 * first, "{arch} {method:?}: val loss {first} -> {last}");
+        assert!(
+            last < 0.8 * first,
+            "{arch} {method:?}: val loss {first} -> {last}"
+        );
     }
 }
 
@@ -211,21 +269,55 @@ fn the_exported_encoder_starts_a_classifier_in_finetune() {
     let run = tmp.path().join("ae");
     let r = run.to_str().unwrap();
     graft_ok(&[
-        "pretrain", "--arch", "dense:64,16,8", "--data", d, "--image-size", "8", "--batch-size", "8",
-        "--stage-epochs", "1", "--finetune-epochs", "1", "--tied", "--noise", "dropout:0.2", "--quiet",
-        "--run-dir", r,
+        "pretrain",
+        "--arch",
+        "dense:64,16,8",
+        "--data",
+        d,
+        "--image-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--stage-epochs",
+        "1",
+        "--finetune-epochs",
+        "1",
+        "--tied",
+        "--noise",
+        "dropout:0.2",
+        "--quiet",
+        "--run-dir",
+        r,
     ]);
     // Head only (the encoder stays frozen), so the classifier's encoder must be the pretrained one exactly.
     let ft = tmp.path().join("ft");
     let base = format!("ae:{r}");
     graft_ok(&[
-        "finetune", "--base", &base, "--data", d, "--batch-size", "4", "--freeze-epochs", "1", "--epochs",
-        "0", "--quiet", "--run-dir", ft.to_str().unwrap(),
+        "finetune",
+        "--base",
+        &base,
+        "--data",
+        d,
+        "--batch-size",
+        "4",
+        "--freeze-epochs",
+        "1",
+        "--epochs",
+        "0",
+        "--quiet",
+        "--run-dir",
+        ft.to_str().unwrap(),
     ]);
     let model = tmp.path().join("model.safetensors");
-    graft_ok(&["export", ft.to_str().unwrap(), "--out", model.to_str().unwrap()]);
+    graft_ok(&[
+        "export",
+        ft.to_str().unwrap(),
+        "--out",
+        model.to_str().unwrap(),
+    ]);
     let exported = candle_core::safetensors::load(&model, &Device::Cpu).unwrap();
-    let encoder = candle_core::safetensors::load(run.join("encoder.safetensors"), &Device::Cpu).unwrap();
+    let encoder =
+        candle_core::safetensors::load(run.join("encoder.safetensors"), &Device::Cpu).unwrap();
     for (k, v) in &encoder {
         let diff = (exported[k].clone() - v)
             .unwrap()
@@ -238,12 +330,26 @@ fn the_exported_encoder_starts_a_classifier_in_finetune() {
         assert_eq!(diff, 0.0, "{k}");
     }
     let out = graft_ok(&["eval", "--model", model.to_str().unwrap(), "--data", d]);
-    assert!(out.contains('%') || out.to_lowercase().contains("accuracy"), "{out}");
+    assert!(
+        out.contains('%') || out.to_lowercase().contains("accuracy"),
+        "{out}"
+    );
 
     // The same architecture from random initialisation is one flag away.
     graft_ok(&[
-        "finetune", "--base", "dense:64,16,8", "--data", d, "--batch-size", "4",
-        "--freeze-epochs", "0", "--epochs", "1", "--quiet", "--run-dir",
+        "finetune",
+        "--base",
+        "dense:64,16,8",
+        "--data",
+        d,
+        "--batch-size",
+        "4",
+        "--freeze-epochs",
+        "0",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--run-dir",
         tmp.path().join("rand").to_str().unwrap(),
     ]);
 }
@@ -259,24 +365,64 @@ fn bad_arch_strings_and_mismatched_image_sizes_are_refused_clearly() {
     let err = graft_err(&["pretrain", "--arch", "mlp:3,4", "--data", d], &[]);
     assert!(err.contains("mlp:3,4"), "{err}");
     let err = graft_err(
-        &["pretrain", "--arch", "dense:784,100", "--data", d, "--image-size", "32"],
+        &[
+            "pretrain",
+            "--arch",
+            "dense:784,100",
+            "--data",
+            d,
+            "--image-size",
+            "32",
+        ],
         &[],
     );
-    assert!(err.contains("dense:784,100") && err.contains("32x32"), "{err}");
+    assert!(
+        err.contains("dense:784,100") && err.contains("32x32"),
+        "{err}"
+    );
     let err = graft_err(
-        &["finetune", "--base", "dense:784,100", "--data", d, "--image-size", "32", "--run-dir",
-          tmp.path().join("r1").to_str().unwrap()],
+        &[
+            "finetune",
+            "--base",
+            "dense:784,100",
+            "--data",
+            d,
+            "--image-size",
+            "32",
+            "--run-dir",
+            tmp.path().join("r1").to_str().unwrap(),
+        ],
         &[],
     );
-    assert!(err.contains("dense:784,100") && err.contains("1024"), "{err}");
+    assert!(
+        err.contains("dense:784,100") && err.contains("1024"),
+        "{err}"
+    );
     let err = graft_err(
-        &["pretrain", "--arch", "dense:64,16:selu", "--method", "rbm", "--data", d, "--image-size", "8"],
+        &[
+            "pretrain",
+            "--arch",
+            "dense:64,16:selu",
+            "--method",
+            "rbm",
+            "--data",
+            d,
+            "--image-size",
+            "8",
+        ],
         &[],
     );
     assert!(err.contains("sigmoid"), "{err}");
     let err = graft_err(
-        &["finetune", "--base", "ae:/nonexistent/run", "--data", d, "--run-dir",
-          tmp.path().join("r2").to_str().unwrap()],
+        &[
+            "finetune",
+            "--base",
+            "ae:/nonexistent/run",
+            "--data",
+            d,
+            "--run-dir",
+            tmp.path().join("r2").to_str().unwrap(),
+        ],
         &[],
     );
     assert!(err.contains("encoder.json"), "{err}");

@@ -156,8 +156,8 @@ pub fn config_from_args(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
         v["weight_decay"] = wd.into();
         optimizer = serde_json::from_value(v)?;
     }
-    let schedule: ScheduleKind = serde_json::from_value(serde_json::json!(args.schedule))
-        .map_err(|_| {
+    let schedule: ScheduleKind =
+        serde_json::from_value(serde_json::json!(args.schedule)).map_err(|_| {
             anyhow::anyhow!(
                 "--schedule: `{}` is not constant|step|exponential|cosine|onecycle|plateau",
                 args.schedule

@@ -178,7 +178,10 @@ pub fn list_images(root: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
     if out.is_empty() {
         return Err(dataset_error(
             root,
-            format!("no images found (extensions: {})", IMAGE_EXTENSIONS.join(", ")),
+            format!(
+                "no images found (extensions: {})",
+                IMAGE_EXTENSIONS.join(", ")
+            ),
         ));
     }
     Ok(out)

@@ -129,9 +129,15 @@ impl Base {
 
     /// The starting weights: the card's (or `local` instead), the pretraining run's encoder, or `None` for
     /// an architecture without weights (random initialisation).
-    pub fn read_weights(&self, local: Option<&Path>, device: &Device) -> Result<Option<WeightFile>> {
+    pub fn read_weights(
+        &self,
+        local: Option<&Path>,
+        device: &Device,
+    ) -> Result<Option<WeightFile>> {
         let path = match (&self.weights, local) {
-            (BaseWeights::Card(card), local) => crate::models::hub::resolve_or_local(card, local)?.path,
+            (BaseWeights::Card(card), local) => {
+                crate::models::hub::resolve_or_local(card, local)?.path
+            }
             (_, Some(local)) => local.to_path_buf(),
             (BaseWeights::File(p), None) => p.clone(),
             (BaseWeights::None, None) => return Ok(None),
@@ -155,7 +161,10 @@ mod tests {
         assert_eq!(c.preprocess.channels, 3);
         let bad = crate::data::Preprocess::unit(32, 1);
         let msg = b.check_preprocess(&bad).unwrap_err().to_string();
-        assert!(msg.contains("dense:784,300,150") && msg.contains("32x32"), "{msg}");
+        assert!(
+            msg.contains("dense:784,300,150") && msg.contains("32x32"),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -163,7 +172,10 @@ mod tests {
         let b = resolve("resnet18").unwrap();
         assert_eq!(b.arch, "resnet18");
         assert!(b.group_names().unwrap().contains(&"layer4".to_string()));
-        assert!(resolve("resnet19").unwrap_err().to_string().contains("resnet18"));
+        assert!(resolve("resnet19")
+            .unwrap_err()
+            .to_string()
+            .contains("resnet18"));
     }
 
     #[test]

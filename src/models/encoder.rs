@@ -197,12 +197,7 @@ impl EncoderConfig {
 
     /// The canonical arch string, activation spelled out: `parse(cfg.arch()) == cfg`.
     pub fn arch(&self) -> String {
-        let join = |v: &[usize]| {
-            v.iter()
-                .map(usize::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let join = |v: &[usize]| v.iter().map(usize::to_string).collect::<Vec<_>>().join(",");
         match &self.kind {
             EncoderKind::Dense { dims } => {
                 format!("dense:{}:{}", join(dims), self.activation.name())
@@ -284,9 +279,12 @@ impl EncoderConfig {
             let s = (n as f64).sqrt().round() as usize;
             (s * s == n).then_some(s)
         };
-        side(dims[0])
-            .map(|s| (1, s))
-            .or_else(|| (dims[0] % 3 == 0).then(|| side(dims[0] / 3)).flatten().map(|s| (3, s)))
+        side(dims[0]).map(|s| (1, s)).or_else(|| {
+            (dims[0] % 3 == 0)
+                .then(|| side(dims[0] / 3))
+                .flatten()
+                .map(|s| (3, s))
+        })
     }
 
     /// Builds the encoder from a scoped builder.
@@ -364,7 +362,9 @@ impl Backbone for DenseEncoder {
         &self.arch
     }
     fn group_names(&self) -> Vec<String> {
-        (1..=self.stages.len()).map(|i| format!("stage{i}")).collect()
+        (1..=self.stages.len())
+            .map(|i| format!("stage{i}"))
+            .collect()
     }
     fn group_of(&self, key: &str) -> Option<usize> {
         stage_of(key, self.stages.len())
@@ -393,9 +393,7 @@ impl Backbone for DenseEncoder {
         } else {
             x.clone()
         };
-        self.cfg
-            .activation
-            .apply(&self.stages[i].linear(&x, mode)?)
+        self.cfg.activation.apply(&self.stages[i].linear(&x, mode)?)
     }
     fn pool(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())
@@ -452,7 +450,9 @@ impl Backbone for ConvEncoder {
         &self.arch
     }
     fn group_names(&self) -> Vec<String> {
-        (1..=self.stages.len()).map(|i| format!("stage{i}")).collect()
+        (1..=self.stages.len())
+            .map(|i| format!("stage{i}"))
+            .collect()
     }
     fn group_of(&self, key: &str) -> Option<usize> {
         stage_of(key, self.stages.len())
@@ -469,16 +469,11 @@ impl Backbone for ConvEncoder {
             if x.rank() != 4 || x.dim(1)? != c {
                 return Err(Error::config(
                     format!("architecture `{}`", self.arch),
-                    format!(
-                        "expects images of shape [N, {c}, H, W], got {:?}",
-                        x.dims()
-                    ),
+                    format!("expects images of shape [N, {c}, H, W], got {:?}", x.dims()),
                 ));
             }
         }
-        self.cfg
-            .activation
-            .apply(&self.stages[i].forward(x, mode)?)
+        self.cfg.activation.apply(&self.stages[i].forward(x, mode)?)
     }
 }
 
@@ -500,7 +495,9 @@ mod tests {
         assert_eq!(EncoderConfig::parse(&c.arch()).unwrap(), c);
         assert_eq!(d.implied_input(), Some((1, 28)));
         assert_eq!(
-            EncoderConfig::parse("dense:768,10").unwrap().implied_input(),
+            EncoderConfig::parse("dense:768,10")
+                .unwrap()
+                .implied_input(),
             Some((3, 16))
         );
     }
@@ -527,7 +524,10 @@ mod tests {
         let d = EncoderConfig::parse("dense:784,300").unwrap();
         assert!(d.check_input(1, 28).is_ok());
         let msg = d.check_input(1, 32).unwrap_err().to_string();
-        assert!(msg.contains("dense:784,300") && msg.contains("1024"), "{msg}");
+        assert!(
+            msg.contains("dense:784,300") && msg.contains("1024"),
+            "{msg}"
+        );
         let c = EncoderConfig::parse("conv:8,16").unwrap();
         let msg = c.check_input(3, 28).unwrap_err().to_string();
         assert!(msg.contains(":rgb"), "{msg}");

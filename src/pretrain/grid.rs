@@ -18,7 +18,11 @@ pub fn write_grid(originals: &Tensor, recons: &Tensor, path: &Path) -> Result<()
     if recons.dims() != originals.dims() {
         return Err(Error::config(
             "reconstruction grid",
-            format!("shapes differ: {:?} vs {:?}", originals.dims(), recons.dims()),
+            format!(
+                "shapes differ: {:?} vs {:?}",
+                originals.dims(),
+                recons.dims()
+            ),
         ));
     }
     let (cw, ch) = (w as u32 * SCALE, h as u32 * SCALE);
@@ -45,7 +49,11 @@ pub fn write_grid(originals: &Tensor, recons: &Tensor, path: &Path) -> Result<()
                     };
                     for dy in 0..SCALE {
                         for dx in 0..SCALE {
-                            img.put_pixel(x0 + x as u32 * SCALE + dx, y0 + y as u32 * SCALE + dy, rgb);
+                            img.put_pixel(
+                                x0 + x as u32 * SCALE + dx,
+                                y0 + y as u32 * SCALE + dy,
+                                rgb,
+                            );
                         }
                     }
                 }
@@ -53,10 +61,13 @@ pub fn write_grid(originals: &Tensor, recons: &Tensor, path: &Path) -> Result<()
         }
     }
     let mut bytes = Vec::new();
-    img.write_to(&mut std::io::Cursor::new(&mut bytes), image::ImageFormat::Png)
-        .map_err(|e| Error::Image {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
+    img.write_to(
+        &mut std::io::Cursor::new(&mut bytes),
+        image::ImageFormat::Png,
+    )
+    .map_err(|e| Error::Image {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     crate::fsutil::write_atomic(path, &bytes)
 }

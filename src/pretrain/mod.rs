@@ -131,28 +131,46 @@ impl PretrainConfig {
     pub fn validate(&self) -> Result<EncoderConfig> {
         let enc = EncoderConfig::parse(&self.arch)?;
         if !(1..=3).contains(&self.channels) || self.channels == 2 {
-            return Err(Error::config("--channels", format!("{} is not 1 or 3", self.channels)));
+            return Err(Error::config(
+                "--channels",
+                format!("{} is not 1 or 3", self.channels),
+            ));
         }
         enc.check_input(self.channels, self.image_size)?;
         if self.stage_epochs + self.finetune_epochs == 0 {
-            return Err(Error::config("--stage-epochs/--finetune-epochs", "nothing to train: both are 0"));
+            return Err(Error::config(
+                "--stage-epochs/--finetune-epochs",
+                "nothing to train: both are 0",
+            ));
         }
         if self.batch_size == 0 {
             return Err(Error::config("--batch-size", "must be at least 1"));
         }
         if !(self.lr > 0.0 && self.lr.is_finite()) {
-            return Err(Error::config("--lr", format!("must be positive, got {}", self.lr)));
+            return Err(Error::config(
+                "--lr",
+                format!("must be positive, got {}", self.lr),
+            ));
         }
         if !(0.0..1.0).contains(&self.val_split) {
-            return Err(Error::config("--val-split", format!("{} is not in [0, 1)", self.val_split)));
+            return Err(Error::config(
+                "--val-split",
+                format!("{} is not in [0, 1)", self.val_split),
+            ));
         }
         self.optimizer.validate()?;
         match self.noise {
             Some(Noise::Gaussian { std }) if !(std >= 0.0 && std.is_finite()) => {
-                return Err(Error::config("--noise", format!("gaussian std {std} must be >= 0")))
+                return Err(Error::config(
+                    "--noise",
+                    format!("gaussian std {std} must be >= 0"),
+                ))
             }
             Some(Noise::Dropout { rate }) if !(0.0..1.0).contains(&rate) => {
-                return Err(Error::config("--noise", format!("dropout rate {rate} is not in [0, 1)")))
+                return Err(Error::config(
+                    "--noise",
+                    format!("dropout rate {rate} is not in [0, 1)"),
+                ))
             }
             _ => {}
         }
@@ -240,7 +258,9 @@ fn corrupt(x: &Tensor, noise: Noise, rng: &mut ChaCha8Rng) -> Result<Tensor> {
             Ok((x + (z * std)?)?)
         }
         Noise::Dropout { rate } => {
-            let keep = uniform(&dims, rng, x.device())?.ge(rate as f32)?.to_dtype(x.dtype())?;
+            let keep = uniform(&dims, rng, x.device())?
+                .ge(rate as f32)?
+                .to_dtype(x.dtype())?;
             Ok((x * keep)?.affine(1.0 / (1.0 - rate), 0.0)?)
         }
     }
@@ -260,7 +280,9 @@ fn sparsity_penalty(code: &Tensor, s: Sparsity) -> Result<Tensor> {
             let q = flat.mean(0)?.clamp(1e-6, 1.0 - 1e-6)?;
             let p = target;
             let kl = ((q.log()?.affine(-p, p * p.ln()))?
-                + ((1.0 - &q)?.log()?.affine(-(1.0 - p), (1.0 - p) * (1.0 - p).ln()))?)?;
+                + ((1.0 - &q)?
+                    .log()?
+                    .affine(-(1.0 - p), (1.0 - p) * (1.0 - p).ln()))?)?;
             Ok((kl.sum_all()? * weight)?)
         }
     }
@@ -332,7 +354,13 @@ impl Session {
             },
             &device,
         )?;
-        let val = Loader::new(val_s.clone(), 1, p.clone(), LoaderConfig::eval(cfg.batch_size), &device)?;
+        let val = Loader::new(
+            val_s.clone(),
+            1,
+            p.clone(),
+            LoaderConfig::eval(cfg.batch_size),
+            &device,
+        )?;
         let grid_src = if val_s.is_empty() { &train_s } else { &val_s };
         let grid_loader = Loader::new(
             grid_src
@@ -442,7 +470,9 @@ impl Session {
         let mut v = v0.clone();
         for _ in 0..self.cfg.cd_k {
             let ph = m.rbm_hidden(stage, &v, Mode::Frozen)?;
-            let h = uniform(ph.dims(), rng, &self.device)?.lt(&ph)?.to_dtype(DType::F32)?;
+            let h = uniform(ph.dims(), rng, &self.device)?
+                .lt(&ph)?
+                .to_dtype(DType::F32)?;
             v = m.rbm_visible(stage, &h, Mode::Frozen)?;
         }
         let v = v.detach();
@@ -454,7 +484,10 @@ impl Session {
     fn recon_loss(&self, phase: usize, x: &Tensor) -> Result<f64> {
         let m = &self.model;
         if phase >= self.stages() {
-            return scalar(&mse(&m.reconstruct(x, self.stages() - 1, Mode::Frozen)?, x)?);
+            return scalar(&mse(
+                &m.reconstruct(x, self.stages() - 1, Mode::Frozen)?,
+                x,
+            )?);
         }
         let target = m.codes_below(phase, x)?;
         let code = m.encode_stage(phase, &target, Mode::Frozen)?;
@@ -470,13 +503,19 @@ impl Session {
             let n = batch.images.dim(0)?;
             stats.add_batch(self.recon_loss(phase, &batch.images)?, 0, n);
         }
-        Ok(if stats.samples() == 0 { f64::NAN } else { stats.loss() })
+        Ok(if stats.samples() == 0 {
+            f64::NAN
+        } else {
+            stats.loss()
+        })
     }
 
     /// Writes the reconstruction grid of the first `top + 1` stages.
     fn write_grid(&self, run_dir: &RunDir, phase: usize) -> Result<()> {
         let top = phase.min(self.stages() - 1);
-        let recon = self.model.reconstruct(&self.grid_images, top, Mode::Frozen)?;
+        let recon = self
+            .model
+            .reconstruct(&self.grid_images, top, Mode::Frozen)?;
         let name = format!("recon-{}.png", self.phase_name(phase));
         grid::write_grid(&self.grid_images, &recon, &run_dir.path().join(name))
     }
@@ -508,14 +547,20 @@ pub fn init_weights(model: &StackedAutoencoder, seed: u64) -> Result<()> {
         } else {
             (dims[1] * k2, dims[0] * k2)
         };
-        let a = if decoder { EncoderActivation::Sigmoid } else { act };
+        let a = if decoder {
+            EncoderActivation::Sigmoid
+        } else {
+            act
+        };
         let n: usize = dims.iter().product();
         let v: Vec<f32> = match a.init(fan_in, fan_out) {
             candle_nn::Init::Randn { mean, stdev } => (0..n)
                 .map(|_| {
                     let (u1, u2): (f64, f64) = (rng.random(), rng.random());
-                    (mean + stdev * (-2.0 * (1.0 - u1).ln()).sqrt() * (std::f64::consts::TAU * u2).cos())
-                        as f32
+                    (mean
+                        + stdev
+                            * (-2.0 * (1.0 - u1).ln()).sqrt()
+                            * (std::f64::consts::TAU * u2).cos()) as f32
                 })
                 .collect(),
             candle_nn::Init::Uniform { lo, up } => {
@@ -528,7 +573,12 @@ pub fn init_weights(model: &StackedAutoencoder, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn save_checkpoint(path: &std::path::Path, model: &StackedAutoencoder, opt: &Optimizer, state: &TrainState) -> Result<()> {
+fn save_checkpoint(
+    path: &std::path::Path,
+    model: &StackedAutoencoder,
+    opt: &Optimizer,
+    state: &TrainState,
+) -> Result<()> {
     let mut ck = Checkpoint::new(state)?;
     ck.insert_varmap("model", &model.varmap)?;
     ck.insert_prefixed("optim", opt.state().tensors);
@@ -542,7 +592,11 @@ fn optim_state_from(ck: &Checkpoint, meta: &serde_json::Value) -> Result<OptimSt
 }
 
 /// Writes the encoder (`encoder.safetensors`, backbone keys only) and `encoder.json`.
-pub fn write_encoder(run_dir: &RunDir, cfg: &PretrainConfig, model: &StackedAutoencoder) -> Result<PathBuf> {
+pub fn write_encoder(
+    run_dir: &RunDir,
+    cfg: &PretrainConfig,
+    model: &StackedAutoencoder,
+) -> Result<PathBuf> {
     let path = run_dir.path().join(ENCODER_WEIGHTS);
     let info = EncoderInfo {
         arch: model.config.arch(),
@@ -552,7 +606,8 @@ pub fn write_encoder(run_dir: &RunDir, cfg: &PretrainConfig, model: &StackedAuto
             .and_then(|v| v.as_str().map(str::to_string))
             .unwrap_or_default(),
     };
-    let json = serde_json::to_string(&info).map_err(|e| Error::config("encoder info", e.to_string()))?;
+    let json =
+        serde_json::to_string(&info).map_err(|e| Error::config("encoder info", e.to_string()))?;
     let meta = [("graft_encoder".to_string(), json.clone())].into();
     crate::models::weights::save_safetensors_atomic(&path, &model.encoder_tensors(), Some(meta))?;
     crate::fsutil::write_atomic(&run_dir.path().join(ENCODER_INFO), json.as_bytes())?;
@@ -560,7 +615,12 @@ pub fn write_encoder(run_dir: &RunDir, cfg: &PretrainConfig, model: &StackedAuto
 }
 
 /// Runs (or, with `resume`, continues) a pretraining run in `run_dir`.
-pub fn pretrain(cfg: &PretrainConfig, run_dir: &RunDir, resume: bool, opts: &RunOptions) -> Result<Outcome> {
+pub fn pretrain(
+    cfg: &PretrainConfig,
+    run_dir: &RunDir,
+    resume: bool,
+    opts: &RunOptions,
+) -> Result<Outcome> {
     let enc = cfg.validate()?;
     let stages = enc.stages();
     let phases = cfg.phases(stages);
@@ -629,7 +689,9 @@ pub fn pretrain(cfg: &PretrainConfig, run_dir: &RunDir, resume: bool, opts: &Run
             continue;
         }
         if opts.stop_after.is_some_and(|n| epochs_this_run >= n) {
-            reporter.line(&format!("stopping after {epochs_this_run} epochs as asked (--stop-after)"));
+            reporter.line(&format!(
+                "stopping after {epochs_this_run} epochs as asked (--stop-after)"
+            ));
             return Ok(Outcome {
                 run_dir: run_dir.path().to_path_buf(),
                 epochs_run: epoch_global,
@@ -644,7 +706,10 @@ pub fn pretrain(cfg: &PretrainConfig, run_dir: &RunDir, resume: bool, opts: &Run
                 reporter.line(&format!(
                     "{name}: training {}",
                     if phase < stages {
-                        format!("encoder and decoder stage {} (stages below frozen)", phase + 1)
+                        format!(
+                            "encoder and decoder stage {} (stages below frozen)",
+                            phase + 1
+                        )
                     } else {
                         "the whole stack end to end".into()
                     }
@@ -660,7 +725,8 @@ pub fn pretrain(cfg: &PretrainConfig, run_dir: &RunDir, resume: bool, opts: &Run
         let mut lr = 0.0;
         for (i, batch) in s.train.epoch(epoch_global as u64).enumerate() {
             let batch = batch?;
-            let seed = mix(mix(mix(cfg.seed) ^ phase as u64) ^ mix(pos.phase_epoch as u64) ^ i as u64);
+            let seed =
+                mix(mix(mix(cfg.seed) ^ phase as u64) ^ mix(pos.phase_epoch as u64) ^ i as u64);
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let loss = s.train_loss(phase, &batch.images, &mut rng)?;
             let mut grads = loss.backward()?;
@@ -716,7 +782,8 @@ pub fn pretrain(cfg: &PretrainConfig, run_dir: &RunDir, resume: bool, opts: &Run
             data: serde_json::to_value(pos).expect("position serialises"),
             optimizer: serde_json::json!(opt_ref.state().metadata()),
             schedule: serde_json::json!({ "phase": name }),
-            config: serde_json::to_value(cfg).map_err(|e| Error::config("config", e.to_string()))?,
+            config: serde_json::to_value(cfg)
+                .map_err(|e| Error::config("config", e.to_string()))?,
             classes: Vec::new(),
         };
         save_checkpoint(&run_dir.last_checkpoint(), &s.model, opt_ref, &state)?;
@@ -729,7 +796,11 @@ pub fn pretrain(cfg: &PretrainConfig, run_dir: &RunDir, resume: bool, opts: &Run
         epochs_this_run += 1;
     }
 
-    crate::train::plots::plot_loss_curves(&history, "reconstruction loss per epoch (all phases)", run_dir.curves_png())?;
+    crate::train::plots::plot_loss_curves(
+        &history,
+        "reconstruction loss per epoch (all phases)",
+        run_dir.curves_png(),
+    )?;
     let encoder = write_encoder(run_dir, cfg, &s.model)?;
     let val_loss = s.evaluate(stages)?;
     let x = &s.grid_images;
@@ -746,7 +817,8 @@ pub fn pretrain(cfg: &PretrainConfig, run_dir: &RunDir, resume: bool, opts: &Run
         val_loss,
         encoder,
     };
-    let json = serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
+    let json =
+        serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
     crate::fsutil::write_atomic(&run_dir.path().join("summary.json"), &json)?;
     Ok(outcome)
 }

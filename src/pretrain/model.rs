@@ -50,8 +50,12 @@ impl StackedAutoencoder {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
         let encoder = match config.kind {
-            EncoderKind::Dense { .. } => Encoder::Dense(DenseEncoder::new(config.clone(), vb.clone())?),
-            EncoderKind::Conv { .. } => Encoder::Conv(ConvEncoder::new(config.clone(), vb.clone())?),
+            EncoderKind::Dense { .. } => {
+                Encoder::Dense(DenseEncoder::new(config.clone(), vb.clone())?)
+            }
+            EncoderKind::Conv { .. } => {
+                Encoder::Conv(ConvEncoder::new(config.clone(), vb.clone())?)
+            }
         };
         let w = config.widths();
         let dvb = vb.pp(DECODER_PREFIX);
@@ -139,7 +143,13 @@ impl StackedAutoencoder {
     }
 
     /// Decoder stage `i`: codes of stage `i` back to the shape `target` of its input.
-    pub fn decode_stage(&self, i: usize, h: &Tensor, target: &[usize], mode: Mode) -> Result<Tensor> {
+    pub fn decode_stage(
+        &self,
+        i: usize,
+        h: &Tensor,
+        target: &[usize],
+        mode: Mode,
+    ) -> Result<Tensor> {
         let w = mode.weight(self.decoder_weight(i));
         let b = mode.weight(&self.decoder[i].bias);
         let y = match &self.encoder {
@@ -157,12 +167,14 @@ impl StackedAutoencoder {
                 let (_, _, hh, hw) = h.dims4()?;
                 let pad = |t: usize, s: usize| -> Result<usize> {
                     let base = (s - 1) * CONV_STRIDE + CONV_KERNEL - 2 * CONV_PADDING;
-                    t.checked_sub(base).filter(|&p| p < CONV_STRIDE).ok_or_else(|| {
-                        Error::config(
-                            "conv decoder",
-                            format!("cannot grow a {s}-pixel map back to {t} pixels"),
-                        )
-                    })
+                    t.checked_sub(base)
+                        .filter(|&p| p < CONV_STRIDE)
+                        .ok_or_else(|| {
+                            Error::config(
+                                "conv decoder",
+                                format!("cannot grow a {s}-pixel map back to {t} pixels"),
+                            )
+                        })
                 };
                 let (ph, pw) = (pad(th, hh)?, pad(tw, hw)?);
                 if ph != pw {
@@ -245,7 +257,9 @@ impl StackedAutoencoder {
             return Err(Error::config("--method rbm", "RBMs are dense stages"));
         };
         let pre = e.stages[i].linear(v, Mode::Train)?;
-        let vb = v.broadcast_mul(&self.decoder[i].bias.unsqueeze(0)?)?.sum(D::Minus1)?;
+        let vb = v
+            .broadcast_mul(&self.decoder[i].bias.unsqueeze(0)?)?
+            .sum(D::Minus1)?;
         let hidden = softplus(&pre)?.sum(D::Minus1)?;
         Ok((vb + hidden)?.neg()?.mean_all()?)
     }
@@ -269,7 +283,10 @@ mod tests {
         for arch in ["dense:16,8,4", "conv:4,6"] {
             let m = model(arch, true);
             let keys: Vec<String> = m.varmap.data().lock().unwrap().keys().cloned().collect();
-            assert!(!keys.iter().any(|k| k.ends_with("decoder.stage1.weight")), "{keys:?}");
+            assert!(
+                !keys.iter().any(|k| k.ends_with("decoder.stage1.weight")),
+                "{keys:?}"
+            );
             assert!(keys.contains(&"decoder.stage1.bias".to_string()));
             // One tensor, not a copy: same id and same storage.
             assert_eq!(m.decoder_weight(0).id(), m.encoder_weight(0).id());
@@ -278,7 +295,10 @@ mod tests {
             let h = if m.config.is_dense() {
                 h
             } else {
-                h.reshape((2, 4, 1, 1)).unwrap().repeat((1, 1, 2, 2)).unwrap()
+                h.reshape((2, 4, 1, 1))
+                    .unwrap()
+                    .repeat((1, 1, 2, 2))
+                    .unwrap()
             };
             let target: Vec<usize> = if m.config.is_dense() {
                 vec![2, 16]
@@ -314,8 +334,9 @@ mod tests {
         // candle's conv-transpose backward, checked numerically in f64 on a tiny case with output padding.
         let dev = Device::Cpu;
         let x = Tensor::rand(-1f64, 1f64, (1, 2, 3, 3), &dev).unwrap();
-        let w = candle_core::Var::from_tensor(&Tensor::rand(-1f64, 1f64, (2, 3, 3, 3), &dev).unwrap())
-            .unwrap();
+        let w =
+            candle_core::Var::from_tensor(&Tensor::rand(-1f64, 1f64, (2, 3, 3, 3), &dev).unwrap())
+                .unwrap();
         let f = |w: &Tensor| -> Tensor {
             x.conv_transpose2d(w, 1, 1, 2, 1)
                 .unwrap()
@@ -325,10 +346,26 @@ mod tests {
                 .unwrap()
         };
         let y = f(w.as_tensor());
-        assert_eq!(x.conv_transpose2d(w.as_tensor(), 1, 1, 2, 1).unwrap().dims(), &[1, 3, 6, 6]);
-        let g = y.backward().unwrap().get(w.as_tensor()).unwrap().flatten_all().unwrap();
+        assert_eq!(
+            x.conv_transpose2d(w.as_tensor(), 1, 1, 2, 1)
+                .unwrap()
+                .dims(),
+            &[1, 3, 6, 6]
+        );
+        let g = y
+            .backward()
+            .unwrap()
+            .get(w.as_tensor())
+            .unwrap()
+            .flatten_all()
+            .unwrap();
         let g = g.to_vec1::<f64>().unwrap();
-        let base = w.as_tensor().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let base = w
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
         let eps = 1e-6;
         for k in [0, 7, 20, 40, 53] {
             let mut p = base.clone();
@@ -336,8 +373,13 @@ mod tests {
             let plus = f(&Tensor::from_vec(p.clone(), (2, 3, 3, 3), &dev).unwrap());
             p[k] -= 2.0 * eps;
             let minus = f(&Tensor::from_vec(p, (2, 3, 3, 3), &dev).unwrap());
-            let num = (plus.to_scalar::<f64>().unwrap() - minus.to_scalar::<f64>().unwrap()) / (2.0 * eps);
-            assert!((num - g[k]).abs() < 1e-5 * (1.0 + num.abs()), "{k}: {num} vs {}", g[k]);
+            let num = (plus.to_scalar::<f64>().unwrap() - minus.to_scalar::<f64>().unwrap())
+                / (2.0 * eps);
+            assert!(
+                (num - g[k]).abs() < 1e-5 * (1.0 + num.abs()),
+                "{k}: {num} vs {}",
+                g[k]
+            );
         }
     }
 
@@ -348,14 +390,27 @@ mod tests {
         let dev = Device::Cpu;
         let v0 = Tensor::rand(0f32, 1f32, (5, 6), &dev).unwrap();
         let v1 = Tensor::rand(0f32, 1f32, (5, 6), &dev).unwrap();
-        let loss = (m.rbm_free_energy(0, &v0).unwrap() - m.rbm_free_energy(0, &v1).unwrap()).unwrap();
-        let g = loss.backward().unwrap().get(m.encoder_weight(0)).unwrap().clone();
+        let loss =
+            (m.rbm_free_energy(0, &v0).unwrap() - m.rbm_free_energy(0, &v1).unwrap()).unwrap();
+        let g = loss
+            .backward()
+            .unwrap()
+            .get(m.encoder_weight(0))
+            .unwrap()
+            .clone();
         let h0 = m.rbm_hidden(0, &v0, Mode::Frozen).unwrap();
         let h1 = m.rbm_hidden(0, &v1, Mode::Frozen).unwrap();
         let pos = h0.t().unwrap().matmul(&v0).unwrap();
         let neg = h1.t().unwrap().matmul(&v1).unwrap();
         let expected = ((neg - pos).unwrap() / 5.0).unwrap();
-        let diff = (g - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let diff = (g - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
     }
 }
