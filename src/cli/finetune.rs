@@ -43,8 +43,10 @@ pub struct FinetuneArgs {
     /// Epochs after the frozen ones, with the backbone unfrozen (`--freeze-epochs K --epochs 0`: linear probe).
     #[arg(long, default_value_t = 5)]
     pub epochs: usize,
-    /// Learning rate of the head; earlier groups get geometrically less, down to lr/lr-mult at the stem.
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate of the head; earlier groups get geometrically less, down to lr/lr-mult at the
+    /// stem. With the one-cycle schedule and both phases, the unfrozen phase peaks at lr/2 (fastai's
+    /// fine_tune, whose base_lr 2e-3 is the default).
+    #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
     /// Ratio of the head's learning rate to the stem's once unfrozen (1: one rate for every group).
     #[arg(long, default_value_t = 100.0)]
@@ -111,6 +113,10 @@ pub struct FinetuneArgs {
     /// statistics stay as loaded.
     #[arg(long)]
     pub train_bn: bool,
+    /// Memory budget (MiB) for computing a frozen prefix once: while the first groups are frozen and
+    /// --augment is off, their outputs are cached and later epochs run only the rest (0: never cache).
+    #[arg(long, default_value_t = 2048)]
+    pub cache_mb: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -264,6 +270,7 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
         frozen_prefix,
         unfreeze_at,
         train_bn: args.train_bn,
+        cache_mb: args.cache_mb,
         device: args.device.clone(),
     })
 }

@@ -75,6 +75,12 @@ pub trait Backbone: Send + Sync {
     /// Runs group `i` alone on the output of group `i - 1` (or the image batch for `i == 0`).
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor>;
 
+    /// The feature vector `[N, feature_dim]` of the last group's output: global average pooling for
+    /// convolutional backbones (override for backbones whose last group already gives vectors).
+    fn pool(&self, h: &Tensor) -> Result<Tensor> {
+        layers::global_avg_pool(h)
+    }
+
     /// Pooled features `[N, feature_dim]`: groups with index `< frozen_groups` run in `Mode::Frozen`,
     /// the rest in `mode`.
     fn forward_features(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
@@ -87,8 +93,7 @@ pub trait Backbone: Send + Sync {
             };
             h = self.forward_group(i, &h, m)?;
         }
-        Ok(h.mean(candle_core::D::Minus1)?
-            .mean(candle_core::D::Minus1)?)
+        self.pool(&h)
     }
 }
 

@@ -6,7 +6,7 @@
 //! classifier `fc` is not a group: it is a separate [`Linear`] that [`ResNet::classifier`] builds, so a new
 //! head of any width can take its place.
 
-use super::layers::{batch_norm, conv2d, conv_bn, global_avg_pool, linear, max_pool2d};
+use super::layers::{batch_norm, conv2d, conv_bn, linear, max_pool2d};
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
@@ -320,19 +320,6 @@ impl Backbone for ResNet {
                 format!("index {i} out of range 0..{}", GROUP_NAMES.len()),
             )),
         }
-    }
-
-    fn forward_features(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
-        let mut h = x.clone();
-        for i in 0..GROUP_NAMES.len() {
-            let m = if i < frozen_groups {
-                Mode::Frozen
-            } else {
-                mode
-            };
-            h = self.forward_group(i, &h, m)?;
-        }
-        global_avg_pool(&h)
     }
 }
 
