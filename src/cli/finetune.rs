@@ -69,10 +69,11 @@ pub struct FinetuneArgs {
     /// Hidden layer width of the head (default: a single linear layer).
     #[arg(long)]
     pub hidden: Option<usize>,
-    /// Dropout before each linear layer of the head.
-    #[arg(long, default_value_t = 0.0)]
-    pub dropout: f32,
-    /// he|xavier (default: He for a ReLU hidden layer, Xavier otherwise).
+    /// Dropout before each linear layer of the head (default: the model card's, e.g. 0.2 for
+    /// EfficientNet-Lite as in its original training, 0 for ResNet).
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// he|xavier|torch (default: He for a ReLU hidden layer, Xavier otherwise; torch: nn.Linear's own).
     #[arg(long)]
     pub init: Option<String>,
     /// Activation of the hidden layer: relu|tanh|sigmoid.
@@ -209,10 +210,11 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
         "sigmoid" => Activation::Sigmoid,
         other => bail!("--activation: `{other}` is not relu|tanh|sigmoid"),
     };
+    let dropout = args.dropout.unwrap_or(card.head_dropout);
     let mut head = match args.hidden {
-        Some(h) => HeadConfig::with_hidden(h, args.dropout, activation),
+        Some(h) => HeadConfig::with_hidden(h, dropout, activation),
         None => HeadConfig {
-            dropout: args.dropout,
+            dropout,
             ..HeadConfig::default()
         },
     };
