@@ -203,6 +203,34 @@ fn finetune_stops_early_resumes_identically_exports_and_predicts_like_eval() {
         "predict {predict_acc} vs eval {eval_acc}"
     );
     assert_eq!(eval["images"].as_u64().unwrap() as usize, images.len());
+
+    // A BatchNorm-folded export holds no BatchNorm tensors and evaluates to the same loss and accuracy.
+    let folded = tmp.path().join("folded.safetensors");
+    graft_ok(&[
+        "export",
+        full.to_str().unwrap(),
+        "--out",
+        folded.to_str().unwrap(),
+        "--fold-bn",
+    ]);
+    let keys = candle_core::safetensors::load(&folded, &Device::Cpu).unwrap();
+    assert!(!keys.keys().any(|k| k.contains("running_")));
+    assert!(keys.contains_key("conv1.bias"));
+    let eval_folded: serde_json::Value = serde_json::from_str(&graft_ok(&[
+        "eval",
+        "--model",
+        folded.to_str().unwrap(),
+        "--data",
+        d,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(eval_folded["accuracy"], eval["accuracy"]);
+    let (a, b) = (
+        eval_folded["loss"].as_f64().unwrap(),
+        eval["loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-4 * (1.0 + b), "loss {a} folded vs {b}");
 }
 
 #[test]

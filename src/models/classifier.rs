@@ -29,6 +29,10 @@ pub struct ClassifierSpec {
     pub classes: Vec<String>,
     /// Evaluation preprocessing (the card's, at the training image size).
     pub preprocess: Preprocess,
+    /// The weights were exported with every BatchNorm folded into the convolution before it (scaled
+    /// filters plus a bias, no BatchNorm tensors); see [`crate::export::fold_batch_norm`].
+    #[serde(default)]
+    pub bn_folded: bool,
 }
 
 /// A backbone plus a new head, with all their variables in one `VarMap`.

@@ -306,6 +306,21 @@ impl Backbone for ResNet {
         "fc"
     }
 
+    fn conv_of_bn(&self, bn: &str) -> Option<(String, f64)> {
+        let (parent, last) = match bn.rsplit_once('.') {
+            Some((p, l)) => (format!("{p}."), l),
+            None => (String::new(), bn),
+        };
+        let conv = if parent.ends_with("downsample.") && last == "1" {
+            "0".to_string()
+        } else {
+            let k = last.strip_prefix("bn")?;
+            k.parse::<usize>().ok()?;
+            format!("conv{k}")
+        };
+        Some((format!("{parent}{conv}"), RESNET_BN_EPS))
+    }
+
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match i {
             0 => {

@@ -310,6 +310,7 @@ pub fn classifier_spec(cfg: &FinetuneConfig, classes: Vec<String>) -> Result<Cla
         head: cfg.head,
         classes,
         preprocess: preprocess_for(cfg)?,
+        bn_folded: false,
     })
 }
 
