@@ -4,7 +4,7 @@
 mod convert;
 mod eval;
 mod export;
-mod finetune;
+pub mod finetune;
 mod inspect;
 mod predict;
 mod pretrain;

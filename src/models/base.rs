@@ -50,6 +50,8 @@ pub struct Base {
     pub arch: String,
     /// Default evaluation preprocessing.
     pub preprocess: Preprocess,
+    /// Default dropout of a new head (the card's; 0 for encoders).
+    pub head_dropout: f32,
     pub weights: BaseWeights,
 }
 
@@ -75,6 +77,7 @@ pub fn resolve(name: &str) -> Result<Base> {
             name: name.to_string(),
             arch: info.arch,
             preprocess: info.preprocess,
+            head_dropout: 0.0,
             weights: BaseWeights::File(weights),
         });
     }
@@ -90,6 +93,7 @@ pub fn resolve(name: &str) -> Result<Base> {
             name: name.to_string(),
             arch: cfg.arch(),
             preprocess: Preprocess::unit(size, channels),
+            head_dropout: 0.0,
             weights: BaseWeights::None,
         });
     }
@@ -98,6 +102,7 @@ pub fn resolve(name: &str) -> Result<Base> {
         name: card.name.clone(),
         arch: card.arch.clone(),
         preprocess: card.preprocess.clone(),
+        head_dropout: card.head_dropout,
         weights: BaseWeights::Card(Box::new(card)),
     })
 }

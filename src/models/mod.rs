@@ -77,10 +77,17 @@ pub trait Backbone: Send + Sync {
     /// Runs group `i` alone on the output of group `i - 1` (or the image batch for `i == 0`).
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor>;
 
-    /// The feature vector `[N, feature_dim]` of the last group's output: global average pooling of a
-    /// `[N, C, H, W]` map by default; a backbone whose last group already gives vectors returns them as they are.
-    fn pool(&self, x: &Tensor) -> Result<Tensor> {
-        layers::global_avg_pool(x)
+    /// The convolution whose output the BatchNorm at `bn` (a key prefix such as `layer1.0.bn1`) normalises,
+    /// as `(its key prefix, the BatchNorm's eps)`, for folding BatchNorm into convolutions on export; `None`
+    /// when `bn` is not a BatchNorm of this backbone that directly follows a convolution.
+    fn conv_of_bn(&self, _bn: &str) -> Option<(String, f64)> {
+        None
+    }
+
+    /// The feature vector `[N, feature_dim]` of the last group's output: global average pooling for
+    /// convolutional backbones (override for backbones whose last group already gives vectors).
+    fn pool(&self, h: &Tensor) -> Result<Tensor> {
+        layers::global_avg_pool(h)
     }
 
     /// Pooled features `[N, feature_dim]`: groups with index `< frozen_groups` run in `Mode::Frozen`,
