@@ -29,16 +29,24 @@ mkdir -p "$out"
 [ -d "$out/all/train" ] || scripts/fashion-mnist.sh "$out/all" --size 28
 [ -d "$out/few/train" ] || scripts/fashion-mnist.sh "$out/few" --per-class 50 --size 28 --seed 0
 
-# One fine-tuning recipe for both starts: 2 head-only epochs, then everything at one rate, no validation
-# split (all 50 images per class train), a fixed budget.
+# Two recipes, the same for both starts, no validation split (all 50 images per class train), a fixed
+# budget: `all` = 2 head-only epochs then everything at one rate; `probe` = the encoder frozen, head only.
 finetune_and_eval() { # BASE NAME
-    local run="$out/ft-$2"
-    rm -rf "$run"
-    "$GRAFT" finetune --base "$1" --data "$out/few" --val-split 0 --batch-size 32 \
-        --freeze-epochs 2 --epochs "$FT_EPOCHS" --lr 1e-3 --lr-mult 1 --seed 0 --quiet --run-dir "$run" >/dev/null
-    "$GRAFT" export "$run" --out "$run/model.safetensors" >/dev/null
-    "$GRAFT" eval --model "$run/model.safetensors" --data "$out/few" --split test |
-        grep -i -m1 accuracy | sed "s|^|$2: |"
+    local run
+    for recipe in all probe; do
+        run="$out/ft-$2-$recipe"
+        rm -rf "$run"
+        if [ $recipe = all ]; then
+            flags=(--freeze-epochs 2 --epochs "$FT_EPOCHS" --lr 1e-3 --lr-mult 1)
+        else
+            flags=(--freeze-epochs "$FT_EPOCHS" --epochs 0 --lr 1e-2 --schedule constant)
+        fi
+        "$GRAFT" finetune --base "$1" --data "$out/few" --val-split 0 --batch-size 32 "${flags[@]}" \
+            --seed 0 --quiet --run-dir "$run" >"$run.log" 2>&1
+        "$GRAFT" export "$run" --out "$run/model.safetensors" >/dev/null
+        "$GRAFT" eval --model "$run/model.safetensors" --data "$out/few" --split test >"$run/eval.txt"
+        echo "$2 $recipe: $(grep -o -m1 'accuracy [0-9.]*%' "$run/eval.txt")"
+    done
 }
 
 pretrain() { # NAME ARGS...
