@@ -49,11 +49,19 @@ finetune_and_eval() { # BASE NAME
     done
 }
 
+# A finished pretraining run is kept; an interrupted one is resumed.
 pretrain() { # NAME ARGS...
     local name=$1
     shift
-    rm -rf "$out/pt-$name"
-    "$GRAFT" pretrain --data "$out/all/train" --quiet --run-dir "$out/pt-$name" "$@"
+    local run="$out/pt-$name"
+    if [ -f "$run/encoder.safetensors" ]; then
+        echo "pretraining $name: kept $run"
+    elif [ -f "$run/last.safetensors" ]; then
+        "$GRAFT" pretrain --resume "$run" --quiet
+    else
+        rm -rf "$run"
+        "$GRAFT" pretrain --data "$out/all/train" --quiet --run-dir "$run" "$@"
+    fi
 }
 
 pretrain dense --arch dense:784,300,150:selu --stage-epochs "$EPOCHS_DENSE" --finetune-epochs 1

@@ -132,6 +132,16 @@ impl Base {
         Ok(())
     }
 
+    /// Redraws a random-init encoder's weights with a generator seeded by `seed`, so that a run from random
+    /// initialisation is reproducible (candle's initialisers draw from an unseeded generator). Card
+    /// architectures keep their initialisation.
+    pub fn seed_random_init(&self, varmap: &candle_nn::VarMap, seed: u64) -> Result<()> {
+        if EncoderConfig::is_encoder_arch(&self.arch) {
+            crate::models::encoder::seeded_init(&EncoderConfig::parse(&self.arch)?, varmap, seed)?;
+        }
+        Ok(())
+    }
+
     /// The starting weights: the card's (or `local` instead), the pretraining run's encoder, or `None` for
     /// an architecture without weights (random initialisation).
     pub fn read_weights(

@@ -552,23 +552,9 @@ pub fn init_weights(model: &StackedAutoencoder, seed: u64) -> Result<()> {
         } else {
             act
         };
-        let n: usize = dims.iter().product();
-        let v: Vec<f32> = match a.init(fan_in, fan_out) {
-            candle_nn::Init::Randn { mean, stdev } => (0..n)
-                .map(|_| {
-                    let (u1, u2): (f64, f64) = (rng.random(), rng.random());
-                    (mean
-                        + stdev
-                            * (-2.0 * (1.0 - u1).ln()).sqrt()
-                            * (std::f64::consts::TAU * u2).cos()) as f32
-                })
-                .collect(),
-            candle_nn::Init::Uniform { lo, up } => {
-                (0..n).map(|_| rng.random_range(lo..up) as f32).collect()
-            }
-            _ => unreachable!("encoder inits are normal or uniform"),
-        };
-        var.set(&Tensor::from_vec(v, dims, var.device())?)?;
+        let t =
+            crate::models::encoder::draw(a.init(fan_in, fan_out), &dims, &mut rng, var.device())?;
+        var.set(&t)?;
     }
     Ok(())
 }

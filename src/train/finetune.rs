@@ -341,6 +341,9 @@ impl Session {
         } else {
             None
         };
+        if report.is_none() {
+            base.seed_random_init(&model.varmap, cfg.seed)?;
+        }
         let n = dataset.classes.len();
         let batch_size = cfg.batch_size.min(dataset.train.len());
         let train_cfg = LoaderConfig {
