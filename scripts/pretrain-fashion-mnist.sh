@@ -68,9 +68,9 @@ pretrain dense --arch dense:784,300,150:selu --stage-epochs "$EPOCHS_DENSE" --fi
 finetune_and_eval "ae:$out/pt-dense" dense-pretrained
 finetune_and_eval dense:784,300,150:selu dense-random
 
-pretrain conv --arch conv:32,64,128:relu --stage-epochs "$EPOCHS_CONV" --max-images "$CONV_IMAGES"
+pretrain conv --arch conv:32,64,128:relu:flat28 --stage-epochs "$EPOCHS_CONV" --max-images "$CONV_IMAGES"
 finetune_and_eval "ae:$out/pt-conv" conv-pretrained
-finetune_and_eval conv:32,64,128:relu conv-random
+finetune_and_eval conv:32,64,128:relu:flat28 conv-random
 
 pretrain rbm --arch dense:784,300,150:sigmoid --method rbm --stage-epochs "$EPOCHS_RBM"
 finetune_and_eval "ae:$out/pt-rbm" rbm-pretrained

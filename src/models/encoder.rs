@@ -105,10 +105,14 @@ impl EncoderActivation {
 pub enum EncoderKind {
     /// `dims[0]` input values, then one stage per further entry.
     Dense { dims: Vec<usize> },
-    /// Stride-2 3x3 convolutions with these filter counts over `in_channels`-channel images.
+    /// Stride-2 3x3 convolutions with these filter counts over `in_channels`-channel images. Features are
+    /// the global average pool of the last map, or with `flat: Some(size)` the flattened last map of
+    /// `size` x `size` inputs (which then must have that size).
     Conv {
         in_channels: usize,
         widths: Vec<usize>,
+        #[serde(default)]
+        flat: Option<usize>,
     },
 }
 
@@ -151,6 +155,7 @@ impl EncoderConfig {
             .collect::<Result<Vec<usize>>>()?;
         let mut activation = None;
         let mut rgb = false;
+        let mut flat = None;
         for opt in parts {
             if let Some(a) = EncoderActivation::parse(opt) {
                 if activation.replace(a).is_some() {
@@ -158,10 +163,25 @@ impl EncoderConfig {
                 }
             } else if opt == "rgb" && kind == "conv" {
                 rgb = true;
+            } else if let (Some(size), "conv") = (opt.strip_prefix("flat"), kind) {
+                flat = Some(
+                    size.parse::<usize>()
+                        .ok()
+                        .filter(|&s| s > 0)
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "`{opt}`: flattened features need the input size, e.g. flat28"
+                            ))
+                        })?,
+                );
             } else {
                 return Err(bad(format!(
                     "unknown option `{opt}` (activations: selu, relu, sigmoid, tanh{})",
-                    if kind == "conv" { "; rgb" } else { "" }
+                    if kind == "conv" {
+                        "; rgb; flatSIZE"
+                    } else {
+                        ""
+                    }
                 )));
             }
         }
@@ -178,6 +198,7 @@ impl EncoderConfig {
             "conv" => EncoderKind::Conv {
                 in_channels: if rgb { 3 } else { 1 },
                 widths: numbers,
+                flat,
             },
             other => {
                 return Err(bad(format!(
@@ -205,11 +226,13 @@ impl EncoderConfig {
             EncoderKind::Conv {
                 in_channels,
                 widths,
+                flat,
             } => format!(
-                "conv:{}:{}{}",
+                "conv:{}:{}{}{}",
                 join(widths),
                 self.activation.name(),
-                if *in_channels == 3 { ":rgb" } else { "" }
+                if *in_channels == 3 { ":rgb" } else { "" },
+                flat.map_or(String::new(), |s| format!(":flat{s}"))
             ),
         }
     }
@@ -230,6 +253,7 @@ impl EncoderConfig {
             EncoderKind::Conv {
                 in_channels,
                 widths,
+                ..
             } => std::iter::once(*in_channels)
                 .chain(widths.iter().copied())
                 .collect(),
@@ -265,15 +289,45 @@ impl EncoderConfig {
                     }
                 ),
             )),
+            EncoderKind::Conv {
+                flat: Some(s), ..
+            } if *s != size => Err(Error::config(
+                what(),
+                format!("flattens the features of {s}x{s} images, got {size}x{size} ones"),
+            )),
             _ => Ok(()),
+        }
+    }
+
+    /// Length of the feature vector: the last stage's width, times the area of its map when flattened.
+    pub fn feature_dim(&self) -> usize {
+        let last = *self.widths().last().expect("at least one stage");
+        match &self.kind {
+            EncoderKind::Conv {
+                flat: Some(s),
+                widths,
+                ..
+            } => {
+                let side = widths.iter().fold(*s, |h, _| {
+                    (h + 2 * CONV_PADDING - CONV_KERNEL) / CONV_STRIDE + 1
+                });
+                last * side * side
+            }
+            _ => last,
         }
     }
 
     /// The input (channels, size) a dense encoder implies: grey when its input is a square number, RGB when
     /// it is three times one; `None` for convolutional encoders (any size) or sizes that fit neither.
     pub fn implied_input(&self) -> Option<(usize, usize)> {
-        let EncoderKind::Dense { dims } = &self.kind else {
-            return None;
+        let dims = match &self.kind {
+            EncoderKind::Dense { dims } => dims,
+            EncoderKind::Conv {
+                in_channels,
+                flat: Some(s),
+                ..
+            } => return Some((*in_channels, *s)),
+            EncoderKind::Conv { .. } => return None,
         };
         let side = |n: usize| {
             let s = (n as f64).sqrt().round() as usize;
@@ -458,10 +512,16 @@ impl Backbone for ConvEncoder {
         stage_of(key, self.stages.len())
     }
     fn feature_dim(&self) -> usize {
-        *self.cfg.widths().last().expect("at least one stage")
+        self.cfg.feature_dim()
     }
     fn classifier_prefix(&self) -> &str {
         "decoder"
+    }
+    fn pool(&self, x: &Tensor) -> Result<Tensor> {
+        match self.cfg.kind {
+            EncoderKind::Conv { flat: Some(_), .. } => Ok(x.flatten_from(1)?),
+            _ => crate::models::layers::global_avg_pool(x),
+        }
     }
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         if i == 0 {
@@ -546,6 +606,16 @@ mod tests {
         assert_eq!(c.widths(), vec![3, 32, 64, 128]);
         assert_eq!(c.activation, EncoderActivation::Tanh);
         assert_eq!(EncoderConfig::parse(&c.arch()).unwrap(), c);
+        let f = EncoderConfig::parse("conv:32,64,128:flat28").unwrap();
+        assert_eq!(f.arch(), "conv:32,64,128:relu:flat28");
+        // 28 -> 14 -> 7 -> 4.
+        assert_eq!(f.feature_dim(), 128 * 4 * 4);
+        assert_eq!(f.implied_input(), Some((1, 28)));
+        assert!(f
+            .check_input(1, 32)
+            .unwrap_err()
+            .to_string()
+            .contains("28x28"));
         assert_eq!(d.implied_input(), Some((1, 28)));
         assert_eq!(
             EncoderConfig::parse("dense:768,10")
@@ -566,6 +636,7 @@ mod tests {
             ("dense:784,300:rgb", "`rgb`"),
             ("lstm:3,4", "`lstm`"),
             ("conv:32,64:relu:tanh", "more than one"),
+            ("conv:32,64:flat", "flat28"),
         ] {
             let msg = EncoderConfig::parse(arch).unwrap_err().to_string();
             assert!(msg.contains(arch) && msg.contains(fault), "{arch}: {msg}");
@@ -644,6 +715,14 @@ mod tests {
         assert_eq!(
             varmap.data().lock().unwrap()["stage2.weight"].dims(),
             &[6, 4, 3, 3]
+        );
+        let varmap = VarMap::new();
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+        let flat = EncoderConfig::parse("conv:4,6:flat12").unwrap().build(vb).unwrap();
+        assert_eq!(flat.feature_dim(), 6 * 3 * 3);
+        assert_eq!(
+            flat.forward_features(&x, Mode::Eval, 0).unwrap().dims(),
+            &[2, 54]
         );
     }
 }
