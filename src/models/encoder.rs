@@ -718,7 +718,10 @@ mod tests {
         );
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
-        let flat = EncoderConfig::parse("conv:4,6:flat12").unwrap().build(vb).unwrap();
+        let flat = EncoderConfig::parse("conv:4,6:flat12")
+            .unwrap()
+            .build(vb)
+            .unwrap();
         assert_eq!(flat.feature_dim(), 6 * 3 * 3);
         assert_eq!(
             flat.forward_features(&x, Mode::Eval, 0).unwrap().dims(),

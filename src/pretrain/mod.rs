@@ -782,11 +782,7 @@ pub fn pretrain(
         epochs_this_run += 1;
     }
 
-    crate::train::plots::plot_loss_curves(
-        &history,
-        "reconstruction loss per epoch (all phases)",
-        run_dir.curves_png(),
-    )?;
+    crate::train::plots::plot_loss_curves(&history, "reconstruction MSE", run_dir.curves_png())?;
     let encoder = write_encoder(run_dir, cfg, &s.model)?;
     let val_loss = s.evaluate(stages)?;
     let x = &s.grid_images;
