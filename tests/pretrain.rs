@@ -257,7 +257,7 @@ fn a_folder_without_class_subfolders_pretrains_and_rgb_conv_works() {
     cfg.val_split = 0.0;
     let run = RunDir::create(Some(&tmp.path().join("run"))).unwrap();
     let out = pretrain(&cfg, &run, false, &quiet(None)).unwrap();
-    assert!(out.encoder.is_file());
+    assert!(out.encoder.unwrap().is_file());
 }
 
 #[test]

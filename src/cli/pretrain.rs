@@ -208,19 +208,18 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
         eprintln!("run folder: {}", run_dir.path().display());
         pretrain(&cfg, &run_dir, false, &opts)?
     };
-    if outcome.encoder.as_os_str().is_empty() {
-        println!(
+    match &outcome.encoder {
+        None => println!(
             "interrupted after epoch {}; continue with --resume {}",
             outcome.epochs_run,
             outcome.run_dir.display()
-        );
-    } else {
-        println!(
+        ),
+        Some(encoder) => println!(
             "val reconstruction MSE {:.5}, encoder {}; fine-tune with --base ae:{}",
             outcome.val_loss,
-            outcome.encoder.display(),
+            encoder.display(),
             outcome.run_dir.display()
-        );
+        ),
     }
     Ok(())
 }

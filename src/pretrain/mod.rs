@@ -115,7 +115,8 @@ pub struct Outcome {
     pub epochs_run: usize,
     /// Validation reconstruction MSE of the full stack at the end (pixels in [0, 1]).
     pub val_loss: f64,
-    pub encoder: PathBuf,
+    /// The encoder file; `None` when the run was interrupted (`--stop-after`) before its end.
+    pub encoder: Option<PathBuf>,
 }
 
 /// Options of one invocation (not saved).
@@ -682,7 +683,7 @@ pub fn pretrain(
                 run_dir: run_dir.path().to_path_buf(),
                 epochs_run: epoch_global,
                 val_loss: history.last().map_or(f64::NAN, |m| m.val_loss),
-                encoder: PathBuf::new(),
+                encoder: None,
             });
         }
         let phase = pos.phase;
@@ -797,7 +798,7 @@ pub fn pretrain(
         run_dir: run_dir.path().to_path_buf(),
         epochs_run: history.len(),
         val_loss,
-        encoder,
+        encoder: Some(encoder),
     };
     let json =
         serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
