@@ -172,6 +172,7 @@ fn a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one() {
     let mut cfg = config(&data, "conv:4,6:sigmoid");
     cfg.stage_epochs = 2;
     cfg.finetune_epochs = 1;
+    cfg.schedule = ScheduleKind::Plateau;
     cfg.noise = Some(Noise::Gaussian { std: 0.1 });
     cfg.sparsity = Some(Sparsity::Kl {
         target: 0.1,

@@ -24,6 +24,7 @@ use crate::models::base::{EncoderInfo, ENCODER_INFO, ENCODER_WEIGHTS};
 use crate::models::encoder::{EncoderActivation, EncoderConfig};
 use crate::models::Mode;
 use crate::optim::groups::{no_decay_groups, trainable_params};
+use crate::optim::schedule::ReduceOnPlateau;
 use crate::optim::{clip_grad_norm, OptimState, Optimizer, OptimizerConfig};
 use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
@@ -628,6 +629,8 @@ pub fn pretrain(
     let mut step: u64 = 0;
     let mut early = new_early()?;
     let mut opt: Option<Optimizer> = None;
+    // ReduceLROnPlateau state of the current phase (`--schedule plateau`).
+    let mut plateau: Option<ReduceOnPlateau> = None;
     let mut metrics_log;
     if resume {
         let ck = Checkpoint::load(run_dir.resume_checkpoint()?, &s.device)?;
@@ -640,6 +643,7 @@ pub fn pretrain(
         if let Some(e) = state.early_stop {
             early = e;
         }
+        plateau = serde_json::from_value(state.schedule["plateau"].clone()).unwrap_or(None);
         if !pos.phase_done {
             let mut o = s.optimizer(pos.phase)?;
             o.load_state(&optim_state_from(&ck, &state.optimizer)?)?;
@@ -669,6 +673,7 @@ pub fn pretrain(
                 phase_done: false,
             };
             early = new_early()?;
+            plateau = None;
             opt = None;
             if pos.phase >= phases {
                 break;
@@ -707,6 +712,9 @@ pub fn pretrain(
         let opt_ref = opt.as_mut().expect("built above");
         let phase_steps = cfg.phase_epochs(phase, stages) * s.steps_per_epoch;
         let sched = cfg.schedule.build(cfg.lr, phase_steps, s.steps_per_epoch);
+        if plateau.is_none() {
+            plateau = sched.plateau();
+        }
         let t0 = Instant::now();
         let mut pass = reporter.pass(&name, epoch_global + 1, s.steps_per_epoch);
         let mut lr = 0.0;
@@ -721,7 +729,7 @@ pub fn pretrain(
                 clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
             }
             let k = pos.phase_epoch * s.steps_per_epoch + i;
-            lr = sched.lr_at(k, phase_steps);
+            lr = sched.lr_at(k, phase_steps) * plateau.as_ref().map_or(1.0, |p| p.factor());
             if let Some(mo) = sched.momentum_at(k, phase_steps) {
                 opt_ref.set_momentum(mo)?;
             }
@@ -739,6 +747,9 @@ pub fn pretrain(
         let images_per_s = pass.images_per_s();
         pass.finish();
         let val_loss = s.evaluate(phase)?;
+        if let (Some(p), true) = (plateau.as_mut(), val_loss.is_finite()) {
+            p.observe(val_loss);
+        }
         epoch_global += 1;
         pos.phase_epoch += 1;
         let m = EpochMetrics {
@@ -768,7 +779,7 @@ pub fn pretrain(
             rng: Default::default(),
             data: serde_json::to_value(pos).expect("position serialises"),
             optimizer: serde_json::json!(opt_ref.state().metadata()),
-            schedule: serde_json::json!({ "phase": name }),
+            schedule: serde_json::json!({ "phase": name, "plateau": plateau }),
             config: serde_json::to_value(cfg)
                 .map_err(|e| Error::config("config", e.to_string()))?,
             classes: Vec::new(),
