@@ -20,8 +20,9 @@ fi
 
 scripts/fashion-mnist.sh "$out/fashion" --per-class 50 --size 96 --rgb --seed 0 --test-per-class 100
 rm -rf "$out/run"
+# graft's defaults (fastai's fine_tune: 1 frozen epoch, then 5 unfrozen); only the image size is ours.
 $graft finetune --base efficientnet_lite0 --data "$out/fashion/train" --image-size 96 --crop-pct 1 \
-    --freeze-epochs 3 --epochs 1 --lr 1e-3 --run-dir "$out/run"
+    --run-dir "$out/run"
 $graft export "$out/run" --out "$out/fashion.safetensors"
 $graft eval --model "$out/fashion.safetensors" --data "$out/fashion" --split test
 $graft predict --model "$out/fashion.safetensors" "$(find "$out/fashion/test" -name '*.png' | sort | head -1)"

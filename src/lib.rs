@@ -12,6 +12,7 @@ pub mod export;
 pub mod fsutil;
 pub mod models;
 pub mod optim;
+pub mod pretrain;
 pub mod train;
 
 pub use error::{Error, Result};

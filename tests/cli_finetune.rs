@@ -203,6 +203,34 @@ fn finetune_stops_early_resumes_identically_exports_and_predicts_like_eval() {
         "predict {predict_acc} vs eval {eval_acc}"
     );
     assert_eq!(eval["images"].as_u64().unwrap() as usize, images.len());
+
+    // A BatchNorm-folded export holds no BatchNorm tensors and evaluates to the same loss and accuracy.
+    let folded = tmp.path().join("folded.safetensors");
+    graft_ok(&[
+        "export",
+        full.to_str().unwrap(),
+        "--out",
+        folded.to_str().unwrap(),
+        "--fold-bn",
+    ]);
+    let keys = candle_core::safetensors::load(&folded, &Device::Cpu).unwrap();
+    assert!(!keys.keys().any(|k| k.contains("running_")));
+    assert!(keys.contains_key("conv1.bias"));
+    let eval_folded: serde_json::Value = serde_json::from_str(&graft_ok(&[
+        "eval",
+        "--model",
+        folded.to_str().unwrap(),
+        "--data",
+        d,
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(eval_folded["accuracy"], eval["accuracy"]);
+    let (a, b) = (
+        eval_folded["loss"].as_f64().unwrap(),
+        eval["loss"].as_f64().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-4 * (1.0 + b), "loss {a} folded vs {b}");
 }
 
 #[test]
@@ -311,4 +339,85 @@ fn train_bn_trains_batchnorm_affine_parameters_of_frozen_groups_and_nothing_else
         bn_moved > 10,
         "only {bn_moved} BatchNorm affine tensors moved"
     );
+}
+
+#[test]
+fn cached_activations_of_a_frozen_prefix_train_exactly_like_the_whole_network() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["blue", "red"], 6);
+    let weights = resnet18_weights();
+    let run = |name: &str, cache_mb: &str| {
+        let dir = tmp.path().join(name);
+        let out = graft_ok(&[
+            "finetune",
+            "--base",
+            "resnet18",
+            "--weights",
+            weights.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--image-size",
+            "32",
+            "--batch-size",
+            "4",
+            "--freeze-epochs",
+            "0",
+            "--epochs",
+            "2",
+            "--freeze",
+            "stem,layer1,layer2",
+            "--cache-mb",
+            cache_mb,
+            "--seed",
+            "3",
+            "--quiet",
+            "--run-dir",
+            dir.to_str().unwrap(),
+        ]);
+        (dir, out)
+    };
+    let (cached, log) = run("cached", "64");
+    assert!(
+        log.contains("activations after layer2 computed once"),
+        "the cache was not used:\n{log}"
+    );
+    let (plain, log) = run("plain", "0");
+    assert!(
+        !log.contains("computed once"),
+        "--cache-mb 0 cached:\n{log}"
+    );
+
+    let (a, b) = (metrics(&cached), metrics(&plain));
+    for (ma, mb) in a.iter().zip(&b) {
+        for key in ["train_loss", "val_loss", "val_acc"] {
+            let (x, y) = (ma[key].as_f64().unwrap(), mb[key].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()), "{key}: {x} vs {y}");
+        }
+    }
+    let (ta, tb) = (
+        model_tensors(&cached.join("last.safetensors")),
+        model_tensors(&plain.join("last.safetensors")),
+    );
+    let mut moved = 0;
+    let before = candle_core::safetensors::load(&weights, &Device::Cpu).unwrap();
+    for (k, va) in &ta {
+        let vb = &tb[k];
+        let diff = va
+            .iter()
+            .zip(vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(diff < 1e-4, "{k} differs by {diff}");
+        let key = k.strip_prefix("model.").unwrap();
+        if key.starts_with("layer3.") {
+            let orig = before[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            moved += usize::from(&orig != va);
+        }
+        if key.starts_with("layer1.") || key.starts_with("conv1.") {
+            let orig = before[key].flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(&orig, va, "{key} is frozen but moved");
+        }
+    }
+    assert!(moved > 5, "layer3 did not train ({moved} tensors moved)");
 }

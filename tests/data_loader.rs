@@ -34,6 +34,7 @@ fn preprocess() -> Preprocess {
         interpolation: Interpolation::Bicubic,
         mean: [0.5, 0.4, 0.3],
         std: [0.2, 0.25, 0.3],
+        channels: 3,
     }
 }
 

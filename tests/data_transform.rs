@@ -36,6 +36,7 @@ fn bicubic_resize_and_normalisation_match_the_pytorch_reference_input() {
         interpolation: Interpolation::Bicubic,
         mean: [0.5; 3],
         std: [0.5; 3],
+        channels: 3,
     };
     let mut ours = vec![0f32; p.tensor_len()];
     normalize_into(&resized, &p, false, &mut ours);

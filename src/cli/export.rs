@@ -11,12 +11,22 @@ pub struct ExportArgs {
     /// The deployment file to write (atomically).
     #[arg(long)]
     pub out: PathBuf,
+    /// Fold every BatchNorm into the convolution before it (scaled filters plus biases, no BatchNorm
+    /// tensors): the same predictions, a simpler graph for other runtimes.
+    #[arg(long)]
+    pub fold_bn: bool,
 }
 
 pub fn run(args: ExportArgs) -> anyhow::Result<()> {
     let run = crate::train::checkpoint::RunDir::open_existing(&args.run_dir)?;
-    let report = crate::export::export_run(&run, &args.out)
-        .with_context(|| format!("exporting run {}", args.run_dir.display()))?;
+    let report = crate::export::export_run(
+        &run,
+        &args.out,
+        crate::export::ExportOptions {
+            fold_bn: args.fold_bn,
+        },
+    )
+    .with_context(|| format!("exporting run {}", args.run_dir.display()))?;
     println!(
         "wrote {} ({} tensors from {}; {} on {} classes, input {}x{})",
         report.path.display(),

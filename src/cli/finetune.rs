@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use std::path::PathBuf;
 
-use crate::models::card;
+use crate::models::base;
 use crate::models::head::{Activation, HeadConfig, Init};
 use crate::optim::OptimizerConfig;
 use crate::train::checkpoint::RunDir;
@@ -13,7 +13,8 @@ use crate::train::finetune::{finetune, FinetuneConfig, RunOptions, ScheduleKind}
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
-    /// Base model (models/*.json): resnet18, resnet34, resnet50, efficientnet_lite0.
+    /// Base model (models/*.json): resnet18, resnet34, resnet50, efficientnet_lite0; an encoder from random
+    /// initialisation, dense:784,300,150 or conv:32,64,128; or a pretraining run's encoder, ae:RUN_DIR.
     #[arg(long)]
     pub base: Option<String>,
     /// Local pretrained weights instead of the hub/cache lookup.
@@ -43,8 +44,10 @@ pub struct FinetuneArgs {
     /// Epochs after the frozen ones, with the backbone unfrozen (`--freeze-epochs K --epochs 0`: linear probe).
     #[arg(long, default_value_t = 5)]
     pub epochs: usize,
-    /// Learning rate of the head; earlier groups get geometrically less, down to lr/lr-mult at the stem.
-    #[arg(long, default_value_t = 1e-3)]
+    /// Peak learning rate of the head; earlier groups get geometrically less, down to lr/lr-mult at the
+    /// stem. With the one-cycle schedule and both phases, the unfrozen phase peaks at lr/2 (fastai's
+    /// fine_tune, whose base_lr 2e-3 is the default).
+    #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
     /// Ratio of the head's learning rate to the stem's once unfrozen (1: one rate for every group).
     #[arg(long, default_value_t = 100.0)]
@@ -67,10 +70,11 @@ pub struct FinetuneArgs {
     /// Hidden layer width of the head (default: a single linear layer).
     #[arg(long)]
     pub hidden: Option<usize>,
-    /// Dropout before each linear layer of the head.
-    #[arg(long, default_value_t = 0.0)]
-    pub dropout: f32,
-    /// he|xavier (default: He for a ReLU hidden layer, Xavier otherwise).
+    /// Dropout before each linear layer of the head (default: the model card's, e.g. 0.2 for
+    /// EfficientNet-Lite as in its original training, 0 for ResNet).
+    #[arg(long)]
+    pub dropout: Option<f32>,
+    /// he|xavier|torch (default: He for a ReLU hidden layer, Xavier otherwise; torch: nn.Linear's own).
     #[arg(long)]
     pub init: Option<String>,
     /// Activation of the hidden layer: relu|tanh|sigmoid.
@@ -111,6 +115,10 @@ pub struct FinetuneArgs {
     /// statistics stay as loaded.
     #[arg(long)]
     pub train_bn: bool,
+    /// Memory budget (MiB) for computing a frozen prefix once: while the first groups are frozen and
+    /// --augment is off, their outputs are cached and later epochs run only the rest (0: never cache).
+    #[arg(long, default_value_t = 2048)]
+    pub cache_mb: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -165,14 +173,8 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     let Some(data) = args.data.clone() else {
         bail!("--data DIR is required: a folder with one subfolder of images per class");
     };
-    let card = card::card(&base)?;
-    // Backbone groups: the card's groups without the head.
-    let groups: Vec<String> = card
-        .groups
-        .iter()
-        .filter(|g| g.as_str() != "head")
-        .cloned()
-        .collect();
+    let resolved = base::resolve(&base)?;
+    let groups = resolved.group_names()?;
     let mut frozen_prefix = 0;
     for (i, name) in args.freeze.iter().enumerate() {
         let idx = group_index(&groups, name, "--freeze")?;
@@ -203,10 +205,11 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
         "sigmoid" => Activation::Sigmoid,
         other => bail!("--activation: `{other}` is not relu|tanh|sigmoid"),
     };
+    let dropout = args.dropout.unwrap_or(resolved.head_dropout);
     let mut head = match args.hidden {
-        Some(h) => HeadConfig::with_hidden(h, args.dropout, activation),
+        Some(h) => HeadConfig::with_hidden(h, dropout, activation),
         None => HeadConfig {
-            dropout: args.dropout,
+            dropout,
             ..HeadConfig::default()
         },
     };
@@ -264,6 +267,7 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
         frozen_prefix,
         unfreeze_at,
         train_bn: args.train_bn,
+        cache_mb: args.cache_mb,
         device: args.device.clone(),
     })
 }

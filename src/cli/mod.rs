@@ -4,9 +4,10 @@
 mod convert;
 mod eval;
 mod export;
-mod finetune;
+pub mod finetune;
 mod inspect;
 mod predict;
+mod pretrain;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -30,6 +31,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Accuracy, confusion matrix and per-class scores of an exported model on an image folder.
     Eval(eval::EvalArgs),
+    /// Unsupervised greedy layer-wise pretraining (stacked autoencoders, RBMs) on unlabelled images.
+    Pretrain(Box<pretrain::PretrainArgs>),
     /// Convert a PyTorch checkpoint (.pth/.pt/.bin, zip or legacy format) to safetensors.
     Convert(convert::ConvertArgs),
 }
@@ -57,5 +60,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Finetune(a) => finetune::run(*a),
         Command::Export(a) => export::run(a),
         Command::Eval(a) => eval::run(a),
+        Command::Pretrain(a) => pretrain::run(*a),
     }
 }

@@ -165,6 +165,28 @@ fn subfolders(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Every image under `root`, recursively (class subfolders or not), in sorted path order, with the
+/// hidden-file and extension rules of [`ImageFolder::open`]. An empty or missing folder is a
+/// [`Error::Dataset`] error.
+pub fn list_images(root: impl AsRef<Path>) -> Result<Vec<PathBuf>> {
+    let root = root.as_ref();
+    if !root.is_dir() {
+        return Err(dataset_error(root, "is not a folder"));
+    }
+    let mut out = Vec::new();
+    images_under(root, &mut HashSet::new(), &mut out)?;
+    if out.is_empty() {
+        return Err(dataset_error(
+            root,
+            format!(
+                "no images found (extensions: {})",
+                IMAGE_EXTENSIONS.join(", ")
+            ),
+        ));
+    }
+    Ok(out)
+}
+
 /// All images under `dir`, recursively, in sorted order. `seen` guards against symlink cycles.
 fn images_under(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<PathBuf>) -> Result<()> {
     let canonical = dir.canonicalize().map_err(|e| Error::io(dir, e))?;

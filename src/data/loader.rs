@@ -93,7 +93,7 @@ impl LoaderConfig {
     }
 }
 
-/// A batch: `images` `[N, 3, S, S]` `f32`, `labels` `[N]` `u32`, and the indices of its samples in the
+/// A batch: `images` `[N, C, S, S]` `f32` (C the preprocessing's channels), `labels` `[N]` `u32`, and the indices of its samples in the
 /// loader's sample list.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -417,7 +417,11 @@ impl Inner {
         }
         let s = self.preprocess.input_size;
         let labels: Vec<u32> = kept.iter().map(|&i| self.samples[i].label as u32).collect();
-        let images = Tensor::from_vec(data, (kept.len(), 3, s, s), &self.device)?;
+        let images = Tensor::from_vec(
+            data,
+            (kept.len(), self.preprocess.channels, s, s),
+            &self.device,
+        )?;
         let labels = Tensor::from_vec(labels, kept.len(), &self.device)?;
         Ok(Some(Batch {
             images,

@@ -28,7 +28,9 @@ pub mod transform;
 
 pub use cache::{CacheConfig, CacheStats};
 pub use decode::{decode_image, is_image_path, load_rgb, IMAGE_EXTENSIONS};
-pub use folder::{class_counts, class_weights, class_weights_of, Dataset, ImageFolder, Sample};
+pub use folder::{
+    class_counts, class_weights, class_weights_of, list_images, Dataset, ImageFolder, Sample,
+};
 pub use loader::{Batch, Epoch, Loader, LoaderConfig};
 pub use transform::{
     eval_tensor, load_eval_tensor, Augment, ColorJitter, Interpolation, Preprocess,

@@ -33,9 +33,18 @@ pub struct Preprocess {
     /// Fraction of the resized image kept by the centre crop at evaluation (timm's `crop_pct`).
     pub crop_pct: f64,
     pub interpolation: Interpolation,
-    /// Per-channel mean and standard deviation of `[0, 1]` pixels, in RGB order.
+    /// Per-channel mean and standard deviation of `[0, 1]` pixels, in RGB order; a grey input uses the
+    /// first entry of each.
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// Channels of the model's input: 3 (RGB) or 1 (grey, ITU-R 601 luma as Pillow's `convert("L")`, so a
+    /// grey image comes back exactly). Absent in files written before grey inputs existed, hence 3.
+    #[serde(default = "rgb_channels")]
+    pub channels: usize,
+}
+
+fn rgb_channels() -> usize {
+    3
 }
 
 impl Preprocess {
@@ -47,6 +56,20 @@ impl Preprocess {
             interpolation: Interpolation::Bilinear,
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
+            channels: 3,
+        }
+    }
+
+    /// Pixels scaled to `[0, 1]` and otherwise untouched (mean 0, std 1), no crop margin, with `channels`
+    /// channels: the input of autoencoders and RBMs, whose reconstructions are pixel values.
+    pub fn unit(input_size: usize, channels: usize) -> Self {
+        Preprocess {
+            input_size,
+            crop_pct: 1.0,
+            interpolation: Interpolation::Bilinear,
+            mean: [0.0; 3],
+            std: [1.0; 3],
+            channels,
         }
     }
 
@@ -59,6 +82,12 @@ impl Preprocess {
             return Err(Error::config(
                 "crop_pct",
                 format!("{} is not in (0, 1]", self.crop_pct),
+            ));
+        }
+        if self.channels != 1 && self.channels != 3 {
+            return Err(Error::config(
+                "channels",
+                format!("{} is not 1 (grey) or 3 (RGB)", self.channels),
             ));
         }
         if self.std.iter().any(|s| s.is_nan() || *s <= 0.0) {
@@ -75,9 +104,9 @@ impl Preprocess {
         ((self.input_size as f64 / self.crop_pct).floor() as usize).max(self.input_size)
     }
 
-    /// Number of `f32` values in one preprocessed image, `3 * input_size^2`.
+    /// Number of `f32` values in one preprocessed image, `channels * input_size^2`.
     pub fn tensor_len(&self) -> usize {
-        3 * self.input_size * self.input_size
+        self.channels * self.input_size * self.input_size
     }
 }
 
@@ -130,6 +159,20 @@ pub fn eval_pixels(image: &RgbImage, p: &Preprocess) -> RgbImage {
 pub fn normalize_into(image: &RgbImage, p: &Preprocess, flip: bool, out: &mut [f32]) {
     let (w, h) = image.dimensions();
     let plane = (w * h) as usize;
+    if p.channels == 1 {
+        assert_eq!(out.len(), plane, "output holds one {w}x{h} grey image");
+        let (scale, shift) = (1.0 / (255.0 * p.std[0]), -p.mean[0] / p.std[0]);
+        for y in 0..h {
+            for x in 0..w {
+                let sx = if flip { w - 1 - x } else { x };
+                let [r, g, b] = image.get_pixel(sx, y).0.map(u32::from);
+                // Pillow's L = (R*299 + G*587 + B*114) / 1000, rounded.
+                let luma = ((r * 299 + g * 587 + b * 114 + 500) / 1000) as f32;
+                out[(y * w + x) as usize] = luma * scale + shift;
+            }
+        }
+        return;
+    }
     assert_eq!(out.len(), 3 * plane, "output holds one {w}x{h} RGB image");
     let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * p.std[c]));
     let shift: [f32; 3] = std::array::from_fn(|c| -p.mean[c] / p.std[c]);
@@ -149,7 +192,7 @@ pub fn normalize_into(image: &RgbImage, p: &Preprocess, flip: bool, out: &mut [f
     }
 }
 
-/// The evaluation transform of a decoded image as a `[3, input_size, input_size]` `f32` tensor.
+/// The evaluation transform of a decoded image as a `[channels, input_size, input_size]` `f32` tensor.
 pub fn eval_tensor(image: &DynamicImage, p: &Preprocess, device: &Device) -> Result<Tensor> {
     let rgb = match image {
         DynamicImage::ImageRgb8(rgb) => eval_pixels(rgb, p),
@@ -158,7 +201,7 @@ pub fn eval_tensor(image: &DynamicImage, p: &Preprocess, device: &Device) -> Res
     let mut data = vec![0f32; p.tensor_len()];
     normalize_into(&rgb, p, false, &mut data);
     let s = p.input_size;
-    Ok(Tensor::from_vec(data, (3, s, s), device)?)
+    Ok(Tensor::from_vec(data, (p.channels, s, s), device)?)
 }
 
 /// Loads the image at `path` and applies the evaluation transform: what `graft predict` feeds a model.
@@ -487,6 +530,7 @@ mod tests {
             interpolation: Interpolation::Nearest,
             mean: [0.5, 0.0, 1.0],
             std: [0.5, 1.0, 2.0],
+            channels: 3,
         };
         let img = RgbImage::from_fn(2, 2, |x, _| {
             if x == 0 {
@@ -539,6 +583,36 @@ mod tests {
         for (a, b) in half.iter().zip([0.2, 0.8, 0.6]) {
             assert!((a - b).abs() < 1e-5, "{half:?}");
         }
+    }
+
+    #[test]
+    fn a_grey_input_is_one_channel_of_luma_that_keeps_grey_pixels_exact() {
+        let p = Preprocess::unit(2, 1);
+        let img = RgbImage::from_fn(2, 2, |x, y| {
+            if (x, y) == (1, 1) {
+                image::Rgb([255, 0, 0])
+            } else {
+                image::Rgb([51, 51, 51])
+            }
+        });
+        let t = eval_tensor(&DynamicImage::ImageRgb8(img), &p, &Device::Cpu).unwrap();
+        assert_eq!(t.dims(), &[1, 2, 2]);
+        let v = t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!((v[0] - 0.2).abs() < 1e-6, "{v:?}");
+        // Pure red: Pillow's L is round(255 * 0.299) = 76.
+        assert!((v[3] - 76.0 / 255.0).abs() < 1e-6, "{v:?}");
+    }
+
+    #[test]
+    fn preprocess_written_before_grey_inputs_reads_as_rgb() {
+        let json = r#"{"input_size":224,"crop_pct":0.875,"interpolation":"bilinear","mean":[0.485,0.456,0.406],"std":[0.229,0.224,0.225]}"#;
+        let p: Preprocess = serde_json::from_str(json).unwrap();
+        assert_eq!(p, Preprocess::imagenet(224));
+        let bad = Preprocess {
+            channels: 2,
+            ..Preprocess::imagenet(8)
+        };
+        assert!(bad.validate().unwrap_err().to_string().contains("channels"));
     }
 
     #[test]

@@ -68,6 +68,10 @@ pub struct ModelCard {
     pub group_keys: std::collections::BTreeMap<String, Vec<String>>,
     /// Key prefix of the classifier in the weights file.
     pub classifier: String,
+    /// Dropout the architecture puts before its classifier (timm's `drop_rate`; EfficientNet's 0.2). A new
+    /// head gets it unless `--dropout` says otherwise, so fine-tuning regularises as the original training did.
+    #[serde(default)]
+    pub head_dropout: f32,
     pub num_classes: usize,
     /// Which class list the classifier predicts (`imagenet`).
     pub classes: String,

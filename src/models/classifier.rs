@@ -29,6 +29,10 @@ pub struct ClassifierSpec {
     pub classes: Vec<String>,
     /// Evaluation preprocessing (the card's, at the training image size).
     pub preprocess: Preprocess,
+    /// The weights were exported with every BatchNorm folded into the convolution before it (scaled
+    /// filters plus a bias, no BatchNorm tensors); see [`crate::export::fold_batch_norm`].
+    #[serde(default)]
+    pub bn_folded: bool,
 }
 
 /// A backbone plus a new head, with all their variables in one `VarMap`.
@@ -99,12 +103,43 @@ impl Classifier {
             };
             h = self.backbone.forward_group(i, &h, m)?;
         }
-        crate::models::layers::global_avg_pool(&h)
+        self.backbone.pool(&h)
     }
 
     /// Logits `[N, classes]`.
     pub fn forward(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
         let f = self.features(x, mode, frozen_groups)?;
+        self.head.forward(&f, mode.is_train())
+    }
+
+    /// What a frozen prefix of `level` groups turns `x` into, with no gradient graph: the output of group
+    /// `level - 1` (the images for 0), or the pooled features when every group is frozen (they are all the
+    /// head needs, and far smaller than the last group's maps). [`Classifier::forward_from`] continues from it.
+    pub fn frozen_prefix(&self, x: &Tensor, level: usize) -> Result<Tensor> {
+        let n = self.num_groups();
+        if level >= n {
+            return Ok(self.backbone.forward_features(x, Mode::Frozen, n)?.detach());
+        }
+        let mut h = x.clone();
+        for i in 0..level {
+            h = self.backbone.forward_group(i, &h, Mode::Frozen)?;
+        }
+        Ok(h.detach())
+    }
+
+    /// Logits from what [`Classifier::frozen_prefix`] returned for the same `level`: the remaining groups
+    /// run in `mode`, then the head. Equal to `forward(x, mode, level)` when `train_bn` is off.
+    pub fn forward_from(&self, h: &Tensor, level: usize, mode: Mode) -> Result<Tensor> {
+        let n = self.num_groups();
+        let f = if level >= n {
+            h.clone()
+        } else {
+            let mut h = h.clone();
+            for i in level..n {
+                h = self.backbone.forward_group(i, &h, mode)?;
+            }
+            self.backbone.pool(&h)?
+        };
         self.head.forward(&f, mode.is_train())
     }
 

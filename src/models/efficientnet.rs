@@ -441,6 +441,27 @@ impl Backbone for EfficientNetLite {
         "_fc"
     }
 
+    fn conv_of_bn(&self, bn: &str) -> Option<(String, f64)> {
+        let conv = match bn.rsplit_once('.') {
+            None => match bn {
+                "_bn0" => "_conv_stem".to_string(),
+                "_bn1" => "_conv_head".to_string(),
+                _ => return None,
+            },
+            Some((block, last)) if block.starts_with("_blocks.") => {
+                let conv = match last {
+                    "_bn0" => "_expand_conv",
+                    "_bn1" => "_depthwise_conv",
+                    "_bn2" => "_project_conv",
+                    _ => return None,
+                };
+                format!("{block}.{conv}")
+            }
+            Some(_) => return None,
+        };
+        Some((conv, EFFICIENTNET_BN_EPS))
+    }
+
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let stages = self.stages.len();
         if i == 0 {

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use std::str::FromStr;
 use std::sync::Mutex;
 
-/// How the head's weights are drawn; biases always start at zero.
+/// How the head's weights are drawn; biases start at zero except under [`Init::Torch`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Init {
@@ -30,6 +30,9 @@ pub enum Init {
     /// Xavier/Glorot uniform: `U(-b, b)` with `b = sqrt(6 / (fan_in + fan_out))` (gain 1), made for linear,
     /// tanh and sigmoid layers.
     Xavier,
+    /// PyTorch's `nn.Linear` default: weights and biases `U(-b, b)` with `b = 1 / sqrt(fan_in)`
+    /// (Kaiming uniform with `a = sqrt(5)`), for runs that should start where a PyTorch script starts.
+    Torch,
 }
 
 impl Init {
@@ -47,6 +50,7 @@ impl Init {
         match self {
             Init::He => (2.0 / fan_in as f64).sqrt(),
             Init::Xavier => (2.0 / (fan_in + fan_out) as f64).sqrt(),
+            Init::Torch => (1.0 / (3.0 * fan_in as f64)).sqrt(),
         }
     }
 
@@ -54,7 +58,7 @@ impl Init {
     fn candle_hint(self, fan_in: usize, fan_out: usize) -> candle_nn::Init {
         match self {
             Init::He => candle_nn::init::DEFAULT_KAIMING_NORMAL,
-            Init::Xavier => {
+            Init::Xavier | Init::Torch => {
                 let bound = 3f64.sqrt() * self.std(fan_in, fan_out);
                 candle_nn::Init::Uniform {
                     lo: -bound,
@@ -72,7 +76,7 @@ impl Init {
             Init::He => (0..n)
                 .map(|_| (std * standard_normal(rng)) as f32)
                 .collect(),
-            Init::Xavier => {
+            Init::Xavier | Init::Torch => {
                 let bound = 3f64.sqrt() * std;
                 (0..n)
                     .map(|_| rng.random_range(-bound..bound) as f32)
@@ -88,9 +92,10 @@ impl FromStr for Init {
         match s.to_ascii_lowercase().as_str() {
             "he" | "kaiming" => Ok(Init::He),
             "xavier" | "glorot" => Ok(Init::Xavier),
+            "torch" | "pytorch" => Ok(Init::Torch),
             _ => Err(Error::config(
                 "--init",
-                format!("`{s}` is not an init; use he or xavier"),
+                format!("`{s}` is not an init; use he, xavier or torch"),
             )),
         }
     }
@@ -316,7 +321,16 @@ impl Head {
                 Tensor::from_vec(values, (fan_out, fan_in), w.device())?.to_dtype(w.dtype())?;
             set_variable(w, &new_w)?;
             if let Some(b) = layer.bias() {
-                set_variable(b, &b.zeros_like()?)?;
+                let value = if self.config.init == Init::Torch {
+                    let bound = 1.0 / (fan_in as f64).sqrt();
+                    let v: Vec<f32> = (0..fan_out)
+                        .map(|_| rng.random_range(-bound..bound) as f32)
+                        .collect();
+                    Tensor::from_vec(v, fan_out, b.device())?
+                } else {
+                    b.zeros_like()?
+                };
+                set_variable(b, &value)?;
             }
         }
         Ok(())
@@ -437,6 +451,37 @@ mod tests {
         assert!(
             max <= bound && max > 0.95 * bound,
             "max {max}, bound {bound}"
+        );
+    }
+
+    #[test]
+    fn torch_init_draws_weights_and_biases_within_one_over_sqrt_fan_in() {
+        let cfg = HeadConfig {
+            init: Init::Torch,
+            ..HeadConfig::default()
+        };
+        let (vm, head) = build(&cfg, 400, 100);
+        head.reset_parameters(&mut seeded(4)).unwrap();
+        let bound = 1.0f32 / 20.0;
+        for key in ["head.fc.weight", "head.fc.bias"] {
+            let t = var(&vm, key);
+            let max = t
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                max <= bound && max > 0.9 * bound,
+                "{key}: max {max}, bound {bound}"
+            );
+        }
+        let std = std_of(&var(&vm, "head.fc.weight"));
+        let expected = bound as f64 / 3f64.sqrt();
+        assert!(
+            (std / expected - 1.0).abs() < 0.03,
+            "std {std}, expected {expected}"
         );
     }
 

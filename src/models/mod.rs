@@ -5,9 +5,11 @@
 //! of named *layer groups* (ResNet: stem, layer1..layer4; EfficientNet-Lite: stem, its stages, ...); the
 //! classifier (`fc` / `_fc`) is a separate [`Linear`](layers::Linear) head so a new one can replace it.
 
+pub mod base;
 pub mod card;
 pub mod classifier;
 pub mod efficientnet;
+pub mod encoder;
 pub mod head;
 pub mod hub;
 pub mod layers;
@@ -75,6 +77,19 @@ pub trait Backbone: Send + Sync {
     /// Runs group `i` alone on the output of group `i - 1` (or the image batch for `i == 0`).
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor>;
 
+    /// The convolution whose output the BatchNorm at `bn` (a key prefix such as `layer1.0.bn1`) normalises,
+    /// as `(its key prefix, the BatchNorm's eps)`, for folding BatchNorm into convolutions on export; `None`
+    /// when `bn` is not a BatchNorm of this backbone that directly follows a convolution.
+    fn conv_of_bn(&self, _bn: &str) -> Option<(String, f64)> {
+        None
+    }
+
+    /// The feature vector `[N, feature_dim]` of the last group's output: global average pooling for
+    /// convolutional backbones (override for backbones whose last group already gives vectors).
+    fn pool(&self, h: &Tensor) -> Result<Tensor> {
+        layers::global_avg_pool(h)
+    }
+
     /// Pooled features `[N, feature_dim]`: groups with index `< frozen_groups` run in `Mode::Frozen`,
     /// the rest in `mode`.
     fn forward_features(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
@@ -87,14 +102,16 @@ pub trait Backbone: Send + Sync {
             };
             h = self.forward_group(i, &h, m)?;
         }
-        Ok(h.mean(candle_core::D::Minus1)?
-            .mean(candle_core::D::Minus1)?)
+        self.pool(&h)
     }
 }
 
-/// Builds the backbone of architecture `arch` (as named in model cards) from a scoped builder.
+/// Builds the backbone of architecture `arch` (as named in model cards, or an encoder arch string such as
+/// `dense:784,300,150`, see [`encoder::EncoderConfig::parse`]) from a scoped builder.
 pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn Backbone>> {
-    if arch.starts_with("resnet") {
+    if encoder::EncoderConfig::is_encoder_arch(arch) {
+        encoder::EncoderConfig::parse(arch)?.build(vb)
+    } else if arch.starts_with("resnet") {
         let cfg = resnet::ResNetConfig::from_arch(arch)?;
         Ok(Box::new(resnet::ResNet::new(cfg, vb)?))
     } else if arch.starts_with("efficientnet_lite") {
@@ -103,7 +120,7 @@ pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn B
     } else {
         Err(crate::Error::config(
             "architecture",
-            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0)"),
+            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0, dense:..., conv:...)"),
         ))
     }
 }

@@ -6,7 +6,7 @@
 //! classifier `fc` is not a group: it is a separate [`Linear`] that [`ResNet::classifier`] builds, so a new
 //! head of any width can take its place.
 
-use super::layers::{batch_norm, conv2d, conv_bn, global_avg_pool, linear, max_pool2d, relu};
+use super::layers::{batch_norm, conv2d, conv_bn, linear, max_pool2d, relu};
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
@@ -306,6 +306,21 @@ impl Backbone for ResNet {
         "fc"
     }
 
+    fn conv_of_bn(&self, bn: &str) -> Option<(String, f64)> {
+        let (parent, last) = match bn.rsplit_once('.') {
+            Some((p, l)) => (format!("{p}."), l),
+            None => (String::new(), bn),
+        };
+        let conv = if parent.ends_with("downsample.") && last == "1" {
+            "0".to_string()
+        } else {
+            let k = last.strip_prefix("bn")?;
+            k.parse::<usize>().ok()?;
+            format!("conv{k}")
+        };
+        Some((format!("{parent}{conv}"), RESNET_BN_EPS))
+    }
+
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match i {
             0 => {
@@ -320,19 +335,6 @@ impl Backbone for ResNet {
                 format!("index {i} out of range 0..{}", GROUP_NAMES.len()),
             )),
         }
-    }
-
-    fn forward_features(&self, x: &Tensor, mode: Mode, frozen_groups: usize) -> Result<Tensor> {
-        let mut h = x.clone();
-        for i in 0..GROUP_NAMES.len() {
-            let m = if i < frozen_groups {
-                Mode::Frozen
-            } else {
-                mode
-            };
-            h = self.forward_group(i, &h, m)?;
-        }
-        global_avg_pool(&h)
     }
 }
 

@@ -8,11 +8,10 @@
 //! weights and metrics as an uninterrupted run.
 
 use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig, Preprocess};
-use crate::models::card;
+use crate::models::base;
 use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::models::head::HeadConfig;
-use crate::models::hub;
-use crate::models::weights::{self, LoadReport};
+use crate::models::weights::LoadReport;
 use crate::models::Mode;
 use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
 use crate::optim::schedule::ReduceOnPlateau;
@@ -82,7 +81,8 @@ impl ScheduleKind {
 /// Everything that defines a fine-tuning run; saved as the run's config and in every checkpoint.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneConfig {
-    /// Model card name (`resnet18`, `efficientnet_lite0`, ...).
+    /// Base: a model card name (`resnet18`, ...), an encoder arch (`dense:784,300,150`) or `ae:RUN_DIR`
+    /// (see [`base::resolve`]).
     pub base: String,
     /// Local weights instead of the card's; ignored when `pretrained` is false.
     pub weights: Option<PathBuf>,
@@ -127,6 +127,13 @@ pub struct FinetuneConfig {
     #[serde(default)]
     pub train_bn: bool,
     pub device: String,
+    /// Memory budget in MiB for the cached outputs of a frozen prefix (0: never cache).
+    #[serde(default = "cache_mb_default")]
+    pub cache_mb: usize,
+}
+
+fn cache_mb_default() -> usize {
+    2048
 }
 
 /// What a finished run reports.
@@ -178,6 +185,54 @@ fn phase_of(cfg: &FinetuneConfig, epoch: usize) -> (usize, usize) {
     }
 }
 
+/// The schedule of one phase. A one-cycle run with both a frozen and an unfrozen phase follows fastai's
+/// `fine_tune`: the frozen phase warms up over 99% of its steps to `--lr`, the unfrozen phase peaks at half
+/// of it, warms up over 30% and starts at a fifth of its peak (div 5). That keeps the first unfrozen steps
+/// gentle, where a full restart of the cycle would undo what the frozen phase taught the head. Every other
+/// combination runs the chosen schedule at `--lr` over the phase.
+fn phase_schedule(
+    cfg: &FinetuneConfig,
+    first_phase: bool,
+    steps: usize,
+    steps_per_epoch: usize,
+) -> ScheduleConfig {
+    let two_phases = cfg.freeze_epochs > 0 && cfg.epochs > 0;
+    if cfg.schedule != ScheduleKind::Onecycle || !two_phases {
+        return cfg.schedule.build(cfg.lr, steps, steps_per_epoch);
+    }
+    let (lr, pct, div) = if first_phase {
+        (cfg.lr, 0.99, 25.0)
+    } else {
+        (cfg.lr / 2.0, 0.3, 5.0)
+    };
+    match ScheduleConfig::fit_one_cycle(lr) {
+        ScheduleConfig::OneCycle {
+            max_lr,
+            final_div_factor,
+            anneal,
+            three_phase,
+            cycle_momentum,
+            base_momentum,
+            max_momentum,
+            style,
+            ..
+        } => ScheduleConfig::OneCycle {
+            max_lr,
+            pct_start: pct,
+            div_factor: div,
+            // fastai's final rate is lr / div_final with div_final = 1e5, whatever div is.
+            final_div_factor: final_div_factor * 25.0 / div,
+            anneal,
+            three_phase,
+            cycle_momentum,
+            base_momentum,
+            max_momentum,
+            style,
+        },
+        other => other,
+    }
+}
+
 /// Validates a config before anything is written.
 pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     if cfg.freeze_epochs + cfg.epochs == 0 {
@@ -209,7 +264,7 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     }
     cfg.optimizer.validate()?;
     cfg.head.validate()?;
-    card::card(&cfg.base).map(|_| ())
+    base::resolve(&cfg.base).map(|_| ())
 }
 
 /// Everything a run needs at hand, built from its config.
@@ -228,8 +283,8 @@ struct Session {
 }
 
 fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
-    let card = card::card(&cfg.base)?;
-    let mut p = card.preprocess.clone();
+    let base = base::resolve(&cfg.base)?;
+    let mut p = base.preprocess.clone();
     if let Some(s) = cfg.image_size {
         if s < 16 {
             return Err(Error::config(
@@ -243,18 +298,20 @@ fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
         p.crop_pct = c;
     }
     p.validate()?;
+    base.check_preprocess(&p)?;
     Ok(p)
 }
 
 /// The classifier a config describes, for `classes`.
 pub fn classifier_spec(cfg: &FinetuneConfig, classes: Vec<String>) -> Result<ClassifierSpec> {
-    let card = card::card(&cfg.base)?;
+    let base = base::resolve(&cfg.base)?;
     Ok(ClassifierSpec {
-        arch: card.arch.clone(),
-        base: card.name.clone(),
+        arch: base.arch.clone(),
+        base: base.name.clone(),
         head: cfg.head,
         classes,
         preprocess: preprocess_for(cfg)?,
+        bn_folded: false,
     })
 }
 
@@ -264,7 +321,7 @@ impl Session {
         reporter: &mut Reporter,
     ) -> Result<(Session, Option<LoadReport>)> {
         let device = crate::device::parse_device(&cfg.device)?;
-        let card = card::card(&cfg.base)?;
+        let base = base::resolve(&cfg.base)?;
         let dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
         if dataset.val.is_empty() && cfg.patience.is_some() {
             return Err(Error::Dataset {
@@ -278,18 +335,23 @@ impl Session {
         model.train_bn = cfg.train_bn;
         model.head.reset_parameters(&mut seeded(cfg.seed))?;
         let report = if cfg.pretrained {
-            let resolved = hub::resolve_or_local(&card, cfg.weights.as_deref())?;
-            let file = weights::read_weights(&resolved.path, &device)?;
-            Some(model.load_backbone(&file)?)
+            base.read_weights(cfg.weights.as_deref(), &device)?
+                .map(|file| model.load_backbone(&file))
+                .transpose()?
         } else {
             None
         };
+        if report.is_none() {
+            base.seed_random_init(&model.varmap, cfg.seed)?;
+        }
         let n = dataset.classes.len();
         let batch_size = cfg.batch_size.min(dataset.train.len());
         let train_cfg = LoaderConfig {
             batch_size,
             shuffle: true,
-            drop_last: true,
+            // Keep every image (as PyTorch's DataLoader does), except a lone last image: BatchNorm cannot
+            // take batch statistics of one sample.
+            drop_last: dataset.train.len() % batch_size == 1,
             seed: cfg.seed,
             balanced: cfg.balanced,
             augment: cfg.augment.then(Augment::default),
@@ -376,26 +438,35 @@ impl Session {
     fn schedule(&self, epoch: usize) -> (ScheduleConfig, usize, usize) {
         let (start, len) = phase_of(&self.cfg, epoch);
         let steps = len * self.steps_per_epoch;
-        let sched = self
-            .cfg
-            .schedule
-            .build(self.cfg.lr, steps, self.steps_per_epoch);
+        let sched = phase_schedule(&self.cfg, start == 0, steps, self.steps_per_epoch);
         (sched, (epoch - start) * self.steps_per_epoch, steps)
     }
 
-    /// Pooled features of `loader`'s samples in order, computed once with the backbone frozen.
-    fn features(&self, loader: &Loader) -> Result<(Tensor, Tensor)> {
-        let mut feats = Vec::new();
+    /// What the frozen prefix of `level` groups makes of `loader`'s samples, in order, with their labels
+    /// (see [`Classifier::frozen_prefix`]), or `None` once they would pass the memory budget.
+    fn prefix_outputs(&self, loader: &Loader, level: usize) -> Result<Option<(Tensor, Tensor)>> {
+        let budget = self.cfg.cache_mb as f64 * (1u64 << 20) as f64;
+        let n = loader.samples().len() as f64;
+        let mut outs = Vec::new();
         let mut labels = Vec::new();
         for batch in loader.epoch(0) {
             let batch = batch?;
-            feats.push(
-                self.model
-                    .features(&batch.images, Mode::Frozen, self.n_groups)?,
-            );
+            let h = self.model.frozen_prefix(&batch.images, level)?;
+            let per_sample = (h.elem_count() / h.dim(0)?.max(1)) as f64 * 4.0;
+            if per_sample * n > budget {
+                return Ok(None);
+            }
+            outs.push(h);
             labels.push(batch.labels);
         }
-        Ok((Tensor::cat(&feats, 0)?, Tensor::cat(&labels, 0)?))
+        Ok(Some((Tensor::cat(&outs, 0)?, Tensor::cat(&labels, 0)?)))
+    }
+
+    /// The number of frozen groups whose outputs can be computed once for the epochs ahead: the frozen
+    /// prefix, when no random augmentation changes the inputs and no BatchNorm inside it trains.
+    fn cache_level(&self, frozen: usize) -> Option<usize> {
+        (frozen > 0 && !self.cfg.augment && !self.cfg.train_bn && self.cfg.cache_mb > 0)
+            .then_some(frozen.min(self.n_groups))
     }
 
     /// Whether there are validation images (without them: no early stopping, the last weights are kept).
@@ -415,7 +486,7 @@ impl Session {
     /// Validation loss, accuracy and confusion matrix, everything frozen (no graph, running stats untouched).
     fn evaluate(
         &self,
-        cached: Option<&(Tensor, Tensor)>,
+        cached: Option<&ActivationCache>,
         reporter: &mut Reporter,
         epoch: usize,
     ) -> Result<(RunningStats, ConfusionMatrix)> {
@@ -434,12 +505,14 @@ impl Session {
             pass.batch(labels.dim(0)?, loss, correct);
             Ok(())
         };
-        match cached {
-            Some((f, y)) => {
+        match cached.and_then(|c| c.val.as_ref().map(|v| (c.level, v))) {
+            Some((level, (f, y))) => {
                 let n = f.dim(0)?;
                 for start in (0..n).step_by(bs) {
                     let len = bs.min(n - start);
-                    let logits = self.model.head.forward(&f.narrow(0, start, len)?, false)?;
+                    let logits =
+                        self.model
+                            .forward_from(&f.narrow(0, start, len)?, level, Mode::Frozen)?;
                     handle(logits, y.narrow(0, start, len)?)?;
                 }
             }
@@ -452,6 +525,49 @@ impl Session {
         }
         pass.finish();
         Ok((stats, cm))
+    }
+}
+
+/// Outputs of a frozen prefix of `level` groups for the training samples (in sample order) and the validation
+/// samples, computed once and reused while the prefix stays frozen (the tch-rs transfer-learning trick, at any
+/// depth). Frozen groups run on running statistics and their weights do not move, so the cached outputs are
+/// exactly what the prefix would compute again.
+struct ActivationCache {
+    level: usize,
+    train: (Tensor, Tensor),
+    val: Option<(Tensor, Tensor)>,
+}
+
+impl ActivationCache {
+    /// `None` when the activations would not fit in `--cache-mb`: training then runs the whole network.
+    fn build(s: &Session, level: usize, reporter: &mut Reporter) -> Result<Option<Self>> {
+        let names = s.model.backbone.group_names();
+        let what = if level >= s.n_groups {
+            "backbone features".to_string()
+        } else {
+            format!("activations after {}", names[level - 1])
+        };
+        let Some(train) = s.prefix_outputs(&s.train_eval, level)? else {
+            reporter.line(&format!(
+                "{what} of the training images pass --cache-mb {}: not caching",
+                s.cfg.cache_mb
+            ));
+            return Ok(None);
+        };
+        let val = if s.has_val() {
+            match s.prefix_outputs(&s.val, level)? {
+                Some(v) => Some(v),
+                None => return Ok(None),
+            }
+        } else {
+            None
+        };
+        let bytes = (train.0.elem_count() + val.as_ref().map_or(0, |v| v.0.elem_count())) * 4;
+        reporter.line(&format!(
+            "frozen prefix, no augmentation: {what} computed once ({:.1} MiB)",
+            bytes as f64 / (1u64 << 20) as f64
+        ));
+        Ok(Some(ActivationCache { level, train, val }))
     }
 }
 
@@ -537,8 +653,7 @@ pub fn finetune(
     }
 
     let mut history = MetricsLog::read(run_dir.metrics_path())?;
-    let mut cached_train: Option<(Tensor, Tensor)> = None;
-    let mut cached_val: Option<(Tensor, Tensor)> = None;
+    let mut cache: Option<ActivationCache> = None;
     let mut stop_reason = None;
     for (epochs_this_run, epoch) in (start_epoch..total_epochs).enumerate() {
         if opts.stop_after.is_some_and(|n| epochs_this_run >= n) {
@@ -582,19 +697,17 @@ pub fn finetune(
         if plateau.is_none() {
             plateau = sched.plateau();
         }
-        // Frozen-backbone fast path: features once, then only the head trains.
-        let fast = frozen >= s.n_groups && !cfg.augment && !cfg.train_bn;
-        if fast && cached_train.is_none() {
-            reporter.line("backbone frozen, no augmentation: computing features once");
-            cached_train = Some(s.features(&s.train_eval)?);
-            if s.has_val() {
-                cached_val = Some(s.features(&s.val)?);
+        // Cached activations: the frozen prefix runs once, later epochs train only the rest.
+        let level = s.cache_level(frozen);
+        if cache.as_ref().map(|c| c.level) != level {
+            cache = None;
+            if let Some(level) = level {
+                cache = ActivationCache::build(&s, level, &mut reporter)?;
             }
         }
-
         let mut pass = reporter.pass("train", epoch + 1, s.steps_per_epoch);
         let mut lr = 0.0;
-        let order_batches: Vec<Vec<usize>> = if fast {
+        let order_batches: Vec<Vec<usize>> = if cache.is_some() {
             s.train
                 .epoch_order(epoch as u64)
                 .chunks(s.train.config().batch_size)
@@ -606,8 +719,8 @@ pub fn finetune(
         let mut batches = s.train.epoch(epoch as u64);
         #[allow(clippy::needless_range_loop)] // `i` also positions the step in the schedule
         for i in 0..s.steps_per_epoch {
-            let (logits, labels) = if fast {
-                let (feats, ys) = cached_train.as_ref().expect("cached above");
+            let (logits, labels) = if let Some(c) = &cache {
+                let (feats, ys) = &c.train;
                 let idx = Tensor::new(
                     order_batches[i]
                         .iter()
@@ -616,7 +729,10 @@ pub fn finetune(
                     &s.device,
                 )?;
                 let x = feats.index_select(&idx, 0)?;
-                (s.model.head.forward(&x, true)?, ys.index_select(&idx, 0)?)
+                (
+                    s.model.forward_from(&x, c.level, Mode::Train)?,
+                    ys.index_select(&idx, 0)?,
+                )
             } else {
                 let Some(batch) = batches.next() else { break };
                 let batch = batch?;
@@ -646,11 +762,8 @@ pub fn finetune(
         let images_per_s = pass.images_per_s();
         pass.finish();
 
-        let (val_stats, _) = s.evaluate(
-            if fast { cached_val.as_ref() } else { None },
-            &mut reporter,
-            epoch + 1,
-        )?;
+        // Evaluation with cached activations is only valid while the prefix has not moved.
+        let (val_stats, _) = s.evaluate(cache.as_ref(), &mut reporter, epoch + 1)?;
         let m = EpochMetrics {
             epoch: epoch + 1,
             train_loss: train_stats.loss(),
@@ -729,4 +842,57 @@ pub fn finetune(
         serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
     crate::fsutil::write_atomic(&run_dir.summary_path(), &json)?;
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    /// The config the CLI builds from `flags` (after `graft finetune --base resnet18 --data d`).
+    fn config(flags: &[&str]) -> FinetuneConfig {
+        let mut argv = vec!["graft", "finetune", "--base", "resnet18", "--data", "d"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv).unwrap().command {
+            Command::Finetune(a) => crate::cli::finetune::config_from_args(&a).unwrap(),
+            _ => unreachable!("parsed a finetune command"),
+        }
+    }
+
+    #[test]
+    fn the_default_recipe_is_fastai_fine_tune() {
+        let cfg = config(&[]);
+        assert_eq!((cfg.freeze_epochs, cfg.epochs, cfg.lr), (1, 5, 2e-3));
+        let (steps, spe) = (100, 100);
+        let frozen = phase_schedule(&cfg, true, steps, spe);
+        // Warm-up over 99% of the frozen phase from lr/25 to lr.
+        assert!((frozen.lr_at(0, steps) - 2e-3 / 25.0).abs() < 1e-12);
+        assert!((frozen.lr_at(98, steps) - 2e-3).abs() < 2e-6);
+        // The unfrozen phase: from (lr/2)/5 up to lr/2 over 30%, down to lr/2/1e5 at the end.
+        let unfrozen = phase_schedule(&cfg, false, steps, spe);
+        assert!((unfrozen.lr_at(0, steps) - 1e-3 / 5.0).abs() < 1e-12);
+        assert!((unfrozen.lr_at(30, steps) - 1e-3).abs() < 1e-12);
+        let last = unfrozen.lr_at(steps - 1, steps);
+        assert!(last < 1e-3 / 1e3, "ends at {last}");
+    }
+
+    #[test]
+    fn a_single_phase_or_another_schedule_runs_at_the_given_rate() {
+        let probe = config(&["--freeze-epochs", "4", "--epochs", "0", "--lr", "1e-2"]);
+        let s = phase_schedule(&probe, true, 40, 10);
+        assert!(
+            (s.lr_at(10, 40) - 1e-2).abs() < 1e-12,
+            "plain fit_one_cycle peaks at 25%"
+        );
+        let constant = config(&["--schedule", "constant", "--lr", "1e-3"]);
+        assert_eq!(phase_schedule(&constant, false, 40, 10).lr_at(7, 40), 1e-3);
+    }
+
+    #[test]
+    fn frozen_groups_follow_freeze_epochs_prefix_and_gradual_unfreezing() {
+        let cfg = config(&["--freeze-epochs", "2", "--unfreeze-at", "4:layer4,6:layer2"]);
+        let frozen: Vec<usize> = (0..7).map(|e| frozen_at(&cfg, e, 5)).collect();
+        assert_eq!(frozen, [5, 5, 5, 4, 4, 2, 2]);
+    }
 }

@@ -307,6 +307,34 @@ pub fn plot_curves(metrics: &[EpochMetrics], path: impl AsRef<Path>) -> Result<(
     cv.save(path.as_ref())
 }
 
+/// Writes the train and validation loss of `metrics` as one panel titled `title`, for runs that have no
+/// accuracy (pretraining).
+pub fn plot_loss_curves(
+    metrics: &[EpochMetrics],
+    title: &str,
+    path: impl AsRef<Path>,
+) -> Result<()> {
+    let (w, h) = (800i64, 440i64);
+    let mut cv = Canvas::new(w as u32, h as u32);
+    let points = |f: fn(&EpochMetrics) -> f64| -> Vec<(f64, f64)> {
+        metrics.iter().map(|m| (m.epoch as f64, f(m))).collect()
+    };
+    let loss = [
+        Series {
+            name: "train",
+            color: TRAIN,
+            points: points(|m| m.train_loss),
+        },
+        Series {
+            name: "val",
+            color: VAL,
+            points: points(|m| m.val_loss),
+        },
+    ];
+    line_panel(&mut cv, (0, 0, w, h), title, &loss, false);
+    cv.save(path.as_ref())
+}
+
 /// Shortens `s` to at most `max` characters, marking the cut with `~`.
 fn clip(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
