@@ -12,7 +12,7 @@
 # PyTorch runs with OMP_WAIT_POLICY=PASSIVE unless the variable is set: with OpenMP's default spin-waiting, on a
 # machine whose cores are shared with other work, PyTorch's throughput collapses (ResNet-18 forward at 128 under
 # a load average of 4 on 2 cores: 13.8 images/s spinning, 66.0 passive), and the table would compare schedulers
-# instead of kernels. On an idle machine the two policies are within noise.
+# instead of kernels. (The two policies have not been compared on an idle machine.)
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
 set -euo pipefail
 cd "$(dirname "$0")/.."
