@@ -135,7 +135,7 @@ fn run_one(model: &str, size: usize, mode: &str, batch: usize, iters: usize) -> 
         "mode": mode,
         "images_per_s": (batch as f64 / median * 10.).round() / 10.,
         "ms_per_batch": (median * 1e4).round() / 10.,
-        "peak_rss_mib": peak_rss_mib().map(|m| m.round()),
+        "peak_rss_mib": peak_rss_mib().map(|m| m.round() as u64),
         "iters": times.len(),
         "threads": rayon::current_num_threads(),
     });
