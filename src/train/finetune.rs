@@ -205,32 +205,20 @@ fn phase_schedule(
     } else {
         (cfg.lr / 2.0, 0.3, 5.0)
     };
-    match ScheduleConfig::fit_one_cycle(lr) {
-        ScheduleConfig::OneCycle {
-            max_lr,
-            final_div_factor,
-            anneal,
-            three_phase,
-            cycle_momentum,
-            base_momentum,
-            max_momentum,
-            style,
-            ..
-        } => ScheduleConfig::OneCycle {
-            max_lr,
-            pct_start: pct,
-            div_factor: div,
-            // fastai's final rate is lr / div_final with div_final = 1e5, whatever div is.
-            final_div_factor: final_div_factor * 25.0 / div,
-            anneal,
-            three_phase,
-            cycle_momentum,
-            base_momentum,
-            max_momentum,
-            style,
-        },
-        other => other,
+    let mut sched = ScheduleConfig::fit_one_cycle(lr);
+    if let ScheduleConfig::OneCycle {
+        pct_start,
+        div_factor,
+        final_div_factor,
+        ..
+    } = &mut sched
+    {
+        *pct_start = pct;
+        *div_factor = div;
+        // fastai ends at lr / div_final with div_final = 1e5, whatever div is.
+        *final_div_factor = 1e5 / div;
     }
+    sched
 }
 
 /// Validates a config before anything is written.
@@ -443,9 +431,13 @@ impl Session {
     }
 
     /// What the frozen prefix of `level` groups makes of `loader`'s samples, in order, with their labels
-    /// (see [`Classifier::frozen_prefix`]), or `None` once they would pass the memory budget.
-    fn prefix_outputs(&self, loader: &Loader, level: usize) -> Result<Option<(Tensor, Tensor)>> {
-        let budget = self.cfg.cache_mb as f64 * (1u64 << 20) as f64;
+    /// (see [`Classifier::frozen_prefix`]), or `None` once they would take more than `budget` bytes.
+    fn prefix_outputs(
+        &self,
+        loader: &Loader,
+        level: usize,
+        budget: f64,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         let n = loader.samples().len() as f64;
         let mut outs = Vec::new();
         let mut labels = Vec::new();
@@ -547,18 +539,24 @@ impl ActivationCache {
         } else {
             format!("activations after {}", names[level - 1])
         };
-        let Some(train) = s.prefix_outputs(&s.train_eval, level)? else {
+        let too_big = |reporter: &mut Reporter, images: &str| {
             reporter.line(&format!(
-                "{what} of the training images pass --cache-mb {}: not caching",
+                "{what} of the {images} images pass --cache-mb {}: not caching",
                 s.cfg.cache_mb
             ));
+        };
+        let budget = s.cfg.cache_mb as f64 * (1u64 << 20) as f64;
+        let Some(train) = s.prefix_outputs(&s.train_eval, level, budget)? else {
+            too_big(reporter, "training");
             return Ok(None);
         };
         let val = if s.has_val() {
-            match s.prefix_outputs(&s.val, level)? {
-                Some(v) => Some(v),
-                None => return Ok(None),
-            }
+            let left = budget - (train.0.elem_count() * 4) as f64;
+            let Some(v) = s.prefix_outputs(&s.val, level, left)? else {
+                too_big(reporter, "validation");
+                return Ok(None);
+            };
+            Some(v)
         } else {
             None
         };
