@@ -428,3 +428,46 @@ fn bad_arch_strings_and_mismatched_image_sizes_are_refused_clearly() {
     );
     assert!(err.contains("encoder.json"), "{err}");
 }
+
+#[test]
+fn a_stage_stopped_early_hands_its_best_epoch_to_the_next() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["a", "b"], 8);
+    // `--min-delta 100`: no epoch after the first improves, so patience 1 stops the stage after epoch 2 and
+    // the best weights are those after epoch 1.
+    let mut stopped = config(&data, "dense:64,16");
+    stopped.stage_epochs = 4;
+    stopped.patience = Some(1);
+    stopped.min_delta = 100.0;
+    let run = RunDir::create(Some(&tmp.path().join("stopped"))).unwrap();
+    let out = pretrain(&stopped, &run, false, &quiet(None)).unwrap();
+    assert_eq!(out.epochs_run, 2, "patience 1 stops after the second epoch");
+
+    // One epoch alone reaches the same weights (constant schedule, seeded order and noise).
+    let mut one = config(&data, "dense:64,16");
+    one.stage_epochs = 1;
+    let run1 = RunDir::create(Some(&tmp.path().join("one"))).unwrap();
+    pretrain(&one, &run1, false, &quiet(None)).unwrap();
+
+    let encoder = |dir: &Path| -> BTreeMap<String, Vec<f32>> {
+        candle_core::safetensors::load(dir.join("encoder.safetensors"), &Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, v)| (k, v.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+            .collect()
+    };
+    let (a, b) = (encoder(run.path()), encoder(run1.path()));
+    assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());
+    for (k, va) in &a {
+        let diff = va
+            .iter()
+            .zip(&b[k])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-6,
+            "{k}: the stopped stage kept another epoch's weights ({diff})"
+        );
+    }
+}

@@ -102,7 +102,8 @@ pub struct PretrainConfig {
     pub sparsity: Option<Sparsity>,
     /// Gibbs steps of contrastive divergence (RBMs).
     pub cd_k: usize,
-    /// Early stopping patience per phase (`None`: every phase runs all its epochs).
+    /// Early stopping patience per phase (`None`: every phase runs all its epochs). A phase with patience
+    /// ends with the weights of its best epoch.
     pub patience: Option<usize>,
     pub min_delta: f64,
     pub seed: u64,
@@ -664,6 +665,13 @@ pub fn pretrain(
     let mut epochs_this_run = 0;
     loop {
         if pos.phase_done || pos.phase_epoch >= cfg.phase_epochs(pos.phase, stages) {
+            // With early stopping, Keras's restore_best_weights per phase: the phase hands its best epoch
+            // (lowest validation loss) to the next. Without it, the phase ends with its last weights.
+            let restore = cfg.patience.is_some() && early.best().is_some();
+            if restore && run_dir.best_checkpoint().is_file() {
+                Checkpoint::load(run_dir.best_checkpoint(), &s.device)?
+                    .restore_varmap("model", &s.model.varmap)?;
+            }
             if pos.phase_epoch > 0 || pos.phase_done {
                 s.write_grid(run_dir, pos.phase)?;
             }
@@ -784,6 +792,9 @@ pub fn pretrain(
                 .map_err(|e| Error::config("config", e.to_string()))?,
             classes: Vec::new(),
         };
+        if cfg.patience.is_some() && matches!(decision, Decision::Continue { improved: true }) {
+            save_checkpoint(&run_dir.best_checkpoint(), &s.model, opt_ref, &state)?;
+        }
         save_checkpoint(&run_dir.last_checkpoint(), &s.model, opt_ref, &state)?;
         metrics_log.append(&m)?;
         reporter.line(&format!(
