@@ -454,13 +454,13 @@ fn check_float(t: &Tensor, op: &str) -> Result<()> {
     }
 }
 
+/// What the kernel tests share: comparing our ops with candle's, values and gradients.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-    use candle_nn::VarMap;
+pub(crate) mod test_support {
+    use candle_core::{DType, Tensor, Var};
 
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+    /// Largest absolute difference between two tensors of the same shape.
+    pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
         (a - b)
             .unwrap()
             .abs()
@@ -472,6 +472,34 @@ mod tests {
             .to_scalar()
             .unwrap()
     }
+
+    /// For each of `vars`, the largest difference between its gradients through `ours` and through `theirs`,
+    /// both backpropagated from `sum(output * probe)` with the same `probe`.
+    pub fn gradient_gaps(
+        ours: &Tensor,
+        theirs: &Tensor,
+        probe: &Tensor,
+        vars: &[&Var],
+    ) -> Vec<f64> {
+        let backward = |t: &Tensor| (t * probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (backward(ours), backward(theirs));
+        vars.iter()
+            .map(|v| {
+                max_abs(
+                    g1.get(v.as_tensor()).unwrap(),
+                    g2.get(v.as_tensor()).unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::max_abs;
+    use super::*;
+    use candle_core::Device;
+    use candle_nn::VarMap;
 
     /// A BatchNorm over 3 channels with non-trivial affine parameters and running statistics.
     fn batch_norm_f64(varmap: &VarMap) -> BatchNorm {

@@ -395,18 +395,8 @@ impl CustomOp2 for DepthwiseGradWeight {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::layers::test_support::{gradient_gaps, max_abs};
     use candle_core::{Device, Var};
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn forward_and_gradients_match_candle_grouped_conv() {
@@ -433,22 +423,8 @@ mod tests {
             let what = format!("c{c} {h}x{w} k{k} p{p} s{s}");
             assert_eq!(ours.dims(), theirs.dims(), "{what}");
             assert!(max_abs(&ours, &theirs) < 1e-12, "forward {what}");
-            let g_ours = (ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g_theirs = (theirs * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &wt] {
-                let a = g_ours.get(v.as_tensor()).unwrap();
-                let b = g_theirs.get(v.as_tensor()).unwrap();
-                assert!(max_abs(a, b) < 1e-12, "gradient {what}");
+            for gap in gradient_gaps(&ours, &theirs, &probe, &[&x, &wt]) {
+                assert!(gap < 1e-12, "gradient {what}");
             }
         }
     }

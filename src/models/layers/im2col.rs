@@ -302,18 +302,8 @@ impl CustomOp1 for Col2Im {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::layers::test_support::{gradient_gaps, max_abs};
     use candle_core::Var;
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
-    }
 
     #[test]
     fn im2col_backward_matches_candle_conv2d_for_both_forwards() {
@@ -342,24 +332,8 @@ mod tests {
                     assert!(max_abs(&ours, &theirs) < 1e-10, "{what}: forward");
                 }
                 let probe = Tensor::randn(0f64, 1., ours.dims(), &dev).unwrap();
-                let g1 = (ours * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let g2 = (theirs * &probe)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                for v in [&x, &wt] {
-                    let (a, b) = (
-                        g1.get(v.as_tensor()).unwrap(),
-                        g2.get(v.as_tensor()).unwrap(),
-                    );
-                    assert!(max_abs(a, b) < 1e-10, "{what}: gradient");
+                for gap in gradient_gaps(&ours, &theirs, &probe, &[&x, &wt]) {
+                    assert!(gap < 1e-10, "{what}: gradient");
                 }
             }
         }
@@ -386,24 +360,8 @@ mod tests {
             assert_eq!(ours.dims(), theirs.dims(), "{what}");
             assert!(max_abs(&ours, &theirs) < 1e-10, "forward {what}");
             let probe = Tensor::randn(0f64, 1., ours.dims(), &dev).unwrap();
-            let g1 = (ours * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (theirs * &probe)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &wt] {
-                let (a, b) = (
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                );
-                assert!(max_abs(a, b) < 1e-10, "gradient {what}");
+            for gap in gradient_gaps(&ours, &theirs, &probe, &[&x, &wt]) {
+                assert!(gap < 1e-10, "gradient {what}");
             }
         }
     }
