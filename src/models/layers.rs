@@ -10,9 +10,8 @@
 //! - [`max_pool2d`]: padding, stride < kernel, and a backward pass (PyTorch's tie rule);
 //! - `depthwise`: depthwise convolution (`groups == in == out`), which candle runs as one convolution per
 //!   channel (about 50x slower, forward and backward);
-//! - `im2col`: dense convolutions keep candle's forward (its rounding tracks PyTorch's, which gradient
-//!   parity needs) but get an im2col + matmul + col2im backward instead of candle's direct transposed
-//!   convolution; in [`Mode::Frozen`] the forward runs on im2col + matmul as well;
+//! - `im2col`: dense convolutions as one GEMM over the whole batch (forward, filter and input
+//!   gradients), instead of candle's per-tile GEMMs forward and direct transposed convolution backward;
 //! - [`relu`], [`relu6`]: one-pass forward and backward (candle's backward takes three and about ten passes);
 //! - `bn_train`: training-mode BatchNorm with a hand-written backward (candle's autograd reduces over the
 //!   batch and spatial axes one element at a time).
@@ -126,7 +125,7 @@ pub fn conv2d(
 impl Conv2d {
     /// Convolves `x` (`[N, in, H, W]`) into `[N, out, H', W']`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = self.convolve(x, &mode.weight(&self.weight), mode)?;
+        let y = self.convolve(x, &mode.weight(&self.weight))?;
         match &self.bias {
             None => Ok(y),
             Some(b) => {
@@ -138,24 +137,15 @@ impl Conv2d {
 
     /// The bias-free convolution of `x` with the filter `w` (this layer's geometry).
     ///
-    /// Depthwise layers use [`depthwise_conv2d`]. Dense layers on the CPU compute their forward values
-    /// with im2col + matmul (about 1.7x faster than candle's conv2d) except in [`Mode::Train`], where they
-    /// keep candle's conv2d, whose rounding tracks PyTorch's closely. The two differ only in the last bits
-    /// (1e-7 relative; 1e-16 in f64), yet on the golden ResNet-18 training case the im2col values move the
-    /// stem and layer1 gradients by 1e-3 relative instead of 4e-6, presumably by flipping near-ties of a
-    /// later ReLU or max-pool: training keeps PyTorch parity. Either way the backward is im2col-based.
-    fn convolve(&self, x: &Tensor, w: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// On the CPU, depthwise layers use [`depthwise_conv2d`] and dense layers `im2col::conv2d` (one GEMM
+    /// over the batch, forward values bit-identical to candle's conv2d); other devices and grouped
+    /// layers use candle's conv2d.
+    fn convolve(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (p, s) = (self.cfg.padding, self.cfg.stride);
         if self.depthwise && x.device().is_cpu() {
             depthwise_conv2d(x, w, p, s)
         } else if self.cfg.groups == 1 && x.device().is_cpu() {
-            Ok(match mode {
-                Mode::Frozen => im2col::conv2d_im2col(x, w, p, s)?,
-                Mode::Eval | Mode::FrozenTrainBn => {
-                    im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Im2col)?
-                }
-                Mode::Train => im2col::conv2d_im2col_backward(x, w, p, s, im2col::Forward::Candle)?,
-            })
+            Ok(im2col::conv2d(x, w, p, s)?)
         } else {
             let (x, padding) = self.backward_safe_input(x)?;
             Ok(x.conv2d(w, padding, self.cfg.stride, 1, self.cfg.groups)?)
@@ -236,7 +226,7 @@ pub fn conv_bn(x: &Tensor, conv: &Conv2d, bn: &BatchNorm, mode: Mode) -> Result<
         shift = (shift + mode.weight(b).mul(&scale)?)?;
     }
     Ok(conv
-        .convolve(x, &w, mode)?
+        .convolve(x, &w)?
         .broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
 }
 

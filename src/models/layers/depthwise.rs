@@ -100,6 +100,27 @@ impl Geom {
         (lo, hi.max(lo))
     }
 
+    /// Like [`Geom::for_each_run`] for the single filter tap `tap` (`ky * kw + kx`).
+    #[inline]
+    pub(super) fn for_each_run_of_tap(&self, tap: usize, mut f: impl FnMut(Run)) {
+        let (oh, ow) = self.out_hw();
+        let (ky, kx) = (tap / self.kw, tap % self.kw);
+        let (lo, hi) = self.col_range(kx, ow);
+        if lo >= hi {
+            return;
+        }
+        for oy in 0..oh {
+            if let Some(iy) = self.in_row(oy, ky) {
+                f(Run {
+                    out: oy * ow + lo,
+                    inp: iy * self.w + lo * self.stride + kx - self.padding,
+                    tap,
+                    len: hi - lo,
+                });
+            }
+        }
+    }
+
     /// Calls `f(run)` for every `(output row, filter row, filter column)` of one plane whose taps fall
     /// inside the image: outputs `out..out + len` of the plane read inputs `inp + j * stride`.
     #[inline]
