@@ -213,16 +213,13 @@ impl CustomOp2 for FoldedConv {
         let g = self.0;
         let (n, o, oh, ow) = grad.dims4()?;
         let (ckk, l) = (g.c * g.kh * g.kw, oh * ow);
-        let grad = grad.transpose(0, 1)?.contiguous()?.reshape((o, n * l))?;
+        let grad_nchw = grad.contiguous()?;
+        let grad = grad_nchw
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((o, n * l))?;
         let gw = if weight.track_op() {
-            let cols = x.apply_op1_no_bwd(&Im2ColFolded(g))?;
-            let gw = grad.matmul(&cols.t()?)?;
-            drop(cols);
-            Some(
-                gw.reshape((o, g.kh, g.kw, g.c))?
-                    .permute((0, 3, 1, 2))?
-                    .contiguous()?,
-            )
+            Some(x.apply_op2_no_bwd(&grad_nchw, &FilterGrad(g))?)
         } else {
             None
         };
@@ -238,16 +235,142 @@ impl CustomOp2 for FoldedConv {
     }
 }
 
-/// [`im2col_folded`] as an op (no backward of its own: it only serves [`FoldedConv`]'s backward).
-struct Im2ColFolded(Geom);
+/// The filter gradient of [`FoldedConv`]: `(x [N, C, H, W], dY [N, O, OH, OW]) -> dW [O, C, KH, KW]`.
+///
+/// `dW = dY x cols^T` reduces over every image and output pixel. A GEMM parallelises over the rows and
+/// columns of its result, which are few here (`O x K * K * C`) against a long reduction, so instead the
+/// images are split into one chunk per thread: each thread unfolds only its own images and runs a
+/// single-threaded GEMM over them, and the partial filters are summed. This also keeps only a chunk's
+/// columns in memory. Half-precision types use candle's matmul for the product.
+struct FilterGrad(Geom);
 
-impl Im2ColFolded {
-    fn run<T: WithDType>(&self, x: &[T]) -> (CpuStorage, Shape) {
+impl FilterGrad {
+    fn run<T: WithDType>(
+        &self,
+        x: &[T],
+        grad: &[T],
+        o: usize,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
         let g = self.0;
-        let cols = im2col_folded(g, x);
-        let rows = g.c * g.kh * g.kw;
-        let nl = cols.len() / rows;
-        (T::to_cpu_storage_owned(cols), Shape::from((rows, nl)))
+        let (oh, ow) = g.out_hw();
+        let (plane_c, l, taps) = (g.c * g.h * g.w, oh * ow, g.kh * g.kw);
+        let ckk = g.c * taps;
+        let n = x.len() / plane_c;
+        let per = n.div_ceil(rayon::current_num_threads().clamp(1, n.max(1)));
+        let chunk = |b0: usize| -> candle_core::Result<Vec<T>> {
+            let b1 = (b0 + per).min(n);
+            let k = (b1 - b0) * l;
+            let cols = im2col_folded(g, &x[b0 * plane_c..b1 * plane_c]);
+            // This chunk's dY as [O, (b1 - b0) * L].
+            let mut gt = vec![T::from_f64(0.); o * k];
+            for (j, b) in (b0..b1).enumerate() {
+                for oc in 0..o {
+                    gt[oc * k + j * l..oc * k + (j + 1) * l]
+                        .copy_from_slice(&grad[(b * o + oc) * l..(b * o + oc + 1) * l]);
+                }
+            }
+            let mut dw = vec![T::from_f64(0.); o * ckk];
+            if !matches!(T::DTYPE, candle_core::DType::F32 | candle_core::DType::F64) {
+                let dev = Device::Cpu;
+                let p = Tensor::from_vec(gt, (o, k), &dev)?
+                    .matmul(&Tensor::from_vec(cols, (ckk, k), &dev)?.t()?)?;
+                return p.flatten_all()?.to_vec1::<T>();
+            }
+            // SAFETY: the pointers and strides describe `gt` [O, k] and `cols` [ckk, k] (read as its
+            // transpose [k, ckk]), both row-major and alive for the call; `dw` [O, ckk] is written.
+            unsafe {
+                gemm::gemm(
+                    o,
+                    ckk,
+                    k,
+                    dw.as_mut_ptr(),
+                    1,
+                    ckk as isize,
+                    false,
+                    gt.as_ptr(),
+                    1,
+                    k as isize,
+                    cols.as_ptr(),
+                    k as isize,
+                    1,
+                    T::from_f64(0.),
+                    T::from_f64(1.),
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                )
+            };
+            Ok(dw)
+        };
+        let partials = (0..n)
+            .step_by(per.max(1))
+            .collect::<Vec<_>>()
+            .into_par_iter()
+            .map(chunk)
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut sum = partials.into_iter();
+        let mut dw = sum.next().unwrap_or_else(|| vec![T::from_f64(0.); o * ckk]);
+        for p in sum {
+            dw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
+        }
+        // [O, taps, C] -> [O, C, KH, KW]
+        let mut out = vec![T::from_f64(0.); o * ckk];
+        for oc in 0..o {
+            for t in 0..taps {
+                for ch in 0..g.c {
+                    out[(oc * g.c + ch) * taps + t] = dw[(oc * taps + t) * g.c + ch];
+                }
+            }
+        }
+        Ok((
+            T::to_cpu_storage_owned(out),
+            Shape::from((o, g.c, g.kh, g.kw)),
+        ))
+    }
+}
+
+impl CustomOp2 for FilterGrad {
+    fn name(&self) -> &'static str {
+        "graft-conv2d-filter-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let o = l2.dims()[1];
+        match (s1, s2) {
+            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run(
+                contiguous_slice::<f32>(s1, l1, name)?,
+                contiguous_slice::<f32>(s2, l2, name)?,
+                o,
+            ),
+            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.run(
+                contiguous_slice::<f64>(s1, l1, name)?,
+                contiguous_slice::<f64>(s2, l2, name)?,
+                o,
+            ),
+            (CpuStorage::F16(_), CpuStorage::F16(_)) => self.run(
+                contiguous_slice::<half::f16>(s1, l1, name)?,
+                contiguous_slice::<half::f16>(s2, l2, name)?,
+                o,
+            ),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.run(
+                contiguous_slice::<half::bf16>(s1, l1, name)?,
+                contiguous_slice::<half::bf16>(s2, l2, name)?,
+                o,
+            ),
+            _ => candle_core::bail!(
+                "{name}: unsupported or mixed dtypes {:?}, {:?}",
+                s1.dtype(),
+                s2.dtype()
+            ),
+        }
     }
 }
 
@@ -290,7 +413,6 @@ macro_rules! impl_no_bwd_op1 {
     };
 }
 
-impl_no_bwd_op1!(Im2ColFolded, "graft-im2col-folded");
 impl_no_bwd_op1!(Col2ImFolded, "graft-col2im-folded");
 
 #[cfg(test)]
