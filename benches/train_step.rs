@@ -26,7 +26,8 @@ use graft::optim::{groups, OptimizerConfig};
 use std::process::Command;
 use std::time::Instant;
 
-/// The allocator of the `graft` binary (see src/main.rs), so the numbers are the ones users get.
+/// The allocator of the `graft` binary (see src/main.rs), with its settings (`main`), so the numbers are
+/// the ones users get.
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -151,6 +152,7 @@ fn env_usize(name: &str, default: usize) -> usize {
 }
 
 fn main() -> anyhow::Result<()> {
+    graft::alloc::keep_freed_memory(); // as the `graft` binary does
     let args: Vec<String> = std::env::args().skip(1).collect();
     if let Some(i) = args.iter().position(|a| a == "--one") {
         let get = |k: usize| args.get(i + k).cloned().unwrap_or_default();
@@ -188,3 +190,4 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+

@@ -4,6 +4,7 @@
 //! checkpoint, freeze and unfreeze its layer groups, attach a new head, train it with optimizers that
 //! match PyTorch step for step, and export a single deployment file.
 
+pub mod alloc;
 pub mod cli;
 pub mod data;
 pub mod device;

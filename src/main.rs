@@ -8,6 +8,7 @@ use clap::Parser;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
+    graft::alloc::keep_freed_memory();
     let cli = graft::cli::Cli::parse();
     match graft::cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
