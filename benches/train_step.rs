@@ -190,4 +190,3 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
-

@@ -77,7 +77,7 @@ impl Geom {
 
     /// Input row of output row `oy` at filter row `ky`, if inside the image.
     #[inline]
-    fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
+    pub(super) fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
         (oy * self.stride + ky)
             .checked_sub(self.padding)
             .filter(|&y| y < self.h)
@@ -85,7 +85,7 @@ impl Geom {
 
     /// Output columns `lo..hi` whose input column `ox * stride + kx - padding` is inside the image.
     #[inline]
-    fn col_range(&self, kx: usize, ow: usize) -> (usize, usize) {
+    pub(super) fn col_range(&self, kx: usize, ow: usize) -> (usize, usize) {
         let s = self.stride;
         let lo = if self.padding > kx {
             (self.padding - kx).div_ceil(s)
@@ -259,6 +259,7 @@ macro_rules! dispatch2 {
         }
     }};
 }
+pub(super) use dispatch2;
 
 /// `(input, weight) -> output`.
 struct DepthwiseConv(Geom);

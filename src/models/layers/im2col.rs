@@ -1,11 +1,14 @@
-//! Dense convolution (`groups == 1`) on the CPU as one GEMM over the whole batch, forward and backward.
+//! Dense convolution (`groups == 1`) on the CPU as GEMMs over the whole batch, forward and backward.
 //!
-//! The batch is folded into the GEMM's columns: the input is unfolded into `cols` `[K * K * C, N * OH * OW]`
-//! (rows tap-major: row `(ky * K + kx) * C + c`), so the forward is one product `W [O, K * K * C] x cols`,
-//! the filter gradient one product `dY [O, N * OH * OW] x cols^T` and the input gradient one product
-//! `W^T x dY` folded back by col2im. One product per layer instead of one per image matters: the GEMM
+//! Forward: the batch is folded into the GEMM's columns: the input is unfolded into `cols`
+//! `[K * K * C, N * OH * OW]` (rows tap-major: row `(ky * K + kx) * C + c`), and the output is one
+//! product `W [O, K * K * C] x cols`. One product per layer instead of one per image matters: the GEMM
 //! packs its left operand on every call, and for the late layers (a few output pixels per image) packing
 //! the filter once per image cost as much as the multiplication itself.
+//!
+//! Backward ([`FilterGrad`], [`InputGrad`]): the images are split into one chunk per thread, and each
+//! thread runs single-threaded GEMMs on pixel-major operands (`[pixels, K * K * C]`, `[pixels, O]`),
+//! the layout in which the GEMM reads both operands along their rows.
 //!
 //! Why tap-major rows: candle's tiled conv2d orders its reduction the same way, and with the same `k`
 //! the GEMM sums each output in the same order, so the forward values are bit-identical to candle's
@@ -13,10 +16,10 @@
 //! last bit move the golden ResNet-18 stem gradients by 1e-3 relative (near-ties in the max-pool after
 //! the stem flip), against 4e-6 with these values.
 
-use super::depthwise::{axpy_scatter, contiguous_slice, span, Geom};
+use super::depthwise::{contiguous_slice, dispatch2, span, Geom};
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, Device, Layout, Shape, Storage, Tensor, WithDType,
+    CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
 };
 use rayon::prelude::*;
 
@@ -131,34 +134,6 @@ fn im2col_folded<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
     cols
 }
 
-/// The adjoint of [`im2col_folded`]: `[KH * KW * C, N * OH * OW] -> [N, C, H, W]`, summing overlapping
-/// taps.
-fn col2im_folded<T: WithDType>(g: Geom, cols: &[T]) -> Vec<T> {
-    let (oh, ow) = g.out_hw();
-    let (plane_in, l) = (g.h * g.w, oh * ow);
-    let nl = cols.len() / (g.c * g.kh * g.kw);
-    let n = nl / l;
-    let mut x = vec![T::from_f64(0.); n * g.c * plane_in];
-    let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
-    x.par_chunks_mut(plane_in).enumerate().for_each(|(p, dst)| {
-        let (b, ch) = (p / g.c, p % g.c);
-        if pointwise {
-            dst.copy_from_slice(&cols[ch * nl + b * l..ch * nl + (b + 1) * l]);
-            return;
-        }
-        g.for_each_run(|r| {
-            let at = (r.tap * g.c + ch) * nl + b * l + r.out;
-            axpy_scatter(
-                &mut dst[span(r, g.stride)],
-                T::from_f64(1.),
-                &cols[at..at + r.len],
-                g.stride,
-            )
-        })
-    });
-    x
-}
-
 impl CustomOp2 for FoldedConv {
     fn name(&self) -> &'static str {
         "graft-conv2d"
@@ -211,104 +186,47 @@ impl CustomOp2 for FoldedConv {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let g = self.0;
-        let (n, o, oh, ow) = grad.dims4()?;
-        let (ckk, l) = (g.c * g.kh * g.kw, oh * ow);
-        let grad_nchw = grad.contiguous()?;
-        let grad = grad_nchw
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((o, n * l))?;
+        let grad = grad.contiguous()?;
         let gw = if weight.track_op() {
-            Some(x.apply_op2_no_bwd(&grad_nchw, &FilterGrad(g))?)
+            Some(x.apply_op2_no_bwd(&grad, &FilterGrad(g))?)
         } else {
             None
         };
         if !x.track_op() {
             return Ok((None, gw));
         }
-        let wm = weight
-            .permute((0, 2, 3, 1))?
-            .contiguous()?
-            .reshape((o, ckk))?;
-        let gcols = wm.t()?.matmul(&grad)?;
-        Ok((Some(gcols.apply_op1_no_bwd(&Col2ImFolded(g))?), gw))
+        Ok((Some(grad.apply_op2_no_bwd(weight, &InputGrad(g))?), gw))
     }
 }
 
 /// The filter gradient of [`FoldedConv`]: `(x [N, C, H, W], dY [N, O, OH, OW]) -> dW [O, C, KH, KW]`.
 ///
-/// `dW = dY x cols^T` reduces over every image and output pixel. A GEMM parallelises over the rows and
+/// `dW = dY x cols` reduces over every image and output pixel. A GEMM parallelises over the rows and
 /// columns of its result, which are few here (`O x K * K * C`) against a long reduction, so instead the
-/// images are split into one chunk per thread: each thread unfolds only its own images and runs a
-/// single-threaded GEMM over them, and the partial filters are summed. This also keeps only a chunk's
-/// columns in memory. Half-precision types use candle's matmul for the product.
+/// images are split into one chunk per thread ([`image_chunks`]): each thread unfolds only its own images
+/// and runs a single-threaded GEMM over them, and the partial filters are summed. The columns are
+/// pixel-major (`[pixels, K * K * C]`) so that the GEMM reads both operands along their rows: about 2x
+/// faster on ResNet-18's shapes than reading the channel-major columns transposed. Only a chunk's columns
+/// are in memory at a time.
 struct FilterGrad(Geom);
 
 impl FilterGrad {
-    fn run<T: WithDType>(
-        &self,
-        x: &[T],
-        grad: &[T],
-        o: usize,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn run<T: WithDType>(&self, x: &[T], grad: &[T]) -> (CpuStorage, Shape) {
         let g = self.0;
         let (oh, ow) = g.out_hw();
         let (plane_c, l, taps) = (g.c * g.h * g.w, oh * ow, g.kh * g.kw);
         let ckk = g.c * taps;
         let n = x.len() / plane_c;
-        let per = n.div_ceil(rayon::current_num_threads().clamp(1, n.max(1)));
-        let chunk = |b0: usize| -> candle_core::Result<Vec<T>> {
-            let b1 = (b0 + per).min(n);
-            let k = (b1 - b0) * l;
-            let cols = im2col_folded(g, &x[b0 * plane_c..b1 * plane_c]);
-            // This chunk's dY as [O, (b1 - b0) * L].
-            let mut gt = vec![T::from_f64(0.); o * k];
-            for (j, b) in (b0..b1).enumerate() {
-                for oc in 0..o {
-                    gt[oc * k + j * l..oc * k + (j + 1) * l]
-                        .copy_from_slice(&grad[(b * o + oc) * l..(b * o + oc + 1) * l]);
-                }
-            }
-            let mut dw = vec![T::from_f64(0.); o * ckk];
-            if !matches!(T::DTYPE, candle_core::DType::F32 | candle_core::DType::F64) {
-                let dev = Device::Cpu;
-                let p = Tensor::from_vec(gt, (o, k), &dev)?
-                    .matmul(&Tensor::from_vec(cols, (ckk, k), &dev)?.t()?)?;
-                return p.flatten_all()?.to_vec1::<T>();
-            }
-            // SAFETY: the pointers and strides describe `gt` [O, k] and `cols` [ckk, k] (read as its
-            // transpose [k, ckk]), both row-major and alive for the call; `dw` [O, ckk] is written.
-            unsafe {
-                gemm::gemm(
-                    o,
-                    ckk,
-                    k,
-                    dw.as_mut_ptr(),
-                    1,
-                    ckk as isize,
-                    false,
-                    gt.as_ptr(),
-                    1,
-                    k as isize,
-                    cols.as_ptr(),
-                    k as isize,
-                    1,
-                    T::from_f64(0.),
-                    T::from_f64(1.),
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                )
-            };
-            Ok(dw)
-        };
-        let partials = (0..n)
-            .step_by(per.max(1))
-            .collect::<Vec<_>>()
+        let o = grad.len() / (n * l).max(1);
+        let partials: Vec<Vec<T>> = image_chunks(n)
             .into_par_iter()
-            .map(chunk)
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .map(|(b0, nb)| {
+                let k = nb * l;
+                let cols = im2col_pixel_major(g, &x[b0 * plane_c..(b0 + nb) * plane_c]);
+                let gt = channel_major(&grad[b0 * o * l..(b0 + nb) * o * l], o, l);
+                product(o, ckk, k, (&gt, 1, k), (&cols, 1, ckk))
+            })
+            .collect();
         let mut sum = partials.into_iter();
         let mut dw = sum.next().unwrap_or_else(|| vec![T::from_f64(0.); o * ckk]);
         for p in sum {
@@ -323,10 +241,10 @@ impl FilterGrad {
                 }
             }
         }
-        Ok((
+        (
             T::to_cpu_storage_owned(out),
             Shape::from((o, g.c, g.kh, g.kw)),
-        ))
+        )
     }
 }
 
@@ -342,78 +260,214 @@ impl CustomOp2 for FilterGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let o = l2.dims()[1];
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run(
-                contiguous_slice::<f32>(s1, l1, name)?,
-                contiguous_slice::<f32>(s2, l2, name)?,
-                o,
-            ),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.run(
-                contiguous_slice::<f64>(s1, l1, name)?,
-                contiguous_slice::<f64>(s2, l2, name)?,
-                o,
-            ),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => self.run(
-                contiguous_slice::<half::f16>(s1, l1, name)?,
-                contiguous_slice::<half::f16>(s2, l2, name)?,
-                o,
-            ),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.run(
-                contiguous_slice::<half::bf16>(s1, l1, name)?,
-                contiguous_slice::<half::bf16>(s2, l2, name)?,
-                o,
-            ),
-            _ => candle_core::bail!(
-                "{name}: unsupported or mixed dtypes {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
+        dispatch2!(self, s1, l1, s2, l2)
+    }
+}
+
+/// The input gradient of [`FoldedConv`]: `(dY [N, O, OH, OW], weight [O, C, KH, KW]) -> dX [N, C, H, W]`.
+///
+/// Per chunk of images (one per thread): the pixel-major columns' gradient `dY^T [pixels, O] x W
+/// [O, K * K * C]`, a single-threaded GEMM reading both operands along their rows (about 1.6x faster
+/// than `W^T x dY` on ResNet-18's shapes), folded back into the chunk's images by
+/// [`col2im_pixel_major`].
+struct InputGrad(Geom);
+
+impl InputGrad {
+    fn run<T: WithDType>(&self, grad: &[T], w: &[T]) -> (CpuStorage, Shape) {
+        let g = self.0;
+        let (oh, ow) = g.out_hw();
+        let (plane_c, l) = (g.c * g.h * g.w, oh * ow);
+        let ckk = g.c * g.kh * g.kw;
+        let o = w.len() / ckk;
+        let n = grad.len() / (o * l).max(1);
+        let wm = tap_major(w, o, g);
+        let mut out = vec![T::from_f64(0.); n * plane_c];
+        let chunks = image_chunks(n);
+        let per = chunks.first().map_or(1, |c| c.1);
+        out.par_chunks_mut(per * plane_c)
+            .zip(chunks)
+            .for_each(|(dst, (b0, nb))| {
+                let k = nb * l;
+                let gp = pixel_major(&grad[b0 * o * l..(b0 + nb) * o * l], o, l);
+                let gcols = product(k, ckk, o, (&gp, 1, o), (&wm, 1, ckk));
+                col2im_pixel_major(g, &gcols, dst);
+            });
+        (
+            T::to_cpu_storage_owned(out),
+            Shape::from((n, g.c, g.h, g.w)),
+        )
+    }
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "graft-conv2d-input-grad"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch2!(self, s1, l1, s2, l2)
+    }
+}
+
+/// Splits `n` images into one contiguous chunk per rayon thread, as `(first image, images)`; every chunk
+/// but the last has the same size.
+fn image_chunks(n: usize) -> Vec<(usize, usize)> {
+    let per = n
+        .div_ceil(rayon::current_num_threads().clamp(1, n.max(1)))
+        .max(1);
+    (0..n)
+        .step_by(per)
+        .map(|b0| (b0, per.min(n - b0)))
+        .collect()
+}
+
+/// `dst [m, n] = lhs [m, k] x rhs [k, n]` on the calling thread, each operand given as `(values, column
+/// stride, row stride)`. f32 and f64 run on the GEMM crate's kernels; half types are computed in f32.
+fn product<T: WithDType>(
+    m: usize,
+    n: usize,
+    k: usize,
+    lhs: (&[T], usize, usize),
+    rhs: (&[T], usize, usize),
+) -> Vec<T> {
+    let reach = |(v, cs, rs): (&[T], usize, usize), rows: usize, cols: usize| {
+        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
+    };
+    assert!(
+        reach(lhs, m, k) && reach(rhs, k, n),
+        "product: operand strides run past their values"
+    );
+    if !matches!(T::DTYPE, DType::F32 | DType::F64) {
+        let f32s = |v: &[T]| v.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
+        let (l, r) = (f32s(lhs.0), f32s(rhs.0));
+        return product(m, n, k, (&l, lhs.1, lhs.2), (&r, rhs.1, rhs.2))
+            .into_iter()
+            .map(|v| T::from_f64(v as f64))
+            .collect();
+    }
+    let mut dst = vec![T::from_f64(0.); m * n];
+    // SAFETY: T is f32 or f64 (the GEMM crate's own kernels); the assertion above keeps every operand
+    // element inside its slice, and `dst` is `m x n` row-major.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.0.as_ptr(),
+            lhs.1 as isize,
+            lhs.2 as isize,
+            rhs.0.as_ptr(),
+            rhs.1 as isize,
+            rhs.2 as isize,
+            T::from_f64(0.),
+            T::from_f64(1.),
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    };
+    dst
+}
+
+/// `dY` of some images, `[nb, O, L]`, as `[O, nb * L]`.
+fn channel_major<T: WithDType>(grad: &[T], o: usize, l: usize) -> Vec<T> {
+    let nb = grad.len() / (o * l).max(1);
+    let k = nb * l;
+    let mut gt = vec![T::from_f64(0.); o * k];
+    for b in 0..nb {
+        for oc in 0..o {
+            gt[oc * k + b * l..oc * k + (b + 1) * l]
+                .copy_from_slice(&grad[(b * o + oc) * l..(b * o + oc + 1) * l]);
         }
     }
+    gt
 }
 
-/// [`col2im_folded`] as an op.
-struct Col2ImFolded(Geom);
-
-impl Col2ImFolded {
-    fn run<T: WithDType>(&self, cols: &[T]) -> (CpuStorage, Shape) {
-        let g = self.0;
-        let x = col2im_folded(g, cols);
-        let n = x.len() / (g.c * g.h * g.w);
-        (T::to_cpu_storage_owned(x), Shape::from((n, g.c, g.h, g.w)))
-    }
-}
-
-macro_rules! impl_no_bwd_op1 {
-    ($ty:ty, $name:literal) => {
-        impl CustomOp1 for $ty {
-            fn name(&self) -> &'static str {
-                $name
+/// `dY` of some images, `[nb, O, L]`, as `[nb * L, O]` (each image's `[O, L]` transposed).
+fn pixel_major<T: WithDType>(grad: &[T], o: usize, l: usize) -> Vec<T> {
+    let mut gp = vec![T::from_f64(0.); grad.len()];
+    for (src, dst) in grad.chunks_exact(o * l).zip(gp.chunks_exact_mut(o * l)) {
+        for oc in 0..o {
+            for (i, &v) in src[oc * l..(oc + 1) * l].iter().enumerate() {
+                dst[i * o + oc] = v;
             }
+        }
+    }
+    gp
+}
 
-            fn cpu_fwd(
-                &self,
-                s: &CpuStorage,
-                l: &Layout,
-            ) -> candle_core::Result<(CpuStorage, Shape)> {
-                let name = self.name();
-                match s {
-                    CpuStorage::F32(_) => Ok(self.run(contiguous_slice::<f32>(s, l, name)?)),
-                    CpuStorage::F64(_) => Ok(self.run(contiguous_slice::<f64>(s, l, name)?)),
-                    CpuStorage::F16(_) => Ok(self.run(contiguous_slice::<half::f16>(s, l, name)?)),
-                    CpuStorage::BF16(_) => {
-                        Ok(self.run(contiguous_slice::<half::bf16>(s, l, name)?))
+/// Unfolds images `x` `[nb, C, H, W]` into pixel-major columns `[nb * OH * OW, KH * KW * C]`: row
+/// `(b, oy, ox)` holds the patch that output pixel sees, tap-major (entry `tap * C + c`), zero in the
+/// padding. One output row's block (`OW x K * K * C`) is filled at a time.
+fn im2col_pixel_major<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
+    let (oh, ow) = g.out_hw();
+    let ckk = g.c * g.kh * g.kw;
+    let plane = g.h * g.w;
+    let n = x.len() / (g.c * plane);
+    let mut cols = vec![T::from_f64(0.); n * oh * ow * ckk];
+    cols.par_chunks_mut(ow * ckk)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (b, oy) = (row / oh, row % oh);
+            for ky in 0..g.kh {
+                let Some(iy) = g.in_row(oy, ky) else {
+                    continue;
+                };
+                for kx in 0..g.kw {
+                    let (lo, hi) = g.col_range(kx, ow);
+                    let at = (ky * g.kw + kx) * g.c;
+                    for ch in 0..g.c {
+                        let src = &x[(b * g.c + ch) * plane + iy * g.w..][..g.w];
+                        for ox in lo..hi {
+                            dst[ox * ckk + at + ch] = src[ox * g.stride + kx - g.padding];
+                        }
                     }
-                    _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
                 }
             }
-        }
-    };
+        });
+    cols
 }
 
-impl_no_bwd_op1!(Col2ImFolded, "graft-col2im-folded");
+/// The adjoint of [`im2col_pixel_major`]: adds the columns `[nb * OH * OW, KH * KW * C]` back into the
+/// images `x` `[nb, C, H, W]` (zeroed by the caller), one image per task.
+fn col2im_pixel_major<T: WithDType>(g: Geom, cols: &[T], x: &mut [T]) {
+    let (oh, ow) = g.out_hw();
+    let (ckk, l) = (g.c * g.kh * g.kw, oh * ow);
+    let plane = g.h * g.w;
+    x.par_chunks_mut(g.c * plane)
+        .zip(cols.par_chunks(l * ckk))
+        .for_each(|(img, cols)| {
+            for oy in 0..oh {
+                for ky in 0..g.kh {
+                    let Some(iy) = g.in_row(oy, ky) else {
+                        continue;
+                    };
+                    for kx in 0..g.kw {
+                        let (lo, hi) = g.col_range(kx, ow);
+                        let at = (ky * g.kw + kx) * g.c;
+                        for ch in 0..g.c {
+                            let dst = &mut img[ch * plane + iy * g.w..][..g.w];
+                            for ox in lo..hi {
+                                dst[ox * g.stride + kx - g.padding] +=
+                                    cols[(oy * ow + ox) * ckk + at + ch];
+                            }
+                        }
+                    }
+                }
+            }
+        });
+}
 
 #[cfg(test)]
 mod tests {
