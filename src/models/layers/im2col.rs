@@ -407,13 +407,25 @@ fn pixel_major<T: WithDType>(grad: &[T], o: usize, l: usize) -> Vec<T> {
     gp
 }
 
+/// Images `[nb, C, P]` as `[nb, P, C]` (channels last).
+fn channels_last<T: WithDType>(x: &[T], c: usize, p: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(x.len());
+    for img in x.chunks_exact(c * p) {
+        for i in 0..p {
+            out.extend((0..c).map(|ch| img[ch * p + i]));
+        }
+    }
+    out
+}
+
 /// Unfolds images `x` `[nb, C, H, W]` into pixel-major columns `[nb * OH * OW, KH * KW * C]`: row
 /// `(b, oy, ox)` holds the patch that output pixel sees, tap-major (entry `tap * C + c`), zero in the
-/// padding. One output row's block (`OW x K * K * C`) is filled at a time.
+/// padding. With the images channels-last, each tap of each pixel is one contiguous copy of `C` values.
 fn im2col_pixel_major<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
     let (oh, ow) = g.out_hw();
     let ckk = g.c * g.kh * g.kw;
     let plane = g.h * g.w;
+    let xh = channels_last(x, g.c, plane);
     let n = x.len() / (g.c * plane);
     let mut cols = vec![T::from_f64(0.); n * oh * ow * ckk];
     cols.par_chunks_mut(ow * ckk)
@@ -424,14 +436,14 @@ fn im2col_pixel_major<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
                 let Some(iy) = g.in_row(oy, ky) else {
                     continue;
                 };
+                let src = &xh[(b * plane + iy * g.w) * g.c..(b * plane + (iy + 1) * g.w) * g.c];
                 for kx in 0..g.kw {
                     let (lo, hi) = g.col_range(kx, ow);
                     let at = (ky * g.kw + kx) * g.c;
-                    for ch in 0..g.c {
-                        let src = &x[(b * g.c + ch) * plane + iy * g.w..][..g.w];
-                        for ox in lo..hi {
-                            dst[ox * ckk + at + ch] = src[ox * g.stride + kx - g.padding];
-                        }
+                    for ox in lo..hi {
+                        let ix = ox * g.stride + kx - g.padding;
+                        dst[ox * ckk + at..ox * ckk + at + g.c]
+                            .copy_from_slice(&src[ix * g.c..(ix + 1) * g.c]);
                     }
                 }
             }
@@ -440,7 +452,8 @@ fn im2col_pixel_major<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
 }
 
 /// The adjoint of [`im2col_pixel_major`]: adds the columns `[nb * OH * OW, KH * KW * C]` back into the
-/// images `x` `[nb, C, H, W]` (zeroed by the caller), one image per task.
+/// images `x` `[nb, C, H, W]`, one image per task: summed channels-last (each tap one contiguous add of
+/// `C` values), then transposed into `x`.
 fn col2im_pixel_major<T: WithDType>(g: Geom, cols: &[T], x: &mut [T]) {
     let (oh, ow) = g.out_hw();
     let (ckk, l) = (g.c * g.kh * g.kw, oh * ow);
@@ -448,22 +461,29 @@ fn col2im_pixel_major<T: WithDType>(g: Geom, cols: &[T], x: &mut [T]) {
     x.par_chunks_mut(g.c * plane)
         .zip(cols.par_chunks(l * ckk))
         .for_each(|(img, cols)| {
+            let mut acc = vec![T::from_f64(0.); plane * g.c];
             for oy in 0..oh {
                 for ky in 0..g.kh {
                     let Some(iy) = g.in_row(oy, ky) else {
                         continue;
                     };
+                    let row = &mut acc[iy * g.w * g.c..(iy + 1) * g.w * g.c];
                     for kx in 0..g.kw {
                         let (lo, hi) = g.col_range(kx, ow);
                         let at = (ky * g.kw + kx) * g.c;
-                        for ch in 0..g.c {
-                            let dst = &mut img[ch * plane + iy * g.w..][..g.w];
-                            for ox in lo..hi {
-                                dst[ox * g.stride + kx - g.padding] +=
-                                    cols[(oy * ow + ox) * ckk + at + ch];
+                        for ox in lo..hi {
+                            let ix = ox * g.stride + kx - g.padding;
+                            let src = &cols[(oy * ow + ox) * ckk + at..][..g.c];
+                            for (d, &v) in row[ix * g.c..(ix + 1) * g.c].iter_mut().zip(src) {
+                                *d += v;
                             }
                         }
                     }
+                }
+            }
+            for (i, px) in acc.chunks_exact(g.c).enumerate() {
+                for (ch, &v) in px.iter().enumerate() {
+                    img[ch * plane + i] = v;
                 }
             }
         });
