@@ -138,7 +138,7 @@ impl Conv2d {
     /// The bias-free convolution of `x` with the filter `w` (this layer's geometry).
     ///
     /// On the CPU, depthwise layers use [`depthwise_conv2d`] and dense layers `im2col::conv2d` (one GEMM
-    /// over the batch, forward values bit-identical to candle's conv2d); other devices and grouped
+    /// over the batch, summing in candle's conv2d order); other devices and grouped
     /// layers use candle's conv2d.
     fn convolve(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let (p, s) = (self.cfg.padding, self.cfg.stride);

@@ -10,11 +10,12 @@
 //! thread runs single-threaded GEMMs on pixel-major operands (`[pixels, K * K * C]`, `[pixels, O]`),
 //! the layout in which the GEMM reads both operands along their rows.
 //!
-//! Why tap-major rows: candle's tiled conv2d orders its reduction the same way, and with the same `k`
-//! the GEMM sums each output in the same order, so the forward values are bit-identical to candle's
-//! (checked by the tests below). That matters for PyTorch gradient parity: values that differ in the
-//! last bit move the golden ResNet-18 stem gradients by 1e-3 relative (near-ties in the max-pool after
-//! the stem flip), against 4e-6 with these values.
+//! Why tap-major rows: candle's tiled conv2d orders its reduction the same way, so the forward sums in
+//! candle's order: bit-identical for short reductions (ResNet's stem, 3 x 7 x 7) and within rounding
+//! (1e-5 relative) for long ones, where the GEMM blocks the reduction differently (the tests below check
+//! both). The stem is where it matters for PyTorch gradient parity: its output goes through a max-pool,
+//! and an earlier channel-major forward, different in the last bits, moved the golden ResNet-18 stem
+//! gradients by 1e-3 relative (near-ties in the max-pool flip), against 4e-6 with these values.
 
 use super::depthwise::{contiguous_slice, dispatch2, span, Geom};
 use candle_core::backend::BackendStorage;
@@ -497,7 +498,9 @@ mod tests {
 
     /// (in, out, h, w, kernel, padding, stride): ResNet's stem, 3x3 at stride 1 and 2, 1x1 at stride 1
     /// and 2, odd and non-square sizes.
-    const CASES: [(usize, usize, usize, usize, usize, usize, usize); 7] = [
+    const CASES: [(usize, usize, usize, usize, usize, usize, usize); 9] = [
+        (256, 16, 6, 6, 3, 1, 1),
+        (512, 8, 4, 4, 1, 0, 2),
         (3, 8, 20, 20, 7, 3, 2),
         (8, 8, 9, 9, 3, 1, 1),
         (8, 16, 9, 9, 3, 1, 2),
@@ -508,21 +511,24 @@ mod tests {
     ];
 
     #[test]
-    fn forward_is_bit_identical_to_candle_conv2d_in_f32() {
+    fn f32_forward_rounds_like_candle_conv2d() {
         let dev = Device::Cpu;
         for (ci, co, h, w, k, p, s) in CASES {
-            // Non-square inputs of mixed parity under a stride are not candle-safe: skip those here.
             let x = Tensor::randn(0f32, 1., (3, ci, h, w), &dev).unwrap();
             let wt = Tensor::randn(0f32, 1., (co, ci, k, k), &dev).unwrap();
             let ours = conv2d(&x, &wt, p, s).unwrap();
             let theirs = x.conv2d(&wt, p, s, 1, 1).unwrap();
-            assert_eq!(ours.dims(), theirs.dims());
-            assert_eq!(
-                max_abs(&ours, &theirs),
-                0.0,
-                "{ci}->{co} {h}x{w} k{k} p{p} s{s}"
-            );
+            let what = format!("{ci}->{co} {h}x{w} k{k} p{p} s{s}");
+            assert_eq!(ours.dims(), theirs.dims(), "{what}");
             assert_eq!(ours.dtype(), DType::F32);
+            let gap = max_abs(&ours, &theirs);
+            if ci * k * k <= 147 {
+                // Short reductions (ResNet's stem: 3 x 7 x 7) sum in candle's order exactly.
+                assert_eq!(gap, 0.0, "{what}");
+            } else {
+                let scale = max_abs(&theirs, &theirs.zeros_like().unwrap());
+                assert!(gap <= 1e-5 * scale, "{what}: {gap} of {scale}");
+            }
         }
     }
 
