@@ -38,22 +38,22 @@ struct Clamp(f64);
 impl Clamp {
     fn run<T: WithDType>(&self, x: &[T], shape: &Shape) -> (CpuStorage, Shape) {
         let (zero, max) = (T::from_f64(0.), T::from_f64(self.0));
-        let mut y = vec![zero; x.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(x.par_chunks(CHUNK))
-            .for_each(|(y, x)| {
-                for (y, &v) in y.iter_mut().zip(x) {
-                    *y = if v > zero {
-                        if v < max {
-                            v
-                        } else {
-                            max
-                        }
+        // Collected from an indexed parallel iterator: written once, never zero-filled first.
+        let y: Vec<T> = x
+            .par_iter()
+            .with_min_len(CHUNK)
+            .map(|&v| {
+                if v > zero {
+                    if v < max {
+                        v
                     } else {
-                        zero
-                    };
+                        max
+                    }
+                } else {
+                    zero
                 }
-            });
+            })
+            .collect();
         (T::to_cpu_storage_owned(y), shape.clone())
     }
 }
@@ -88,14 +88,12 @@ struct ClampGrad(f64);
 impl ClampGrad {
     fn run<T: WithDType>(&self, g: &[T], y: &[T], shape: &Shape) -> (CpuStorage, Shape) {
         let (zero, max) = (T::from_f64(0.), T::from_f64(self.0));
-        let mut gx = vec![zero; g.len()];
-        gx.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-            .for_each(|(gx, (g, y))| {
-                for ((gx, &g), &y) in gx.iter_mut().zip(g).zip(y) {
-                    *gx = if y > zero && y < max { g } else { zero };
-                }
-            });
+        let gx: Vec<T> = g
+            .par_iter()
+            .zip(y.par_iter())
+            .with_min_len(CHUNK)
+            .map(|(&g, &y)| if y > zero && y < max { g } else { zero })
+            .collect();
         (T::to_cpu_storage_owned(gx), shape.clone())
     }
 }
