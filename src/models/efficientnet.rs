@@ -19,7 +19,9 @@
 //!
 //! The classifier `_fc` is not part of the backbone: [`EfficientNetLite::classifier`] builds one.
 
-use super::layers::{self, batch_norm, conv2d, linear, BatchNorm, Conv2d, Conv2dConfig, Linear};
+use super::layers::{
+    batch_norm, conv2d, linear, Activation, BatchNorm, Conv2d, Conv2dConfig, Linear,
+};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
 use candle_core::Tensor;
@@ -189,7 +191,12 @@ impl ConvBn {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        self.bn.forward(&self.convolve(x, mode)?, mode)
+        self.forward_act(x, mode, Activation::Identity)
+    }
+
+    /// `act(self.forward(..))`, fused into a training BatchNorm ([`BatchNorm::forward_act`]).
+    fn forward_act(&self, x: &Tensor, mode: Mode, act: Activation) -> Result<Tensor> {
+        self.bn.forward_act(&self.convolve(x, mode)?, mode, act)
     }
 }
 
@@ -198,10 +205,6 @@ fn same_padding(size: usize, kernel: usize, stride: usize) -> (usize, usize) {
     let out = size.div_ceil(stride);
     let total = ((out - 1) * stride + kernel).saturating_sub(size);
     (total / 2, total - total / 2)
-}
-
-fn relu6(x: &Tensor) -> Result<Tensor> {
-    Ok(layers::relu6(x)?)
 }
 
 /// An inverted-residual block: expand 1x1 (when `expand > 1`) -> ReLU6 -> depthwise kxk -> ReLU6 ->
@@ -255,10 +258,10 @@ impl MbConv {
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let h = match &self.expand {
-            Some(e) => relu6(&e.forward(x, mode)?)?,
+            Some(e) => e.forward_act(x, mode, Activation::Relu6)?,
             None => x.clone(),
         };
-        let h = relu6(&self.depthwise.forward(&h, mode)?)?;
+        let h = self.depthwise.forward_act(&h, mode, Activation::Relu6)?;
         let h = self.project.forward(&h, mode)?;
         if self.residual {
             Ok((h + x)?)
@@ -465,13 +468,13 @@ impl Backbone for EfficientNetLite {
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let stages = self.stages.len();
         if i == 0 {
-            relu6(&self.stem.forward(x, mode)?)
+            self.stem.forward_act(x, mode, Activation::Relu6)
         } else if i <= stages {
             self.blocks[self.stages[i - 1].clone()]
                 .iter()
                 .try_fold(x.clone(), |h, block| block.forward(&h, mode))
         } else if i == stages + 1 {
-            relu6(&self.top.forward(x, mode)?)
+            self.top.forward_act(x, mode, Activation::Relu6)
         } else {
             Err(Error::config(
                 "efficientnet group",

@@ -213,8 +213,20 @@ pub struct BatchNorm {
 /// The result is the same up to float rounding, and it stays differentiable in every parameter
 /// (in [`Mode::Eval`]) or builds no graph (in [`Mode::Frozen`]).
 pub fn conv_bn(x: &Tensor, conv: &Conv2d, bn: &BatchNorm, mode: Mode) -> Result<Tensor> {
+    conv_bn_act(x, conv, bn, mode, Activation::Identity)
+}
+
+/// `act(conv_bn(x, ..))`, with the activation fused into a training BatchNorm (see
+/// [`BatchNorm::forward_act`]).
+pub fn conv_bn_act(
+    x: &Tensor,
+    conv: &Conv2d,
+    bn: &BatchNorm,
+    mode: Mode,
+    act: Activation,
+) -> Result<Tensor> {
     if mode.is_train() {
-        return bn.forward(&conv.forward(x, mode)?, mode);
+        return bn.forward_act(&conv.forward(x, mode)?, mode, act);
     }
     let c = bn.num_features();
     let (scale, shift) = bn.folded(&mode.bn_param(&bn.weight), &mode.bn_param(&bn.bias))?;
@@ -225,9 +237,40 @@ pub fn conv_bn(x: &Tensor, conv: &Conv2d, bn: &BatchNorm, mode: Mode) -> Result<
     if let Some(b) = &conv.bias {
         shift = (shift + mode.weight(b).mul(&scale)?)?;
     }
-    Ok(conv
-        .convolve(x, &w)?
-        .broadcast_add(&shift.reshape((1, c, 1, 1))?)?)
+    act.apply(
+        &conv
+            .convolve(x, &w)?
+            .broadcast_add(&shift.reshape((1, c, 1, 1))?)?,
+    )
+}
+
+/// An activation that can follow a BatchNorm (and be fused into its training kernel).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// `max(x, 0)`, see [`relu`].
+    Relu,
+    /// `min(max(x, 0), 6)`, see [`relu6`].
+    Relu6,
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Activation::Identity => x.clone(),
+            Activation::Relu => relu(x)?,
+            Activation::Relu6 => relu6(x)?,
+        })
+    }
+
+    /// The upper bound of the clamp `[0, max]` this activation is, if it is one.
+    fn clamp_max(self) -> Option<f64> {
+        match self {
+            Activation::Identity => None,
+            Activation::Relu => Some(f64::INFINITY),
+            Activation::Relu6 => Some(6.),
+        }
+    }
 }
 
 /// PyTorch's default BatchNorm momentum: `running = 0.9 * running + 0.1 * batch`.
@@ -262,6 +305,13 @@ pub fn batch_norm(num_features: usize, eps: f64, vb: VarBuilder) -> Result<Batch
 impl BatchNorm {
     /// Normalises `x` (`[N, C, ...]`); see the type's doc for what each mode does.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_act(x, mode, Activation::Identity)
+    }
+
+    /// `act(self.forward(x, mode))`. A training BatchNorm on the CPU applies the activation inside its
+    /// kernel (one op, one output buffer, and the activation's gradient mask applied within the
+    /// BatchNorm backward) instead of as a separate op.
+    pub fn forward_act(&self, x: &Tensor, mode: Mode, act: Activation) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         if dims.len() < 2 || dims[1] != self.num_features() {
             return Err(Error::config(
@@ -283,22 +333,28 @@ impl BatchNorm {
                     format!("training needs more than one value per channel, got {dims:?}"),
                 ));
             }
-            let (y, mean, var) = if x.device().is_cpu() {
-                self.train_kernel(&x3, mode)?
-            } else {
-                self.train_composed(&x3, &w, &b)?
-            };
+            if x.device().is_cpu() {
+                let (y, mean, var) = self.train_kernel(&x3, mode, act)?;
+                self.update_running(&mean, &var, count)?;
+                return Ok(y.reshape(dims)?);
+            }
+            let (y, mean, var) = self.train_composed(&x3, &w, &b)?;
             self.update_running(&mean, &var, count)?;
             y
         } else {
             let (scale, shift) = self.folded(&w, &b)?;
             x3.broadcast_mul(&scale)?.broadcast_add(&shift)?
         };
-        Ok(y.reshape(dims)?)
+        act.apply(&y.reshape(dims)?)
     }
 
     /// Training forward on the CPU kernel: `(y, batch mean, biased batch variance)`.
-    fn train_kernel(&self, x3: &Tensor, mode: Mode) -> Result<(Tensor, Tensor, Tensor)> {
+    fn train_kernel(
+        &self,
+        x3: &Tensor,
+        mode: Mode,
+        act: Activation,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let x3 = x3.contiguous()?;
         let (mean, var) = bn_train::batch_stats(&x3)?;
         let (c, dev) = (mean.len(), x3.device());
@@ -307,7 +363,7 @@ impl BatchNorm {
             Tensor::from_vec(var.clone(), c, dev)?,
         );
         let (w, b) = (mode.weight(&self.weight), mode.weight(&self.bias));
-        let y = bn_train::batch_norm_train(&x3, &w, &b, mean, var, self.eps)?;
+        let y = bn_train::batch_norm_train(&x3, &w, &b, mean, var, self.eps, act.clamp_max())?;
         Ok((y, mean_t, var_t))
     }
 
@@ -544,35 +600,39 @@ mod tests {
 
     #[test]
     fn batch_norm_training_kernel_matches_the_composed_ops_with_gradients() {
-        let varmap = VarMap::new();
-        let bn = batch_norm_f64(&varmap);
-        let x = candle_core::Var::randn(0.5f64, 2., (3, 3, 4, 5), &Device::Cpu).unwrap();
-        let x3 = x.as_tensor().reshape((3, 3, 20)).unwrap();
-        let probe = Tensor::randn(0f64, 1., (3, 3, 20), &Device::Cpu).unwrap();
-        let (w, b) = (
-            bn.weight().reshape((1, 3, 1)).unwrap(),
-            bn.bias().reshape((1, 3, 1)).unwrap(),
-        );
-        let (y1, m1, v1) = bn.train_kernel(&x3, Mode::Train).unwrap();
-        let (y2, m2, v2) = bn.train_composed(&x3, &w, &b).unwrap();
-        assert!(max_abs(&y1, &y2) < 1e-12);
-        assert!(max_abs(&m1.flatten_all().unwrap(), &m2.flatten_all().unwrap()) < 1e-12);
-        assert!(max_abs(&v1.flatten_all().unwrap(), &v2.flatten_all().unwrap()) < 1e-12);
-        let g1 = (y1 * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        let g2 = (y2 * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
-        for t in [x.as_tensor(), bn.weight(), bn.bias()] {
-            let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
-            assert!(max_abs(a, b) < 1e-12, "{}", max_abs(a, b));
+        // With and without the fused activation (composed: candle's BatchNorm ops, then relu / relu6).
+        for act in [Activation::Identity, Activation::Relu, Activation::Relu6] {
+            let varmap = VarMap::new();
+            let bn = batch_norm_f64(&varmap);
+            let x = candle_core::Var::randn(0.5f64, 2., (3, 3, 4, 5), &Device::Cpu).unwrap();
+            let x3 = x.as_tensor().reshape((3, 3, 20)).unwrap();
+            let probe = Tensor::randn(0f64, 1., (3, 3, 20), &Device::Cpu).unwrap();
+            let (w, b) = (
+                bn.weight().reshape((1, 3, 1)).unwrap(),
+                bn.bias().reshape((1, 3, 1)).unwrap(),
+            );
+            let (y1, m1, v1) = bn.train_kernel(&x3, Mode::Train, act).unwrap();
+            let (y2, m2, v2) = bn.train_composed(&x3, &w, &b).unwrap();
+            let y2 = act.apply(&y2).unwrap();
+            assert!(max_abs(&y1, &y2) < 1e-12, "{act:?}");
+            assert!(max_abs(&m1.flatten_all().unwrap(), &m2.flatten_all().unwrap()) < 1e-12);
+            assert!(max_abs(&v1.flatten_all().unwrap(), &v2.flatten_all().unwrap()) < 1e-12);
+            let g1 = (y1 * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let g2 = (y2 * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for t in [x.as_tensor(), bn.weight(), bn.bias()] {
+                let (a, b) = (g1.get(t).unwrap(), g2.get(t).unwrap());
+                assert!(max_abs(a, b) < 1e-12, "{act:?}: {}", max_abs(a, b));
+            }
         }
     }
 

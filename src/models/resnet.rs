@@ -6,7 +6,9 @@
 //! classifier `fc` is not a group: it is a separate [`Linear`] that [`ResNet::classifier`] builds, so a new
 //! head of any width can take its place.
 
-use super::layers::{batch_norm, conv2d, conv_bn, linear, max_pool2d, relu};
+use super::layers::{
+    batch_norm, conv2d, conv_bn, conv_bn_act, linear, max_pool2d, relu, Activation,
+};
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
@@ -165,10 +167,12 @@ impl ResBlock {
         let mut h = x.clone();
         let last = self.convs.len() - 1;
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            h = conv_bn(&h, conv, bn, mode)?;
-            if i != last {
-                h = relu(&h)?;
-            }
+            let act = if i != last {
+                Activation::Relu
+            } else {
+                Activation::Identity
+            };
+            h = conv_bn_act(&h, conv, bn, mode, act)?;
         }
         let shortcut = match &self.downsample {
             Some(d) => d.forward(x, mode)?,
@@ -324,7 +328,7 @@ impl Backbone for ResNet {
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor> {
         match i {
             0 => {
-                let h = relu(&conv_bn(x, &self.conv1, &self.bn1, mode)?)?;
+                let h = conv_bn_act(x, &self.conv1, &self.bn1, mode, Activation::Relu)?;
                 max_pool2d(&h, 3, 2, 1)
             }
             1..=4 => self.stages[i - 1]

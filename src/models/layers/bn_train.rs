@@ -21,8 +21,11 @@ pub(super) fn batch_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>
 }
 
 /// `y = (x - mean) / sqrt(var + eps) * w + b` over `x` `[N, C, S]` with the given batch statistics
-/// (computed as PyTorch's CPU kernel does: `x * alpha + beta`, in the tensor's type);
-/// differentiable in `x`, `w` and `b` (the statistics' dependence on `x` included).
+/// (computed as PyTorch's CPU kernel does: `x * alpha + beta`, in the tensor's type), then clamped to
+/// `[0, clamp]` when `clamp` is given (ReLU: infinity, ReLU6: 6); differentiable in `x`, `w` and `b`
+/// (the statistics' dependence on `x` included). The clamp's backward recomputes the pre-clamp value
+/// from `x` (the same expression, so the same bits) and passes the gradient where it lies strictly
+/// inside `(0, clamp)`, PyTorch's rule for ReLU and hardtanh.
 pub(super) fn batch_norm_train(
     x: &Tensor,
     w: &Tensor,
@@ -30,11 +33,13 @@ pub(super) fn batch_norm_train(
     mean: Vec<f64>,
     var: Vec<f64>,
     eps: f64,
+    clamp: Option<f64>,
 ) -> candle_core::Result<Tensor> {
     let invstd = var.iter().map(|v| 1. / (v + eps).sqrt()).collect();
     let op = BnTrain {
         mean: Arc::new(mean),
         invstd: Arc::new(invstd),
+        clamp,
     };
     x.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
@@ -108,6 +113,23 @@ impl CustomOp1 for BnStats {
 struct BnTrain {
     mean: Arc<Vec<f64>>,
     invstd: Arc<Vec<f64>>,
+    clamp: Option<f64>,
+}
+
+/// PyTorch's `alpha`, `beta` of channel `ch` in the tensor's type: `y = x * alpha + beta`.
+#[inline]
+fn affine<T: WithDType>(mean: f64, invstd: f64, w: T, b: T) -> (T, T) {
+    let alpha = T::from_f64(invstd) * w;
+    (alpha, b - T::from_f64(mean) * alpha)
+}
+
+/// Whether the gradient passes a clamp to `[0, max]` at pre-clamp value `z`.
+#[inline]
+fn passes<T: WithDType>(z: T, max: Option<f64>) -> bool {
+    match max {
+        None => true,
+        Some(m) => z > T::from_f64(0.) && z.to_f64() < m,
+    }
 }
 
 impl BnTrain {
@@ -127,11 +149,28 @@ impl BnTrain {
                 // PyTorch's CPU kernel: statistics rounded to the tensor's type, then
                 // `y = x * alpha + beta` with `alpha = invstd * w`, `beta = b - mean * alpha`.
                 let ch = p % c;
-                let (mean, invstd) = (T::from_f64(self.mean[ch]), T::from_f64(self.invstd[ch]));
-                let alpha = invstd * w[ch];
-                let beta = b[ch] - mean * alpha;
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    *o = v * alpha + beta;
+                let (alpha, beta) = affine(self.mean[ch], self.invstd[ch], w[ch], b[ch]);
+                match self.clamp {
+                    None => {
+                        for (o, &v) in yp.iter_mut().zip(xp) {
+                            *o = v * alpha + beta;
+                        }
+                    }
+                    Some(max) => {
+                        let (zero, max) = (T::from_f64(0.), T::from_f64(max));
+                        for (o, &v) in yp.iter_mut().zip(xp) {
+                            let z = v * alpha + beta;
+                            *o = if z > zero {
+                                if z < max {
+                                    z
+                                } else {
+                                    max
+                                }
+                            } else {
+                                zero
+                            };
+                        }
+                    }
                 }
             });
         let n = x.len() / (c * s);
@@ -179,14 +218,22 @@ impl CustomOp3 for BnTrain {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
+        let f64s = |t: &Tensor| t.to_dtype(candle_core::DType::F64)?.to_vec1::<f64>();
+        let (wv, bv) = (Arc::new(f64s(w)?), Arc::new(f64s(b)?));
+        let mask = self.clamp.map(|max| Mask {
+            w: wv.clone(),
+            b: bv,
+            max,
+        });
         let stats = BnGradSums {
             mean: self.mean.clone(),
             invstd: self.invstd.clone(),
+            mask: mask.clone(),
         };
         let sums = x.apply_op2_no_bwd(&grad, &stats)?.to_vec2::<f64>()?;
         let (sum_dy, sum_dy_xhat) = (sums[0].clone(), sums[1].clone());
@@ -196,19 +243,55 @@ impl CustomOp3 for BnTrain {
         let gx = BnGradInput {
             mean: self.mean.clone(),
             invstd: self.invstd.clone(),
-            w: w.to_dtype(candle_core::DType::F64)?.to_vec1()?,
+            w: wv,
             sum_dy,
             sum_dy_xhat,
+            mask,
         };
         let dx = x.apply_op2_no_bwd(&grad, &gx)?;
         Ok((Some(dx), Some(dw), Some(db)))
     }
 }
 
-/// `(x, dy) -> [2, C]` f64: per channel `sum(dy)` and `sum(dy * xhat)`.
+/// The clamp of a fused BatchNorm + activation, for its backward: the affine parameters (exact in f64)
+/// to recompute each pre-clamp value, and the clamp's upper bound.
+#[derive(Clone)]
+struct Mask {
+    w: Arc<Vec<f64>>,
+    b: Arc<Vec<f64>>,
+    max: f64,
+}
+
+impl Mask {
+    /// `dy` with the clamp's gradient mask of channel `ch` applied, as f64 values.
+    #[inline]
+    fn apply<'a, T: WithDType>(
+        mask: &'a Option<Mask>,
+        bn: (&'a [f64], &'a [f64]),
+        ch: usize,
+    ) -> impl Fn(T, T) -> f64 + 'a {
+        let ab = mask.as_ref().map(|m| {
+            let (a, b) = affine(
+                bn.0[ch],
+                bn.1[ch],
+                T::from_f64(m.w[ch]),
+                T::from_f64(m.b[ch]),
+            );
+            (a, b, m.max)
+        });
+        move |xv: T, g: T| match ab {
+            Some((a, b, max)) if !passes(xv * a + b, Some(max)) => 0.,
+            _ => g.to_f64(),
+        }
+    }
+}
+
+/// `(x, dy) -> [2, C]` f64: per channel `sum(dy)` and `sum(dy * xhat)` (`dy` masked by the fused
+/// activation's gradient, if any).
 struct BnGradSums {
     mean: Arc<Vec<f64>>,
     invstd: Arc<Vec<f64>>,
+    mask: Option<Mask>,
 }
 
 impl BnGradSums {
@@ -217,11 +300,12 @@ impl BnGradSums {
             .into_par_iter()
             .map(|ch| {
                 let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
+                let masked = Mask::apply::<T>(&self.mask, (&self.mean, &self.invstd), ch);
                 let (mut a, mut b) = (0f64, 0f64);
                 for_channel(x, c, s, ch, |i, xp| {
                     let at = (i * c + ch) * s;
                     for (xv, g) in xp.iter().zip(&dy[at..at + s]) {
-                        let g = g.to_f64();
+                        let g = masked(*xv, *g);
                         a += g;
                         b += g * (xv.to_f64() - mean) * invstd;
                     }
@@ -239,9 +323,10 @@ impl BnGradSums {
 struct BnGradInput {
     mean: Arc<Vec<f64>>,
     invstd: Arc<Vec<f64>>,
-    w: Vec<f64>,
+    w: Arc<Vec<f64>>,
     sum_dy: Vec<f64>,
     sum_dy_xhat: Vec<f64>,
+    mask: Option<Mask>,
 }
 
 impl BnGradInput {
@@ -256,9 +341,10 @@ impl BnGradInput {
                 let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
                 let k = self.w[ch] * invstd;
                 let (mdy, mdyx) = (self.sum_dy[ch] / m, self.sum_dy_xhat[ch] / m);
+                let masked = Mask::apply::<T>(&self.mask, (&self.mean, &self.invstd), ch);
                 for ((o, xv), g) in dxp.iter_mut().zip(xp).zip(gp) {
                     let xhat = (xv.to_f64() - mean) * invstd;
-                    *o = T::from_f64(k * (g.to_f64() - mdy - xhat * mdyx));
+                    *o = T::from_f64(k * (masked(*xv, *g) - mdy - xhat * mdyx));
                 }
             });
         let n = x.len() / (c * s);
