@@ -20,7 +20,7 @@
 //! The classifier `_fc` is not part of the backbone: [`EfficientNetLite::classifier`] builds one.
 
 use super::layers::{
-    batch_norm, conv2d, linear, Activation, BatchNorm, Conv2d, Conv2dConfig, Linear,
+    self, batch_norm, conv2d, linear, Activation, BatchNorm, Conv2d, Conv2dConfig, Linear,
 };
 use super::{Backbone, Mode};
 use crate::{Error, Result};
@@ -173,30 +173,33 @@ impl ConvBn {
         })
     }
 
-    /// The convolution alone, with SAME padding.
-    fn convolve(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    /// The input with SAME padding applied and the convolution to run on it: the symmetric-padding
+    /// convolution when SAME padding is symmetric, else the explicitly padded input and the unpadded one.
+    fn same_padded(&self, x: &Tensor) -> Result<(Tensor, &Conv2d)> {
         let (_, _, h, w) = x.dims4()?;
         let (top, bottom) = same_padding(h, self.kernel, self.stride);
         let (left, right) = same_padding(w, self.kernel, self.stride);
         let p = self.kernel / 2;
-        match &self.unpadded {
+        Ok(match &self.unpadded {
             Some(unpadded) if (top, bottom, left, right) != (p, p, p, p) => {
                 let x = x
                     .pad_with_zeros(2, top, bottom)?
                     .pad_with_zeros(3, left, right)?;
-                unpadded.forward(&x, mode)
+                (x, unpadded)
             }
-            _ => self.conv.forward(x, mode),
-        }
+            _ => (x.clone(), &self.conv),
+        })
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         self.forward_act(x, mode, Activation::Identity)
     }
 
-    /// `act(self.forward(..))`, fused into a training BatchNorm ([`BatchNorm::forward_act`]).
+    /// `act(self.forward(..))` through [`layers::conv_bn_act`]: the activation fused into a training
+    /// BatchNorm, and outside training the BatchNorm folded into the convolution's filter.
     fn forward_act(&self, x: &Tensor, mode: Mode, act: Activation) -> Result<Tensor> {
-        self.bn.forward_act(&self.convolve(x, mode)?, mode, act)
+        let (x, conv) = self.same_padded(x)?;
+        layers::conv_bn_act(&x, conv, &self.bn, mode, act)
     }
 }
 
@@ -582,7 +585,8 @@ mod tests {
             .unwrap()
             .reshape((1, 1, 4, 4))
             .unwrap();
-        let y = cb.convolve(&x, Mode::Eval).unwrap();
+        let (padded, conv) = cb.same_padded(&x).unwrap();
+        let y = conv.forward(&padded, Mode::Eval).unwrap();
         let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // rows 0..3 x cols 0..3: 0+1+2+4+5+6+8+9+10 = 45; (0,1): cols 2..4 (col 4 padded) = 2+3+6+7+10+11 = 39
         // (1,0): rows 2..4: 8+9+10+12+13+14 = 66; (1,1): 10+11+14+15 = 50
