@@ -44,12 +44,64 @@ pub(super) fn conv2d(
         padding,
         stride,
     };
-    x.contiguous()?
-        .apply_op2(&weight.contiguous()?, FoldedConv(geom))
+    x.contiguous()?.apply_op2(
+        &weight.contiguous()?,
+        FoldedConv {
+            geom,
+            epilogue: None,
+        },
+    )
 }
 
-/// `(x, weight) -> conv2d(x, weight)`, see the module comment.
-struct FoldedConv(Geom);
+/// `clamp(conv2d(x, weight) + shift[o], 0, max)` (no clamp when `max` is `None`) in one op, for inference
+/// (no gradient is recorded): the shift and clamp are applied in the pass that lays the product out, so a
+/// folded conv + BatchNorm + activation costs no pass of its own. Same contract as [`conv2d`] otherwise.
+pub(super) fn conv2d_shift_clamp(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    shift: Vec<f64>,
+    max: Option<f64>,
+) -> candle_core::Result<Tensor> {
+    let (_, c, h, w) = x.dims4()?;
+    let (o, _, kh, kw) = weight.dims4()?;
+    if shift.len() != o {
+        candle_core::bail!(
+            "conv2d_shift_clamp: {} shifts for {o} channels",
+            shift.len()
+        );
+    }
+    let geom = Geom {
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        padding,
+        stride,
+    };
+    x.contiguous()?.apply_op2_no_bwd(
+        &weight.contiguous()?,
+        &FoldedConv {
+            geom,
+            epilogue: Some(Epilogue { shift, max }),
+        },
+    )
+}
+
+/// What [`conv2d_shift_clamp`] applies to each output value: `+ shift[channel]`, then a clamp to `[0, max]`.
+#[derive(Debug, Clone)]
+struct Epilogue {
+    shift: Vec<f64>,
+    max: Option<f64>,
+}
+
+/// `(x, weight) -> conv2d(x, weight)`, see the module comment, with an optional inference epilogue.
+struct FoldedConv {
+    geom: Geom,
+    epilogue: Option<Epilogue>,
+}
 
 impl FoldedConv {
     fn run<T: WithDType>(
@@ -58,7 +110,7 @@ impl FoldedConv {
         w: &[T],
         wl: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let g = self.0;
+        let g = self.geom;
         let o = wl.dims()[0];
         let (oh, ow) = g.out_hw();
         let l = oh * ow;
@@ -74,11 +126,32 @@ impl FoldedConv {
             Storage::Cpu(cs) => contiguous_slice::<T>(cs, layout, "graft-conv2d")?,
             _ => candle_core::bail!("graft-conv2d: the product left the CPU"),
         };
-        // [O, N * L] -> [N, O, L]
+        // [O, N * L] -> [N, O, L], with the epilogue if any.
         let mut out = vec![T::from_f64(0.); n * o * l];
         out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
             let (b, oc) = (p / o, p % o);
-            dst.copy_from_slice(&y[(oc * n + b) * l..(oc * n + b + 1) * l]);
+            let src = &y[(oc * n + b) * l..(oc * n + b + 1) * l];
+            match &self.epilogue {
+                None => dst.copy_from_slice(src),
+                Some(e) => {
+                    let (zero, shift) = (T::from_f64(0.), T::from_f64(e.shift[oc]));
+                    match e.max.map(T::from_f64) {
+                        None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v + shift),
+                        Some(max) => dst.iter_mut().zip(src).for_each(|(d, &v)| {
+                            let z = v + shift;
+                            *d = if z > zero {
+                                if z < max {
+                                    z
+                                } else {
+                                    max
+                                }
+                            } else {
+                                zero
+                            };
+                        }),
+                    }
+                }
+            }
         });
         Ok((T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow))))
     }
@@ -186,7 +259,10 @@ impl CustomOp2 for FoldedConv {
         _res: &Tensor,
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = self.0;
+        if self.epilogue.is_some() {
+            candle_core::bail!("graft-conv2d: the inference epilogue has no backward");
+        }
+        let g = self.geom;
         let grad = grad.contiguous()?;
         let gw = if weight.track_op() {
             Some(x.apply_op2_no_bwd(&grad, &FilterGrad(g))?)
@@ -547,6 +623,31 @@ mod tests {
             for gap in gradient_gaps(&ours, &theirs, &probe, &[&x, &wt]) {
                 assert!(gap < 1e-10, "gradient {what}");
             }
+        }
+    }
+
+    #[test]
+    fn shift_and_clamp_epilogue_matches_the_separate_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 4, 7, 7), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1., (5, 4, 3, 3), &dev).unwrap();
+        let shift = vec![-1.0, -0.5, 0.0, 0.5, 1.0];
+        let shifted = conv2d(&x, &wt, 1, 2)
+            .unwrap()
+            .broadcast_add(
+                &Tensor::new(&[-1f32, -0.5, 0.0, 0.5, 1.0], &dev)
+                    .unwrap()
+                    .reshape((1, 5, 1, 1))
+                    .unwrap(),
+            )
+            .unwrap();
+        for max in [None, Some(f64::INFINITY), Some(2.)] {
+            let ours = conv2d_shift_clamp(&x, &wt, 1, 2, shift.clone(), max).unwrap();
+            let theirs = match max {
+                None => shifted.clone(),
+                Some(m) => shifted.clamp(0f32, m as f32).unwrap(),
+            };
+            assert_eq!(max_abs(&ours, &theirs), 0.0, "{max:?}");
         }
     }
 
