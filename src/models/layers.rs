@@ -237,19 +237,27 @@ pub fn conv_bn_act(
     if let Some(b) = &conv.bias {
         shift = (shift + mode.weight(b).mul(&scale)?)?;
     }
-    let dense = conv.cfg.groups == 1 && x.device().is_cpu();
-    if mode == Mode::Frozen && dense && !x.track_op() {
+    let kernel = if !x.device().is_cpu() {
+        None
+    } else if conv.depthwise {
+        Some(true)
+    } else if conv.cfg.groups == 1 {
+        Some(false)
+    } else {
+        None
+    };
+    if let (Mode::Frozen, Some(depthwise), false) = (mode, kernel, x.track_op()) {
         // Nothing needs a gradient: the shift and the activation ride on the convolution's last pass.
-        let shift = shift.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let e = depthwise::Epilogue {
+            shift: shift.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+            max: act.clamp_max(),
+        };
         let (p, s) = (conv.cfg.padding, conv.cfg.stride);
-        return Ok(im2col::conv2d_shift_clamp(
-            x,
-            &w,
-            p,
-            s,
-            shift,
-            act.clamp_max(),
-        )?);
+        return if depthwise {
+            depthwise::depthwise_conv2d_shift_clamp(x, &w, p, s, e)
+        } else {
+            Ok(im2col::conv2d_shift_clamp(x, &w, p, s, e)?)
+        };
     }
     act.apply(
         &conv

@@ -19,6 +19,28 @@ pub fn depthwise_conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
+    depthwise_with(x, weight, padding, stride, None)
+}
+
+/// `clamp(depthwise_conv2d(x, weight) + shift[c], 0, max)` in one op, for inference (no gradient is
+/// recorded): the epilogue runs on each output plane while it is still in cache.
+pub(super) fn depthwise_conv2d_shift_clamp(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    epilogue: Epilogue,
+) -> Result<Tensor> {
+    depthwise_with(x, weight, padding, stride, Some(epilogue))
+}
+
+fn depthwise_with(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    epilogue: Option<Epilogue>,
+) -> Result<Tensor> {
     check_float(x, "depthwise_conv2d")?;
     let (_, c, h, w) = x.dims4()?;
     let (wc, one, kh, kw) = weight.dims4()?;
@@ -52,8 +74,49 @@ pub fn depthwise_conv2d(
         padding,
         stride,
     };
-    Ok(x.contiguous()?
-        .apply_op2(&weight.contiguous()?, DepthwiseConv(geom))?)
+    if let Some(e) = &epilogue {
+        if e.shift.len() != c {
+            return Err(Error::config(
+                "depthwise_conv2d shift",
+                format!("{} shifts for {c} channels", e.shift.len()),
+            ));
+        }
+    }
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    Ok(match epilogue {
+        None => x.apply_op2(&weight, DepthwiseConv(geom, None))?,
+        Some(e) => x.apply_op2_no_bwd(&weight, &DepthwiseConv(geom, Some(e)))?,
+    })
+}
+
+/// What an inference convolution applies to each output value: `+ shift[channel]`, then a clamp to
+/// `[0, max]` when `max` is given (a folded BatchNorm and its ReLU / ReLU6).
+#[derive(Debug, Clone)]
+pub(super) struct Epilogue {
+    pub(super) shift: Vec<f64>,
+    pub(super) max: Option<f64>,
+}
+
+impl Epilogue {
+    /// Applies the epilogue of channel `ch` to `plane` in place.
+    pub(super) fn apply<T: WithDType>(&self, ch: usize, plane: &mut [T]) {
+        let (zero, shift) = (T::from_f64(0.), T::from_f64(self.shift[ch]));
+        match self.max.map(T::from_f64) {
+            None => plane.iter_mut().for_each(|v| *v += shift),
+            Some(max) => plane.iter_mut().for_each(|v| {
+                let z = *v + shift;
+                *v = if z > zero {
+                    if z < max {
+                        z
+                    } else {
+                        max
+                    }
+                } else {
+                    zero
+                };
+            }),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -261,8 +324,8 @@ macro_rules! dispatch2 {
 }
 pub(super) use dispatch2;
 
-/// `(input, weight) -> output`.
-struct DepthwiseConv(Geom);
+/// `(input, weight) -> output`, with an optional inference epilogue (then it has no backward).
+struct DepthwiseConv(Geom, Option<Epilogue>);
 
 impl DepthwiseConv {
     fn run<T: WithDType>(&self, x: &[T], wt: &[T]) -> (CpuStorage, Shape) {
@@ -284,6 +347,9 @@ impl DepthwiseConv {
                         g.stride,
                     )
                 });
+                if let Some(e) = &self.1 {
+                    e.apply(p % g.c, o);
+                }
             });
         (T::to_cpu_storage_owned(out), Shape::from((n, g.c, oh, ow)))
     }
@@ -419,6 +485,34 @@ mod tests {
     use super::*;
     use crate::models::layers::test_support::{gradient_gaps, max_abs};
     use candle_core::{Device, Var};
+
+    #[test]
+    fn shift_and_clamp_epilogue_matches_the_separate_ops() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (2, 3, 9, 9), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1., (3, 1, 3, 3), &dev).unwrap();
+        let conv = depthwise_conv2d(&x, &wt, 1, 2).unwrap();
+        let shifted = conv
+            .broadcast_add(
+                &Tensor::new(&[-0.5f32, 0.0, 0.5], &dev)
+                    .unwrap()
+                    .reshape((1, 3, 1, 1))
+                    .unwrap(),
+            )
+            .unwrap();
+        for max in [None, Some(f64::INFINITY), Some(1.)] {
+            let e = Epilogue {
+                shift: vec![-0.5, 0.0, 0.5],
+                max,
+            };
+            let ours = depthwise_conv2d_shift_clamp(&x, &wt, 1, 2, e).unwrap();
+            let theirs = match max {
+                None => shifted.clone(),
+                Some(m) => shifted.clamp(0f32, m as f32).unwrap(),
+            };
+            assert_eq!(max_abs(&ours, &theirs), 0.0, "{max:?}");
+        }
+    }
 
     #[test]
     fn forward_and_gradients_match_candle_grouped_conv() {

@@ -17,7 +17,7 @@
 //! and an earlier channel-major forward, different in the last bits, moved the golden ResNet-18 stem
 //! gradients by 1e-3 relative (near-ties in the max-pool flip), against 4e-6 with these values.
 
-use super::depthwise::{contiguous_slice, dispatch2, span, Geom};
+use super::depthwise::{contiguous_slice, dispatch2, span, Epilogue, Geom};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
@@ -61,15 +61,14 @@ pub(super) fn conv2d_shift_clamp(
     weight: &Tensor,
     padding: usize,
     stride: usize,
-    shift: Vec<f64>,
-    max: Option<f64>,
+    epilogue: Epilogue,
 ) -> candle_core::Result<Tensor> {
     let (_, c, h, w) = x.dims4()?;
     let (o, _, kh, kw) = weight.dims4()?;
-    if shift.len() != o {
+    if epilogue.shift.len() != o {
         candle_core::bail!(
             "conv2d_shift_clamp: {} shifts for {o} channels",
-            shift.len()
+            epilogue.shift.len()
         );
     }
     let geom = Geom {
@@ -85,16 +84,9 @@ pub(super) fn conv2d_shift_clamp(
         &weight.contiguous()?,
         &FoldedConv {
             geom,
-            epilogue: Some(Epilogue { shift, max }),
+            epilogue: Some(epilogue),
         },
     )
-}
-
-/// What [`conv2d_shift_clamp`] applies to each output value: `+ shift[channel]`, then a clamp to `[0, max]`.
-#[derive(Debug, Clone)]
-struct Epilogue {
-    shift: Vec<f64>,
-    max: Option<f64>,
 }
 
 /// `(x, weight) -> conv2d(x, weight)`, see the module comment, with an optional inference epilogue.
@@ -130,27 +122,9 @@ impl FoldedConv {
         let mut out = vec![T::from_f64(0.); n * o * l];
         out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
             let (b, oc) = (p / o, p % o);
-            let src = &y[(oc * n + b) * l..(oc * n + b + 1) * l];
-            match &self.epilogue {
-                None => dst.copy_from_slice(src),
-                Some(e) => {
-                    let (zero, shift) = (T::from_f64(0.), T::from_f64(e.shift[oc]));
-                    match e.max.map(T::from_f64) {
-                        None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = v + shift),
-                        Some(max) => dst.iter_mut().zip(src).for_each(|(d, &v)| {
-                            let z = v + shift;
-                            *d = if z > zero {
-                                if z < max {
-                                    z
-                                } else {
-                                    max
-                                }
-                            } else {
-                                zero
-                            };
-                        }),
-                    }
-                }
+            dst.copy_from_slice(&y[(oc * n + b) * l..(oc * n + b + 1) * l]);
+            if let Some(e) = &self.epilogue {
+                e.apply(oc, dst);
             }
         });
         Ok((T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow))))
@@ -642,7 +616,11 @@ mod tests {
             )
             .unwrap();
         for max in [None, Some(f64::INFINITY), Some(2.)] {
-            let ours = conv2d_shift_clamp(&x, &wt, 1, 2, shift.clone(), max).unwrap();
+            let e = Epilogue {
+                shift: shift.clone(),
+                max,
+            };
+            let ours = conv2d_shift_clamp(&x, &wt, 1, 2, e).unwrap();
             let theirs = match max {
                 None => shifted.clone(),
                 Some(m) => shifted.clamp(0f32, m as f32).unwrap(),
