@@ -10,11 +10,15 @@
 //! - [`max_pool2d`]: padding, stride < kernel, and a backward pass (PyTorch's tie rule);
 //! - `depthwise`: depthwise convolution (`groups == in == out`), which candle runs as one convolution per
 //!   channel (about 50x slower, forward and backward);
-//! - `im2col`: dense convolutions as one GEMM over the whole batch (forward, filter and input
-//!   gradients), instead of candle's per-tile GEMMs forward and direct transposed convolution backward;
+//! - `im2col`: dense convolutions as GEMMs over the whole batch (forward, filter and input gradients),
+//!   instead of candle's per-tile GEMMs forward and direct transposed convolution backward;
 //! - [`relu`], [`relu6`]: one-pass forward and backward (candle's backward takes three and about ten passes);
 //! - `bn_train`: training-mode BatchNorm with a hand-written backward (candle's autograd reduces over the
-//!   batch and spatial axes one element at a time).
+//!   batch and spatial axes one element at a time), with a following ReLU / ReLU6 fused in
+//!   ([`conv_bn_act`]).
+//!
+//! Outside training, [`conv_bn_act`] folds the BatchNorm into the filter; in [`Mode::Frozen`] the folded
+//! shift and the activation run inside the (dense or depthwise) convolution's last pass.
 //!
 //! `examples/bench_forward.rs` measures them against the candle ops they replace.
 
