@@ -19,9 +19,7 @@
 
 use super::depthwise::{contiguous_slice, dispatch2, span, Epilogue, Geom};
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp2, DType, Device, Layout, Shape, Storage, Tensor, WithDType,
-};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// `bias-free conv2d(x, weight)` for `groups == 1`: `x` `[N, C, H, W]`, `weight` `[O, C, K, K]`, symmetric
@@ -96,28 +94,29 @@ struct FoldedConv {
 }
 
 impl FoldedConv {
-    fn run<T: WithDType>(
-        &self,
-        x: &[T],
-        w: &[T],
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
+    fn run<T: WithDType>(&self, x: &[T], w: &[T]) -> (CpuStorage, Shape) {
         let g = self.geom;
-        let o = wl.dims()[0];
+        let ckk = g.c * g.kh * g.kw;
+        let o = w.len() / ckk;
         let (oh, ow) = g.out_hw();
         let l = oh * ow;
         let n = x.len() / (g.c * g.h * g.w);
-        let ckk = g.c * g.kh * g.kw;
-        let dev = Device::Cpu;
-        let cols = Tensor::from_vec(im2col_folded(g, x), (ckk, n * l), &dev)?;
-        let wm = Tensor::from_vec(tap_major(w, o, g), (o, ckk), &dev)?;
-        let y = wm.matmul(&cols)?;
-        drop(cols);
-        let (storage, layout) = y.storage_and_layout();
-        let y = match &*storage {
-            Storage::Cpu(cs) => contiguous_slice::<T>(cs, layout, "graft-conv2d")?,
-            _ => candle_core::bail!("graft-conv2d: the product left the CPU"),
+        let threads = rayon::current_num_threads();
+        let par = if threads > 1 {
+            gemm::Parallelism::Rayon(threads)
+        } else {
+            gemm::Parallelism::None
         };
+        let cols = im2col_folded(g, x);
+        let y = product(
+            o,
+            n * l,
+            ckk,
+            (&tap_major(w, o, g), 1, ckk),
+            (&cols, 1, n * l),
+            par,
+        );
+        drop(cols);
         // [O, N * L] -> [N, O, L], with the epilogue if any.
         let mut out = vec![T::from_f64(0.); n * o * l];
         out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
@@ -127,7 +126,7 @@ impl FoldedConv {
                 e.apply(oc, dst);
             }
         });
-        Ok((T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow))))
+        (T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow)))
     }
 }
 
@@ -194,34 +193,7 @@ impl CustomOp2 for FoldedConv {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => self.run(
-                contiguous_slice::<f32>(s1, l1, name)?,
-                contiguous_slice::<f32>(s2, l2, name)?,
-                l2,
-            ),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => self.run(
-                contiguous_slice::<f64>(s1, l1, name)?,
-                contiguous_slice::<f64>(s2, l2, name)?,
-                l2,
-            ),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => self.run(
-                contiguous_slice::<half::f16>(s1, l1, name)?,
-                contiguous_slice::<half::f16>(s2, l2, name)?,
-                l2,
-            ),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => self.run(
-                contiguous_slice::<half::bf16>(s1, l1, name)?,
-                contiguous_slice::<half::bf16>(s2, l2, name)?,
-                l2,
-            ),
-            _ => candle_core::bail!(
-                "{name}: unsupported or mixed dtypes {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        }
+        dispatch2!(self, s1, l1, s2, l2)
     }
 
     /// Filter gradient `dY x cols^T` (only when the filter tracks a gradient) and input gradient
@@ -275,7 +247,14 @@ impl FilterGrad {
                 let k = nb * l;
                 let cols = im2col_pixel_major(g, &x[b0 * plane_c..(b0 + nb) * plane_c]);
                 let gt = channel_major(&grad[b0 * o * l..(b0 + nb) * o * l], o, l);
-                product(o, ckk, k, (&gt, 1, k), (&cols, 1, ckk))
+                product(
+                    o,
+                    ckk,
+                    k,
+                    (&gt, 1, k),
+                    (&cols, 1, ckk),
+                    gemm::Parallelism::None,
+                )
             })
             .collect();
         let mut sum = partials.into_iter();
@@ -339,8 +318,16 @@ impl InputGrad {
             .zip(chunks)
             .for_each(|(dst, (b0, nb))| {
                 let k = nb * l;
-                let gp = pixel_major(&grad[b0 * o * l..(b0 + nb) * o * l], o, l);
-                let gcols = product(k, ckk, o, (&gp, 1, o), (&wm, 1, ckk));
+                // [nb, O, L] -> [nb * L, O]
+                let gp = channels_last(&grad[b0 * o * l..(b0 + nb) * o * l], o, l);
+                let gcols = product(
+                    k,
+                    ckk,
+                    o,
+                    (&gp, 1, o),
+                    (&wm, 1, ckk),
+                    gemm::Parallelism::None,
+                );
                 col2im_pixel_major(g, &gcols, dst);
             });
         (
@@ -378,14 +365,16 @@ fn image_chunks(n: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
-/// `dst [m, n] = lhs [m, k] x rhs [k, n]` on the calling thread, each operand given as `(values, column
-/// stride, row stride)`. f32 and f64 run on the GEMM crate's kernels; half types are computed in f32.
+/// `dst [m, n] = lhs [m, k] x rhs [k, n]` with `par` threads (`Parallelism::None`: the calling thread),
+/// each operand given as `(values, column stride, row stride)`. f32 and f64 run on the GEMM crate's
+/// kernels; half types are computed in f32.
 fn product<T: WithDType>(
     m: usize,
     n: usize,
     k: usize,
     lhs: (&[T], usize, usize),
     rhs: (&[T], usize, usize),
+    par: gemm::Parallelism,
 ) -> Vec<T> {
     let reach = |(v, cs, rs): (&[T], usize, usize), rows: usize, cols: usize| {
         rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
@@ -397,7 +386,7 @@ fn product<T: WithDType>(
     if !matches!(T::DTYPE, DType::F32 | DType::F64) {
         let f32s = |v: &[T]| v.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
         let (l, r) = (f32s(lhs.0), f32s(rhs.0));
-        return product(m, n, k, (&l, lhs.1, lhs.2), (&r, rhs.1, rhs.2))
+        return product(m, n, k, (&l, lhs.1, lhs.2), (&r, rhs.1, rhs.2), par)
             .into_iter()
             .map(|v| T::from_f64(v as f64))
             .collect();
@@ -425,7 +414,7 @@ fn product<T: WithDType>(
             false,
             false,
             false,
-            gemm::Parallelism::None,
+            par,
         )
     };
     dst
@@ -443,19 +432,6 @@ fn channel_major<T: WithDType>(grad: &[T], o: usize, l: usize) -> Vec<T> {
         }
     }
     gt
-}
-
-/// `dY` of some images, `[nb, O, L]`, as `[nb * L, O]` (each image's `[O, L]` transposed).
-fn pixel_major<T: WithDType>(grad: &[T], o: usize, l: usize) -> Vec<T> {
-    let mut gp = vec![T::from_f64(0.); grad.len()];
-    for (src, dst) in grad.chunks_exact(o * l).zip(gp.chunks_exact_mut(o * l)) {
-        for oc in 0..o {
-            for (i, &v) in src[oc * l..(oc + 1) * l].iter().enumerate() {
-                dst[i * o + oc] = v;
-            }
-        }
-    }
-    gp
 }
 
 /// Images `[nb, C, P]` as `[nb, P, C]` (channels last).
@@ -544,7 +520,7 @@ fn col2im_pixel_major<T: WithDType>(g: Geom, cols: &[T], x: &mut [T]) {
 mod tests {
     use super::*;
     use crate::models::layers::test_support::{gradient_gaps, max_abs};
-    use candle_core::{DType, Var};
+    use candle_core::{DType, Device, Var};
 
     /// (in, out, h, w, kernel, padding, stride): ResNet's stem, 3x3 at stride 1 and 2, 1x1 at stride 1
     /// and 2, odd and non-square sizes.
