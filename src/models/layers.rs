@@ -156,6 +156,26 @@ impl Conv2d {
         }
     }
 
+    /// [`Conv2d::convolve`] with `e` applied by the CPU kernel itself, for inference (no gradient is
+    /// recorded); `None` where no kernel of ours runs this layer (other devices, grouped convolutions).
+    fn convolve_with_epilogue(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        e: depthwise::Epilogue,
+    ) -> Result<Option<Tensor>> {
+        let (p, s) = (self.cfg.padding, self.cfg.stride);
+        Ok(if !x.device().is_cpu() {
+            None
+        } else if self.depthwise {
+            Some(depthwise::depthwise_conv2d_shift_clamp(x, w, p, s, e)?)
+        } else if self.cfg.groups == 1 {
+            Some(im2col::conv2d_shift_clamp(x, w, p, s, e)?)
+        } else {
+            None
+        })
+    }
+
     /// The input and padding to hand candle's conv2d: `(x, padding)` unchanged, unless the two axes leave a
     /// different number of trailing rows/columns that no window reaches (a non-square input of mixed parity
     /// under a stride). Then the zero padding is applied here and the unreached edge cut off, and the
@@ -241,27 +261,15 @@ pub fn conv_bn_act(
     if let Some(b) = &conv.bias {
         shift = (shift + mode.weight(b).mul(&scale)?)?;
     }
-    let kernel = if !x.device().is_cpu() {
-        None
-    } else if conv.depthwise {
-        Some(true)
-    } else if conv.cfg.groups == 1 {
-        Some(false)
-    } else {
-        None
-    };
-    if let (Mode::Frozen, Some(depthwise), false) = (mode, kernel, x.track_op()) {
+    if mode == Mode::Frozen && !x.track_op() {
         // Nothing needs a gradient: the shift and the activation ride on the convolution's last pass.
         let e = depthwise::Epilogue {
             shift: shift.to_dtype(DType::F64)?.to_vec1::<f64>()?,
             max: act.clamp_max(),
         };
-        let (p, s) = (conv.cfg.padding, conv.cfg.stride);
-        return if depthwise {
-            depthwise::depthwise_conv2d_shift_clamp(x, &w, p, s, e)
-        } else {
-            Ok(im2col::conv2d_shift_clamp(x, &w, p, s, e)?)
-        };
+        if let Some(y) = conv.convolve_with_epilogue(x, &w, e)? {
+            return Ok(y);
+        }
     }
     act.apply(
         &conv
