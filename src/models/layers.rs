@@ -27,6 +27,7 @@ mod bn_train;
 mod depthwise;
 mod im2col;
 mod pool;
+mod shifted;
 
 pub use activation::{relu, relu6};
 pub use depthwise::depthwise_conv2d;

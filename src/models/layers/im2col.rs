@@ -18,6 +18,7 @@
 //! gradients by 1e-3 relative (near-ties in the max-pool flip), against 4e-6 with these values.
 
 use super::depthwise::{contiguous_slice, dispatch2, span, Epilogue, Geom};
+use super::shifted;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -101,6 +102,10 @@ impl FoldedConv {
         let (oh, ow) = g.out_hw();
         let l = oh * ow;
         let n = x.len() / (g.c * g.h * g.w);
+        if shifted::applies::<T>(g) {
+            let out = shifted::forward(g, x, w, o, self.epilogue.as_ref());
+            return (T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow)));
+        }
         let threads = rayon::current_num_threads();
         let par = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -241,6 +246,13 @@ impl FilterGrad {
         let ckk = g.c * taps;
         let n = x.len() / plane_c;
         let o = grad.len() / (n * l).max(1);
+        if shifted::applies::<T>(g) {
+            let dw = shifted::filter_grad(g, x, grad, o);
+            return (
+                T::to_cpu_storage_owned(dw),
+                Shape::from((o, g.c, g.kh, g.kw)),
+            );
+        }
         let partials: Vec<Vec<T>> = image_chunks(n)
             .into_par_iter()
             .map(|(b0, nb)| {
@@ -310,6 +322,10 @@ impl InputGrad {
         let ckk = g.c * g.kh * g.kw;
         let o = w.len() / ckk;
         let n = grad.len() / (o * l).max(1);
+        if shifted::applies::<T>(g) {
+            let dx = shifted::input_grad(g, grad, w, o);
+            return (T::to_cpu_storage_owned(dx), Shape::from((n, g.c, g.h, g.w)));
+        }
         let wm = tap_major(w, o, g);
         let mut out = vec![T::from_f64(0.); n * plane_c];
         let chunks = image_chunks(n);
@@ -355,7 +371,7 @@ impl CustomOp2 for InputGrad {
 
 /// Splits `n` images into one contiguous chunk per rayon thread, as `(first image, images)`; every chunk
 /// but the last has the same size.
-fn image_chunks(n: usize) -> Vec<(usize, usize)> {
+pub(super) fn image_chunks(n: usize) -> Vec<(usize, usize)> {
     let per = n
         .div_ceil(rayon::current_num_threads().clamp(1, n.max(1)))
         .max(1);
@@ -363,6 +379,75 @@ fn image_chunks(n: usize) -> Vec<(usize, usize)> {
         .step_by(per)
         .map(|b0| (b0, per.min(n - b0)))
         .collect()
+}
+
+/// Where a matrix lies in a slice: element `(i, j)` at `offset + i * rs + j * cs`.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct View {
+    pub(super) offset: usize,
+    pub(super) rs: usize,
+    pub(super) cs: usize,
+}
+
+impl View {
+    pub(super) fn strided(offset: usize, rs: usize, cs: usize) -> Self {
+        Self { offset, rs, cs }
+    }
+
+    /// Whether a `rows x cols` matrix at this view stays inside `len` values.
+    fn fits(&self, rows: usize, cols: usize, len: usize) -> bool {
+        rows == 0 || cols == 0 || self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs < len
+    }
+}
+
+/// `dst [m, n] (+)= lhs [m, k] x rhs [k, n]` on the GEMM crate's kernels with `par` threads
+/// (`Parallelism::None`: the calling thread): added to `dst` when `accumulate`, else written over it.
+/// f32 and f64 only (the crate's native types); panics if a view runs past its slice.
+pub(super) fn gemm_into<T: WithDType>(
+    (m, n, k): (usize, usize, usize),
+    (dst, d): (&mut [T], View),
+    accumulate: bool,
+    (lhs, l): (&[T], View),
+    (rhs, r): (&[T], View),
+    par: gemm::Parallelism,
+) {
+    assert!(
+        matches!(T::DTYPE, DType::F32 | DType::F64),
+        "gemm_into: {:?} is not a GEMM kernel type",
+        T::DTYPE
+    );
+    assert!(
+        d.fits(m, n, dst.len()) && l.fits(m, k, lhs.len()) && r.fits(k, n, rhs.len()),
+        "gemm_into: a view runs past its values"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: T is f32 or f64 (the GEMM crate's own kernels), and the assertion above keeps every
+    // element of the three views inside its slice; `dst` is borrowed mutably, so nothing else aliases it.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr().add(d.offset),
+            d.cs as isize,
+            d.rs as isize,
+            accumulate,
+            lhs.as_ptr().add(l.offset),
+            l.cs as isize,
+            l.rs as isize,
+            rhs.as_ptr().add(r.offset),
+            r.cs as isize,
+            r.rs as isize,
+            T::from_f64(1.),
+            T::from_f64(1.),
+            false,
+            false,
+            false,
+            par,
+        )
+    }
 }
 
 /// `dst [m, n] = lhs [m, k] x rhs [k, n]` with `par` threads (`Parallelism::None`: the calling thread),
@@ -376,13 +461,6 @@ fn product<T: WithDType>(
     rhs: (&[T], usize, usize),
     par: gemm::Parallelism,
 ) -> Vec<T> {
-    let reach = |(v, cs, rs): (&[T], usize, usize), rows: usize, cols: usize| {
-        rows == 0 || cols == 0 || (rows - 1) * rs + (cols - 1) * cs < v.len()
-    };
-    assert!(
-        reach(lhs, m, k) && reach(rhs, k, n),
-        "product: operand strides run past their values"
-    );
     if !matches!(T::DTYPE, DType::F32 | DType::F64) {
         let f32s = |v: &[T]| v.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
         let (l, r) = (f32s(lhs.0), f32s(rhs.0));
@@ -392,31 +470,14 @@ fn product<T: WithDType>(
             .collect();
     }
     let mut dst = vec![T::from_f64(0.); m * n];
-    // SAFETY: T is f32 or f64 (the GEMM crate's own kernels); the assertion above keeps every operand
-    // element inside its slice, and `dst` is `m x n` row-major.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.0.as_ptr(),
-            lhs.1 as isize,
-            lhs.2 as isize,
-            rhs.0.as_ptr(),
-            rhs.1 as isize,
-            rhs.2 as isize,
-            T::from_f64(0.),
-            T::from_f64(1.),
-            false,
-            false,
-            false,
-            par,
-        )
-    };
+    gemm_into(
+        (m, n, k),
+        (&mut dst, View::strided(0, n, 1)),
+        false,
+        (lhs.0, View::strided(0, lhs.2, lhs.1)),
+        (rhs.0, View::strided(0, rhs.2, rhs.1)),
+        par,
+    );
     dst
 }
 
@@ -523,8 +584,9 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     /// (in, out, h, w, kernel, padding, stride): ResNet's stem, 3x3 at stride 1 and 2, 1x1 at stride 1
-    /// and 2, odd and non-square sizes.
-    const CASES: [(usize, usize, usize, usize, usize, usize, usize); 9] = [
+    /// and 2, odd and non-square sizes; the last four are large enough for the shifted GEMMs
+    /// ([`shifted`]): padded, unpadded with junk columns, 1x1 (neither), and 5x5.
+    const CASES: [(usize, usize, usize, usize, usize, usize, usize); 13] = [
         (256, 16, 6, 6, 3, 1, 1),
         (512, 8, 4, 4, 1, 0, 2),
         (3, 8, 20, 20, 7, 3, 2),
@@ -534,7 +596,23 @@ mod tests {
         (8, 16, 8, 8, 1, 0, 1),
         (3, 2, 6, 7, 1, 0, 1),
         (2, 3, 11, 9, 5, 0, 2),
+        (16, 8, 16, 16, 3, 1, 1),
+        (16, 4, 19, 18, 3, 0, 1),
+        (20, 6, 16, 17, 1, 0, 1),
+        (16, 5, 16, 17, 5, 2, 1),
     ];
+
+    fn geom(c: usize, h: usize, w: usize, k: usize, padding: usize, stride: usize) -> Geom {
+        Geom {
+            c,
+            h,
+            w,
+            kh: k,
+            kw: k,
+            padding,
+            stride,
+        }
+    }
 
     #[test]
     fn f32_forward_rounds_like_candle_conv2d() {
@@ -548,7 +626,7 @@ mod tests {
             assert_eq!(ours.dims(), theirs.dims(), "{what}");
             assert_eq!(ours.dtype(), DType::F32);
             let gap = max_abs(&ours, &theirs);
-            if ci * k * k <= 147 {
+            if ci * k * k <= 147 && !shifted::applies::<f32>(geom(ci, h, w, k, p, s)) {
                 // Short reductions (ResNet's stem: 3 x 7 x 7) sum in candle's order exactly.
                 assert_eq!(gap, 0.0, "{what}");
             } else {
@@ -578,11 +656,18 @@ mod tests {
 
     #[test]
     fn shift_and_clamp_epilogue_matches_the_separate_ops() {
+        // im2col at stride 2, shifted GEMMs at stride 1.
+        for (c, size, stride) in [(4, 7, 2), (16, 16, 1)] {
+            shift_and_clamp_case(c, size, stride);
+        }
+    }
+
+    fn shift_and_clamp_case(c: usize, size: usize, stride: usize) {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (2, 4, 7, 7), &dev).unwrap();
-        let wt = Tensor::randn(0f32, 1., (5, 4, 3, 3), &dev).unwrap();
+        let x = Tensor::randn(0f32, 1., (2, c, size, size), &dev).unwrap();
+        let wt = Tensor::randn(0f32, 1., (5, c, 3, 3), &dev).unwrap();
         let shift = vec![-1.0, -0.5, 0.0, 0.5, 1.0];
-        let shifted = conv2d(&x, &wt, 1, 2)
+        let shifted = conv2d(&x, &wt, 1, stride)
             .unwrap()
             .broadcast_add(
                 &Tensor::new(&[-1f32, -0.5, 0.0, 0.5, 1.0], &dev)
@@ -596,7 +681,7 @@ mod tests {
                 shift: shift.clone(),
                 max,
             };
-            let ours = conv2d_shift_clamp(&x, &wt, 1, 2, e).unwrap();
+            let ours = conv2d_shift_clamp(&x, &wt, 1, stride, e).unwrap();
             let theirs = match max {
                 None => shifted.clone(),
                 Some(m) => shifted.clamp(0f32, m as f32).unwrap(),
