@@ -106,6 +106,10 @@ impl FoldedConv {
             let out = shifted::forward(g, x, w, o, self.epilogue.as_ref());
             return (T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow)));
         }
+        if image_by_image::<T>(g) {
+            let out = forward_image_by_image(g, x, &tap_major(w, o, g), o, self.epilogue.as_ref());
+            return (T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow)));
+        }
         let threads = rayon::current_num_threads();
         let par = if threads > 1 {
             gemm::Parallelism::Rayon(threads)
@@ -156,34 +160,118 @@ fn tap_major<T: WithDType>(w: &[T], o: usize, g: Geom) -> Vec<T> {
 /// and output position, the input pixel that filter tap `tap` of channel `c` sees (zero in the padding).
 fn im2col_folded<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
     let (oh, ow) = g.out_hw();
-    let (plane_in, l) = (g.h * g.w, oh * ow);
-    let n = x.len() / (g.c * plane_in);
-    let nl = n * l;
-    let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
+    let nl = x.len() / (g.c * g.h * g.w) * oh * ow;
     let mut cols = vec![T::from_f64(0.); g.c * g.kh * g.kw * nl];
-    cols.par_chunks_mut(nl).enumerate().for_each(|(row, dst)| {
-        let (tap, ch) = (row / g.c, row % g.c);
-        for b in 0..n {
-            let src = &x[(b * g.c + ch) * plane_in..(b * g.c + ch + 1) * plane_in];
-            let dst = &mut dst[b * l..(b + 1) * l];
-            if pointwise {
-                dst.copy_from_slice(src);
-                continue;
+    cols.par_chunks_mut(nl)
+        .enumerate()
+        .for_each(|(row, dst)| im2col_row(g, x, row, 0..oh, dst));
+    cols
+}
+
+/// Row `row` (`tap * C + c`) of [`im2col_folded`] into `dst` (`N * OH * OW` values), or of the output
+/// rows `rows` of a single image (`dst` then holds `rows.len() * OW` values); the padding's positions are
+/// not written (zero in a fresh buffer, and the same positions for every image and band of rows).
+fn im2col_row<T: WithDType>(
+    g: Geom,
+    x: &[T],
+    row: usize,
+    rows: std::ops::Range<usize>,
+    dst: &mut [T],
+) {
+    let (_, ow) = g.out_hw();
+    let plane_in = g.h * g.w;
+    let l = rows.len() * ow;
+    let skip = rows.start * ow;
+    let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.padding == 0;
+    let (tap, ch) = (row / g.c, row % g.c);
+    for (b, dst) in dst.chunks_exact_mut(l).enumerate() {
+        let src = &x[(b * g.c + ch) * plane_in..(b * g.c + ch + 1) * plane_in];
+        if pointwise {
+            dst.copy_from_slice(&src[skip..skip + l]);
+            continue;
+        }
+        g.for_each_run_of_tap(tap, |r| {
+            if r.out < skip || r.out >= skip + l {
+                return;
             }
-            g.for_each_run_of_tap(tap, |r| {
-                let row = &mut dst[r.out..r.out + r.len];
-                let seen = &src[span(r, g.stride)];
-                if g.stride == 1 {
-                    row.copy_from_slice(seen);
-                } else {
-                    for (d, &v) in row.iter_mut().zip(seen.iter().step_by(g.stride)) {
-                        *d = v;
+            let row = &mut dst[r.out - skip..r.out - skip + r.len];
+            let seen = &src[span(r, g.stride)];
+            if g.stride == 1 {
+                row.copy_from_slice(seen);
+            } else {
+                for (d, &v) in row.iter_mut().zip(seen.iter().step_by(g.stride)) {
+                    *d = v;
+                }
+            }
+        })
+    }
+}
+
+/// Column-matrix bytes per image above which the convolution runs image by image (each thread
+/// unfolding one image at a time, a band of output rows at a time, into a buffer of at most about this
+/// size that it keeps) instead of unfolding the whole batch: about the size of a core's L2 cache here,
+/// so the columns are read back from cache. It splits ResNet's stem
+/// (3 x 7 x 7 taps over 64 x 64 output pixels at 128: 2.4 MB per image, 38 MB per batch of 16); the late
+/// layers, a few pixels per image, stay batched, where one GEMM amortises packing the filter.
+const IMAGE_BY_IMAGE_BYTES: usize = 1 << 20;
+
+/// Whether `g` runs image by image: a column matrix above [`IMAGE_BY_IMAGE_BYTES`] per image, in a
+/// dtype the GEMM crate computes natively.
+fn image_by_image<T: WithDType>(g: Geom) -> bool {
+    let (oh, ow) = g.out_hw();
+    g.c * g.kh * g.kw * oh * ow * std::mem::size_of::<T>() > IMAGE_BY_IMAGE_BYTES
+        && matches!(T::DTYPE, DType::F32 | DType::F64)
+}
+
+/// [`FoldedConv`] image by image (see [`IMAGE_BY_IMAGE_BYTES`]): per chunk of images (one per thread),
+/// each band of output rows of each image unfolded into the thread's column buffer and multiplied
+/// straight into those rows of the image's output `[O, OH * OW]`, which is already NCHW: no layout pass.
+fn forward_image_by_image<T: WithDType>(
+    g: Geom,
+    x: &[T],
+    wm: &[T],
+    o: usize,
+    epilogue: Option<&Epilogue>,
+) -> Vec<T> {
+    let (oh, ow) = g.out_hw();
+    let (plane_x, l, ckk) = (g.c * g.h * g.w, oh * ow, g.c * g.kh * g.kw);
+    let n = x.len() / plane_x;
+    let mut out = vec![T::from_f64(0.); n * o * l];
+    let chunks = image_chunks(n);
+    let par = shifted::inner_parallelism(chunks.len());
+    let per = chunks.first().map_or(1, |c| c.1);
+    let band = (IMAGE_BY_IMAGE_BYTES / (ckk * ow * std::mem::size_of::<T>())).clamp(1, oh);
+    out.par_chunks_mut(per * o * l)
+        .zip(chunks)
+        .for_each(|(dst, (b0, _))| {
+            let mut cols = vec![T::from_f64(0.); ckk * band * ow];
+            for (i, y) in dst.chunks_exact_mut(o * l).enumerate() {
+                let img = &x[(b0 + i) * plane_x..][..plane_x];
+                for rows in (0..oh).step_by(band).map(|r| r..(r + band).min(oh)) {
+                    // Zeroed for each band: which positions are padding differs between bands.
+                    let n_cols = rows.len() * ow;
+                    let cols = &mut cols[..ckk * n_cols];
+                    cols.fill(T::from_f64(0.));
+                    for (row, r) in cols.chunks_exact_mut(n_cols).enumerate() {
+                        im2col_row(g, img, row, rows.clone(), r);
+                    }
+                    gemm_into(
+                        (o, n_cols, ckk),
+                        (y, View::strided(rows.start * ow, l, 1)),
+                        false,
+                        (wm, View::strided(0, ckk, 1)),
+                        (cols, View::strided(0, n_cols, 1)),
+                        par,
+                    );
+                }
+                if let Some(e) = epilogue {
+                    for (oc, plane) in y.chunks_exact_mut(l).enumerate() {
+                        e.apply(oc, plane);
                     }
                 }
-            })
-        }
-    });
-    cols
+            }
+        });
+    out
 }
 
 impl CustomOp2 for FoldedConv {
@@ -253,9 +341,27 @@ impl FilterGrad {
                 Shape::from((o, g.c, g.kh, g.kw)),
             );
         }
+        // Image by image for large images (see `IMAGE_BY_IMAGE_BYTES`), else the whole chunk at once.
+        let by_image = image_by_image::<T>(g);
         let partials: Vec<Vec<T>> = image_chunks(n)
             .into_par_iter()
             .map(|(b0, nb)| {
+                if by_image {
+                    // `dY` of one image is `[O, L]` already: the GEMM reads it in place.
+                    let mut dw = vec![T::from_f64(0.); o * ckk];
+                    for b in b0..b0 + nb {
+                        let cols = im2col_pixel_major(g, &x[b * plane_c..(b + 1) * plane_c]);
+                        gemm_into(
+                            (o, ckk, l),
+                            (&mut dw, View::strided(0, ckk, 1)),
+                            b > b0,
+                            (&grad[b * o * l..(b + 1) * o * l], View::strided(0, l, 1)),
+                            (&cols, View::strided(0, ckk, 1)),
+                            gemm::Parallelism::None,
+                        );
+                    }
+                    return dw;
+                }
                 let k = nb * l;
                 let cols = im2col_pixel_major(g, &x[b0 * plane_c..(b0 + nb) * plane_c]);
                 let gt = channel_major(&grad[b0 * o * l..(b0 + nb) * o * l], o, l);
@@ -584,9 +690,10 @@ mod tests {
     use candle_core::{DType, Device, Var};
 
     /// (in, out, h, w, kernel, padding, stride): ResNet's stem, 3x3 at stride 1 and 2, 1x1 at stride 1
-    /// and 2, odd and non-square sizes; the last four are large enough for the shifted GEMMs
-    /// ([`shifted`]): padded, unpadded with junk columns, 1x1 (neither), and 5x5.
-    const CASES: [(usize, usize, usize, usize, usize, usize, usize); 13] = [
+    /// and 2, odd and non-square sizes; then four large enough for the shifted GEMMs ([`shifted`]):
+    /// padded, unpadded with junk columns, 1x1 (neither), and 5x5; and two that run image by image
+    /// (over [`IMAGE_BY_IMAGE_BYTES`] of columns per image): the stem at 96x96, and a 3x3 at stride 2.
+    const CASES: [(usize, usize, usize, usize, usize, usize, usize); 15] = [
         (256, 16, 6, 6, 3, 1, 1),
         (512, 8, 4, 4, 1, 0, 2),
         (3, 8, 20, 20, 7, 3, 2),
@@ -600,6 +707,8 @@ mod tests {
         (16, 4, 19, 18, 3, 0, 1),
         (20, 6, 16, 17, 1, 0, 1),
         (16, 5, 16, 17, 5, 2, 1),
+        (3, 8, 96, 96, 7, 3, 2),
+        (64, 8, 48, 48, 3, 1, 2),
     ];
 
     fn geom(c: usize, h: usize, w: usize, k: usize, padding: usize, stride: usize) -> Geom {
@@ -656,8 +765,8 @@ mod tests {
 
     #[test]
     fn shift_and_clamp_epilogue_matches_the_separate_ops() {
-        // im2col at stride 2, shifted GEMMs at stride 1.
-        for (c, size, stride) in [(4, 7, 2), (16, 16, 1)] {
+        // Batched im2col, shifted GEMMs, image-by-image im2col.
+        for (c, size, stride) in [(4, 7, 2), (16, 16, 1), (64, 48, 2)] {
             shift_and_clamp_case(c, size, stride);
         }
     }

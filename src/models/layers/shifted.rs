@@ -205,7 +205,7 @@ impl Pitch {
 
 /// The GEMM threading inside one chunk of images: single-threaded when there is a chunk per thread,
 /// else (fewer images than threads) the GEMM's own.
-fn inner_parallelism(chunks: usize) -> gemm::Parallelism {
+pub(super) fn inner_parallelism(chunks: usize) -> gemm::Parallelism {
     let threads = rayon::current_num_threads();
     if chunks >= threads || threads < 2 {
         gemm::Parallelism::None
