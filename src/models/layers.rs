@@ -29,7 +29,7 @@ mod im2col;
 mod pool;
 mod shifted;
 
-pub use activation::{relu, relu6};
+pub use activation::{add_relu, relu, relu6};
 pub use depthwise::depthwise_conv2d;
 pub use pool::{max_pool2d, max_pool2d_composed};
 

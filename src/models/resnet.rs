@@ -7,7 +7,7 @@
 //! head of any width can take its place.
 
 use super::layers::{
-    batch_norm, conv2d, conv_bn, conv_bn_act, linear, max_pool2d, relu, Activation,
+    add_relu, batch_norm, conv2d, conv_bn, conv_bn_act, linear, max_pool2d, relu, Activation,
 };
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
@@ -178,7 +178,7 @@ impl ResBlock {
             Some(d) => d.forward(x, mode)?,
             None => x.clone(),
         };
-        Ok(relu(&(h + shortcut)?)?)
+        Ok(add_relu(&h, &shortcut)?)
     }
 }
 

@@ -5,7 +5,7 @@
 //! ten passes). Here the forward is one pass and the backward is one pass over the gradient and the saved
 //! output, with PyTorch's rule: the gradient flows where the output lies strictly inside `(0, max)`.
 
-use super::depthwise::contiguous_slice;
+use super::depthwise::{contiguous_slice, dispatch2};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -30,6 +30,73 @@ pub fn relu6(x: &Tensor) -> candle_core::Result<Tensor> {
         return x.clamp(0f32, 6f32);
     }
     x.contiguous()?.apply_op1(Clamp(6.))
+}
+
+/// `max(a + b, 0)` in one pass, differentiable: a residual block's sum and ReLU. The backward is one
+/// masked pass, and both inputs receive that same gradient tensor. Runs candle's ops on other devices.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if !a.device().is_cpu() || a.shape() != b.shape() {
+        return (a + b)?.relu();
+    }
+    a.contiguous()?
+        .apply_op2(&b.contiguous()?, AddRelu(a.shape().clone()))
+}
+
+/// `(a, b) -> max(a + b, 0)` of shape `.0`.
+struct AddRelu(Shape);
+
+impl AddRelu {
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> (CpuStorage, Shape) {
+        let zero = T::from_f64(0.);
+        // The sum rounds as candle's `add` does; then the same comparison as `Clamp`.
+        let y: Vec<T> = a
+            .par_iter()
+            .zip(b.par_iter())
+            .with_min_len(CHUNK)
+            .map(|(&a, &b)| {
+                let v = a + b;
+                if v > zero {
+                    v
+                } else {
+                    zero
+                }
+            })
+            .collect();
+        (T::to_cpu_storage_owned(y), self.0.clone())
+    }
+}
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "graft-add-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        dispatch2!(self, s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _a: &Tensor,
+        _b: &Tensor,
+        y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.contiguous()?.apply_op2_no_bwd(
+            y,
+            &ClampGrad {
+                max: f64::INFINITY,
+                shape: y.shape().clone(),
+            },
+        )?;
+        Ok((Some(g.clone()), Some(g)))
+    }
 }
 
 /// Clamps to `[0, .0]`.
@@ -76,25 +143,32 @@ impl CustomOp1 for Clamp {
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Some(
-            grad.contiguous()?.apply_op2_no_bwd(y, &ClampGrad(self.0))?,
-        ))
+        Ok(Some(grad.contiguous()?.apply_op2_no_bwd(
+            y,
+            &ClampGrad {
+                max: self.0,
+                shape: y.shape().clone(),
+            },
+        )?))
     }
 }
 
-/// `(grad_output, output) -> grad_input`: `grad` where `0 < output < .0`, else 0.
-struct ClampGrad(f64);
+/// `(grad_output, output) -> grad_input` of shape `shape`: `grad` where `0 < output < max`, else 0.
+struct ClampGrad {
+    max: f64,
+    shape: Shape,
+}
 
 impl ClampGrad {
-    fn run<T: WithDType>(&self, g: &[T], y: &[T], shape: &Shape) -> (CpuStorage, Shape) {
-        let (zero, max) = (T::from_f64(0.), T::from_f64(self.0));
+    fn run<T: WithDType>(&self, g: &[T], y: &[T]) -> (CpuStorage, Shape) {
+        let (zero, max) = (T::from_f64(0.), T::from_f64(self.max));
         let gx: Vec<T> = g
             .par_iter()
             .zip(y.par_iter())
             .with_min_len(CHUNK)
             .map(|(&g, &y)| if y > zero && y < max { g } else { zero })
             .collect();
-        (T::to_cpu_storage_owned(gx), shape.clone())
+        (T::to_cpu_storage_owned(gx), self.shape.clone())
     }
 }
 
@@ -110,38 +184,15 @@ impl CustomOp2 for ClampGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
-        let shape = l1.shape();
-        if l2.shape() != shape {
-            candle_core::bail!("{name}: shapes differ, {:?} and {:?}", shape, l2.shape());
+        if l1.shape() != l2.shape() || l1.shape() != &self.shape {
+            candle_core::bail!(
+                "{}: shapes differ, {:?} and {:?}",
+                self.name(),
+                l1.shape(),
+                l2.shape()
+            );
         }
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(self.run(
-                contiguous_slice::<f32>(s1, l1, name)?,
-                contiguous_slice::<f32>(s2, l2, name)?,
-                shape,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(self.run(
-                contiguous_slice::<f64>(s1, l1, name)?,
-                contiguous_slice::<f64>(s2, l2, name)?,
-                shape,
-            )),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => Ok(self.run(
-                contiguous_slice::<half::f16>(s1, l1, name)?,
-                contiguous_slice::<half::f16>(s2, l2, name)?,
-                shape,
-            )),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok(self.run(
-                contiguous_slice::<half::bf16>(s1, l1, name)?,
-                contiguous_slice::<half::bf16>(s2, l2, name)?,
-                shape,
-            )),
-            _ => candle_core::bail!(
-                "{name}: unsupported or mixed dtypes {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype()
-            ),
-        }
+        dispatch2!(self, s1, l1, s2, l2)
     }
 }
 
@@ -190,6 +241,25 @@ mod tests {
                 let expected = if xs[i] > 0. && xs[i] < max { ps[i] } else { 0. };
                 assert_eq!(g[i], expected, "gradient at x = {}, max {max}", xs[i]);
             }
+        }
+    }
+
+    #[test]
+    fn add_relu_matches_the_separate_ops_with_gradients() {
+        let a = input();
+        let b = Var::randn(0f64, 2., (2, 4, 5), &Device::Cpu).unwrap();
+        let ours = add_relu(a.as_tensor(), b.as_tensor()).unwrap();
+        let theirs = relu(&(a.as_tensor() + b.as_tensor()).unwrap()).unwrap();
+        let probe = Tensor::randn(0f64, 1., (2, 4, 5), &Device::Cpu).unwrap();
+        let flat = |t: &Tensor| -> Vec<f64> { t.flatten_all().unwrap().to_vec1().unwrap() };
+        assert_eq!(flat(&ours), flat(&theirs));
+        let grads = |t: &Tensor| (t * &probe).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(&ours), grads(&theirs));
+        for v in [&a, &b] {
+            assert_eq!(
+                flat(g1.get(v.as_tensor()).unwrap()),
+                flat(g2.get(v.as_tensor()).unwrap())
+            );
         }
     }
 
