@@ -7,7 +7,7 @@
 //! head of any width can take its place.
 
 use super::layers::{
-    add_relu, batch_norm, conv2d, conv_bn, conv_bn_act, linear, max_pool2d, relu, Activation,
+    add_relu, batch_norm, conv2d, conv_bn, conv_bn_act, linear, max_pool2d, Activation,
 };
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
