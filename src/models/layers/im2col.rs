@@ -141,18 +141,26 @@ impl FoldedConv {
 
 /// `weight` `[O, C, KH, KW]` as `[O, KH * KW * C]` (tap-major, the row order of [`im2col_folded`]).
 fn tap_major<T: WithDType>(w: &[T], o: usize, g: Geom) -> Vec<T> {
-    let taps = g.kh * g.kw;
-    if taps == 1 {
-        return w.to_vec();
+    transpose_blocks(w, o, g.c, g.kh * g.kw)
+}
+
+/// `v` as `blocks` consecutive `[rows, cols]` matrices, each transposed to `[cols, rows]`, in parallel over
+/// the blocks (one filter each here: the late layers' filters are millions of values).
+fn transpose_blocks<T: WithDType>(v: &[T], blocks: usize, rows: usize, cols: usize) -> Vec<T> {
+    if rows == 1 || cols == 1 {
+        return v.to_vec();
     }
-    let mut out = vec![T::from_f64(0.); w.len()];
-    for oc in 0..o {
-        for ch in 0..g.c {
-            for t in 0..taps {
-                out[(oc * taps + t) * g.c + ch] = w[(oc * g.c + ch) * taps + t];
+    let size = rows * cols;
+    let mut out = vec![T::from_f64(0.); blocks * size];
+    out.par_chunks_mut(size)
+        .zip(v.par_chunks(size))
+        .for_each(|(dst, src)| {
+            for (r, row) in src.chunks_exact(cols).enumerate() {
+                for (c, &x) in row.iter().enumerate() {
+                    dst[c * rows + r] = x;
+                }
             }
-        }
-    }
+        });
     out
 }
 
@@ -381,14 +389,7 @@ impl FilterGrad {
             dw.iter_mut().zip(&p).for_each(|(a, &b)| *a += b);
         }
         // [O, taps, C] -> [O, C, KH, KW]
-        let mut out = vec![T::from_f64(0.); o * ckk];
-        for oc in 0..o {
-            for t in 0..taps {
-                for ch in 0..g.c {
-                    out[(oc * g.c + ch) * taps + t] = dw[(oc * taps + t) * g.c + ch];
-                }
-            }
-        }
+        let out = transpose_blocks(&dw, o, taps, g.c);
         (
             T::to_cpu_storage_owned(out),
             Shape::from((o, g.c, g.kh, g.kw)),
