@@ -54,6 +54,34 @@ fn for_channel<T>(x: &[T], c: usize, s: usize, ch: usize, mut f: impl FnMut(usiz
     }
 }
 
+/// Lanes of [`lane_sums`]: independent f64 accumulators, so the compiler can vectorise a sum that
+/// would otherwise wait on one accumulator's latency for every value (the BatchNorm reductions were
+/// about a sixth of an EfficientNet-Lite0 training step).
+const LANES: usize = 8;
+
+/// `(sum f(a, b).0, sum f(a, b).1)` over the pairs of `a` and `b`, in [`LANES`] interleaved f64 partial
+/// sums added at the end. The order differs from a sequential sum only in f64 rounding, which is far
+/// below the f32 values summed.
+#[inline]
+fn lane_sums<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> (f64, f64)) -> (f64, f64) {
+    let (mut s0, mut s1) = ([0f64; LANES], [0f64; LANES]);
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (xa, xb) in ca.zip(cb) {
+        for j in 0..LANES {
+            let (u, v) = f(xa[j], xb[j]);
+            s0[j] += u;
+            s1[j] += v;
+        }
+    }
+    for (&x, &y) in ra.iter().zip(rb) {
+        let (u, v) = f(x, y);
+        s0[0] += u;
+        s1[0] += v;
+    }
+    (s0.iter().sum(), s1.iter().sum())
+}
+
 fn dims3(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     l.shape().dims3()
 }
@@ -82,12 +110,12 @@ impl BnStats {
             .map(|ch| {
                 let mut sum = 0f64;
                 for_channel(x, c, s, ch, |_, p| {
-                    sum += p.iter().map(|v| v.to_f64()).sum::<f64>()
+                    sum += lane_sums(p, p, |v, _| (v.to_f64(), 0.)).0
                 });
                 let mean = sum / count;
                 let mut sq = 0f64;
                 for_channel(x, c, s, ch, |_, p| {
-                    sq += p.iter().map(|v| (v.to_f64() - mean).powi(2)).sum::<f64>()
+                    sq += lane_sums(p, p, |v, _| ((v.to_f64() - mean).powi(2), 0.)).0
                 });
                 (mean, sq / count)
             })
@@ -304,13 +332,14 @@ impl BnGradSums {
                 let (mut a, mut b) = (0f64, 0f64);
                 for_channel(x, c, s, ch, |i, xp| {
                     let at = (i * c + ch) * s;
-                    for (xv, g) in xp.iter().zip(&dy[at..at + s]) {
-                        let g = masked(*xv, *g);
-                        a += g;
-                        b += g * (xv.to_f64() - mean) * invstd;
-                    }
+                    let (da, db) = lane_sums(xp, &dy[at..at + s], |xv, g| {
+                        let g = masked(xv, g);
+                        (g, g * (xv.to_f64() - mean))
+                    });
+                    a += da;
+                    b += db;
                 });
-                (a, b)
+                (a, b * invstd)
             })
             .collect();
         let mut out: Vec<f64> = sums.iter().map(|v| v.0).collect();
