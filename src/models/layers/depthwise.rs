@@ -65,15 +65,7 @@ fn depthwise_with(
             "the depthwise kernel runs on the CPU only",
         ));
     }
-    let geom = Geom {
-        c,
-        h,
-        w,
-        kh,
-        kw,
-        padding,
-        stride,
-    };
+    let geom = Geom::of(x, weight, padding, stride)?;
     if let Some(e) = &epilogue {
         if e.shift.len() != c {
             return Err(Error::config(
@@ -131,6 +123,26 @@ pub(super) struct Geom {
 }
 
 impl Geom {
+    /// The geometry of `x` `[N, C, H, W]` under a filter `weight` `[_, _, KH, KW]`.
+    pub(super) fn of(
+        x: &Tensor,
+        weight: &Tensor,
+        padding: usize,
+        stride: usize,
+    ) -> candle_core::Result<Self> {
+        let (_, c, h, w) = x.dims4()?;
+        let (_, _, kh, kw) = weight.dims4()?;
+        Ok(Self {
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            padding,
+            stride,
+        })
+    }
+
     pub(super) fn out_hw(&self) -> (usize, usize) {
         (
             (self.h + 2 * self.padding - self.kh) / self.stride + 1,
@@ -324,6 +336,29 @@ macro_rules! dispatch2 {
 }
 pub(super) use dispatch2;
 
+/// `impl CustomOp2` for an op with no backward of its own (a gradient op): its name, and `cpu_fwd`
+/// running its `run::<T>` through [`dispatch2!`].
+macro_rules! impl_forward_only_op2 {
+    ($ty:ty, $name:literal) => {
+        impl CustomOp2 for $ty {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                s1: &CpuStorage,
+                l1: &Layout,
+                s2: &CpuStorage,
+                l2: &Layout,
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                dispatch2!(self, s1, l1, s2, l2)
+            }
+        }
+    };
+}
+pub(super) use impl_forward_only_op2;
+
 /// `(input, weight) -> output`, with an optional inference epilogue (then it has no backward).
 struct DepthwiseConv(Geom, Option<Epilogue>);
 
@@ -420,21 +455,7 @@ impl DepthwiseGradInput {
     }
 }
 
-impl CustomOp2 for DepthwiseGradInput {
-    fn name(&self) -> &'static str {
-        "graft-depthwise-conv2d-grad-input"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(self, s1, l1, s2, l2)
-    }
-}
+impl_forward_only_op2!(DepthwiseGradInput, "graft-depthwise-conv2d-grad-input");
 
 /// `(input, grad_output) -> grad_weight`, one task per channel summing over the batch.
 struct DepthwiseGradWeight(Geom);
@@ -464,21 +485,7 @@ impl DepthwiseGradWeight {
     }
 }
 
-impl CustomOp2 for DepthwiseGradWeight {
-    fn name(&self) -> &'static str {
-        "graft-depthwise-conv2d-grad-weight"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(self, s1, l1, s2, l2)
-    }
-}
+impl_forward_only_op2!(DepthwiseGradWeight, "graft-depthwise-conv2d-grad-weight");
 
 #[cfg(test)]
 mod tests {

@@ -17,7 +17,7 @@
 //! and an earlier channel-major forward, different in the last bits, moved the golden ResNet-18 stem
 //! gradients by 1e-3 relative (near-ties in the max-pool flip), against 4e-6 with these values.
 
-use super::depthwise::{contiguous_slice, dispatch2, span, Epilogue, Geom};
+use super::depthwise::{contiguous_slice, dispatch2, impl_forward_only_op2, span, Epilogue, Geom};
 use super::shifted;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
@@ -32,17 +32,7 @@ pub(super) fn conv2d(
     padding: usize,
     stride: usize,
 ) -> candle_core::Result<Tensor> {
-    let (_, c, h, w) = x.dims4()?;
-    let (_, _, kh, kw) = weight.dims4()?;
-    let geom = Geom {
-        c,
-        h,
-        w,
-        kh,
-        kw,
-        padding,
-        stride,
-    };
+    let geom = Geom::of(x, weight, padding, stride)?;
     x.contiguous()?.apply_op2(
         &weight.contiguous()?,
         FoldedConv {
@@ -62,23 +52,14 @@ pub(super) fn conv2d_shift_clamp(
     stride: usize,
     epilogue: Epilogue,
 ) -> candle_core::Result<Tensor> {
-    let (_, c, h, w) = x.dims4()?;
-    let (o, _, kh, kw) = weight.dims4()?;
+    let o = weight.dims4()?.0;
     if epilogue.shift.len() != o {
         candle_core::bail!(
             "conv2d_shift_clamp: {} shifts for {o} channels",
             epilogue.shift.len()
         );
     }
-    let geom = Geom {
-        c,
-        h,
-        w,
-        kh,
-        kw,
-        padding,
-        stride,
-    };
+    let geom = Geom::of(x, weight, padding, stride)?;
     x.contiguous()?.apply_op2_no_bwd(
         &weight.contiguous()?,
         &FoldedConv {
@@ -246,7 +227,7 @@ fn forward_image_by_image<T: WithDType>(
     let n = x.len() / plane_x;
     let mut out = vec![T::from_f64(0.); n * o * l];
     let chunks = image_chunks(n);
-    let par = shifted::inner_parallelism(chunks.len());
+    let par = inner_parallelism(chunks.len());
     let per = chunks.first().map_or(1, |c| c.1);
     let band = (IMAGE_BY_IMAGE_BYTES / (ckk * ow * std::mem::size_of::<T>())).clamp(1, oh);
     out.par_chunks_mut(per * o * l)
@@ -397,21 +378,7 @@ impl FilterGrad {
     }
 }
 
-impl CustomOp2 for FilterGrad {
-    fn name(&self) -> &'static str {
-        "graft-conv2d-filter-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(self, s1, l1, s2, l2)
-    }
-}
+impl_forward_only_op2!(FilterGrad, "graft-conv2d-filter-grad");
 
 /// The input gradient of [`FoldedConv`]: `(dY [N, O, OH, OW], weight [O, C, KH, KW]) -> dX [N, C, H, W]`.
 ///
@@ -460,21 +427,7 @@ impl InputGrad {
     }
 }
 
-impl CustomOp2 for InputGrad {
-    fn name(&self) -> &'static str {
-        "graft-conv2d-input-grad"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        dispatch2!(self, s1, l1, s2, l2)
-    }
-}
+impl_forward_only_op2!(InputGrad, "graft-conv2d-input-grad");
 
 /// Splits `n` images into one contiguous chunk per rayon thread, as `(first image, images)`; every chunk
 /// but the last has the same size.
@@ -486,6 +439,17 @@ pub(super) fn image_chunks(n: usize) -> Vec<(usize, usize)> {
         .step_by(per)
         .map(|b0| (b0, per.min(n - b0)))
         .collect()
+}
+
+/// The GEMM threading inside one chunk of images: single-threaded when there is a chunk per thread,
+/// else (fewer images than threads) the GEMM's own.
+pub(super) fn inner_parallelism(chunks: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if chunks >= threads || threads < 2 {
+        gemm::Parallelism::None
+    } else {
+        gemm::Parallelism::Rayon(threads)
+    }
 }
 
 /// Where a matrix lies in a slice: element `(i, j)` at `offset + i * rs + j * cs`.

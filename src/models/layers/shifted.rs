@@ -22,7 +22,7 @@
 //! 256 channels at 8x8, backward 16 -> 19; 512 channels at 4x4, backward 40 -> 55.
 
 use super::depthwise::{Epilogue, Geom};
-use super::im2col::{gemm_into, image_chunks, View};
+use super::im2col::{gemm_into, image_chunks, inner_parallelism, View};
 use candle_core::{DType, WithDType};
 use rayon::prelude::*;
 
@@ -200,17 +200,6 @@ impl Pitch {
             rs: plane,
             cs: 1,
         }
-    }
-}
-
-/// The GEMM threading inside one chunk of images: single-threaded when there is a chunk per thread,
-/// else (fewer images than threads) the GEMM's own.
-pub(super) fn inner_parallelism(chunks: usize) -> gemm::Parallelism {
-    let threads = rayon::current_num_threads();
-    if chunks >= threads || threads < 2 {
-        gemm::Parallelism::None
-    } else {
-        gemm::Parallelism::Rayon(threads)
     }
 }
 
