@@ -28,6 +28,7 @@ mod depthwise;
 mod im2col;
 mod pool;
 mod shifted;
+mod winograd;
 
 pub use activation::{add_relu, relu, relu6};
 pub use depthwise::depthwise_conv2d;

@@ -18,7 +18,7 @@
 //! gradients by 1e-3 relative (near-ties in the max-pool flip), against 4e-6 with these values.
 
 use super::depthwise::{contiguous_slice, dispatch2, impl_forward_only_op2, span, Epilogue, Geom};
-use super::shifted;
+use super::{shifted, winograd};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -83,6 +83,10 @@ impl FoldedConv {
         let (oh, ow) = g.out_hw();
         let l = oh * ow;
         let n = x.len() / (g.c * g.h * g.w);
+        if winograd::serves::<T>(g, o) {
+            let out = winograd::forward(g, x, w, o, self.epilogue.as_ref());
+            return (T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow)));
+        }
         if shifted::applies::<T>(g) {
             let out = shifted::forward(g, x, w, o, self.epilogue.as_ref());
             return (T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow)));
@@ -323,6 +327,13 @@ impl FilterGrad {
         let ckk = g.c * taps;
         let n = x.len() / plane_c;
         let o = grad.len() / (n * l).max(1);
+        if winograd::serves_filter_grad::<T>(g, o) {
+            let dw = winograd::filter_grad(g, x, grad, o);
+            return (
+                T::to_cpu_storage_owned(dw),
+                Shape::from((o, g.c, g.kh, g.kw)),
+            );
+        }
         if shifted::applies::<T>(g) {
             let dw = shifted::filter_grad(g, x, grad, o);
             return (
@@ -396,6 +407,10 @@ impl InputGrad {
         let ckk = g.c * g.kh * g.kw;
         let o = w.len() / ckk;
         let n = grad.len() / (o * l).max(1);
+        if winograd::serves::<T>(g, o) {
+            let dx = winograd::input_grad(g, grad, w, o);
+            return (T::to_cpu_storage_owned(dx), Shape::from((n, g.c, g.h, g.w)));
+        }
         if shifted::applies::<T>(g) {
             let dx = shifted::input_grad(g, grad, w, o);
             return (T::to_cpu_storage_owned(dx), Shape::from((n, g.c, g.h, g.w)));
