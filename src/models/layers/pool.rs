@@ -9,7 +9,7 @@
 use super::check_float;
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
+use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Max-pools `x` `[N, C, H, W]` with a square `kernel`, `stride` and implicit `-inf` `padding`
@@ -140,6 +140,60 @@ impl PoolGeom {
         (o(self.h), o(self.w))
     }
 
+    /// Every window's maximum of a plane without NaN into `out` `[OH, OW]`: per output row, the
+    /// elementwise maximum of the window's input rows (a loop over whole rows, which vectorises), then
+    /// the maximum of each window's columns of it. The value equals the first maximum's
+    /// ([`PoolGeom::argmax`]), up to the sign of a zero that ties with another.
+    fn window_maxima<T: WithDType>(&self, plane: &[T], out: &mut [T]) {
+        let (oh, ow) = self.out_hw();
+        let mut rows = vec![T::from_f64(0.); self.w];
+        for (oy, o) in out.chunks_exact_mut(ow).enumerate().take(oh) {
+            let y0 = (oy * self.stride) as isize - self.padding as isize;
+            let y_lo = y0.max(0) as usize;
+            let y_hi = ((y0 + self.kernel as isize) as usize).min(self.h);
+            rows.copy_from_slice(&plane[y_lo * self.w..(y_lo + 1) * self.w]);
+            for y in y_lo + 1..y_hi {
+                for (m, &v) in rows.iter_mut().zip(&plane[y * self.w..(y + 1) * self.w]) {
+                    *m = if v > *m { v } else { *m };
+                }
+            }
+            for (ox, dst) in o.iter_mut().enumerate() {
+                let x0 = (ox * self.stride) as isize - self.padding as isize;
+                let x_lo = x0.max(0) as usize;
+                let x_hi = ((x0 + self.kernel as isize) as usize).min(self.w);
+                let mut best = rows[x_lo];
+                for &v in &rows[x_lo + 1..x_hi] {
+                    best = if v > best { v } else { best };
+                }
+                *dst = best;
+            }
+        }
+    }
+
+    /// Row-major index inside the plane of the first input of output `(oy, ox)`'s window equal to
+    /// `max`, that window's maximum (a NaN matches a NaN): [`PoolGeom::argmax`] without the
+    /// comparisons, given the forward's output.
+    #[inline]
+    fn first_equal<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize, max: T) -> usize {
+        let y0 = (oy * self.stride) as isize - self.padding as isize;
+        let x0 = (ox * self.stride) as isize - self.padding as isize;
+        let (y_lo, x_lo) = (y0.max(0) as usize, x0.max(0) as usize);
+        let y_hi = ((y0 + self.kernel as isize) as usize).min(self.h);
+        let x_hi = ((x0 + self.kernel as isize) as usize).min(self.w);
+        #[allow(clippy::eq_op)]
+        let nan = max != max;
+        for y in y_lo..y_hi {
+            for x in x_lo..x_hi {
+                let v = plane[y * self.w + x];
+                #[allow(clippy::eq_op)]
+                if v == max || (nan && v != v) {
+                    return y * self.w + x;
+                }
+            }
+        }
+        self.argmax(plane, oy, ox)
+    }
+
     /// Row-major index inside the plane of the first maximum of output `(oy, ox)`'s window.
     #[inline]
     fn argmax<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
@@ -187,10 +241,16 @@ impl MaxPool2d {
         out.par_chunks_mut(oh * ow)
             .zip(x.par_chunks(g.h * g.w))
             .for_each(|(o, plane)| {
-                for oy in 0..oh {
-                    for ox in 0..ow {
-                        o[oy * ow + ox] = plane[g.argmax(plane, oy, ox)];
+                // A NaN must win like PyTorch's; the vectorised maxima would drop it.
+                #[allow(clippy::eq_op)]
+                if plane.iter().any(|&v| v != v) {
+                    for oy in 0..oh {
+                        for ox in 0..ow {
+                            o[oy * ow + ox] = plane[g.argmax(plane, oy, ox)];
+                        }
                     }
+                } else {
+                    g.window_maxima(plane, o);
                 }
             });
         (T::to_cpu_storage_owned(out), Shape::from((n, c, oh, ow)))
@@ -220,28 +280,42 @@ impl CustomOp1 for MaxPool2d {
     fn bwd(
         &self,
         arg: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad_res: &Tensor,
     ) -> candle_core::Result<Option<Tensor>> {
-        let grad = arg.apply_op2_no_bwd(&grad_res.contiguous()?, &MaxPool2dBackward(self.0))?;
+        let grad = arg.apply_op3_no_bwd(
+            &res.contiguous()?,
+            &grad_res.contiguous()?,
+            &MaxPool2dBackward(self.0),
+        )?;
         Ok(Some(grad))
     }
 }
 
-/// `(input, grad_output) -> grad_input`: routes each output gradient to its window's first maximum.
+/// `(input, output, grad_output) -> grad_input`: routes each output gradient to its window's first
+/// maximum, the first input equal to the window's output (or, for a NaN output, the first NaN).
 struct MaxPool2dBackward(PoolGeom);
 
 impl MaxPool2dBackward {
-    fn run<T: WithDType>(&self, x: &[T], gy: &[T], n: usize, c: usize) -> (CpuStorage, Shape) {
+    fn run<T: WithDType>(
+        &self,
+        x: &[T],
+        y: &[T],
+        gy: &[T],
+        n: usize,
+        c: usize,
+    ) -> (CpuStorage, Shape) {
         let g = self.0;
         let (oh, ow) = g.out_hw();
         let mut gx = vec![T::from_f64(0.); n * c * g.h * g.w];
         gx.par_chunks_mut(g.h * g.w)
-            .zip(x.par_chunks(g.h * g.w).zip(gy.par_chunks(oh * ow)))
-            .for_each(|(gxp, (plane, gyp))| {
+            .zip(x.par_chunks(g.h * g.w))
+            .zip(y.par_chunks(oh * ow).zip(gy.par_chunks(oh * ow)))
+            .for_each(|((gxp, plane), (yp, gyp))| {
                 for oy in 0..oh {
                     for ox in 0..ow {
-                        gxp[g.argmax(plane, oy, ox)] += gyp[oy * ow + ox];
+                        let at = g.first_equal(plane, oy, ox, yp[oy * ow + ox]);
+                        gxp[at] += gyp[oy * ow + ox];
                     }
                 }
             });
@@ -249,7 +323,7 @@ impl MaxPool2dBackward {
     }
 }
 
-impl CustomOp2 for MaxPool2dBackward {
+impl CustomOp3 for MaxPool2dBackward {
     fn name(&self) -> &'static str {
         "graft-max-pool2d-backward"
     }
@@ -260,38 +334,32 @@ impl CustomOp2 for MaxPool2dBackward {
         l1: &Layout,
         s2: &CpuStorage,
         l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, _, _) = l1.shape().dims4()?;
         let name = self.name();
-        match (s1, s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(self.run(
-                contiguous_slice::<f32>(s1, l1, name)?,
-                contiguous_slice::<f32>(s2, l2, name)?,
-                n,
-                c,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(self.run(
-                contiguous_slice::<f64>(s1, l1, name)?,
-                contiguous_slice::<f64>(s2, l2, name)?,
-                n,
-                c,
-            )),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => Ok(self.run(
-                contiguous_slice::<half::f16>(s1, l1, name)?,
-                contiguous_slice::<half::f16>(s2, l2, name)?,
-                n,
-                c,
-            )),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok(self.run(
-                contiguous_slice::<half::bf16>(s1, l1, name)?,
-                contiguous_slice::<half::bf16>(s2, l2, name)?,
-                n,
-                c,
-            )),
+        macro_rules! run {
+            ($t:ty) => {
+                Ok(self.run(
+                    contiguous_slice::<$t>(s1, l1, name)?,
+                    contiguous_slice::<$t>(s2, l2, name)?,
+                    contiguous_slice::<$t>(s3, l3, name)?,
+                    n,
+                    c,
+                ))
+            };
+        }
+        match (s1, s2, s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => run!(f32),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => run!(f64),
+            (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => run!(half::f16),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => run!(half::bf16),
             _ => candle_core::bail!(
-                "{name}: unsupported dtypes {:?}, {:?}",
+                "{name}: unsupported dtypes {:?}, {:?}, {:?}",
                 s1.dtype(),
-                s2.dtype()
+                s2.dtype(),
+                s3.dtype()
             ),
         }
     }
@@ -328,6 +396,29 @@ mod tests {
             }
         }
         Tensor::from_vec(out, (n, c, oh, ow), x.device()).unwrap()
+    }
+
+    /// A NaN in a window makes that window's output NaN (PyTorch's behaviour), other windows of the
+    /// same plane keep their maxima, and the gradient of a NaN output goes to the NaN.
+    #[test]
+    fn a_nan_wins_its_window_like_pytorch() {
+        let dev = Device::Cpu;
+        let mut v: Vec<f32> = (0..36).map(|i| (i * 7 % 11) as f32).collect();
+        v[0] = f32::NAN;
+        let x = Var::from_tensor(&Tensor::from_vec(v, (1, 1, 6, 6), &dev).unwrap()).unwrap();
+        let y = max_pool2d(x.as_tensor(), 3, 2, 1).unwrap();
+        let out: Vec<f32> = y.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(out[0].is_nan(), "{out:?}");
+        assert!(out[1..].iter().all(|v| !v.is_nan()), "{out:?}");
+        let gx = y.sum_all().unwrap().backward().unwrap();
+        let gx: Vec<f32> = gx
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(gx[0], 1.0, "{gx:?}");
     }
 
     #[test]
