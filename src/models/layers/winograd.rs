@@ -275,13 +275,15 @@ fn convolve<T: WithDType>(
     });
     drop(v);
     let mut out = vec![T::zero(); n * cout * plane];
-    out.par_chunks_mut(plane).enumerate().for_each(|(p, y)| {
-        let (b, oc) = (p / cout, p % cout);
-        output_transform(&m, tiles, cout, b, oc, y);
-        if let Some(e) = epilogue {
-            e.apply(oc, y);
-        }
-    });
+    out.par_chunks_mut(plane)
+        .enumerate()
+        .for_each_init(Vec::new, |s, (p, y)| {
+            let (b, oc) = (p / cout, p % cout);
+            output_transform(&m, tiles, (cout, b, oc), s, y);
+            if let Some(e) = epilogue {
+                e.apply(oc, y);
+            }
+        });
     out
 }
 
@@ -380,43 +382,51 @@ fn input_transform<T: WithDType>(g: Geom, x: &[T], tiles: Tiles) -> Vec<T> {
 }
 
 /// Output plane `(b, oc)` from the products `m` `[16, cout, tiles]`: `A^T M A` per tile, with `A^T`
-/// `[[1, 1, 1, 0], [0, 1, -1, -1]]`, cropped to the image where its size is odd. Per tile row, `A^T M`
-/// is eight combinations of contiguous runs over the tile columns.
+/// `[[1, 1, 1, 0], [0, 1, -1, -1]]`, cropped to the image where its size is odd. The plane's tiles
+/// are one contiguous run of each `M[xi]`, so both halves of the transform are loops over all of
+/// them (which vectorise), into `s`, before the values are interleaved into the plane.
 fn output_transform<T: WithDType>(
     m: &[T],
     tiles: Tiles,
-    cout: usize,
-    b: usize,
-    oc: usize,
+    (cout, b, oc): (usize, usize, usize),
+    s: &mut Vec<T>,
     y: &mut [T],
 ) {
     let (t, per, tw) = (tiles.total(), tiles.per_image(), tiles.tw);
-    // s[(dy * 4 + j) * tw + tx]: row dy of A^T M, column j, for each tile of the row.
-    let mut s = vec![T::zero(); 8 * tw];
-    for ty in 0..tiles.th {
-        let run = |xi: usize| &m[(xi * cout + oc) * t + b * per + ty * tw..][..tw];
-        for j in 0..4 {
-            let (m0, m1, m2, m3) = (run(j), run(4 + j), run(8 + j), run(12 + j));
-            let (s0, s1) = s.split_at_mut(4 * tw);
-            for (((d, &a), &bb), &c) in s0[j * tw..][..tw].iter_mut().zip(m0).zip(m1).zip(m2) {
-                *d = a + bb + c;
-            }
-            for (((d, &bb), &c), &dd) in s1[j * tw..][..tw].iter_mut().zip(m1).zip(m2).zip(m3) {
-                *d = bb - c - dd;
-            }
+    s.resize(10 * per, T::zero());
+    let run = |xi: usize| &m[(xi * cout + oc) * t + b * per..][..per];
+    // s[(dy * 4 + j) * per + tile]: row dy of A^T M, column j.
+    let (rows, cols) = s.split_at_mut(8 * per);
+    for j in 0..4 {
+        let (m0, m1, m2, m3) = (run(j), run(4 + j), run(8 + j), run(12 + j));
+        let (s0, s1) = rows.split_at_mut(4 * per);
+        for (((d, &a), &bb), &c) in s0[j * per..][..per].iter_mut().zip(m0).zip(m1).zip(m2) {
+            *d = a + bb + c;
         }
-        for dy in 0..2 {
+        for (((d, &bb), &c), &dd) in s1[j * per..][..per].iter_mut().zip(m1).zip(m2).zip(m3) {
+            *d = bb - c - dd;
+        }
+    }
+    for dy in 0..2 {
+        // ... times A: the tile's two output columns, in `cols` (even, then odd).
+        let col = |j: usize| &rows[(dy * 4 + j) * per..][..per];
+        let (a, bb, c, d) = (col(0), col(1), col(2), col(3));
+        let (even, odd) = cols.split_at_mut(per);
+        for i in 0..per {
+            even[i] = a[i] + bb[i] + c[i];
+            odd[i] = bb[i] - c[i] - d[i];
+        }
+        for ty in 0..tiles.th {
             let oy = 2 * ty + dy;
             if oy >= tiles.h {
                 continue;
             }
-            let col = |j: usize| &s[(dy * 4 + j) * tw..][..tw];
-            let (a, bb, c, d) = (col(0), col(1), col(2), col(3));
             let row = &mut y[oy * tiles.w..][..tiles.w];
+            let (e, o) = (&even[ty * tw..][..tw], &odd[ty * tw..][..tw]);
             for (tx, pair) in row.chunks_mut(2).enumerate() {
-                pair[0] = a[tx] + bb[tx] + c[tx];
+                pair[0] = e[tx];
                 if let Some(second) = pair.get_mut(1) {
-                    *second = bb[tx] - c[tx] - d[tx];
+                    *second = o[tx];
                 }
             }
         }
