@@ -151,15 +151,6 @@ fn affine<T: WithDType>(mean: f64, invstd: f64, w: T, b: T) -> (T, T) {
     (alpha, b - T::from_f64(mean) * alpha)
 }
 
-/// Whether the gradient passes a clamp to `[0, max]` at pre-clamp value `z`.
-#[inline]
-fn passes<T: WithDType>(z: T, max: Option<f64>) -> bool {
-    match max {
-        None => true,
-        Some(m) => z > T::from_f64(0.) && z.to_f64() < m,
-    }
-}
-
 impl BnTrain {
     fn run<T: WithDType>(
         &self,
@@ -292,24 +283,38 @@ struct Mask {
 
 impl Mask {
     /// `dy` with the clamp's gradient mask of channel `ch` applied, as f64 values.
+    ///
+    /// One branch-free expression for both cases, so that the callers' loops vectorise (a `match` on
+    /// the mask per value kept them scalar: about a tenth of an EfficientNet-Lite0 training step).
+    /// Without a mask the pre-clamp value is taken as `x * 0 + 1`, which always passes; it differs
+    /// only for an infinite or NaN `x`, whose channel's sums, and so every input gradient of the
+    /// channel, are NaN either way.
     #[inline]
     fn apply<'a, T: WithDType>(
         mask: &'a Option<Mask>,
         bn: (&'a [f64], &'a [f64]),
         ch: usize,
     ) -> impl Fn(T, T) -> f64 + 'a {
-        let ab = mask.as_ref().map(|m| {
-            let (a, b) = affine(
-                bn.0[ch],
-                bn.1[ch],
-                T::from_f64(m.w[ch]),
-                T::from_f64(m.b[ch]),
-            );
-            (a, b, m.max)
-        });
-        move |xv: T, g: T| match ab {
-            Some((a, b, max)) if !passes(xv * a + b, Some(max)) => 0.,
-            _ => g.to_f64(),
+        let (a, b, max) = match mask {
+            Some(m) => {
+                let (a, b) = affine(
+                    bn.0[ch],
+                    bn.1[ch],
+                    T::from_f64(m.w[ch]),
+                    T::from_f64(m.b[ch]),
+                );
+                (a, b, T::from_f64(m.max))
+            }
+            None => (T::zero(), T::one(), T::from_f64(f64::INFINITY)),
+        };
+        let zero = T::zero();
+        move |xv: T, g: T| {
+            let z = xv * a + b;
+            if z > zero && z < max {
+                g.to_f64()
+            } else {
+                0.
+            }
         }
     }
 }
