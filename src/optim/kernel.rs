@@ -103,11 +103,17 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
                 iters.iter_mut().filter_map(Iterator::next).collect(),
             ));
         }
-        items.into_par_iter().for_each(|(base, mut chunk)| {
+        items.into_par_iter().for_each(|(base, chunk)| {
             let len = chunk.first().map_or(0, |c| c.len());
+            // Every operand cut to the chunk's length up front, so that the loop below indexes
+            // fixed-length slices (no bounds checks; the compiler can vectorise it).
+            let ins: [&[T]; N] = std::array::from_fn(|k| &slices[k][base..base + len]);
+            let Ok(mut outs) = <[&mut [T]; M]>::try_from(chunk) else {
+                unreachable!("one chunk per output")
+            };
             for j in 0..len {
-                let y = f(std::array::from_fn(|k| slices[k][base + j]));
-                for (out, v) in chunk.iter_mut().zip(y) {
+                let y = f(std::array::from_fn(|k| ins[k][j]));
+                for (out, v) in outs.iter_mut().zip(y) {
                     out[j] = v;
                 }
             }
