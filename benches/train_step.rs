@@ -38,18 +38,18 @@ const CLASSES: usize = 1000;
 
 /// A network with a classifier, behind one call: logits in `mode` with `frozen` groups frozen.
 enum Net {
-    ResNet(ResNet),
+    ResNet(Box<ResNet>),
     EfficientNet(Box<EfficientNetLite>),
 }
 
 impl Net {
     fn build(model: &str, vb: VarBuilder) -> graft::Result<Net> {
         Ok(if model.starts_with("resnet") {
-            Net::ResNet(ResNet::with_classifier(
+            Net::ResNet(Box::new(ResNet::with_classifier(
                 ResNetConfig::from_arch(model)?,
                 CLASSES,
                 vb,
-            )?)
+            )?))
         } else {
             Net::EfficientNet(Box::new(EfficientNetLite::with_classifier(
                 EfficientNetLiteConfig::from_arch(model)?,

@@ -21,12 +21,14 @@
 
 use super::layers::{
     self, batch_norm, conv2d, linear, Activation, BatchNorm, Conv2d, Conv2dConfig, Linear,
+    Padding2d,
 };
 use super::{Backbone, Mode};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::ops::Range;
 
 /// BatchNorm eps of the TensorFlow-trained EfficientNet-Lite weights.
@@ -128,13 +130,13 @@ impl EfficientNetLiteConfig {
 /// A convolution with TensorFlow "SAME" padding followed by BatchNorm.
 ///
 /// SAME pads `max((ceil(i / s) - 1) * s + k - i, 0)` in total, the smaller half before. That is the
-/// symmetric `k / 2` of `conv` for stride 1 and for stride 2 on odd sizes, so no padded copy of the
-/// input is made there; otherwise (stride 2 on an even size: one row/column less at the top/left) the
-/// input is zero-padded explicitly and convolved by `unpadded`, which shares `conv`'s weights.
+/// symmetric `k / 2` of `conv` for stride 1 and for stride 2 on odd sizes; otherwise (stride 2 on an
+/// even size: one row/column less at the top/left) `conv` runs with that padding per side
+/// ([`Conv2d::with_padding`]): inside the kernel for a depthwise layer on the CPU, with no padded copy
+/// of the input or of its gradient.
 #[derive(Debug, Clone)]
 struct ConvBn {
     conv: Conv2d,
-    unpadded: Option<Conv2d>,
     bn: BatchNorm,
     kernel: usize,
     stride: usize,
@@ -157,37 +159,30 @@ impl ConvBn {
             groups,
             bias: false,
         };
-        // Built from the same names, so from a VarMap both convolutions hold the same `Var`.
-        let unpadded = if stride > 1 && kernel > 1 {
-            let cfg = Conv2dConfig { padding: 0, ..cfg };
-            Some(conv2d(cin, cout, kernel, cfg, conv_vb.clone())?)
-        } else {
-            None
-        };
         Ok(Self {
             conv: conv2d(cin, cout, kernel, cfg, conv_vb)?,
-            unpadded,
             bn: batch_norm(cout, EFFICIENTNET_BN_EPS, bn_vb)?,
             kernel,
             stride,
         })
     }
 
-    /// The input with SAME padding applied and the convolution to run on it: the symmetric-padding
-    /// convolution when SAME padding is symmetric, else the explicitly padded input and the unpadded one.
-    fn same_padded(&self, x: &Tensor) -> Result<(Tensor, &Conv2d)> {
+    /// The convolution with SAME padding for an input like `x`: `conv` itself when that padding is
+    /// symmetric, else `conv` with the padding per side.
+    fn same_padded(&self, x: &Tensor) -> Result<Cow<'_, Conv2d>> {
         let (_, _, h, w) = x.dims4()?;
         let (top, bottom) = same_padding(h, self.kernel, self.stride);
         let (left, right) = same_padding(w, self.kernel, self.stride);
         let p = self.kernel / 2;
-        Ok(match &self.unpadded {
-            Some(unpadded) if (top, bottom, left, right) != (p, p, p, p) => {
-                let x = x
-                    .pad_with_zeros(2, top, bottom)?
-                    .pad_with_zeros(3, left, right)?;
-                (x, unpadded)
-            }
-            _ => (x.clone(), &self.conv),
+        Ok(if (top, bottom, left, right) == (p, p, p, p) {
+            Cow::Borrowed(&self.conv)
+        } else {
+            Cow::Owned(self.conv.with_padding(Padding2d {
+                top,
+                bottom,
+                left,
+                right,
+            }))
         })
     }
 
@@ -198,8 +193,8 @@ impl ConvBn {
     /// `act(self.forward(..))` through [`layers::conv_bn_act`]: the activation fused into a training
     /// BatchNorm, and outside training the BatchNorm folded into the convolution's filter.
     fn forward_act(&self, x: &Tensor, mode: Mode, act: Activation) -> Result<Tensor> {
-        let (x, conv) = self.same_padded(x)?;
-        layers::conv_bn_act(&x, conv, &self.bn, mode, act)
+        let conv = self.same_padded(x)?;
+        layers::conv_bn_act(x, &conv, &self.bn, mode, act)
     }
 }
 
@@ -585,8 +580,8 @@ mod tests {
             .unwrap()
             .reshape((1, 1, 4, 4))
             .unwrap();
-        let (padded, conv) = cb.same_padded(&x).unwrap();
-        let y = conv.forward(&padded, Mode::Eval).unwrap();
+        let conv = cb.same_padded(&x).unwrap();
+        let y = conv.forward(&x, Mode::Eval).unwrap();
         let y = y.flatten_all().unwrap().to_vec1::<f32>().unwrap();
         // rows 0..3 x cols 0..3: 0+1+2+4+5+6+8+9+10 = 45; (0,1): cols 2..4 (col 4 padded) = 2+3+6+7+10+11 = 39
         // (1,0): rows 2..4: 8+9+10+12+13+14 = 66; (1,1): 10+11+14+15 = 50

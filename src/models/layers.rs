@@ -31,7 +31,7 @@ mod shifted;
 mod winograd;
 
 pub use activation::{add_relu, relu, relu6};
-pub use depthwise::depthwise_conv2d;
+pub use depthwise::{depthwise_conv2d, depthwise_conv2d_padded, Padding2d};
 pub use pool::{max_pool2d, max_pool2d_composed};
 
 use super::Mode;
@@ -65,14 +65,16 @@ impl Default for Conv2dConfig {
 /// A 2-D convolution over `[N, C, H, W]`, weights `[out, in / groups, k, k]` under `weight` (and `bias`).
 ///
 /// A depthwise convolution (`groups == in == out`) runs on [`depthwise_conv2d`] instead of candle's grouped
-/// convolution, which would launch one convolution per channel. Padding is symmetric: for TensorFlow
-/// "SAME" padding, pad the input asymmetrically first (`Tensor::pad_with_zeros`) and use `padding: 0`.
+/// convolution, which would launch one convolution per channel. Padding is the config's, symmetric,
+/// unless [`Conv2d::with_padding`] gave one per side (TensorFlow's "SAME" padding).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
     depthwise: bool,
+    /// Per-side padding replacing `cfg.padding`, when set.
+    pad: Option<Padding2d>,
 }
 
 /// Builds a [`Conv2d`] with a square `kernel`, reading `weight` (and `bias` when `cfg.bias`) from `vb`.
@@ -125,10 +127,33 @@ pub fn conv2d(
         bias,
         cfg,
         depthwise,
+        pad: None,
     })
 }
 
 impl Conv2d {
+    /// This layer (the same weights) with `pad` zero padding per side instead of its config's. A
+    /// depthwise layer on the CPU pads inside its kernel; others pad the input first.
+    pub fn with_padding(&self, pad: Padding2d) -> Conv2d {
+        Conv2d {
+            pad: Some(pad),
+            ..self.clone()
+        }
+    }
+
+    /// The input padded per side when [`Conv2d::with_padding`] asked for it, and the symmetric padding
+    /// left to apply.
+    fn padded_input(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+        Ok(match self.pad {
+            None => (x.clone(), self.cfg.padding),
+            Some(p) => (
+                x.pad_with_zeros(2, p.top, p.bottom)?
+                    .pad_with_zeros(3, p.left, p.right)?,
+                0,
+            ),
+        })
+    }
+
     /// Convolves `x` (`[N, in, H, W]`) into `[N, out, H', W']`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let y = self.convolve(x, &mode.weight(&self.weight))?;
@@ -147,13 +172,16 @@ impl Conv2d {
     /// over the batch, summing in candle's conv2d order); other devices and grouped
     /// layers use candle's conv2d.
     fn convolve(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let (p, s) = (self.cfg.padding, self.cfg.stride);
+        let s = self.cfg.stride;
         if self.depthwise && x.device().is_cpu() {
-            depthwise_conv2d(x, w, p, s)
-        } else if self.cfg.groups == 1 && x.device().is_cpu() {
-            Ok(im2col::conv2d(x, w, p, s)?)
+            let pad = self.pad.unwrap_or(Padding2d::symmetric(self.cfg.padding));
+            return depthwise_conv2d_padded(x, w, pad, s);
+        }
+        let (x, p) = self.padded_input(x)?;
+        if self.cfg.groups == 1 && x.device().is_cpu() {
+            Ok(im2col::conv2d(&x, w, p, s)?)
         } else {
-            let (x, padding) = self.backward_safe_input(x)?;
+            let (x, padding) = self.backward_safe_input(&x, p)?;
             Ok(x.conv2d(w, padding, self.cfg.stride, 1, self.cfg.groups)?)
         }
     }
@@ -166,13 +194,15 @@ impl Conv2d {
         w: &Tensor,
         e: depthwise::Epilogue,
     ) -> Result<Option<Tensor>> {
-        let (p, s) = (self.cfg.padding, self.cfg.stride);
+        let s = self.cfg.stride;
         Ok(if !x.device().is_cpu() {
             None
         } else if self.depthwise {
-            Some(depthwise::depthwise_conv2d_shift_clamp(x, w, p, s, e)?)
+            let pad = self.pad.unwrap_or(Padding2d::symmetric(self.cfg.padding));
+            Some(depthwise::depthwise_conv2d_shift_clamp(x, w, pad, s, e)?)
         } else if self.cfg.groups == 1 {
-            Some(im2col::conv2d_shift_clamp(x, w, p, s, e)?)
+            let (x, p) = self.padded_input(x)?;
+            Some(im2col::conv2d_shift_clamp(&x, w, p, s, e)?)
         } else {
             None
         })
@@ -187,10 +217,10 @@ impl Conv2d {
     /// input gradient with a transposed convolution whose output padding it derives from the height alone,
     /// so an input whose width leaves a different remainder gets a gradient of the wrong width (a shape
     /// error). Square inputs, and any whose axes leave the same remainder, pass through untouched.
-    fn backward_safe_input(&self, x: &Tensor) -> Result<(Tensor, usize)> {
+    fn backward_safe_input(&self, x: &Tensor, p: usize) -> Result<(Tensor, usize)> {
         let (_, _, h, w) = x.dims4()?;
         let k = self.weight.dim(2)?;
-        let (p, s) = (self.cfg.padding, self.cfg.stride);
+        let s = self.cfg.stride;
         if h + 2 * p < k || w + 2 * p < k {
             return Ok((x.clone(), p)); // let candle report the size error
         }

@@ -24,6 +24,18 @@ pub fn depthwise_conv2d(
     padding: usize,
     stride: usize,
 ) -> Result<Tensor> {
+    depthwise_with(x, weight, Padding2d::symmetric(padding), stride, None)
+}
+
+/// [`depthwise_conv2d`] with a zero padding of its own per side (TensorFlow's "SAME" padding is
+/// asymmetric for stride 2 on even sizes), applied inside the kernel: no padded copy of the input is
+/// made, and none of its gradient.
+pub fn depthwise_conv2d_padded(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: Padding2d,
+    stride: usize,
+) -> Result<Tensor> {
     depthwise_with(x, weight, padding, stride, None)
 }
 
@@ -32,17 +44,38 @@ pub fn depthwise_conv2d(
 pub(super) fn depthwise_conv2d_shift_clamp(
     x: &Tensor,
     weight: &Tensor,
-    padding: usize,
+    padding: Padding2d,
     stride: usize,
     epilogue: Epilogue,
 ) -> Result<Tensor> {
     depthwise_with(x, weight, padding, stride, Some(epilogue))
 }
 
+/// Zero padding per side of a convolution's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Padding2d {
+    pub top: usize,
+    pub bottom: usize,
+    pub left: usize,
+    pub right: usize,
+}
+
+impl Padding2d {
+    /// `p` on every side.
+    pub fn symmetric(p: usize) -> Self {
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
 fn depthwise_with(
     x: &Tensor,
     weight: &Tensor,
-    padding: usize,
+    pad: Padding2d,
     stride: usize,
     epilogue: Option<Epilogue>,
 ) -> Result<Tensor> {
@@ -58,10 +91,10 @@ fn depthwise_with(
             ),
         ));
     }
-    if stride == 0 || h + 2 * padding < kh || w + 2 * padding < kw {
+    if stride == 0 || h + pad.top + pad.bottom < kh || w + pad.left + pad.right < kw {
         return Err(Error::config(
             "depthwise_conv2d",
-            format!("input {h}x{w} with padding {padding} and stride {stride} does not fit a {kh}x{kw} kernel"),
+            format!("input {h}x{w} with padding {pad:?} and stride {stride} does not fit a {kh}x{kw} kernel"),
         ));
     }
     if !x.device().is_cpu() {
@@ -70,7 +103,8 @@ fn depthwise_with(
             "the depthwise kernel runs on the CPU only",
         ));
     }
-    let geom = Geom::of(x, weight, padding, stride)?;
+    let geom = Geom::of(x, weight, 0, stride)?;
+    let ph = Phases::new(geom, pad);
     if let Some(e) = &epilogue {
         if e.shift.len() != c {
             return Err(Error::config(
@@ -81,8 +115,8 @@ fn depthwise_with(
     }
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);
     Ok(match epilogue {
-        None => x.apply_op2(&weight, DepthwiseConv(geom, None))?,
-        Some(e) => x.apply_op2_no_bwd(&weight, &DepthwiseConv(geom, Some(e)))?,
+        None => x.apply_op2(&weight, DepthwiseConv(ph, None))?,
+        Some(e) => x.apply_op2_no_bwd(&weight, &DepthwiseConv(ph, Some(e)))?,
     })
 }
 
@@ -211,7 +245,7 @@ pub(super) struct Run {
     pub(super) len: usize,
 }
 
-/// One plane's zero-padded input split by stride phase: phase `(py, px)` holds the padded pixels
+/// One plane's zero-padded input (`pad`, per side) split by stride phase: phase `(py, px)` holds the padded pixels
 /// `(y, x)` with `y % stride == py` and `x % stride == px`, at `(y / stride, x / stride)` of a
 /// `[HS, WS]` grid. Output pixel `(oy, ox)` then reads, at tap `(ky, kx)`, position
 /// `(oy + ky / stride, ox + kx / stride)` of phase `(ky % stride, kx % stride)`: the output's own position
@@ -221,7 +255,9 @@ pub(super) struct Run {
 /// padded plane itself.
 #[derive(Debug, Clone, Copy)]
 struct Phases {
+    /// The unpadded input's geometry (its `padding` is unused: see `pad`).
     g: Geom,
+    pad: Padding2d,
     oh: usize,
     ow: usize,
     hs: usize,
@@ -231,14 +267,13 @@ struct Phases {
 }
 
 impl Phases {
-    fn new(g: Geom) -> Self {
-        let (oh, ow) = g.out_hw();
-        let (hs, ws) = (
-            (g.h + 2 * g.padding).div_ceil(g.stride),
-            (g.w + 2 * g.padding).div_ceil(g.stride),
-        );
+    fn new(g: Geom, pad: Padding2d) -> Self {
+        let (hp, wp) = (g.h + pad.top + pad.bottom, g.w + pad.left + pad.right);
+        let (oh, ow) = ((hp - g.kh) / g.stride + 1, (wp - g.kw) / g.stride + 1);
+        let (hs, ws) = (hp.div_ceil(g.stride), wp.div_ceil(g.stride));
         Self {
             g,
+            pad,
             oh,
             ow,
             hs,
@@ -271,14 +306,15 @@ impl Phases {
     fn rows(&self, mut f: impl FnMut(usize, &dyn Fn(usize) -> usize)) {
         let (g, s) = (self.g, self.g.stride);
         let plane = self.hs * self.ws;
+        let (top, left) = (self.pad.top, self.pad.left);
         for iy in 0..g.h {
-            let y = iy + g.padding;
+            let y = iy + top;
             let base = (y % s) * s * plane + (y / s) * self.ws;
             if s == 1 {
-                f(iy, &|ix| base + ix + g.padding);
+                f(iy, &|ix| base + ix + left);
             } else {
                 f(iy, &|ix| {
-                    let x = ix + g.padding;
+                    let x = ix + left;
                     base + (x % s) * plane + x / s
                 });
             }
@@ -289,9 +325,9 @@ impl Phases {
     fn split<T: WithDType>(&self, plane: &[T], q: &mut [T]) {
         let w = self.g.w;
         if self.g.stride == 1 {
-            let p = self.g.padding;
+            let (top, left) = (self.pad.top, self.pad.left);
             for (iy, row) in plane.chunks_exact(w).enumerate() {
-                q[(iy + p) * self.ws + p..][..w].copy_from_slice(row);
+                q[(iy + top) * self.ws + left..][..w].copy_from_slice(row);
             }
             return;
         }
@@ -306,9 +342,9 @@ impl Phases {
     fn merge<T: WithDType>(&self, q: &[T], plane: &mut [T]) {
         let w = self.g.w;
         if self.g.stride == 1 {
-            let p = self.g.padding;
+            let (top, left) = (self.pad.top, self.pad.left);
             for (iy, row) in plane.chunks_exact_mut(w).enumerate() {
-                row.copy_from_slice(&q[(iy + p) * self.ws + p..][..w]);
+                row.copy_from_slice(&q[(iy + top) * self.ws + left..][..w]);
             }
             return;
         }
@@ -430,12 +466,12 @@ macro_rules! impl_forward_only_op2 {
 pub(super) use impl_forward_only_op2;
 
 /// `(input, weight) -> output`, with an optional inference epilogue (then it has no backward).
-struct DepthwiseConv(Geom, Option<Epilogue>);
+struct DepthwiseConv(Phases, Option<Epilogue>);
 
 impl DepthwiseConv {
     fn run<T: WithDType>(&self, x: &[T], wt: &[T]) -> (CpuStorage, Shape) {
-        let g = self.0;
-        let ph = Phases::new(g);
+        let ph = self.0;
+        let g = ph.g;
         let (plane_in, plane_out, taps) = (g.h * g.w, ph.oh * ph.ow, g.kh * g.kw);
         let n = x.len() / (g.c * plane_in);
         let mut out = vec![T::from_f64(0.); n * g.c * plane_out];
@@ -506,12 +542,12 @@ impl CustomOp2 for DepthwiseConv {
 
 /// `(grad_output, weight) -> grad_input`: each tap's multiply-add of [`DepthwiseConv`] transposed,
 /// from the pitched output gradient (zero in the junk columns) into the phase planes, merged back.
-struct DepthwiseGradInput(Geom);
+struct DepthwiseGradInput(Phases);
 
 impl DepthwiseGradInput {
     fn run<T: WithDType>(&self, gy: &[T], wt: &[T]) -> (CpuStorage, Shape) {
-        let g = self.0;
-        let ph = Phases::new(g);
+        let ph = self.0;
+        let g = ph.g;
         let (plane_in, plane_out, taps) = (g.h * g.w, ph.oh * ph.ow, g.kh * g.kw);
         let n = gy.len() / (g.c * plane_out);
         let mut gx = vec![T::from_f64(0.); n * g.c * plane_in];
@@ -542,12 +578,12 @@ impl_forward_only_op2!(DepthwiseGradInput, "graft-depthwise-conv2d-grad-input");
 /// `(input, grad_output) -> grad_weight`, one task per channel summing over the batch: per tap, the
 /// dot product of the pitched output gradient (zero in the junk columns) with the tap's run of the
 /// phase planes.
-struct DepthwiseGradWeight(Geom);
+struct DepthwiseGradWeight(Phases);
 
 impl DepthwiseGradWeight {
     fn run<T: WithDType>(&self, x: &[T], gy: &[T]) -> (CpuStorage, Shape) {
-        let g = self.0;
-        let ph = Phases::new(g);
+        let ph = self.0;
+        let g = ph.g;
         let (plane_in, plane_out, taps) = (g.h * g.w, ph.oh * ph.ow, g.kh * g.kw);
         let n = x.len() / (g.c * plane_in);
         let mut gw = vec![T::from_f64(0.); g.c * taps];
@@ -598,7 +634,8 @@ mod tests {
                 shift: vec![-0.5, 0.0, 0.5],
                 max,
             };
-            let ours = depthwise_conv2d_shift_clamp(&x, &wt, 1, 2, e).unwrap();
+            let ours =
+                depthwise_conv2d_shift_clamp(&x, &wt, Padding2d::symmetric(1), 2, e).unwrap();
             let theirs = match max {
                 None => shifted.clone(),
                 Some(m) => shifted.clamp(0f32, m as f32).unwrap(),
@@ -634,6 +671,41 @@ mod tests {
             assert!(max_abs(&ours, &theirs) < 1e-12, "forward {what}");
             for gap in gradient_gaps(&ours, &theirs, &probe, &[&x, &wt]) {
                 assert!(gap < 1e-12, "gradient {what}");
+            }
+        }
+    }
+
+    /// Padding per side inside the kernel equals padding the input first, forward and gradients.
+    #[test]
+    fn padding_per_side_matches_padding_the_input_first() {
+        let dev = Device::Cpu;
+        for (h, w, k, s, pad) in [
+            (8, 8, 3, 2, (0, 1, 0, 1)),
+            (9, 6, 5, 2, (1, 2, 2, 1)),
+            (7, 7, 3, 1, (2, 0, 1, 0)),
+        ] {
+            let x = Var::randn(0f64, 1., (2, 3, h, w), &dev).unwrap();
+            let wt = Var::randn(0f64, 1., (3, 1, k, k), &dev).unwrap();
+            let (top, bottom, left, right) = pad;
+            let padding = Padding2d {
+                top,
+                bottom,
+                left,
+                right,
+            };
+            let ours = depthwise_conv2d_padded(x.as_tensor(), wt.as_tensor(), padding, s).unwrap();
+            let padded = x
+                .as_tensor()
+                .pad_with_zeros(2, top, bottom)
+                .unwrap()
+                .pad_with_zeros(3, left, right)
+                .unwrap();
+            let theirs = depthwise_conv2d(&padded, wt.as_tensor(), 0, s).unwrap();
+            assert_eq!(ours.dims(), theirs.dims(), "{pad:?}");
+            assert!(max_abs(&ours, &theirs) < 1e-12, "forward {pad:?}");
+            let probe = Tensor::randn(0f64, 1., ours.dims(), &dev).unwrap();
+            for gap in gradient_gaps(&ours, &theirs, &probe, &[&x, &wt]) {
+                assert!(gap < 1e-12, "gradient {pad:?}");
             }
         }
     }
