@@ -4,7 +4,7 @@
 //! the parameter shrinks by `lr * wd` before the Adam step. AMSGrad keeps the running maximum of the second
 //! moment and divides by it. `eps` is added after the bias-corrected square root, as PyTorch does.
 
-use super::kernel::{by_float_dtype, map_cpu, Real};
+use super::kernel::{by_float_dtype, map_cpu, Prologue, Real};
 use super::{SlotReader, SlotWriter, UpdateRule};
 use crate::Result;
 use candle_core::Tensor;
@@ -103,24 +103,11 @@ fn adam_fused<T: Real>(
         T::of(hp.beta2),
         T::of(1.0 - hp.beta2),
     );
-    let (eps, wd, shrink) = (
-        T::of(hp.eps),
-        T::of(weight_decay),
-        T::of(1.0 - lr * weight_decay),
-    );
-    let (maximize, decoupled, decay) =
-        (hp.maximize, hp.decoupled_weight_decay, weight_decay != 0.0);
+    let eps = T::of(hp.eps);
+    let prologue = Prologue::<T>::new(hp.maximize, lr, weight_decay, hp.decoupled_weight_decay);
     // One element: (p, g, m, v) -> (p with decay applied, m, v); the caller divides by the chosen second moment.
     let moments = move |p: T, g: T, m: T, v: T| {
-        let mut g = if maximize { -g } else { g };
-        let mut p = p;
-        if decay {
-            if decoupled {
-                p *= shrink;
-            } else {
-                g += p * wd;
-            }
-        }
+        let (p, g) = prologue.apply(p, g);
         (p, m * b1 + g * rest1, v * b2 + g * g * rest2)
     };
     let apply = move |p: T, m: T, second: T| p - m / (second.sqrt() * inv_bc2 + eps) * step_size;

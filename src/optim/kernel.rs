@@ -65,6 +65,9 @@ impl Real for f64 {
 /// Elements per parallel work item: large enough to amortise scheduling, small enough to balance.
 const CHUNK: usize = 1 << 15;
 
+/// Values per block of [`map_cpu`]'s inner loop (a multiple of every SIMD width; divides [`CHUNK`]).
+const LANES: usize = 16;
+
 /// Applies `f` to every element position of `inputs` (same shape, contiguous, dtype `T`, on the CPU) and
 /// returns the `M` outputs as new tensors of that shape; `None` when the inputs do not qualify.
 pub fn map_cpu<T: Real, const N: usize, const M: usize>(
@@ -111,7 +114,27 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
             let Ok(mut outs) = <[&mut [T]; M]>::try_from(chunk) else {
                 unreachable!("one chunk per output")
             };
-            for j in 0..len {
+            // Blocks of LANES values copied into fixed-size arrays: the loop over a block's lanes has
+            // no bounds checks left, so the compiler unrolls and vectorises `f` across it.
+            let full = len - len % LANES;
+            for j in (0..full).step_by(LANES) {
+                let xs: [[T; LANES]; N] = std::array::from_fn(|k| {
+                    let mut a = [T::zero(); LANES];
+                    a.copy_from_slice(&ins[k][j..j + LANES]);
+                    a
+                });
+                let mut ys = [[T::zero(); LANES]; M];
+                for l in 0..LANES {
+                    let y = f(std::array::from_fn(|k| xs[k][l]));
+                    for (out, v) in ys.iter_mut().zip(y) {
+                        out[l] = v;
+                    }
+                }
+                for (out, y) in outs.iter_mut().zip(&ys) {
+                    out[j..j + LANES].copy_from_slice(y);
+                }
+            }
+            for j in full..len {
                 let y = f(std::array::from_fn(|k| ins[k][j]));
                 for (out, v) in outs.iter_mut().zip(y) {
                     out[j] = v;
@@ -133,6 +156,42 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
 }
 
 /// Runs `$body::<f32>` or `$body::<f64>` by the dtype of `$t`; other dtypes give `Ok(None)`.
+/// The per-element start shared by the fused adaptive rules, as factors instead of branches so that
+/// the element function vectorises: the gradient's sign (`maximize`), L2 decay added to the gradient,
+/// or decoupled decay (AdamW's) shrinking the parameter. A factor that does not apply is exact: a
+/// multiplication by 1, or a term `p * 0`, which adds nothing for every finite `p`.
+#[derive(Debug, Clone, Copy)]
+pub struct Prologue<T> {
+    sign: T,
+    coupled: T,
+    shrink: T,
+}
+
+impl<T: Real> Prologue<T> {
+    pub fn new(maximize: bool, lr: f64, weight_decay: f64, decoupled: bool) -> Self {
+        let decay = weight_decay != 0.0;
+        Self {
+            sign: T::of(if maximize { -1.0 } else { 1.0 }),
+            coupled: T::of(if decay && !decoupled {
+                weight_decay
+            } else {
+                0.0
+            }),
+            shrink: T::of(if decay && decoupled {
+                1.0 - lr * weight_decay
+            } else {
+                1.0
+            }),
+        }
+    }
+
+    /// `(p, g)` -> the parameter after decoupled decay and the gradient the moments see.
+    #[inline]
+    pub fn apply(self, p: T, g: T) -> (T, T) {
+        (p * self.shrink, g * self.sign + p * self.coupled)
+    }
+}
+
 macro_rules! by_float_dtype {
     ($t:expr, $body:ident ( $($arg:expr),* )) => {
         match $t.dtype() {

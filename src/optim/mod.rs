@@ -179,7 +179,7 @@ impl<R: UpdateRule> Engine for RuleEngine<R> {
             Some(done) => done,
             None => self.rule.update(lr, weight_decay, &param, &grad, &state)?,
         };
-        var.set(&new_param)?;
+        var.set_from(new_param)?;
         self.states.insert(name.to_string(), new_state);
         Ok(())
     }

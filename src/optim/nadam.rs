@@ -2,7 +2,7 @@
 //! `mu_t = b1 (1 - 0.5 * 0.96^(t psi))`, psi = `momentum_decay`), whose running product of `mu` is part of the
 //! state and must be saved to resume exactly.
 
-use super::kernel::{by_float_dtype, map_cpu, Real};
+use super::kernel::{by_float_dtype, map_cpu, Prologue, Real};
 use super::{SlotReader, SlotWriter, UpdateRule};
 use crate::Result;
 use candle_core::Tensor;
@@ -106,25 +106,12 @@ fn nadam_fused<T: Real>(
         T::of(hp.beta2),
         T::of(1.0 - hp.beta2),
     );
-    let (eps, wd, shrink) = (
-        T::of(hp.eps),
-        T::of(weight_decay),
-        T::of(1.0 - lr * weight_decay),
-    );
-    let (maximize, decoupled, decay) =
-        (hp.maximize, hp.decoupled_weight_decay, weight_decay != 0.0);
+    let eps = T::of(hp.eps);
+    let prologue = Prologue::<T>::new(hp.maximize, lr, weight_decay, hp.decoupled_weight_decay);
     let out = map_cpu::<T, _, _>(
         [param, grad, &state.exp_avg, &state.exp_avg_sq],
         |[p, g, m, v]| {
-            let mut g = if maximize { -g } else { g };
-            let mut p = p;
-            if decay {
-                if decoupled {
-                    p *= shrink;
-                } else {
-                    g += p * wd;
-                }
-            }
+            let (p, g) = prologue.apply(p, g);
             let m = m * b1 + g * rest1;
             let v = v * b2 + g * g * rest2;
             let denom = (v * inv_bc2).sqrt() + eps;

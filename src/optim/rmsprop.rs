@@ -2,7 +2,7 @@
 //! subtracts the squared running mean of the gradient, and momentum accumulates the already-normalised step
 //! (`b <- mu b + g / d`), with the learning rate applied outside the buffer.
 
-use super::kernel::{by_float_dtype, map_cpu, Real};
+use super::kernel::{by_float_dtype, map_cpu, Prologue, Real};
 use super::{SlotReader, SlotWriter, UpdateRule};
 use crate::Result;
 use candle_core::Tensor;
@@ -94,14 +94,10 @@ fn rmsprop_fused<T: Real>(
     grad: &Tensor,
     state: &RmsPropState,
 ) -> Result<Option<(Tensor, RmsPropState)>> {
-    let (lr_t, wd, eps) = (T::of(lr), T::of(weight_decay), T::of(hp.eps));
+    let (lr_t, eps) = (T::of(lr), T::of(hp.eps));
     let (alpha, rest, mu) = (T::of(hp.alpha), T::of(1.0 - hp.alpha), T::of(hp.momentum));
-    let (maximize, decay, centered, momentum) = (
-        hp.maximize,
-        weight_decay != 0.0,
-        hp.centered,
-        hp.momentum > 0.0,
-    );
+    let (centered, momentum) = (hp.centered, hp.momentum > 0.0);
+    let prologue = Prologue::<T>::new(hp.maximize, lr, weight_decay, false);
     // The running mean and the momentum buffer take part only when used; absent ones start at zero.
     let ga0 = match (&state.grad_avg, centered) {
         (_, false) => None,
@@ -113,24 +109,18 @@ fn rmsprop_fused<T: Real>(
         (Some(b), true) => Some(b.clone()),
         (None, true) => Some(param.zeros_like()?),
     };
-    // One element: (p, g, v, ga, b) -> (p, v, ga, b); `ga` and `b` are ignored unless centered / momentum.
+    // One element: (p, g, v, ga, b) -> (p, v, ga, b), without branches so that it vectorises. `ga` and
+    // `b` come in as zero and their results are dropped unless centered / momentum. Not centered, the
+    // running mean is multiplied by 0 and `v - 0 * 0` is `v`; without momentum, `b = 0 * mu + g / avg`
+    // is `g / avg`: both exact, the same values as the two separate expressions.
+    let keep_mean = T::of(if centered { 1.0 } else { 0.0 });
     let elem = move |p: T, g: T, v: T, ga: T, b: T| {
-        let g = if maximize { -g } else { g };
-        let g = if decay { g + p * wd } else { g };
+        let (p, g) = prologue.apply(p, g);
         let v = v * alpha + g * g * rest;
-        let (avg, ga) = if centered {
-            let ga = ga + (g - ga) * rest;
-            ((v - ga * ga).sqrt(), ga)
-        } else {
-            (v.sqrt(), ga)
-        };
-        let avg = avg + eps;
-        if momentum {
-            let b = b * mu + g / avg;
-            (p - b * lr_t, v, ga, b)
-        } else {
-            (p - g / avg * lr_t, v, ga, b)
-        }
+        let ga = (ga + (g - ga) * rest) * keep_mean;
+        let avg = (v - ga * ga).sqrt() + eps;
+        let b = b * mu + g / avg;
+        (p - b * lr_t, v, ga, b)
     };
     let sq = &state.square_avg;
     let (out, grad_avg, momentum_buffer) = match (&ga0, &b0) {

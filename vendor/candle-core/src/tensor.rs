@@ -2768,6 +2768,18 @@ impl Tensor {
         self.storage.write()
     }
 
+    /// (graft patch) This tensor's storage when this is the only handle to it (no other tensor
+    /// shares it): `Ok(storage)`, else `Err(self)` unchanged. For `Var::set_from`.
+    pub(crate) fn into_unique_storage(self) -> std::result::Result<Storage, Tensor> {
+        match Arc::try_unwrap(self.0) {
+            Ok(inner) => match Arc::try_unwrap(inner.storage) {
+                Ok(lock) => Ok(lock.into_inner()),
+                Err(storage) => Err(Tensor(Arc::new(Tensor_ { storage, ..inner }))),
+            },
+            Err(shared) => Err(Tensor(shared)),
+        }
+    }
+
     // If we extend the visibility of this function to be usable outside of this crate, we should
     // make it unsafe.
     pub(crate) fn storage_mut_and_layout(&self) -> (StorageMutRef<'_>, &Layout) {

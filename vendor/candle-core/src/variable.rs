@@ -149,4 +149,31 @@ impl Var {
         src.copy_strided_src(&mut dst, layout.start_offset(), src_l)?;
         Ok(())
     }
+
+    /// (graft patch) Sets the variable to the values of `src` like [`Var::set`], but moves `src`'s
+    /// storage into the variable instead of copying it when nothing else holds that storage (a freshly
+    /// computed update) and both tensors are contiguous from offset 0 with the same shape, dtype and
+    /// device. Otherwise it copies, as [`Var::set`] does. Either way every tensor that shares the
+    /// variable's storage sees the new values, as with [`Var::set`].
+    pub fn set_from(&self, src: Tensor) -> Result<()> {
+        let movable = !self.same_storage(&src)
+            && self.layout().is_contiguous()
+            && self.layout().start_offset() == 0
+            && src.layout().is_contiguous()
+            && src.layout().start_offset() == 0
+            && src.shape() == self.shape()
+            && src.dtype() == self.dtype()
+            && src.device().same_device(self.device());
+        if !movable {
+            return self.set(&src);
+        }
+        match src.into_unique_storage() {
+            Ok(storage) => {
+                let (mut dst, _) = self.storage_mut_and_layout();
+                *dst = storage;
+                Ok(())
+            }
+            Err(shared) => self.set(&shared),
+        }
+    }
 }
