@@ -96,6 +96,7 @@ impl Tiles {
 
 /// `conv2d(x, weight)` (3x3, stride 1, padding 1) with the optional inference epilogue applied to each
 /// output plane: `x` `[N, C, H, W]`, `weight` `[O, C, 3, 3]`, result `[N, O, H, W]`.
+#[cfg(test)]
 pub(super) fn forward<T: WithDType>(
     g: Geom,
     x: &[T],
@@ -103,9 +104,20 @@ pub(super) fn forward<T: WithDType>(
     o: usize,
     epilogue: Option<&Epilogue>,
 ) -> Vec<T> {
-    let u = filter_transform(weight, o, g.c);
+    forward_with(g, x, &filter_transform(weight, o, g.c), o, epilogue)
+}
+
+/// [`forward`] with the filter already transformed by [`filter_transform`] (`u` `[O, 16, C]`), which
+/// the caller may keep for [`input_grad_with`].
+pub(super) fn forward_with<T: WithDType>(
+    g: Geom,
+    x: &[T],
+    u: &[T],
+    o: usize,
+    epilogue: Option<&Epilogue>,
+) -> Vec<T> {
     let c = g.c;
-    convolve(g, x, &u, |xi| View::strided(xi * c, XI * c, 1), o, epilogue)
+    convolve(g, x, u, |xi| View::strided(xi * c, XI * c, 1), o, epilogue)
 }
 
 /// The input gradient of [`forward`]: `grad` `[N, O, H, W]`, `weight` `[O, C, 3, 3]`, result `dX`
@@ -117,11 +129,15 @@ pub(super) fn forward<T: WithDType>(
 /// forward's with positions `(i, j)` read at `(p(i), p(j))`, `p = [3, 1, 2, 0]`; and swapping the
 /// channel axes is reading `U [O, 16, C]` transposed, which the GEMM does through its strides.
 pub(super) fn input_grad<T: WithDType>(g: Geom, grad: &[T], weight: &[T], o: usize) -> Vec<T> {
+    input_grad_with(g, grad, &filter_transform(weight, o, g.c), o)
+}
+
+/// [`input_grad`] with the forward's transformed filter `u` `[O, 16, C]` (see [`forward_with`]).
+pub(super) fn input_grad_with<T: WithDType>(g: Geom, grad: &[T], u: &[T], o: usize) -> Vec<T> {
     const P: [usize; 4] = [3, 1, 2, 0];
-    let u = filter_transform(weight, o, g.c);
     let c = g.c;
     let flipped = |xi: usize| View::strided((P[xi / 4] * 4 + P[xi % 4]) * c, 1, XI * c);
-    convolve(Geom { c: o, ..g }, grad, &u, flipped, c, None)
+    convolve(Geom { c: o, ..g }, grad, u, flipped, c, None)
 }
 
 /// The filter gradient of [`forward`]: `x` `[N, C, H, W]`, `grad` `[N, O, H, W]`, result `dW`
@@ -291,7 +307,7 @@ fn convolve<T: WithDType>(
 /// [1/2, -1/2, 1/2], [0, 0, 1]]`. Each filter is transformed on its own into a `[C, 16]` block per
 /// output channel, transposed into place at the end: reads and writes stay sequential (the late
 /// layers' transforms are tens of MB, bound by memory bandwidth).
-fn filter_transform<T: WithDType>(weight: &[T], o: usize, c: usize) -> Vec<T> {
+pub(super) fn filter_transform<T: WithDType>(weight: &[T], o: usize, c: usize) -> Vec<T> {
     let half = T::from_f64(0.5);
     // [a, b, c] -> [a, (a + b + c) / 2, (a - b + c) / 2, c]
     let g = |a: T, b: T, cc: T| [a, (a + b + cc) * half, (a - b + cc) * half, cc];
