@@ -10,12 +10,14 @@
 //! 4x the size of the input and output, so this wins where the products dominate: many channels
 //! ([`MIN_CHANNELS`]), ResNet's stages after the first.
 //!
-//! Numerics: the transforms use only additions, subtractions and halvings (exact in binary), so the
-//! result differs from direct convolution by the order of rounding alone, like any GEMM blocking: the
-//! golden PyTorch parity tests pass unchanged and the unit tests compare against candle's conv2d.
+//! Numerics: the transforms use only additions, subtractions and halvings (constants exact in binary);
+//! the few extra roundings they add are small for F(2x2, 3x3), unlike the larger tiles' transforms: the
+//! golden PyTorch parity tests (real ResNet layers of 128-512 channels, gradients included) pass
+//! unchanged, and the unit tests compare against candle's conv2d in f64.
 //!
 //! The input gradient of such a convolution is a convolution of the same kind (the filter flipped and
-//! its channel axes swapped), so [`input_grad`] is [`forward`] with another filter transform.
+//! its channel axes swapped), so [`input_grad`] is [`forward_with`] reading the same transformed filter
+//! differently.
 //!
 //! Layouts, chosen so that every GEMM operand has contiguous rows and each parallel task writes one
 //! contiguous block: `U` `[O, 16, C]` (one task per output channel), `V` `[C, 16, tiles]` (one task per
@@ -49,7 +51,7 @@ fn applies<T: WithDType>(g: Geom) -> bool {
         && matches!(T::DTYPE, DType::F32 | DType::F64)
 }
 
-/// Whether [`forward`] and [`input_grad`] serve the convolution of `g` into `o` channels (see
+/// Whether [`forward_with`] and [`input_grad`] serve the convolution of `g` into `o` channels (see
 /// [`MIN_CHANNELS`]).
 pub(super) fn serves<T: WithDType>(g: Geom, o: usize) -> bool {
     applies::<T>(g) && g.c.min(o) >= MIN_CHANNELS
@@ -96,6 +98,7 @@ impl Tiles {
 
 /// `conv2d(x, weight)` (3x3, stride 1, padding 1) with the optional inference epilogue applied to each
 /// output plane: `x` `[N, C, H, W]`, `weight` `[O, C, 3, 3]`, result `[N, O, H, W]`.
+/// (Tests only; the op calls [`forward_with`].)
 #[cfg(test)]
 pub(super) fn forward<T: WithDType>(
     g: Geom,
@@ -107,7 +110,8 @@ pub(super) fn forward<T: WithDType>(
     forward_with(g, x, &filter_transform(weight, o, g.c), o, epilogue)
 }
 
-/// [`forward`] with the filter already transformed by [`filter_transform`] (`u` `[O, 16, C]`), which
+/// `conv2d(x, weight)` (3x3, stride 1, padding 1) with the optional inference epilogue applied to each
+/// output plane, the filter given already transformed by [`filter_transform`] (`u` `[O, 16, C]`), which
 /// the caller may keep for [`input_grad_with`].
 pub(super) fn forward_with<T: WithDType>(
     g: Geom,
@@ -120,7 +124,7 @@ pub(super) fn forward_with<T: WithDType>(
     convolve(g, x, u, |xi| View::strided(xi * c, XI * c, 1), o, epilogue)
 }
 
-/// The input gradient of [`forward`]: `grad` `[N, O, H, W]`, `weight` `[O, C, 3, 3]`, result `dX`
+/// The input gradient of [`forward_with`]: `grad` `[N, O, H, W]`, `weight` `[O, C, 3, 3]`, result `dX`
 /// `[N, C, H, W]`: the forward convolution of `grad` with the filter flipped in both spatial axes and
 /// its channel axes swapped.
 ///
@@ -140,7 +144,7 @@ pub(super) fn input_grad_with<T: WithDType>(g: Geom, grad: &[T], u: &[T], o: usi
     convolve(Geom { c: o, ..g }, grad, u, flipped, c, None)
 }
 
-/// The filter gradient of [`forward`]: `x` `[N, C, H, W]`, `grad` `[N, O, H, W]`, result `dW`
+/// The filter gradient of [`forward_with`]: `x` `[N, C, H, W]`, `grad` `[N, O, H, W]`, result `dW`
 /// `[O, C, 3, 3]`. The forward tile is `A^T (U . V) A`, so the gradient of `U` is `(A dY A^T) . V`
 /// summed over tiles: per `xi` the GEMM `dU[xi] = dZ[xi] [O, tiles] x V[xi]^T [tiles, C]`, and
 /// `dW = G^T dU G`.
