@@ -141,6 +141,11 @@ impl Conv2d {
         }
     }
 
+    /// The padding per side: [`Conv2d::with_padding`]'s, else the config's on every side.
+    fn padding(&self) -> Padding2d {
+        self.pad.unwrap_or(Padding2d::symmetric(self.cfg.padding))
+    }
+
     /// The input padded per side when [`Conv2d::with_padding`] asked for it, and the symmetric padding
     /// left to apply.
     fn padded_input(&self, x: &Tensor) -> Result<(Tensor, usize)> {
@@ -174,8 +179,7 @@ impl Conv2d {
     fn convolve(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let s = self.cfg.stride;
         if self.depthwise && x.device().is_cpu() {
-            let pad = self.pad.unwrap_or(Padding2d::symmetric(self.cfg.padding));
-            return depthwise_conv2d_padded(x, w, pad, s);
+            return depthwise_conv2d_padded(x, w, self.padding(), s);
         }
         let (x, p) = self.padded_input(x)?;
         if self.cfg.groups == 1 && x.device().is_cpu() {
@@ -198,8 +202,13 @@ impl Conv2d {
         Ok(if !x.device().is_cpu() {
             None
         } else if self.depthwise {
-            let pad = self.pad.unwrap_or(Padding2d::symmetric(self.cfg.padding));
-            Some(depthwise::depthwise_conv2d_shift_clamp(x, w, pad, s, e)?)
+            Some(depthwise::depthwise_conv2d_shift_clamp(
+                x,
+                w,
+                self.padding(),
+                s,
+                e,
+            )?)
         } else if self.cfg.groups == 1 {
             let (x, p) = self.padded_input(x)?;
             Some(im2col::conv2d_shift_clamp(&x, w, p, s, e)?)

@@ -6,7 +6,7 @@
 //! and the backward one pass for the two per-channel sums and one for the input gradient, all parallel
 //! over channels or planes. Sums accumulate in f64, as PyTorch's CPU kernel does for f32.
 
-use super::depthwise::contiguous_slice;
+use super::depthwise::{contiguous_slice, dispatch3};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -212,25 +212,7 @@ impl CustomOp3 for BnTrain {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (_, c, s) = dims3(l1)?;
-        let name = self.name();
-        macro_rules! go {
-            ($t:ty) => {
-                Ok(self.run(
-                    contiguous_slice::<$t>(s1, l1, name)?,
-                    contiguous_slice::<$t>(s2, l2, name)?,
-                    contiguous_slice::<$t>(s3, l3, name)?,
-                    c,
-                    s,
-                ))
-            };
-        }
-        match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => go!(f32),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => go!(f64),
-            (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => go!(half::f16),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => go!(half::bf16),
-            _ => candle_core::bail!("{name}: unsupported or mixed dtypes {:?}", s1.dtype()),
-        }
+        dispatch3!(self, s1, l1, s2, l2, s3, l3, c, s)
     }
 
     fn bwd(

@@ -300,25 +300,12 @@ impl Phases {
         ((ky % s) * s + kx % s) * self.hs * self.ws + (ky / s) * self.ws + kx / s
     }
 
-    /// Calls `f(input row's pixels, their places in the phase planes)`: for each input row, the
-    /// place of column `ix` is `base + ix_phase * plane + ix_pos` (see [`Phases::split`]).
+    /// Index in the phase planes of input pixel `(iy, ix)`.
     #[inline]
-    fn rows(&self, mut f: impl FnMut(usize, &dyn Fn(usize) -> usize)) {
-        let (g, s) = (self.g, self.g.stride);
-        let plane = self.hs * self.ws;
-        let (top, left) = (self.pad.top, self.pad.left);
-        for iy in 0..g.h {
-            let y = iy + top;
-            let base = (y % s) * s * plane + (y / s) * self.ws;
-            if s == 1 {
-                f(iy, &|ix| base + ix + left);
-            } else {
-                f(iy, &|ix| {
-                    let x = ix + left;
-                    base + (x % s) * plane + x / s
-                });
-            }
-        }
+    fn place(&self, iy: usize, ix: usize) -> usize {
+        let s = self.g.stride;
+        let (y, x) = (iy + self.pad.top, ix + self.pad.left);
+        ((y % s) * s + x % s) * self.hs * self.ws + (y / s) * self.ws + x / s
     }
 
     /// `plane` `[H, W]` into the phase planes `q`.
@@ -331,11 +318,11 @@ impl Phases {
             }
             return;
         }
-        self.rows(|iy, at| {
-            for (ix, &v) in plane[iy * w..(iy + 1) * w].iter().enumerate() {
-                q[at(ix)] = v;
+        for (iy, row) in plane.chunks_exact(w).enumerate() {
+            for (ix, &v) in row.iter().enumerate() {
+                q[self.place(iy, ix)] = v;
             }
-        });
+        }
     }
 
     /// The phase planes `q` back into `plane` `[H, W]` (the padding's positions dropped).
@@ -348,11 +335,11 @@ impl Phases {
             }
             return;
         }
-        self.rows(|iy, at| {
-            for (ix, v) in plane[iy * w..(iy + 1) * w].iter_mut().enumerate() {
-                *v = q[at(ix)];
+        for (iy, row) in plane.chunks_exact_mut(w).enumerate() {
+            for (ix, v) in row.iter_mut().enumerate() {
+                *v = q[self.place(iy, ix)];
             }
-        });
+        }
     }
 
     /// `y` `[OH, OW]` into the valid columns of `yp` `[OH, WS]` (the junk columns are left as they
@@ -441,6 +428,46 @@ macro_rules! dispatch2 {
     }};
 }
 pub(super) use dispatch2;
+
+/// Dispatches a three-input kernel over the float dtypes: `run(x1, x2, x3, extra...)`.
+macro_rules! dispatch3 {
+    ($self:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident, $s3:ident, $l3:ident $(, $arg:expr)*) => {{
+        let name = $self.name();
+        match ($s1, $s2, $s3) {
+            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => Ok($self.run(
+                contiguous_slice::<f32>($s1, $l1, name)?,
+                contiguous_slice::<f32>($s2, $l2, name)?,
+                contiguous_slice::<f32>($s3, $l3, name)?,
+                $($arg),*
+            )),
+            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => Ok($self.run(
+                contiguous_slice::<f64>($s1, $l1, name)?,
+                contiguous_slice::<f64>($s2, $l2, name)?,
+                contiguous_slice::<f64>($s3, $l3, name)?,
+                $($arg),*
+            )),
+            (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => Ok($self.run(
+                contiguous_slice::<half::f16>($s1, $l1, name)?,
+                contiguous_slice::<half::f16>($s2, $l2, name)?,
+                contiguous_slice::<half::f16>($s3, $l3, name)?,
+                $($arg),*
+            )),
+            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok($self.run(
+                contiguous_slice::<half::bf16>($s1, $l1, name)?,
+                contiguous_slice::<half::bf16>($s2, $l2, name)?,
+                contiguous_slice::<half::bf16>($s3, $l3, name)?,
+                $($arg),*
+            )),
+            _ => candle_core::bail!(
+                "{name}: unsupported or mixed dtypes {:?}, {:?}, {:?}",
+                $s1.dtype(),
+                $s2.dtype(),
+                $s3.dtype()
+            ),
+        }
+    }};
+}
+pub(super) use dispatch3;
 
 /// `impl CustomOp2` for an op with no backward of its own (a gradient op): its name, and `cpu_fwd`
 /// running its `run::<T>` through [`dispatch2!`].

@@ -7,6 +7,7 @@
 //! the stem pools a ReLU output, whose windows are often all zero.)
 
 use super::check_float;
+use super::depthwise::{contiguous_slice, dispatch3};
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
@@ -140,6 +141,14 @@ impl PoolGeom {
         (o(self.h), o(self.w))
     }
 
+    /// The input rows (or columns, with `size` the width) that output row (column) `o`'s window covers,
+    /// the padding left out.
+    #[inline]
+    fn span(&self, o: usize, size: usize) -> std::ops::Range<usize> {
+        let start = (o * self.stride) as isize - self.padding as isize;
+        start.max(0) as usize..((start + self.kernel as isize) as usize).min(size)
+    }
+
     /// Every window's maximum of a plane without NaN into `out` `[OH, OW]`: per output row, the
     /// elementwise maximum of the window's input rows (a loop over whole rows, which vectorises), then
     /// the maximum of each window's columns of it. The value equals the first maximum's
@@ -148,21 +157,17 @@ impl PoolGeom {
         let (oh, ow) = self.out_hw();
         let mut rows = vec![T::from_f64(0.); self.w];
         for (oy, o) in out.chunks_exact_mut(ow).enumerate().take(oh) {
-            let y0 = (oy * self.stride) as isize - self.padding as isize;
-            let y_lo = y0.max(0) as usize;
-            let y_hi = ((y0 + self.kernel as isize) as usize).min(self.h);
-            rows.copy_from_slice(&plane[y_lo * self.w..(y_lo + 1) * self.w]);
-            for y in y_lo + 1..y_hi {
+            let ys = self.span(oy, self.h);
+            rows.copy_from_slice(&plane[ys.start * self.w..(ys.start + 1) * self.w]);
+            for y in ys.start + 1..ys.end {
                 for (m, &v) in rows.iter_mut().zip(&plane[y * self.w..(y + 1) * self.w]) {
                     *m = if v > *m { v } else { *m };
                 }
             }
             for (ox, dst) in o.iter_mut().enumerate() {
-                let x0 = (ox * self.stride) as isize - self.padding as isize;
-                let x_lo = x0.max(0) as usize;
-                let x_hi = ((x0 + self.kernel as isize) as usize).min(self.w);
-                let mut best = rows[x_lo];
-                for &v in &rows[x_lo + 1..x_hi] {
+                let xs = self.span(ox, self.w);
+                let mut best = rows[xs.start];
+                for &v in &rows[xs.start + 1..xs.end] {
                     best = if v > best { v } else { best };
                 }
                 *dst = best;
@@ -175,15 +180,10 @@ impl PoolGeom {
     /// comparisons, given the forward's output.
     #[inline]
     fn first_equal<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize, max: T) -> usize {
-        let y0 = (oy * self.stride) as isize - self.padding as isize;
-        let x0 = (ox * self.stride) as isize - self.padding as isize;
-        let (y_lo, x_lo) = (y0.max(0) as usize, x0.max(0) as usize);
-        let y_hi = ((y0 + self.kernel as isize) as usize).min(self.h);
-        let x_hi = ((x0 + self.kernel as isize) as usize).min(self.w);
         #[allow(clippy::eq_op)]
         let nan = max != max;
-        for y in y_lo..y_hi {
-            for x in x_lo..x_hi {
+        for y in self.span(oy, self.h) {
+            for x in self.span(ox, self.w) {
                 let v = plane[y * self.w + x];
                 #[allow(clippy::eq_op)]
                 if v == max || (nan && v != v) {
@@ -197,17 +197,12 @@ impl PoolGeom {
     /// Row-major index inside the plane of the first maximum of output `(oy, ox)`'s window.
     #[inline]
     fn argmax<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize) -> usize {
-        let y0 = (oy * self.stride) as isize - self.padding as isize;
-        let x0 = (ox * self.stride) as isize - self.padding as isize;
-        let y_lo = y0.max(0) as usize;
-        let x_lo = x0.max(0) as usize;
-        let y_hi = ((y0 + self.kernel as isize) as usize).min(self.h);
-        let x_hi = ((x0 + self.kernel as isize) as usize).min(self.w);
-        let mut best = y_lo * self.w + x_lo;
+        let (ys, xs) = (self.span(oy, self.h), self.span(ox, self.w));
+        let mut best = ys.start * self.w + xs.start;
         let mut best_v = plane[best];
-        for y in y_lo..y_hi {
+        for y in ys {
             let row = &plane[y * self.w..(y + 1) * self.w];
-            for (x, &v) in row.iter().enumerate().take(x_hi).skip(x_lo) {
+            for (x, &v) in row.iter().enumerate().take(xs.end).skip(xs.start) {
                 // `v != v` is NaN: PyTorch propagates NaN, so a NaN wins like a new maximum.
                 #[allow(clippy::eq_op)]
                 if v > best_v || v != v {
@@ -217,17 +212,6 @@ impl PoolGeom {
             }
         }
         best
-    }
-}
-
-fn contiguous_slice<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
     }
 }
 
@@ -338,30 +322,7 @@ impl CustomOp3 for MaxPool2dBackward {
         l3: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, _, _) = l1.shape().dims4()?;
-        let name = self.name();
-        macro_rules! run {
-            ($t:ty) => {
-                Ok(self.run(
-                    contiguous_slice::<$t>(s1, l1, name)?,
-                    contiguous_slice::<$t>(s2, l2, name)?,
-                    contiguous_slice::<$t>(s3, l3, name)?,
-                    n,
-                    c,
-                ))
-            };
-        }
-        match (s1, s2, s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => run!(f32),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => run!(f64),
-            (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => run!(half::f16),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => run!(half::bf16),
-            _ => candle_core::bail!(
-                "{name}: unsupported dtypes {:?}, {:?}, {:?}",
-                s1.dtype(),
-                s2.dtype(),
-                s3.dtype()
-            ),
-        }
+        dispatch3!(self, s1, l1, s2, l2, s3, l3, n, c)
     }
 }
 

@@ -182,7 +182,7 @@ fn grad_transform<T: WithDType>(grad: &[T], o: usize, tiles: Tiles) -> Vec<T> {
     dz.par_chunks_mut(XI * t).enumerate().for_each(|(oc, dst)| {
         // The plane cut to whole tiles: padded[y * 2 tw + x], zero past the image.
         let mut padded = vec![T::zero(); 2 * tiles.th * 2 * tw];
-        let mut cols = vec![T::zero(); 4 * tw];
+        let mut cols = vec![T::zero(); 2 * tw];
         for b in 0..tiles.n {
             let src = &grad[(b * o + oc) * plane..][..plane];
             for (y, row) in src.chunks_exact(tiles.w).enumerate() {
