@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod models;
 pub mod optim;
 pub mod pretrain;
+pub mod simd;
 pub mod train;
 
 pub use error::{Error, Result};

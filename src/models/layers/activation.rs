@@ -6,13 +6,9 @@
 //! output, with PyTorch's rule: the gradient flows where the output lies strictly inside `(0, max)`.
 
 use super::depthwise::{contiguous_slice, dispatch2};
+use crate::simd::par_map;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
-use rayon::prelude::*;
-
-/// Elements per rayon task: large enough that task overhead vanishes, small enough to split any tensor
-/// worth splitting.
-const CHUNK: usize = 1 << 14;
 
 /// `max(x, 0)`, differentiable (PyTorch's rule: zero gradient where the output is 0). Runs candle's
 /// `relu` on other devices.
@@ -49,19 +45,14 @@ impl AddRelu {
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> (CpuStorage, Shape) {
         let zero = T::from_f64(0.);
         // The sum rounds as candle's `add` does; then the same comparison as `Clamp`.
-        let y: Vec<T> = a
-            .par_iter()
-            .zip(b.par_iter())
-            .with_min_len(CHUNK)
-            .map(|(&a, &b)| {
-                let v = a + b;
-                if v > zero {
-                    v
-                } else {
-                    zero
-                }
-            })
-            .collect();
+        let y = par_map(a, b, |a, b| {
+            let v = a + b;
+            if v > zero {
+                v
+            } else {
+                zero
+            }
+        });
         (T::to_cpu_storage_owned(y), self.0.clone())
     }
 }
@@ -105,22 +96,17 @@ struct Clamp(f64);
 impl Clamp {
     fn run<T: WithDType>(&self, x: &[T], shape: &Shape) -> (CpuStorage, Shape) {
         let (zero, max) = (T::from_f64(0.), T::from_f64(self.0));
-        // Collected from an indexed parallel iterator: written once, never zero-filled first.
-        let y: Vec<T> = x
-            .par_iter()
-            .with_min_len(CHUNK)
-            .map(|&v| {
-                if v > zero {
-                    if v < max {
-                        v
-                    } else {
-                        max
-                    }
+        let y = par_map(x, x, |v, _| {
+            if v > zero {
+                if v < max {
+                    v
                 } else {
-                    zero
+                    max
                 }
-            })
-            .collect();
+            } else {
+                zero
+            }
+        });
         (T::to_cpu_storage_owned(y), shape.clone())
     }
 }
@@ -162,12 +148,7 @@ struct ClampGrad {
 impl ClampGrad {
     fn run<T: WithDType>(&self, g: &[T], y: &[T]) -> (CpuStorage, Shape) {
         let (zero, max) = (T::from_f64(0.), T::from_f64(self.max));
-        let gx: Vec<T> = g
-            .par_iter()
-            .zip(y.par_iter())
-            .with_min_len(CHUNK)
-            .map(|(&g, &y)| if y > zero && y < max { g } else { zero })
-            .collect();
+        let gx = par_map(g, y, |g, y| if y > zero && y < max { g } else { zero });
         (T::to_cpu_storage_owned(gx), self.shape.clone())
     }
 }

@@ -7,6 +7,7 @@
 //! over channels or planes. Sums accumulate in f64, as PyTorch's CPU kernel does for f32.
 
 use super::depthwise::{contiguous_slice, dispatch3};
+use crate::simd::vectorized;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -44,14 +45,12 @@ pub(super) fn batch_norm_train(
     x.apply_op3(&w.contiguous()?, &b.contiguous()?, op)
 }
 
-/// Per-channel slices of a contiguous `[N, C, S]` buffer: calls `f(n, plane)` for channel `ch`.
-#[inline]
-fn for_channel<T>(x: &[T], c: usize, s: usize, ch: usize, mut f: impl FnMut(usize, &[T])) {
-    let n = x.len() / (c * s);
-    for i in 0..n {
-        let at = (i * c + ch) * s;
-        f(i, &x[at..at + s]);
-    }
+/// The planes of channel `ch` in a contiguous `[N, C, S]` buffer, image by image. (An iterator, not a
+/// callback: a closure called per plane was left out of line by LLVM, outside [`vectorized!`]'s reach.)
+#[inline(always)]
+fn channel_planes<T>(x: &[T], c: usize, s: usize, ch: usize) -> impl Iterator<Item = &[T]> {
+    x.chunks_exact(c * s)
+        .map(move |img| &img[ch * s..(ch + 1) * s])
 }
 
 /// Lanes of [`lane_sums`]: independent f64 accumulators, so the compiler can vectorise a sum that
@@ -62,7 +61,7 @@ const LANES: usize = 8;
 /// `(sum f(a, b).0, sum f(a, b).1)` over the pairs of `a` and `b`, in [`LANES`] interleaved f64 partial
 /// sums added at the end. The order differs from a sequential sum only in f64 rounding, which is far
 /// below the f32 values summed.
-#[inline]
+#[inline(always)]
 fn lane_sums<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> (f64, f64)) -> (f64, f64) {
     let (mut s0, mut s1) = ([0f64; LANES], [0f64; LANES]);
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
@@ -108,16 +107,18 @@ impl BnStats {
         let stats: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let mut sum = 0f64;
-                for_channel(x, c, s, ch, |_, p| {
-                    sum += lane_sums(p, p, |v, _| (v.to_f64(), 0.)).0
-                });
-                let mean = sum / count;
-                let mut sq = 0f64;
-                for_channel(x, c, s, ch, |_, p| {
-                    sq += lane_sums(p, p, |v, _| ((v.to_f64() - mean).powi(2), 0.)).0
-                });
-                (mean, sq / count)
+                vectorized! {
+                    let mut sum = 0f64;
+                    for p in channel_planes(x, c, s, ch) {
+                        sum += lane_sums(p, p, |v, _| (v.to_f64(), 0.)).0;
+                    }
+                    let mean = sum / count;
+                    let mut sq = 0f64;
+                    for p in channel_planes(x, c, s, ch) {
+                        sq += lane_sums(p, p, |v, _| ((v.to_f64() - mean).powi(2), 0.)).0;
+                    }
+                    (mean, sq / count)
+                }
             })
             .collect();
         let mut out: Vec<f64> = stats.iter().map(|m| m.0).collect();
@@ -169,25 +170,27 @@ impl BnTrain {
                 // `y = x * alpha + beta` with `alpha = invstd * w`, `beta = b - mean * alpha`.
                 let ch = p % c;
                 let (alpha, beta) = affine(self.mean[ch], self.invstd[ch], w[ch], b[ch]);
-                match self.clamp {
-                    None => {
-                        for (o, &v) in yp.iter_mut().zip(xp) {
-                            *o = v * alpha + beta;
+                vectorized! {
+                    match self.clamp {
+                        None => {
+                            for (o, &v) in yp.iter_mut().zip(xp) {
+                                *o = v * alpha + beta;
+                            }
                         }
-                    }
-                    Some(max) => {
-                        let (zero, max) = (T::from_f64(0.), T::from_f64(max));
-                        for (o, &v) in yp.iter_mut().zip(xp) {
-                            let z = v * alpha + beta;
-                            *o = if z > zero {
-                                if z < max {
-                                    z
+                        Some(max) => {
+                            let (zero, max) = (T::from_f64(0.), T::from_f64(max));
+                            for (o, &v) in yp.iter_mut().zip(xp) {
+                                let z = v * alpha + beta;
+                                *o = if z > zero {
+                                    if z < max {
+                                        z
+                                    } else {
+                                        max
+                                    }
                                 } else {
-                                    max
-                                }
-                            } else {
-                                zero
-                            };
+                                    zero
+                                };
+                            }
                         }
                     }
                 }
@@ -317,15 +320,16 @@ impl BnGradSums {
                 let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
                 let masked = Mask::apply::<T>(&self.mask, (&self.mean, &self.invstd), ch);
                 let (mut a, mut b) = (0f64, 0f64);
-                for_channel(x, c, s, ch, |i, xp| {
-                    let at = (i * c + ch) * s;
-                    let (da, db) = lane_sums(xp, &dy[at..at + s], |xv, g| {
-                        let g = masked(xv, g);
-                        (g, g * (xv.to_f64() - mean))
-                    });
-                    a += da;
-                    b += db;
-                });
+                vectorized! {
+                    for (xp, gp) in channel_planes(x, c, s, ch).zip(channel_planes(dy, c, s, ch)) {
+                        let (da, db) = lane_sums(xp, gp, |xv, g| {
+                            let g = masked(xv, g);
+                            (g, g * (xv.to_f64() - mean))
+                        });
+                        a += da;
+                        b += db;
+                    }
+                }
                 (a, b * invstd)
             })
             .collect();
@@ -358,9 +362,11 @@ impl BnGradInput {
                 let k = self.w[ch] * invstd;
                 let (mdy, mdyx) = (self.sum_dy[ch] / m, self.sum_dy_xhat[ch] / m);
                 let masked = Mask::apply::<T>(&self.mask, (&self.mean, &self.invstd), ch);
-                for ((o, xv), g) in dxp.iter_mut().zip(xp).zip(gp) {
-                    let xhat = (xv.to_f64() - mean) * invstd;
-                    *o = T::from_f64(k * (masked(*xv, *g) - mdy - xhat * mdyx));
+                vectorized! {
+                    for ((o, xv), g) in dxp.iter_mut().zip(xp).zip(gp) {
+                        let xhat = (xv.to_f64() - mean) * invstd;
+                        *o = T::from_f64(k * (masked(*xv, *g) - mdy - xhat * mdyx));
+                    }
                 }
             });
         let n = x.len() / (c * s);
