@@ -11,6 +11,7 @@
 //! reads for stride 2: scalar loops that were the largest item of its training step's profile.
 
 use super::check_float;
+use crate::simd::vectorized;
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
@@ -294,6 +295,7 @@ impl Phases {
     }
 
     /// Start of tap `tap`'s run in the phase planes.
+    #[inline(always)]
     fn offset(&self, tap: usize) -> usize {
         let s = self.g.stride;
         let (ky, kx) = (tap / self.g.kw, tap % self.g.kw);
@@ -301,7 +303,7 @@ impl Phases {
     }
 
     /// Index in the phase planes of input pixel `(iy, ix)`.
-    #[inline]
+    #[inline(always)]
     fn place(&self, iy: usize, ix: usize) -> usize {
         let s = self.g.stride;
         let (y, x) = (iy + self.pad.top, ix + self.pad.left);
@@ -309,6 +311,7 @@ impl Phases {
     }
 
     /// `plane` `[H, W]` into the phase planes `q`.
+    #[inline(always)]
     fn split<T: WithDType>(&self, plane: &[T], q: &mut [T]) {
         let w = self.g.w;
         if self.g.stride == 1 {
@@ -326,6 +329,7 @@ impl Phases {
     }
 
     /// The phase planes `q` back into `plane` `[H, W]` (the padding's positions dropped).
+    #[inline(always)]
     fn merge<T: WithDType>(&self, q: &[T], plane: &mut [T]) {
         let w = self.g.w;
         if self.g.stride == 1 {
@@ -344,6 +348,7 @@ impl Phases {
 
     /// `y` `[OH, OW]` into the valid columns of `yp` `[OH, WS]` (the junk columns are left as they
     /// are: zero, written once).
+    #[inline(always)]
     fn pitch<T: WithDType>(&self, y: &[T], yp: &mut [T]) {
         for (row, dst) in y.chunks_exact(self.ow).zip(yp.chunks_exact_mut(self.ws)) {
             dst[..self.ow].copy_from_slice(row);
@@ -351,6 +356,7 @@ impl Phases {
     }
 
     /// The valid columns of `yp` `[OH, WS]` into `y` `[OH, OW]`.
+    #[inline(always)]
     fn unpitch<T: WithDType>(&self, yp: &[T], y: &mut [T]) {
         for (row, src) in y.chunks_exact_mut(self.ow).zip(yp.chunks_exact(self.ws)) {
             row.copy_from_slice(&src[..self.ow]);
@@ -360,7 +366,7 @@ impl Phases {
 
 /// `sum_j a[j] * b[j]`, in eight independent partial sums so that the loop vectorises (a single sum
 /// is latency-bound).
-#[inline]
+#[inline(always)]
 fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
     let n = a.len().min(b.len());
     let (a, b) = (&a[..n], &b[..n]);
@@ -508,18 +514,20 @@ impl DepthwiseConv {
             .for_each_init(
                 || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
                 |(q, yp), (p, (o, xi))| {
-                    let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
-                    ph.split(xi, q);
-                    yp.fill(T::from_f64(0.));
-                    for (tap, &a) in f.iter().enumerate() {
-                        let src = &q[ph.offset(tap)..][..ph.n];
-                        for (d, &v) in yp[..ph.n].iter_mut().zip(src) {
-                            *d += a * v;
+                    vectorized! {
+                        let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
+                        ph.split(xi, q);
+                        yp.fill(T::from_f64(0.));
+                        for (tap, &a) in f.iter().enumerate() {
+                            let src = &q[ph.offset(tap)..][..ph.n];
+                            for (d, &v) in yp[..ph.n].iter_mut().zip(src) {
+                                *d += a * v;
+                            }
                         }
-                    }
-                    ph.unpitch(yp, o);
-                    if let Some(e) = &self.1 {
-                        e.apply(p % g.c, o);
+                        ph.unpitch(yp, o);
+                        if let Some(e) = &self.1 {
+                            e.apply(p % g.c, o);
+                        }
                     }
                 },
             );
@@ -584,16 +592,18 @@ impl DepthwiseGradInput {
             .for_each_init(
                 || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
                 |(gq, gyp), (p, (gxi, gyi))| {
-                    let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
-                    ph.pitch(gyi, gyp);
-                    gq.fill(T::from_f64(0.));
-                    for (tap, &a) in f.iter().enumerate() {
-                        let dst = &mut gq[ph.offset(tap)..][..ph.n];
-                        for (d, &v) in dst.iter_mut().zip(&gyp[..ph.n]) {
-                            *d += a * v;
+                    vectorized! {
+                        let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
+                        ph.pitch(gyi, gyp);
+                        gq.fill(T::from_f64(0.));
+                        for (tap, &a) in f.iter().enumerate() {
+                            let dst = &mut gq[ph.offset(tap)..][..ph.n];
+                            for (d, &v) in dst.iter_mut().zip(&gyp[..ph.n]) {
+                                *d += a * v;
+                            }
                         }
+                        ph.merge(gq, gxi);
                     }
-                    ph.merge(gq, gxi);
                 },
             );
         (T::to_cpu_storage_owned(gx), Shape::from((n, g.c, g.h, g.w)))
@@ -617,12 +627,14 @@ impl DepthwiseGradWeight {
         gw.par_chunks_mut(taps).enumerate().for_each_init(
             || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
             |(q, gyp), (ch, f)| {
-                for b in 0..n {
-                    let p = b * g.c + ch;
-                    ph.split(&x[p * plane_in..(p + 1) * plane_in], q);
-                    ph.pitch(&gy[p * plane_out..(p + 1) * plane_out], gyp);
-                    for (tap, acc) in f.iter_mut().enumerate() {
-                        *acc += dot(&gyp[..ph.n], &q[ph.offset(tap)..][..ph.n]);
+                vectorized! {
+                    for b in 0..n {
+                        let p = b * g.c + ch;
+                        ph.split(&x[p * plane_in..(p + 1) * plane_in], q);
+                        ph.pitch(&gy[p * plane_out..(p + 1) * plane_out], gyp);
+                        for (tap, acc) in f.iter_mut().enumerate() {
+                            *acc += dot(&gyp[..ph.n], &q[ph.offset(tap)..][..ph.n]);
+                        }
                     }
                 }
             },

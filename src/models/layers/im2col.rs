@@ -19,6 +19,7 @@
 
 use super::depthwise::{contiguous_slice, dispatch2, impl_forward_only_op2, span, Epilogue, Geom};
 use super::{shifted, winograd};
+use crate::simd::vectorized;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -154,14 +155,26 @@ fn transpose_blocks<T: WithDType>(v: &[T], blocks: usize, rows: usize, cols: usi
     let mut out = vec![T::from_f64(0.); blocks * size];
     out.par_chunks_mut(size)
         .zip(v.par_chunks(size))
-        .for_each(|(dst, src)| {
-            for (r, row) in src.chunks_exact(cols).enumerate() {
-                for (c, &x) in row.iter().enumerate() {
-                    dst[c * rows + r] = x;
+        .for_each(|(dst, src)| vectorized! { transpose_into(src, rows, cols, dst) });
+    out
+}
+
+/// `dst [cols, rows] = src [rows, cols]^T`, in square tiles so that both sides stay in cache (a
+/// row-by-row transpose strides through `dst` a whole column apart at every value).
+#[inline(always)]
+fn transpose_into<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+    const TILE: usize = 16;
+    for r0 in (0..rows).step_by(TILE) {
+        let r1 = (r0 + TILE).min(rows);
+        for c0 in (0..cols).step_by(TILE) {
+            for c in c0..(c0 + TILE).min(cols) {
+                let out = &mut dst[c * rows + r0..c * rows + r1];
+                for (d, r) in out.iter_mut().zip(r0..r1) {
+                    *d = src[r * cols + c];
                 }
             }
-        });
-    out
+        }
+    }
 }
 
 /// Unfolds `x` `[N, C, H, W]` into `[KH * KW * C, N * OH * OW]`: row `tap * C + c` holds, for every image
@@ -604,11 +617,9 @@ fn channel_major<T: WithDType>(grad: &[T], o: usize, l: usize) -> Vec<T> {
 
 /// Images `[nb, C, P]` as `[nb, P, C]` (channels last).
 fn channels_last<T: WithDType>(x: &[T], c: usize, p: usize) -> Vec<T> {
-    let mut out = Vec::with_capacity(x.len());
-    for img in x.chunks_exact(c * p) {
-        for i in 0..p {
-            out.extend((0..c).map(|ch| img[ch * p + i]));
-        }
+    let mut out = vec![T::zero(); x.len()];
+    for (dst, img) in out.chunks_exact_mut(c * p).zip(x.chunks_exact(c * p)) {
+        vectorized! { transpose_into(img, c, p, dst) }
     }
     out
 }
@@ -656,30 +667,28 @@ fn col2im_pixel_major<T: WithDType>(g: Geom, cols: &[T], x: &mut [T]) {
     x.par_chunks_mut(g.c * plane)
         .zip(cols.par_chunks(l * ckk))
         .for_each(|(img, cols)| {
-            let mut acc = vec![T::from_f64(0.); plane * g.c];
-            for oy in 0..oh {
-                for ky in 0..g.kh {
-                    let Some(iy) = g.in_row(oy, ky) else {
-                        continue;
-                    };
-                    let row = &mut acc[iy * g.w * g.c..(iy + 1) * g.w * g.c];
-                    for kx in 0..g.kw {
-                        let (lo, hi) = g.col_range(kx, ow);
-                        let at = (ky * g.kw + kx) * g.c;
-                        for ox in lo..hi {
-                            let ix = ox * g.stride + kx - g.padding;
-                            let src = &cols[(oy * ow + ox) * ckk + at..][..g.c];
-                            for (d, &v) in row[ix * g.c..(ix + 1) * g.c].iter_mut().zip(src) {
-                                *d += v;
+            vectorized! {
+                let mut acc = vec![T::from_f64(0.); plane * g.c];
+                for oy in 0..oh {
+                    for ky in 0..g.kh {
+                        let Some(iy) = g.in_row(oy, ky) else {
+                            continue;
+                        };
+                        let row = &mut acc[iy * g.w * g.c..(iy + 1) * g.w * g.c];
+                        for kx in 0..g.kw {
+                            let (lo, hi) = g.col_range(kx, ow);
+                            let at = (ky * g.kw + kx) * g.c;
+                            for ox in lo..hi {
+                                let ix = ox * g.stride + kx - g.padding;
+                                let src = &cols[(oy * ow + ox) * ckk + at..][..g.c];
+                                for (d, &v) in row[ix * g.c..(ix + 1) * g.c].iter_mut().zip(src) {
+                                    *d += v;
+                                }
                             }
                         }
                     }
                 }
-            }
-            for (i, px) in acc.chunks_exact(g.c).enumerate() {
-                for (ch, &v) in px.iter().enumerate() {
-                    img[ch * plane + i] = v;
-                }
+                transpose_into(&acc, plane, g.c, img);
             }
         });
 }

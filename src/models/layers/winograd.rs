@@ -26,6 +26,7 @@
 
 use super::depthwise::{Epilogue, Geom};
 use super::im2col::{gemm_into, View};
+use crate::simd::vectorized;
 use candle_core::{DType, WithDType};
 use rayon::prelude::*;
 
@@ -180,44 +181,46 @@ fn grad_transform<T: WithDType>(grad: &[T], o: usize, tiles: Tiles) -> Vec<T> {
     let (plane, per, tw) = (tiles.h * tiles.w, tiles.per_image(), tiles.tw);
     let mut dz = vec![T::zero(); o * XI * t];
     dz.par_chunks_mut(XI * t).enumerate().for_each(|(oc, dst)| {
-        // The plane cut to whole tiles: padded[y * 2 tw + x], zero past the image.
-        let mut padded = vec![T::zero(); 2 * tiles.th * 2 * tw];
-        let mut cols = vec![T::zero(); 2 * tw];
-        for b in 0..tiles.n {
-            let src = &grad[(b * o + oc) * plane..][..plane];
-            for (y, row) in src.chunks_exact(tiles.w).enumerate() {
-                padded[y * 2 * tw..][..tiles.w].copy_from_slice(row);
-            }
-            for ty in 0..tiles.th {
-                let (y0, y1) = padded[2 * ty * 2 * tw..][..4 * tw].split_at(2 * tw);
-                // A dY: rows y0, y0 + y1, y0 - y1, -y1; each split into even (a) and odd (b) columns.
-                let first = b * per + ty * tw;
-                for i in 0..4 {
-                    let (ea, eb) = cols.split_at_mut(tw);
-                    for tx in 0..tw {
-                        let (a0, b0, a1, b1) =
-                            (y0[2 * tx], y0[2 * tx + 1], y1[2 * tx], y1[2 * tx + 1]);
-                        let (a, bb) = match i {
-                            0 => (a0, b0),
-                            1 => (a0 + a1, b0 + b1),
-                            2 => (a0 - a1, b0 - b1),
-                            _ => (T::zero() - a1, T::zero() - b1),
-                        };
-                        ea[tx] = a;
-                        eb[tx] = bb;
-                    }
-                    // ... A^T on the columns: a, a + b, a - b, -b.
-                    let (ea, eb) = (&cols[..tw], &cols[tw..2 * tw]);
-                    let row = |j: usize| (i * 4 + j) * t + first;
-                    dst[row(0)..][..tw].copy_from_slice(ea);
-                    for ((d, &a), &bb) in dst[row(1)..][..tw].iter_mut().zip(ea).zip(eb) {
-                        *d = a + bb;
-                    }
-                    for ((d, &a), &bb) in dst[row(2)..][..tw].iter_mut().zip(ea).zip(eb) {
-                        *d = a - bb;
-                    }
-                    for (d, &bb) in dst[row(3)..][..tw].iter_mut().zip(eb) {
-                        *d = T::zero() - bb;
+        vectorized! {
+            // The plane cut to whole tiles: padded[y * 2 tw + x], zero past the image.
+            let mut padded = vec![T::zero(); 2 * tiles.th * 2 * tw];
+            let mut cols = vec![T::zero(); 2 * tw];
+            for b in 0..tiles.n {
+                let src = &grad[(b * o + oc) * plane..][..plane];
+                for (y, row) in src.chunks_exact(tiles.w).enumerate() {
+                    padded[y * 2 * tw..][..tiles.w].copy_from_slice(row);
+                }
+                for ty in 0..tiles.th {
+                    let (y0, y1) = padded[2 * ty * 2 * tw..][..4 * tw].split_at(2 * tw);
+                    // A dY: rows y0, y0 + y1, y0 - y1, -y1; each split into even (a) and odd (b) columns.
+                    let first = b * per + ty * tw;
+                    for i in 0..4 {
+                        let (ea, eb) = cols.split_at_mut(tw);
+                        for tx in 0..tw {
+                            let (a0, b0, a1, b1) =
+                                (y0[2 * tx], y0[2 * tx + 1], y1[2 * tx], y1[2 * tx + 1]);
+                            let (a, bb) = match i {
+                                0 => (a0, b0),
+                                1 => (a0 + a1, b0 + b1),
+                                2 => (a0 - a1, b0 - b1),
+                                _ => (T::zero() - a1, T::zero() - b1),
+                            };
+                            ea[tx] = a;
+                            eb[tx] = bb;
+                        }
+                        // ... A^T on the columns: a, a + b, a - b, -b.
+                        let (ea, eb) = (&cols[..tw], &cols[tw..2 * tw]);
+                        let row = |j: usize| (i * 4 + j) * t + first;
+                        dst[row(0)..][..tw].copy_from_slice(ea);
+                        for ((d, &a), &bb) in dst[row(1)..][..tw].iter_mut().zip(ea).zip(eb) {
+                            *d = a + bb;
+                        }
+                        for ((d, &a), &bb) in dst[row(2)..][..tw].iter_mut().zip(ea).zip(eb) {
+                            *d = a - bb;
+                        }
+                        for (d, &bb) in dst[row(3)..][..tw].iter_mut().zip(eb) {
+                            *d = T::zero() - bb;
+                        }
                     }
                 }
             }
@@ -230,9 +233,10 @@ fn grad_transform<T: WithDType>(grad: &[T], o: usize, tiles: Tiles) -> Vec<T> {
 /// [0, 1/2, -1/2, 0], [0, 1/2, 1/2, 1]]`. Per output channel, as row combinations over the input
 /// channels.
 fn filter_untransform<T: WithDType>(du: &[T], o: usize, c: usize) -> Vec<T> {
-    let half = T::from_f64(0.5);
     // [a, b, c, d] -> [a + (b + c) / 2, (b - c) / 2, (b + c) / 2 + d], elementwise over runs.
-    let g_t = |a: &[T], b: &[T], cc: &[T], d: &[T], out: &mut [T]| {
+    #[inline(always)]
+    fn g_t<T: WithDType>(a: &[T], b: &[T], cc: &[T], d: &[T], out: &mut [T]) {
+        let half = T::from_f64(0.5);
         let (r0, rest) = out.split_at_mut(a.len());
         let (r1, r2) = rest.split_at_mut(a.len());
         for i in 0..a.len() {
@@ -241,25 +245,27 @@ fn filter_untransform<T: WithDType>(du: &[T], o: usize, c: usize) -> Vec<T> {
             r1[i] = (b[i] - cc[i]) * half;
             r2[i] = s + d[i];
         }
-    };
+    }
     let mut dw = vec![T::zero(); o * c * 9];
     dw.par_chunks_mut(c * 9).enumerate().for_each(|(oc, dst)| {
-        let run = |xi: usize| &du[(xi * o + oc) * c..][..c];
-        // p[(r * 4 + j) * c..]: row r of G^T dU, column j.
-        let mut p = vec![T::zero(); 12 * c];
-        let mut col = vec![T::zero(); 3 * c];
-        for j in 0..4 {
-            g_t(run(j), run(4 + j), run(8 + j), run(12 + j), &mut col);
-            for r in 0..3 {
-                p[(r * 4 + j) * c..][..c].copy_from_slice(&col[r * c..][..c]);
+        vectorized! {
+            let run = |xi: usize| &du[(xi * o + oc) * c..][..c];
+            // p[(r * 4 + j) * c..]: row r of G^T dU, column j.
+            let mut p = vec![T::zero(); 12 * c];
+            let mut col = vec![T::zero(); 3 * c];
+            for j in 0..4 {
+                g_t(run(j), run(4 + j), run(8 + j), run(12 + j), &mut col);
+                for r in 0..3 {
+                    p[(r * 4 + j) * c..][..c].copy_from_slice(&col[r * c..][..c]);
+                }
             }
-        }
-        for r in 0..3 {
-            let pr = |j: usize| &p[(r * 4 + j) * c..][..c];
-            g_t(pr(0), pr(1), pr(2), pr(3), &mut col);
-            for kx in 0..3 {
-                for (ci, &v) in col[kx * c..][..c].iter().enumerate() {
-                    dst[ci * 9 + r * 3 + kx] = v;
+            for r in 0..3 {
+                let pr = |j: usize| &p[(r * 4 + j) * c..][..c];
+                g_t(pr(0), pr(1), pr(2), pr(3), &mut col);
+                for kx in 0..3 {
+                    for (ci, &v) in col[kx * c..][..c].iter().enumerate() {
+                        dst[ci * 9 + r * 3 + kx] = v;
+                    }
                 }
             }
         }
@@ -299,7 +305,7 @@ fn convolve<T: WithDType>(
         .enumerate()
         .for_each_init(Vec::new, |s, (p, y)| {
             let (b, oc) = (p / cout, p % cout);
-            output_transform(&m, tiles, (cout, b, oc), s, y);
+            vectorized! { output_transform(&m, tiles, (cout, b, oc), s, y) };
             if let Some(e) = epilogue {
                 e.apply(oc, y);
             }
@@ -317,24 +323,26 @@ pub(super) fn filter_transform<T: WithDType>(weight: &[T], o: usize, c: usize) -
     let g = |a: T, b: T, cc: T| [a, (a + b + cc) * half, (a - b + cc) * half, cc];
     let mut u = vec![T::zero(); o * XI * c];
     u.par_chunks_mut(XI * c).enumerate().for_each(|(oc, dst)| {
-        let mut block = vec![T::zero(); c * XI];
-        for (f, out) in weight[oc * c * 9..][..c * 9]
-            .chunks_exact(9)
-            .zip(block.chunks_exact_mut(XI))
-        {
-            // G g: four rows of three, then each row times G^T.
-            let cols = [
-                g(f[0], f[3], f[6]),
-                g(f[1], f[4], f[7]),
-                g(f[2], f[5], f[8]),
-            ];
-            for i in 0..4 {
-                out[i * 4..i * 4 + 4].copy_from_slice(&g(cols[0][i], cols[1][i], cols[2][i]));
+        vectorized! {
+            let mut block = vec![T::zero(); c * XI];
+            for (f, out) in weight[oc * c * 9..][..c * 9]
+                .chunks_exact(9)
+                .zip(block.chunks_exact_mut(XI))
+            {
+                // G g: four rows of three, then each row times G^T.
+                let cols = [
+                    g(f[0], f[3], f[6]),
+                    g(f[1], f[4], f[7]),
+                    g(f[2], f[5], f[8]),
+                ];
+                for i in 0..4 {
+                    out[i * 4..i * 4 + 4].copy_from_slice(&g(cols[0][i], cols[1][i], cols[2][i]));
+                }
             }
-        }
-        for (ci, vals) in block.chunks_exact(XI).enumerate() {
-            for (xi, &v) in vals.iter().enumerate() {
-                dst[xi * c + ci] = v;
+            for (ci, vals) in block.chunks_exact(XI).enumerate() {
+                for (xi, &v) in vals.iter().enumerate() {
+                    dst[xi * c + ci] = v;
+                }
             }
         }
     });
@@ -355,44 +363,46 @@ fn input_transform<T: WithDType>(g: Geom, x: &[T], tiles: Tiles) -> Vec<T> {
     let (hp, wp) = (2 * tiles.th + 2, 2 * tw + 2);
     let mut v = vec![T::zero(); g.c * XI * t];
     v.par_chunks_mut(XI * t).enumerate().for_each(|(ch, dst)| {
-        let mut padded = vec![T::zero(); hp * wp];
-        // Row combination i, split: even[i * (tw + 1) + k] = column 2k, odd[...] = column 2k + 1.
-        let mut even = vec![T::zero(); 4 * (tw + 1)];
-        let mut odd = vec![T::zero(); 4 * (tw + 1)];
-        for b in 0..tiles.n {
-            let src = &x[(b * g.c + ch) * plane..][..plane];
-            for (y, row) in src.chunks_exact(g.w).enumerate() {
-                padded[(y + 1) * wp + 1..][..g.w].copy_from_slice(row);
-            }
-            for ty in 0..tiles.th {
-                let r = |i: usize| &padded[(2 * ty + i) * wp..][..wp];
-                let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
-                for k in 0..=tw {
-                    for (par, dst) in [(0, &mut even), (1, &mut odd)] {
-                        let j = 2 * k + par;
-                        dst[k] = r0[j] - r2[j];
-                        dst[tw + 1 + k] = r1[j] + r2[j];
-                        dst[2 * (tw + 1) + k] = r2[j] - r1[j];
-                        dst[3 * (tw + 1) + k] = r1[j] - r3[j];
-                    }
+        vectorized! {
+            let mut padded = vec![T::zero(); hp * wp];
+            // Row combination i, split: even[i * (tw + 1) + k] = column 2k, odd[...] = column 2k + 1.
+            let mut even = vec![T::zero(); 4 * (tw + 1)];
+            let mut odd = vec![T::zero(); 4 * (tw + 1)];
+            for b in 0..tiles.n {
+                let src = &x[(b * g.c + ch) * plane..][..plane];
+                for (y, row) in src.chunks_exact(g.w).enumerate() {
+                    padded[(y + 1) * wp + 1..][..g.w].copy_from_slice(row);
                 }
-                let first = b * per + ty * tw;
-                for i in 0..4 {
-                    let e = &even[i * (tw + 1)..][..tw + 1];
-                    let od = &odd[i * (tw + 1)..][..tw + 1];
-                    let (a, bb, c, d) = (&e[..tw], &od[..tw], &e[1..], &od[1..]);
-                    let row = |j: usize| (i * 4 + j) * t + first;
-                    for ((dv, &a), &c) in dst[row(0)..][..tw].iter_mut().zip(a).zip(c) {
-                        *dv = a - c;
+                for ty in 0..tiles.th {
+                    let r = |i: usize| &padded[(2 * ty + i) * wp..][..wp];
+                    let (r0, r1, r2, r3) = (r(0), r(1), r(2), r(3));
+                    for k in 0..=tw {
+                        for (par, dst) in [(0, &mut even), (1, &mut odd)] {
+                            let j = 2 * k + par;
+                            dst[k] = r0[j] - r2[j];
+                            dst[tw + 1 + k] = r1[j] + r2[j];
+                            dst[2 * (tw + 1) + k] = r2[j] - r1[j];
+                            dst[3 * (tw + 1) + k] = r1[j] - r3[j];
+                        }
                     }
-                    for ((dv, &bb), &c) in dst[row(1)..][..tw].iter_mut().zip(bb).zip(c) {
-                        *dv = bb + c;
-                    }
-                    for ((dv, &bb), &c) in dst[row(2)..][..tw].iter_mut().zip(bb).zip(c) {
-                        *dv = c - bb;
-                    }
-                    for ((dv, &bb), &d) in dst[row(3)..][..tw].iter_mut().zip(bb).zip(d) {
-                        *dv = bb - d;
+                    let first = b * per + ty * tw;
+                    for i in 0..4 {
+                        let e = &even[i * (tw + 1)..][..tw + 1];
+                        let od = &odd[i * (tw + 1)..][..tw + 1];
+                        let (a, bb, c, d) = (&e[..tw], &od[..tw], &e[1..], &od[1..]);
+                        let row = |j: usize| (i * 4 + j) * t + first;
+                        for ((dv, &a), &c) in dst[row(0)..][..tw].iter_mut().zip(a).zip(c) {
+                            *dv = a - c;
+                        }
+                        for ((dv, &bb), &c) in dst[row(1)..][..tw].iter_mut().zip(bb).zip(c) {
+                            *dv = bb + c;
+                        }
+                        for ((dv, &bb), &c) in dst[row(2)..][..tw].iter_mut().zip(bb).zip(c) {
+                            *dv = c - bb;
+                        }
+                        for ((dv, &bb), &d) in dst[row(3)..][..tw].iter_mut().zip(bb).zip(d) {
+                            *dv = bb - d;
+                        }
                     }
                 }
             }
@@ -405,6 +415,7 @@ fn input_transform<T: WithDType>(g: Geom, x: &[T], tiles: Tiles) -> Vec<T> {
 /// `[[1, 1, 1, 0], [0, 1, -1, -1]]`, cropped to the image where its size is odd. The plane's tiles
 /// are one contiguous run of each `M[xi]`, so both halves of the transform are loops over all of
 /// them (which vectorise), into `s`, before the values are interleaved into the plane.
+#[inline(always)]
 fn output_transform<T: WithDType>(
     m: &[T],
     tiles: Tiles,
