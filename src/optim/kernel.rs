@@ -106,7 +106,7 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
                 iters.iter_mut().filter_map(Iterator::next).collect(),
             ));
         }
-        items.into_par_iter().for_each(|(base, chunk)| {
+        items.into_par_iter().for_each(|(base, chunk)| crate::simd::vectorized! {
             let len = chunk.first().map_or(0, |c| c.len());
             // Every operand cut to the chunk's length up front, so that the loop below indexes
             // fixed-length slices (no bounds checks; the compiler can vectorise it).
