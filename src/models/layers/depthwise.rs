@@ -217,7 +217,7 @@ impl Geom {
 
     /// Calls `f(run)` for every output row of one plane whose filter tap `tap` (`ky * kw + kx`) falls
     /// inside the image.
-    #[inline]
+    #[inline(always)]
     pub(super) fn for_each_run_of_tap(&self, tap: usize, mut f: impl FnMut(Run)) {
         let (oh, ow) = self.out_hw();
         let (ky, kx) = (tap / self.kw, tap % self.kw);

@@ -185,13 +185,14 @@ fn im2col_folded<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
     let mut cols = vec![T::from_f64(0.); g.c * g.kh * g.kw * nl];
     cols.par_chunks_mut(nl)
         .enumerate()
-        .for_each(|(row, dst)| im2col_row(g, x, row, 0..oh, dst));
+        .for_each(|(row, dst)| vectorized! { im2col_row(g, x, row, 0..oh, dst) });
     cols
 }
 
 /// Row `row` (`tap * C + c`) of [`im2col_folded`] into `dst` (`N * OH * OW` values), or of the output
 /// rows `rows` of a single image (`dst` then holds `rows.len() * OW` values); the padding's positions are
 /// not written (zero in a fresh buffer, and the same positions for every image and band of rows).
+#[inline(always)]
 fn im2col_row<T: WithDType>(
     g: Geom,
     x: &[T],
@@ -273,8 +274,10 @@ fn forward_image_by_image<T: WithDType>(
                     let n_cols = rows.len() * ow;
                     let cols = &mut cols[..ckk * n_cols];
                     cols.fill(T::from_f64(0.));
-                    for (row, r) in cols.chunks_exact_mut(n_cols).enumerate() {
-                        im2col_row(g, img, row, rows.clone(), r);
+                    vectorized! {
+                        for (row, r) in cols.chunks_exact_mut(n_cols).enumerate() {
+                            im2col_row(g, img, row, rows.clone(), r);
+                        }
                     }
                     gemm_into(
                         (o, n_cols, ckk),
