@@ -109,7 +109,11 @@ const CHUNK: usize = 1 << 14;
 
 /// `[f(a[i], b[i])]` over two slices of the same length, in parallel chunks, each chunk's loop
 /// [`vectorized!`] (`f` should be a small closure: it is inlined there). For one input, pass it twice.
-pub fn par_map<A, B, T>(a: &[A], b: &[B], f: impl Fn(A, B) -> T + Sync) -> Vec<T>
+///
+/// `f` is `Copy` (a `move` closure over plain values) and copied into each chunk's loop: read through
+/// a reference, its captured values were reloaded for every element (the compiler cannot tell they
+/// do not alias the output), which kept the loop scalar.
+pub fn par_map<A, B, T>(a: &[A], b: &[B], f: impl Fn(A, B) -> T + Sync + Copy) -> Vec<T>
 where
     A: Copy + Sync,
     B: Copy + Sync,
@@ -121,9 +125,11 @@ where
     out.par_chunks_mut(CHUNK)
         .zip(a.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
         .for_each(|(o, (a, b))| {
+            // A copy of `f` on this task's stack (see above).
+            let kernel = f;
             vectorized! {
                 for ((o, &a), &b) in o.iter_mut().zip(a).zip(b) {
-                    *o = f(a, b);
+                    *o = kernel(a, b);
                 }
             }
         });

@@ -106,38 +106,40 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
                 iters.iter_mut().filter_map(Iterator::next).collect(),
             ));
         }
-        items.into_par_iter().for_each(|(base, chunk)| crate::simd::vectorized! {
-            let len = chunk.first().map_or(0, |c| c.len());
-            // Every operand cut to the chunk's length up front, so that the loop below indexes
-            // fixed-length slices (no bounds checks; the compiler can vectorise it).
-            let ins: [&[T]; N] = std::array::from_fn(|k| &slices[k][base..base + len]);
-            let Ok(mut outs) = <[&mut [T]; M]>::try_from(chunk) else {
-                unreachable!("one chunk per output")
-            };
-            // Blocks of LANES values copied into fixed-size arrays: the loop over a block's lanes has
-            // no bounds checks left, so the compiler unrolls and vectorises `f` across it.
-            let full = len - len % LANES;
-            for j in (0..full).step_by(LANES) {
-                let xs: [[T; LANES]; N] = std::array::from_fn(|k| {
-                    let mut a = [T::zero(); LANES];
-                    a.copy_from_slice(&ins[k][j..j + LANES]);
-                    a
-                });
-                let mut ys = [[T::zero(); LANES]; M];
-                for l in 0..LANES {
-                    let y = f(std::array::from_fn(|k| xs[k][l]));
-                    for (out, v) in ys.iter_mut().zip(y) {
-                        out[l] = v;
+        items.into_par_iter().for_each(|(base, chunk)| {
+            crate::simd::vectorized! {
+                let len = chunk.first().map_or(0, |c| c.len());
+                // Every operand cut to the chunk's length up front, so that the loop below indexes
+                // fixed-length slices (no bounds checks; the compiler can vectorise it).
+                let ins: [&[T]; N] = std::array::from_fn(|k| &slices[k][base..base + len]);
+                let Ok(mut outs) = <[&mut [T]; M]>::try_from(chunk) else {
+                    unreachable!("one chunk per output")
+                };
+                // Blocks of LANES values copied into fixed-size arrays: the loop over a block's lanes has
+                // no bounds checks left, so the compiler unrolls and vectorises `f` across it.
+                let full = len - len % LANES;
+                for j in (0..full).step_by(LANES) {
+                    let xs: [[T; LANES]; N] = std::array::from_fn(|k| {
+                        let mut a = [T::zero(); LANES];
+                        a.copy_from_slice(&ins[k][j..j + LANES]);
+                        a
+                    });
+                    let mut ys = [[T::zero(); LANES]; M];
+                    for l in 0..LANES {
+                        let y = f(std::array::from_fn(|k| xs[k][l]));
+                        for (out, v) in ys.iter_mut().zip(y) {
+                            out[l] = v;
+                        }
+                    }
+                    for (out, y) in outs.iter_mut().zip(&ys) {
+                        out[j..j + LANES].copy_from_slice(y);
                     }
                 }
-                for (out, y) in outs.iter_mut().zip(&ys) {
-                    out[j..j + LANES].copy_from_slice(y);
-                }
-            }
-            for j in full..len {
-                let y = f(std::array::from_fn(|k| ins[k][j]));
-                for (out, v) in outs.iter_mut().zip(y) {
-                    out[j] = v;
+                for j in full..len {
+                    let y = f(std::array::from_fn(|k| ins[k][j]));
+                    for (out, v) in outs.iter_mut().zip(y) {
+                        out[j] = v;
+                    }
                 }
             }
         });

@@ -45,7 +45,7 @@ impl AddRelu {
     fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> (CpuStorage, Shape) {
         let zero = T::from_f64(0.);
         // The sum rounds as candle's `add` does; then the same comparison as `Clamp`.
-        let y = par_map(a, b, |a, b| {
+        let y = par_map(a, b, move |a, b| {
             let v = a + b;
             if v > zero {
                 v
@@ -96,7 +96,7 @@ struct Clamp(f64);
 impl Clamp {
     fn run<T: WithDType>(&self, x: &[T], shape: &Shape) -> (CpuStorage, Shape) {
         let (zero, max) = (T::from_f64(0.), T::from_f64(self.0));
-        let y = par_map(x, x, |v, _| {
+        let y = par_map(x, x, move |v, _| {
             if v > zero {
                 if v < max {
                     v
@@ -148,7 +148,7 @@ struct ClampGrad {
 impl ClampGrad {
     fn run<T: WithDType>(&self, g: &[T], y: &[T]) -> (CpuStorage, Shape) {
         let (zero, max) = (T::from_f64(0.), T::from_f64(self.max));
-        let gx = par_map(g, y, |g, y| if y > zero && y < max { g } else { zero });
+        let gx = par_map(g, y, move |g, y| if y > zero && y < max { g } else { zero });
         (T::to_cpu_storage_owned(gx), self.shape.clone())
     }
 }
