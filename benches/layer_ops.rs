@@ -45,7 +45,7 @@ fn main() -> candle_core::Result<()> {
         .collect();
     let dev = Device::Cpu;
     println!("simd level: {:?}", graft::simd::level());
-    for (c, h) in [(64usize, 64usize), (64, 32), (512, 4)] {
+    for (c, h) in [(64usize, 112usize), (64, 64), (64, 32), (512, 4)] {
         let shape = (16, c, h, h);
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?)?;
         let r = Tensor::randn(0f32, 1., shape, &dev)?;
@@ -72,7 +72,7 @@ fn main() -> candle_core::Result<()> {
         time(&filters, &format!("add_relu bwd {c}x{h}"), || {
             loss.backward().map(drop)
         });
-        if h == 64 {
+        if h >= 64 {
             time(&filters, &format!("maxpool fwd {c}x{h}"), || {
                 max_pool2d(&x, 3, 2, 1)
                     .map(drop)
