@@ -2,9 +2,9 @@
 //!
 //! The binary is built for baseline x86-64 so that it runs on every x86-64 CPU (cheap laptops' Celerons
 //! and Pentiums have no AVX at all). The GEMM crate picks AVX2 or AVX-512 kernels at run time, but our
-//! own loops (BatchNorm, pooling, the Winograd and depthwise kernels, optimizer steps) were compiled for
-//! SSE2 alone: four f32 per instruction, and no vector compare-and-select, so masked loops ran one value
-//! at a time. [`vectorized`] runs a closure inside a function compiled for AVX-512 or AVX2 + FMA when the
+//! own loops (BatchNorm, the max-pool backward, the Winograd and depthwise kernels, optimizer steps)
+//! were compiled for SSE2 alone: four f32 per instruction, and no vector compare-and-select, so masked
+//! loops ran one value at a time. [`vectorized!`] runs a closure inside a function compiled for AVX-512 or AVX2 + FMA when the
 //! CPU has them; LLVM inlines the closure there (a function may inline callees built for fewer features)
 //! and vectorises it for the wider registers.
 //!
@@ -15,7 +15,7 @@
 
 use std::sync::OnceLock;
 
-/// An instruction-set level for [`vectorized`].
+/// An instruction-set level for [`vectorized!`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Level {
     /// What the binary was built for (SSE2 on x86-64).
@@ -26,7 +26,8 @@ pub enum Level {
     Avx512,
 }
 
-/// The level [`vectorized`] uses: the best the CPU has, capped by `GRAFT_SIMD` if set.
+/// The level [`vectorized!`] uses: the best the CPU has, capped by `GRAFT_SIMD` if set (`base` or
+/// `avx2`; any other value caps nothing).
 pub fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {
