@@ -157,7 +157,6 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
     ))
 }
 
-/// Runs `$body::<f32>` or `$body::<f64>` by the dtype of `$t`; other dtypes give `Ok(None)`.
 /// The per-element start shared by the fused adaptive rules, as factors instead of branches so that
 /// the element function vectorises: the gradient's sign (`maximize`), L2 decay added to the gradient,
 /// or decoupled decay (AdamW's) shrinking the parameter. A factor that does not apply is exact: a
@@ -194,6 +193,7 @@ impl<T: Real> Prologue<T> {
     }
 }
 
+/// Runs `$body::<f32>` or `$body::<f64>` by the dtype of `$t`; other dtypes give `Ok(None)`.
 macro_rules! by_float_dtype {
     ($t:expr, $body:ident ( $($arg:expr),* )) => {
         match $t.dtype() {

@@ -189,17 +189,19 @@ impl PoolGeom {
         }
     }
 
-    /// [`PoolGeom::first_equal`] for every output of row `oy` at once, into `first` (`u32::MAX` where
-    /// no input matches, which the forward's own output never gives), from the plane's
+    /// For every output of row `oy`, the row-major index inside the plane of the first input of its
+    /// window equal to `y[ox]`, the window's maximum (a NaN matches a NaN), into `first` (`usize::MAX`
+    /// where none matches, which the forward's own output never gives): where [`PoolGeom::argmax`]
+    /// would find the first maximum, without its comparisons. Read from the plane's
     /// [`PoolGeom::column_phases`]. The windows are scanned tap by tap in reverse row-major order, each
     /// tap a branch-free select across the row's outputs over consecutive values (which vectorises), so
     /// the last match written is the first in row-major order. Scanning window by window and returning
     /// at the first match cost a mispredicted branch per output (where the maximum sits in its window
     /// is random): ResNet-18's max-pool backward at 224 took about 50 ms per step.
     #[inline(always)]
-    fn first_equals<T: WithDType>(&self, phases: &[T], oy: usize, y: &[T], first: &mut [u32]) {
+    fn first_equals<T: WithDType>(&self, phases: &[T], oy: usize, y: &[T], first: &mut [usize]) {
         let (s, pw) = (self.stride, self.w.div_ceil(self.stride));
-        first.fill(u32::MAX);
+        first.fill(usize::MAX);
         for iy in self.span(oy, self.h).rev() {
             for kx in (0..self.kernel).rev() {
                 // The outputs whose tap `kx` lands inside the row: `0 <= ox * s + kx - p < w`.
@@ -222,29 +224,10 @@ impl PoolGeom {
                 {
                     #[allow(clippy::eq_op)]
                     let hit = (v == m) | ((m != m) & (v != v)); // `|`, `&`: no branch
-                    *f = if hit { (at0 + i * s) as u32 } else { *f };
+                    *f = if hit { at0 + i * s } else { *f };
                 }
             }
         }
-    }
-
-    /// Row-major index inside the plane of the first input of output `(oy, ox)`'s window equal to
-    /// `max`, that window's maximum (a NaN matches a NaN): [`PoolGeom::argmax`] without the
-    /// comparisons, given the forward's output.
-    #[inline]
-    fn first_equal<T: WithDType>(&self, plane: &[T], oy: usize, ox: usize, max: T) -> usize {
-        #[allow(clippy::eq_op)]
-        let nan = max != max;
-        for y in self.span(oy, self.h) {
-            for x in self.span(ox, self.w) {
-                let v = plane[y * self.w + x];
-                #[allow(clippy::eq_op)]
-                if v == max || (nan && v != v) {
-                    return y * self.w + x;
-                }
-            }
-        }
-        self.argmax(plane, oy, ox)
     }
 
     /// Row-major index inside the plane of the first maximum of output `(oy, ox)`'s window.
@@ -349,27 +332,17 @@ impl MaxPool2dBackward {
             .zip(x.par_chunks(g.h * g.w))
             .zip(y.par_chunks(oh * ow).zip(gy.par_chunks(oh * ow)))
             .for_each_init(
-                || (Vec::new(), vec![0u32; ow]),
+                || (Vec::new(), vec![0usize; ow]),
                 |(phases, first), ((gxp, plane), (yp, gyp))| {
-                    if g.h * g.w >= u32::MAX as usize {
-                        // Too large for `first_equals`' indices (4 billion pixels).
-                        for oy in 0..oh {
-                            for ox in 0..ow {
-                                let at = g.first_equal(plane, oy, ox, yp[oy * ow + ox]);
-                                gxp[at] += gyp[oy * ow + ox];
-                            }
-                        }
-                        return;
-                    }
                     g.column_phases(plane, phases);
                     for (oy, (yr, gr)) in yp.chunks_exact(ow).zip(gyp.chunks_exact(ow)).enumerate()
                     {
                         vectorized! { g.first_equals(phases, oy, yr, first) }
                         for (ox, (&at, &gv)) in first.iter().zip(gr).enumerate() {
-                            let at = if at == u32::MAX {
+                            let at = if at == usize::MAX {
                                 g.argmax(plane, oy, ox)
                             } else {
-                                at as usize
+                                at
                             };
                             gxp[at] += gv;
                         }
