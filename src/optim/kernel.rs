@@ -8,7 +8,6 @@
 
 use crate::Result;
 use candle_core::{Storage, Tensor, WithDType};
-use rayon::prelude::*;
 
 /// The float types the fused pass handles.
 pub trait Real:
@@ -95,55 +94,42 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
         };
         slices.push(&all[start..end]);
     }
-    let mut outs: Vec<Vec<T>> = (0..M).map(|_| vec![T::zero(); n]).collect();
-    {
-        // One work item per chunk, holding that chunk of every output.
-        let mut iters: Vec<_> = outs.iter_mut().map(|o| o.chunks_mut(CHUNK)).collect();
-        let mut items: Vec<(usize, Vec<&mut [T]>)> = Vec::with_capacity(n.div_ceil(CHUNK));
-        for i in 0..n.div_ceil(CHUNK) {
-            items.push((
-                i * CHUNK,
-                iters.iter_mut().filter_map(Iterator::next).collect(),
-            ));
-        }
-        items.into_par_iter().for_each(|(base, chunk)| {
-            crate::simd::vectorized! {
-                let len = chunk.first().map_or(0, |c| c.len());
-                // Every operand cut to the chunk's length up front, so that the loop below indexes
-                // fixed-length slices (no bounds checks; the compiler can vectorise it).
-                let ins: [&[T]; N] = std::array::from_fn(|k| &slices[k][base..base + len]);
-                let Ok(mut outs) = <[&mut [T]; M]>::try_from(chunk) else {
-                    unreachable!("one chunk per output")
-                };
-                // Blocks of LANES values copied into fixed-size arrays: the loop over a block's lanes has
-                // no bounds checks left, so the compiler unrolls and vectorises `f` across it.
-                let full = len - len % LANES;
-                for j in (0..full).step_by(LANES) {
-                    let xs: [[T; LANES]; N] = std::array::from_fn(|k| {
-                        let mut a = [T::zero(); LANES];
-                        a.copy_from_slice(&ins[k][j..j + LANES]);
-                        a
-                    });
-                    let mut ys = [[T::zero(); LANES]; M];
-                    for l in 0..LANES {
-                        let y = f(std::array::from_fn(|k| xs[k][l]));
-                        for (out, v) in ys.iter_mut().zip(y) {
-                            out[l] = v;
-                        }
-                    }
-                    for (out, y) in outs.iter_mut().zip(&ys) {
-                        out[j..j + LANES].copy_from_slice(y);
+    // One work item per chunk, holding that chunk of every output.
+    let outs = crate::simd::par_zeroed_n::<T, M>(n, CHUNK, |i, mut outs| {
+        crate::simd::vectorized! {
+            let base = i * CHUNK;
+            let len = outs.first().map_or(0, |c| c.len());
+            // Every operand cut to the chunk's length up front, so that the loop below indexes
+            // fixed-length slices (no bounds checks; the compiler can vectorise it).
+            let ins: [&[T]; N] = std::array::from_fn(|k| &slices[k][base..base + len]);
+            // Blocks of LANES values copied into fixed-size arrays: the loop over a block's lanes has
+            // no bounds checks left, so the compiler unrolls and vectorises `f` across it.
+            let full = len - len % LANES;
+            for j in (0..full).step_by(LANES) {
+                let xs: [[T; LANES]; N] = std::array::from_fn(|k| {
+                    let mut a = [T::zero(); LANES];
+                    a.copy_from_slice(&ins[k][j..j + LANES]);
+                    a
+                });
+                let mut ys = [[T::zero(); LANES]; M];
+                for l in 0..LANES {
+                    let y = f(std::array::from_fn(|k| xs[k][l]));
+                    for (out, v) in ys.iter_mut().zip(y) {
+                        out[l] = v;
                     }
                 }
-                for j in full..len {
-                    let y = f(std::array::from_fn(|k| ins[k][j]));
-                    for (out, v) in outs.iter_mut().zip(y) {
-                        out[j] = v;
-                    }
+                for (out, y) in outs.iter_mut().zip(&ys) {
+                    out[j..j + LANES].copy_from_slice(y);
                 }
             }
-        });
-    }
+            for j in full..len {
+                let y = f(std::array::from_fn(|k| ins[k][j]));
+                for (out, v) in outs.iter_mut().zip(y) {
+                    out[j] = v;
+                }
+            }
+        }
+    });
     drop(guards);
     let shape = first.shape().clone();
     let mut tensors = Vec::with_capacity(M);

@@ -7,7 +7,7 @@
 //! over channels or planes. Sums accumulate in f64, as PyTorch's CPU kernel does for f32.
 
 use super::depthwise::{contiguous_slice, dispatch3};
-use crate::simd::vectorized;
+use crate::simd::{par_zeroed, vectorized};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -161,40 +161,37 @@ impl BnTrain {
         c: usize,
         s: usize,
     ) -> (CpuStorage, Shape) {
-        let mut y = vec![T::from_f64(0.); x.len()];
-        y.par_chunks_mut(s)
-            .zip(x.par_chunks(s))
-            .enumerate()
-            .for_each(|(p, (yp, xp))| {
-                // PyTorch's CPU kernel: statistics rounded to the tensor's type, then
-                // `y = x * alpha + beta` with `alpha = invstd * w`, `beta = b - mean * alpha`.
-                let ch = p % c;
-                let (alpha, beta) = affine(self.mean[ch], self.invstd[ch], w[ch], b[ch]);
-                vectorized! {
-                    match self.clamp {
-                        None => {
-                            for (o, &v) in yp.iter_mut().zip(xp) {
-                                *o = v * alpha + beta;
-                            }
+        let y = par_zeroed(x.len(), s, |p, yp: &mut [T]| {
+            let xp = &x[p * s..][..s];
+            // PyTorch's CPU kernel: statistics rounded to the tensor's type, then
+            // `y = x * alpha + beta` with `alpha = invstd * w`, `beta = b - mean * alpha`.
+            let ch = p % c;
+            let (alpha, beta) = affine(self.mean[ch], self.invstd[ch], w[ch], b[ch]);
+            vectorized! {
+                match self.clamp {
+                    None => {
+                        for (o, &v) in yp.iter_mut().zip(xp) {
+                            *o = v * alpha + beta;
                         }
-                        Some(max) => {
-                            let (zero, max) = (T::from_f64(0.), T::from_f64(max));
-                            for (o, &v) in yp.iter_mut().zip(xp) {
-                                let z = v * alpha + beta;
-                                *o = if z > zero {
-                                    if z < max {
-                                        z
-                                    } else {
-                                        max
-                                    }
+                    }
+                    Some(max) => {
+                        let (zero, max) = (T::from_f64(0.), T::from_f64(max));
+                        for (o, &v) in yp.iter_mut().zip(xp) {
+                            let z = v * alpha + beta;
+                            *o = if z > zero {
+                                if z < max {
+                                    z
                                 } else {
-                                    zero
-                                };
-                            }
+                                    max
+                                }
+                            } else {
+                                zero
+                            };
                         }
                     }
                 }
-            });
+            }
+        });
         let n = x.len() / (c * s);
         (T::to_cpu_storage_owned(y), Shape::from((n, c, s)))
     }
@@ -352,23 +349,20 @@ struct BnGradInput {
 impl BnGradInput {
     fn run<T: WithDType>(&self, x: &[T], dy: &[T], c: usize, s: usize) -> (CpuStorage, Shape) {
         let m = (x.len() / c) as f64;
-        let mut dx = vec![T::from_f64(0.); x.len()];
-        dx.par_chunks_mut(s)
-            .zip(x.par_chunks(s).zip(dy.par_chunks(s)))
-            .enumerate()
-            .for_each(|(p, (dxp, (xp, gp)))| {
-                let ch = p % c;
-                let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
-                let k = self.w[ch] * invstd;
-                let (mdy, mdyx) = (self.sum_dy[ch] / m, self.sum_dy_xhat[ch] / m);
-                let masked = Mask::apply::<T>(&self.mask, (&self.mean, &self.invstd), ch);
-                vectorized! {
-                    for ((o, xv), g) in dxp.iter_mut().zip(xp).zip(gp) {
-                        let xhat = (xv.to_f64() - mean) * invstd;
-                        *o = T::from_f64(k * (masked(*xv, *g) - mdy - xhat * mdyx));
-                    }
+        let dx = par_zeroed(x.len(), s, |p, dxp: &mut [T]| {
+            let (xp, gp) = (&x[p * s..][..s], &dy[p * s..][..s]);
+            let ch = p % c;
+            let (mean, invstd) = (self.mean[ch], self.invstd[ch]);
+            let k = self.w[ch] * invstd;
+            let (mdy, mdyx) = (self.sum_dy[ch] / m, self.sum_dy_xhat[ch] / m);
+            let masked = Mask::apply::<T>(&self.mask, (&self.mean, &self.invstd), ch);
+            vectorized! {
+                for ((o, xv), g) in dxp.iter_mut().zip(xp).zip(gp) {
+                    let xhat = (xv.to_f64() - mean) * invstd;
+                    *o = T::from_f64(k * (masked(*xv, *g) - mdy - xhat * mdyx));
                 }
-            });
+            }
+        });
         let n = x.len() / (c * s);
         (T::to_cpu_storage_owned(dx), Shape::from((n, c, s)))
     }

@@ -11,7 +11,7 @@
 //! reads for stride 2: scalar loops that were the largest item of its training step's profile.
 
 use super::check_float;
-use crate::simd::vectorized;
+use crate::simd::{par_zeroed_init, vectorized};
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
@@ -507,30 +507,29 @@ impl DepthwiseConv {
         let g = ph.g;
         let (plane_in, plane_out, taps) = (g.h * g.w, ph.oh * ph.ow, g.kh * g.kw);
         let n = x.len() / (g.c * plane_in);
-        let mut out = vec![T::from_f64(0.); n * g.c * plane_out];
-        out.par_chunks_mut(plane_out)
-            .zip(x.par_chunks(plane_in))
-            .enumerate()
-            .for_each_init(
-                || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
-                |(q, yp), (p, (o, xi))| {
-                    vectorized! {
-                        let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
-                        ph.split(xi, q);
-                        yp.fill(T::from_f64(0.));
-                        for (tap, &a) in f.iter().enumerate() {
-                            let src = &q[ph.offset(tap)..][..ph.n];
-                            for (d, &v) in yp[..ph.n].iter_mut().zip(src) {
-                                *d += a * v;
-                            }
-                        }
-                        ph.unpitch(yp, o);
-                        if let Some(e) = &self.1 {
-                            e.apply(p % g.c, o);
+        let out = par_zeroed_init(
+            n * g.c * plane_out,
+            plane_out,
+            || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
+            |(q, yp), p, o: &mut [T]| {
+                let xi = &x[p * plane_in..][..plane_in];
+                vectorized! {
+                    let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
+                    ph.split(xi, q);
+                    yp.fill(T::from_f64(0.));
+                    for (tap, &a) in f.iter().enumerate() {
+                        let src = &q[ph.offset(tap)..][..ph.n];
+                        for (d, &v) in yp[..ph.n].iter_mut().zip(src) {
+                            *d += a * v;
                         }
                     }
-                },
-            );
+                    ph.unpitch(yp, o);
+                    if let Some(e) = &self.1 {
+                        e.apply(p % g.c, o);
+                    }
+                }
+            },
+        );
         (
             T::to_cpu_storage_owned(out),
             Shape::from((n, g.c, ph.oh, ph.ow)),
@@ -585,27 +584,26 @@ impl DepthwiseGradInput {
         let g = ph.g;
         let (plane_in, plane_out, taps) = (g.h * g.w, ph.oh * ph.ow, g.kh * g.kw);
         let n = gy.len() / (g.c * plane_out);
-        let mut gx = vec![T::from_f64(0.); n * g.c * plane_in];
-        gx.par_chunks_mut(plane_in)
-            .zip(gy.par_chunks(plane_out))
-            .enumerate()
-            .for_each_init(
-                || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
-                |(gq, gyp), (p, (gxi, gyi))| {
-                    vectorized! {
-                        let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
-                        ph.pitch(gyi, gyp);
-                        gq.fill(T::from_f64(0.));
-                        for (tap, &a) in f.iter().enumerate() {
-                            let dst = &mut gq[ph.offset(tap)..][..ph.n];
-                            for (d, &v) in dst.iter_mut().zip(&gyp[..ph.n]) {
-                                *d += a * v;
-                            }
+        let gx = par_zeroed_init(
+            n * g.c * plane_in,
+            plane_in,
+            || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
+            |(gq, gyp), p, gxi: &mut [T]| {
+                let gyi = &gy[p * plane_out..][..plane_out];
+                vectorized! {
+                    let f = &wt[(p % g.c) * taps..(p % g.c + 1) * taps];
+                    ph.pitch(gyi, gyp);
+                    gq.fill(T::from_f64(0.));
+                    for (tap, &a) in f.iter().enumerate() {
+                        let dst = &mut gq[ph.offset(tap)..][..ph.n];
+                        for (d, &v) in dst.iter_mut().zip(&gyp[..ph.n]) {
+                            *d += a * v;
                         }
-                        ph.merge(gq, gxi);
                     }
-                },
-            );
+                    ph.merge(gq, gxi);
+                }
+            },
+        );
         (T::to_cpu_storage_owned(gx), Shape::from((n, g.c, g.h, g.w)))
     }
 }

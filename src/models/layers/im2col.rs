@@ -19,7 +19,7 @@
 
 use super::depthwise::{contiguous_slice, dispatch2, impl_forward_only_op2, span, Epilogue, Geom};
 use super::{shifted, winograd};
-use crate::simd::vectorized;
+use crate::simd::{par_zeroed, vectorized};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -128,8 +128,7 @@ impl FoldedConv {
         );
         drop(cols);
         // [O, N * L] -> [N, O, L], with the epilogue if any.
-        let mut out = vec![T::from_f64(0.); n * o * l];
-        out.par_chunks_mut(l).enumerate().for_each(|(p, dst)| {
+        let out = par_zeroed(n * o * l, l, |p, dst: &mut [T]| {
             let (b, oc) = (p / o, p % o);
             dst.copy_from_slice(&y[(oc * n + b) * l..(oc * n + b + 1) * l]);
             if let Some(e) = &self.epilogue {
@@ -152,11 +151,9 @@ fn transpose_blocks<T: WithDType>(v: &[T], blocks: usize, rows: usize, cols: usi
         return v.to_vec();
     }
     let size = rows * cols;
-    let mut out = vec![T::from_f64(0.); blocks * size];
-    out.par_chunks_mut(size)
-        .zip(v.par_chunks(size))
-        .for_each(|(dst, src)| vectorized! { transpose_into(src, rows, cols, dst) });
-    out
+    par_zeroed(blocks * size, size, |i, dst: &mut [T]| {
+        vectorized! { transpose_into(&v[i * size..][..size], rows, cols, dst) }
+    })
 }
 
 /// `dst [cols, rows] = src [rows, cols]^T`, in square tiles so that both sides stay in cache (a
@@ -182,11 +179,9 @@ fn transpose_into<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
 fn im2col_folded<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
     let (oh, ow) = g.out_hw();
     let nl = x.len() / (g.c * g.h * g.w) * oh * ow;
-    let mut cols = vec![T::from_f64(0.); g.c * g.kh * g.kw * nl];
-    cols.par_chunks_mut(nl)
-        .enumerate()
-        .for_each(|(row, dst)| vectorized! { im2col_row(g, x, row, 0..oh, dst) });
-    cols
+    par_zeroed(g.c * g.kh * g.kw * nl, nl, |row, dst: &mut [T]| {
+        vectorized! { im2col_row(g, x, row, 0..oh, dst) }
+    })
 }
 
 /// Row `row` (`tap * C + c`) of [`im2col_folded`] into `dst` (`N * OH * OW` values), or of the output
@@ -258,44 +253,41 @@ fn forward_image_by_image<T: WithDType>(
     let (oh, ow) = g.out_hw();
     let (plane_x, l, ckk) = (g.c * g.h * g.w, oh * ow, g.c * g.kh * g.kw);
     let n = x.len() / plane_x;
-    let mut out = vec![T::from_f64(0.); n * o * l];
     let chunks = image_chunks(n);
     let par = inner_parallelism(chunks.len());
     let per = chunks.first().map_or(1, |c| c.1);
     let band = (IMAGE_BY_IMAGE_BYTES / (ckk * ow * std::mem::size_of::<T>())).clamp(1, oh);
-    out.par_chunks_mut(per * o * l)
-        .zip(chunks)
-        .for_each(|(dst, (b0, _))| {
-            let mut cols = vec![T::from_f64(0.); ckk * band * ow];
-            for (i, y) in dst.chunks_exact_mut(o * l).enumerate() {
-                let img = &x[(b0 + i) * plane_x..][..plane_x];
-                for rows in (0..oh).step_by(band).map(|r| r..(r + band).min(oh)) {
-                    // Zeroed for each band: which positions are padding differs between bands.
-                    let n_cols = rows.len() * ow;
-                    let cols = &mut cols[..ckk * n_cols];
-                    cols.fill(T::from_f64(0.));
-                    vectorized! {
-                        for (row, r) in cols.chunks_exact_mut(n_cols).enumerate() {
-                            im2col_row(g, img, row, rows.clone(), r);
-                        }
+    par_zeroed(n * o * l, per * o * l, |ci, dst: &mut [T]| {
+        let b0 = chunks[ci].0;
+        let mut cols = vec![T::from_f64(0.); ckk * band * ow];
+        for (i, y) in dst.chunks_exact_mut(o * l).enumerate() {
+            let img = &x[(b0 + i) * plane_x..][..plane_x];
+            for rows in (0..oh).step_by(band).map(|r| r..(r + band).min(oh)) {
+                // Zeroed for each band: which positions are padding differs between bands.
+                let n_cols = rows.len() * ow;
+                let cols = &mut cols[..ckk * n_cols];
+                cols.fill(T::from_f64(0.));
+                vectorized! {
+                    for (row, r) in cols.chunks_exact_mut(n_cols).enumerate() {
+                        im2col_row(g, img, row, rows.clone(), r);
                     }
-                    gemm_into(
-                        (o, n_cols, ckk),
-                        (y, View::strided(rows.start * ow, l, 1)),
-                        false,
-                        (wm, View::strided(0, ckk, 1)),
-                        (cols, View::strided(0, n_cols, 1)),
-                        par,
-                    );
                 }
-                if let Some(e) = epilogue {
-                    for (oc, plane) in y.chunks_exact_mut(l).enumerate() {
-                        e.apply(oc, plane);
-                    }
+                gemm_into(
+                    (o, n_cols, ckk),
+                    (y, View::strided(rows.start * ow, l, 1)),
+                    false,
+                    (wm, View::strided(0, ckk, 1)),
+                    (cols, View::strided(0, n_cols, 1)),
+                    par,
+                );
+            }
+            if let Some(e) = epilogue {
+                for (oc, plane) in y.chunks_exact_mut(l).enumerate() {
+                    e.apply(oc, plane);
                 }
             }
-        });
-    out
+        }
+    })
 }
 
 impl CustomOp2 for FoldedConv {
@@ -453,25 +445,23 @@ impl InputGrad {
             return (T::to_cpu_storage_owned(dx), Shape::from((n, g.c, g.h, g.w)));
         }
         let wm = tap_major(w, o, g);
-        let mut out = vec![T::from_f64(0.); n * plane_c];
         let chunks = image_chunks(n);
         let per = chunks.first().map_or(1, |c| c.1);
-        out.par_chunks_mut(per * plane_c)
-            .zip(chunks)
-            .for_each(|(dst, (b0, nb))| {
-                let k = nb * l;
-                // [nb, O, L] -> [nb * L, O]
-                let gp = channels_last(&grad[b0 * o * l..(b0 + nb) * o * l], o, l);
-                let gcols = product(
-                    k,
-                    ckk,
-                    o,
-                    (&gp, 1, o),
-                    (&wm, 1, ckk),
-                    gemm::Parallelism::None,
-                );
-                col2im_pixel_major(g, &gcols, dst);
-            });
+        let out = par_zeroed(n * plane_c, per * plane_c, |i, dst: &mut [T]| {
+            let (b0, nb) = chunks[i];
+            let k = nb * l;
+            // [nb, O, L] -> [nb * L, O]
+            let gp = channels_last(&grad[b0 * o * l..(b0 + nb) * o * l], o, l);
+            let gcols = product(
+                k,
+                ckk,
+                o,
+                (&gp, 1, o),
+                (&wm, 1, ckk),
+                gemm::Parallelism::None,
+            );
+            col2im_pixel_major(g, &gcols, dst);
+        });
         (
             T::to_cpu_storage_owned(out),
             Shape::from((n, g.c, g.h, g.w)),
@@ -636,28 +626,24 @@ fn im2col_pixel_major<T: WithDType>(g: Geom, x: &[T]) -> Vec<T> {
     let plane = g.h * g.w;
     let xh = channels_last(x, g.c, plane);
     let n = x.len() / (g.c * plane);
-    let mut cols = vec![T::from_f64(0.); n * oh * ow * ckk];
-    cols.par_chunks_mut(ow * ckk)
-        .enumerate()
-        .for_each(|(row, dst)| {
-            let (b, oy) = (row / oh, row % oh);
-            for ky in 0..g.kh {
-                let Some(iy) = g.in_row(oy, ky) else {
-                    continue;
-                };
-                let src = &xh[(b * plane + iy * g.w) * g.c..(b * plane + (iy + 1) * g.w) * g.c];
-                for kx in 0..g.kw {
-                    let (lo, hi) = g.col_range(kx, ow);
-                    let at = (ky * g.kw + kx) * g.c;
-                    for ox in lo..hi {
-                        let ix = ox * g.stride + kx - g.padding;
-                        dst[ox * ckk + at..ox * ckk + at + g.c]
-                            .copy_from_slice(&src[ix * g.c..(ix + 1) * g.c]);
-                    }
+    par_zeroed(n * oh * ow * ckk, ow * ckk, |row, dst: &mut [T]| {
+        let (b, oy) = (row / oh, row % oh);
+        for ky in 0..g.kh {
+            let Some(iy) = g.in_row(oy, ky) else {
+                continue;
+            };
+            let src = &xh[(b * plane + iy * g.w) * g.c..(b * plane + (iy + 1) * g.w) * g.c];
+            for kx in 0..g.kw {
+                let (lo, hi) = g.col_range(kx, ow);
+                let at = (ky * g.kw + kx) * g.c;
+                for ox in lo..hi {
+                    let ix = ox * g.stride + kx - g.padding;
+                    dst[ox * ckk + at..ox * ckk + at + g.c]
+                        .copy_from_slice(&src[ix * g.c..(ix + 1) * g.c]);
                 }
             }
-        });
-    cols
+        }
+    })
 }
 
 /// The adjoint of [`im2col_pixel_major`]: adds the columns `[nb * OH * OW, KH * KW * C]` back into the

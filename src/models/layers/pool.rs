@@ -8,11 +8,10 @@
 
 use super::check_float;
 use super::depthwise::{contiguous_slice, dispatch3};
-use crate::simd::vectorized;
+use crate::simd::{par_zeroed, par_zeroed_init, vectorized};
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
-use rayon::prelude::*;
 
 /// Max-pools `x` `[N, C, H, W]` with a square `kernel`, `stride` and implicit `-inf` `padding`
 /// (floor output size, like PyTorch's `ceil_mode=False`). Differentiable; CPU only.
@@ -257,22 +256,21 @@ impl MaxPool2d {
     fn fwd<T: WithDType>(&self, x: &[T], n: usize, c: usize) -> (CpuStorage, Shape) {
         let g = self.0;
         let (oh, ow) = g.out_hw();
-        let mut out = vec![T::from_f64(0.); n * c * oh * ow];
-        out.par_chunks_mut(oh * ow)
-            .zip(x.par_chunks(g.h * g.w))
-            .for_each(|(o, plane)| {
-                // A NaN must win like PyTorch's; the vectorised maxima would drop it.
-                #[allow(clippy::eq_op)]
-                if plane.iter().any(|&v| v != v) {
-                    for oy in 0..oh {
-                        for ox in 0..ow {
-                            o[oy * ow + ox] = plane[g.argmax(plane, oy, ox)];
-                        }
+        let (pin, pout) = (g.h * g.w, oh * ow);
+        let out = par_zeroed(n * c * pout, pout, |i, o: &mut [T]| {
+            let plane = &x[i * pin..][..pin];
+            // A NaN must win like PyTorch's; the vectorised maxima would drop it.
+            #[allow(clippy::eq_op)]
+            if plane.iter().any(|&v| v != v) {
+                for oy in 0..oh {
+                    for ox in 0..ow {
+                        o[oy * ow + ox] = plane[g.argmax(plane, oy, ox)];
                     }
-                } else {
-                    g.window_maxima(plane, o);
                 }
-            });
+            } else {
+                g.window_maxima(plane, o);
+            }
+        });
         (T::to_cpu_storage_owned(out), Shape::from((n, c, oh, ow)))
     }
 }
@@ -327,28 +325,28 @@ impl MaxPool2dBackward {
     ) -> (CpuStorage, Shape) {
         let g = self.0;
         let (oh, ow) = g.out_hw();
-        let mut gx = vec![T::from_f64(0.); n * c * g.h * g.w];
-        gx.par_chunks_mut(g.h * g.w)
-            .zip(x.par_chunks(g.h * g.w))
-            .zip(y.par_chunks(oh * ow).zip(gy.par_chunks(oh * ow)))
-            .for_each_init(
-                || (Vec::new(), vec![0usize; ow]),
-                |(phases, first), ((gxp, plane), (yp, gyp))| {
-                    g.column_phases(plane, phases);
-                    for (oy, (yr, gr)) in yp.chunks_exact(ow).zip(gyp.chunks_exact(ow)).enumerate()
-                    {
-                        vectorized! { g.first_equals(phases, oy, yr, first) }
-                        for (ox, (&at, &gv)) in first.iter().zip(gr).enumerate() {
-                            let at = if at == usize::MAX {
-                                g.argmax(plane, oy, ox)
-                            } else {
-                                at
-                            };
-                            gxp[at] += gv;
-                        }
+        let (pin, pout) = (g.h * g.w, oh * ow);
+        let gx = par_zeroed_init(
+            n * c * pin,
+            pin,
+            || (Vec::new(), vec![0usize; ow]),
+            |(phases, first), i, gxp: &mut [T]| {
+                let plane = &x[i * pin..][..pin];
+                let (yp, gyp) = (&y[i * pout..][..pout], &gy[i * pout..][..pout]);
+                g.column_phases(plane, phases);
+                for (oy, (yr, gr)) in yp.chunks_exact(ow).zip(gyp.chunks_exact(ow)).enumerate() {
+                    vectorized! { g.first_equals(phases, oy, yr, first) }
+                    for (ox, (&at, &gv)) in first.iter().zip(gr).enumerate() {
+                        let at = if at == usize::MAX {
+                            g.argmax(plane, oy, ox)
+                        } else {
+                            at
+                        };
+                        gxp[at] += gv;
                     }
-                },
-            );
+                }
+            },
+        );
         (T::to_cpu_storage_owned(gx), Shape::from((n, c, g.h, g.w)))
     }
 }

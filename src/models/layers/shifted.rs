@@ -23,6 +23,7 @@
 
 use super::depthwise::{Epilogue, Geom};
 use super::im2col::{gemm_into, image_chunks, inner_parallelism, View};
+use crate::simd::par_zeroed;
 use candle_core::{DType, WithDType};
 use rayon::prelude::*;
 
@@ -250,10 +251,11 @@ pub(super) fn forward<T: WithDType>(
         per,
         par,
     } = Plan::new(g, o, x.len() / (g.c * g.h * g.w));
-    let mut out = vec![T::from_f64(0.); x.len() / plane_x * plane_y];
-    out.par_chunks_mut(per * plane_y)
-        .zip(chunks)
-        .for_each(|(dst, (b0, _))| {
+    par_zeroed(
+        x.len() / plane_x * plane_y,
+        per * plane_y,
+        |ci, dst: &mut [T]| {
+            let b0 = chunks[ci].0;
             let (mut xp, mut yp) = (p.image_scratch(), p.output_scratch(o));
             for (i, y) in dst.chunks_exact_mut(plane_y).enumerate() {
                 let src = p.padded_image(&x[(b0 + i) * plane_x..][..plane_x], &mut xp);
@@ -279,8 +281,8 @@ pub(super) fn forward<T: WithDType>(
                     }
                 }
             }
-        });
-    out
+        },
+    )
 }
 
 /// The filter gradient `[O, C, KH, KW]` of [`forward`] (no epilogue) from `x` and `dy` `[N, O, OH, OW]`:
@@ -341,10 +343,11 @@ pub(super) fn input_grad<T: WithDType>(g: Geom, dy: &[T], w: &[T], o: usize) -> 
         par,
     } = Plan::new(g, o, dy.len() / (o * oh * ow));
     let zero = T::from_f64(0.);
-    let mut out = vec![zero; dy.len() / plane_y * plane_x];
-    out.par_chunks_mut(per * plane_x)
-        .zip(chunks)
-        .for_each(|(dst, (b0, _))| {
+    par_zeroed(
+        dy.len() / plane_y * plane_x,
+        per * plane_x,
+        |ci, dst: &mut [T]| {
+            let b0 = chunks[ci].0;
             let (mut dxp, mut dyp) = (p.image_scratch(), p.output_scratch(o));
             for (i, dx) in dst.chunks_exact_mut(plane_x).enumerate() {
                 let grad = p.pitched_grad(&dy[(b0 + i) * plane_y..][..plane_y], &mut dyp);
@@ -371,8 +374,8 @@ pub(super) fn input_grad<T: WithDType>(g: Geom, dy: &[T], w: &[T], o: usize) -> 
                     p.unpad(&dxp, dx);
                 }
             }
-        });
-    out
+        },
+    )
 }
 
 #[cfg(test)]

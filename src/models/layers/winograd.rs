@@ -26,9 +26,8 @@
 
 use super::depthwise::{Epilogue, Geom};
 use super::im2col::{gemm_into, View};
-use crate::simd::vectorized;
+use crate::simd::{par_zeroed, par_zeroed_init, vectorized};
 use candle_core::{DType, WithDType};
-use rayon::prelude::*;
 
 /// Positions of a transformed 4x4 tile.
 const XI: usize = 16;
@@ -156,19 +155,16 @@ pub(super) fn filter_grad<T: WithDType>(g: Geom, x: &[T], grad: &[T], o: usize) 
     let t = tiles.total();
     let v = input_transform(g, x, tiles);
     let dz = grad_transform(grad, o, tiles);
-    let mut du = vec![T::zero(); XI * o * g.c];
-    du.par_chunks_mut(o * g.c)
-        .enumerate()
-        .for_each(|(xi, dst)| {
-            gemm_into(
-                (o, g.c, t),
-                (dst, View::strided(0, g.c, 1)),
-                false,
-                (&dz, View::strided(xi * t, XI * t, 1)),
-                (&v, View::strided(xi * t, 1, XI * t)),
-                gemm::Parallelism::None,
-            );
-        });
+    let du = par_zeroed(XI * o * g.c, o * g.c, |xi, dst: &mut [T]| {
+        gemm_into(
+            (o, g.c, t),
+            (dst, View::strided(0, g.c, 1)),
+            false,
+            (&dz, View::strided(xi * t, XI * t, 1)),
+            (&v, View::strided(xi * t, 1, XI * t)),
+            gemm::Parallelism::None,
+        );
+    });
     drop((v, dz));
     filter_untransform(&du, o, g.c)
 }
@@ -179,8 +175,7 @@ pub(super) fn filter_grad<T: WithDType>(g: Geom, x: &[T], grad: &[T], o: usize) 
 fn grad_transform<T: WithDType>(grad: &[T], o: usize, tiles: Tiles) -> Vec<T> {
     let t = tiles.total();
     let (plane, per, tw) = (tiles.h * tiles.w, tiles.per_image(), tiles.tw);
-    let mut dz = vec![T::zero(); o * XI * t];
-    dz.par_chunks_mut(XI * t).enumerate().for_each(|(oc, dst)| {
+    let dz = par_zeroed(o * XI * t, XI * t, |oc, dst: &mut [T]| {
         vectorized! {
             // The plane cut to whole tiles: padded[y * 2 tw + x], zero past the image.
             let mut padded = vec![T::zero(); 2 * tiles.th * 2 * tw];
@@ -246,8 +241,7 @@ fn filter_untransform<T: WithDType>(du: &[T], o: usize, c: usize) -> Vec<T> {
             r2[i] = s + d[i];
         }
     }
-    let mut dw = vec![T::zero(); o * c * 9];
-    dw.par_chunks_mut(c * 9).enumerate().for_each(|(oc, dst)| {
+    let dw = par_zeroed(o * c * 9, c * 9, |oc, dst: &mut [T]| {
         vectorized! {
             let run = |xi: usize| &du[(xi * o + oc) * c..][..c];
             // p[(r * 4 + j) * c..]: row r of G^T dU, column j.
@@ -288,8 +282,7 @@ fn convolve<T: WithDType>(
     let tiles = Tiles::new(n, g.h, g.w);
     let v = input_transform(g, x, tiles);
     let t = tiles.total();
-    let mut m = vec![T::zero(); XI * cout * t];
-    m.par_chunks_mut(cout * t).enumerate().for_each(|(xi, mx)| {
+    let m = par_zeroed(XI * cout * t, cout * t, |xi, mx: &mut [T]| {
         gemm_into(
             (cout, t, g.c),
             (mx, View::strided(0, t, 1)),
@@ -300,17 +293,13 @@ fn convolve<T: WithDType>(
         );
     });
     drop(v);
-    let mut out = vec![T::zero(); n * cout * plane];
-    out.par_chunks_mut(plane)
-        .enumerate()
-        .for_each_init(Vec::new, |s, (p, y)| {
-            let (b, oc) = (p / cout, p % cout);
-            vectorized! { output_transform(&m, tiles, (cout, b, oc), s, y) };
-            if let Some(e) = epilogue {
-                e.apply(oc, y);
-            }
-        });
-    out
+    par_zeroed_init(n * cout * plane, plane, Vec::new, |s, p, y: &mut [T]| {
+        let (b, oc) = (p / cout, p % cout);
+        vectorized! { output_transform(&m, tiles, (cout, b, oc), s, y) };
+        if let Some(e) = epilogue {
+            e.apply(oc, y);
+        }
+    })
 }
 
 /// `U = G g G^T` for every filter, as `[O, 16, C]`. `G` is `[[1, 0, 0], [1/2, 1/2, 1/2],
@@ -321,8 +310,7 @@ pub(super) fn filter_transform<T: WithDType>(weight: &[T], o: usize, c: usize) -
     let half = T::from_f64(0.5);
     // [a, b, c] -> [a, (a + b + c) / 2, (a - b + c) / 2, c]
     let g = |a: T, b: T, cc: T| [a, (a + b + cc) * half, (a - b + cc) * half, cc];
-    let mut u = vec![T::zero(); o * XI * c];
-    u.par_chunks_mut(XI * c).enumerate().for_each(|(oc, dst)| {
+    let u = par_zeroed(o * XI * c, XI * c, |oc, dst: &mut [T]| {
         vectorized! {
             let mut block = vec![T::zero(); c * XI];
             for (f, out) in weight[oc * c * 9..][..c * 9]
@@ -361,8 +349,7 @@ fn input_transform<T: WithDType>(g: Geom, x: &[T], tiles: Tiles) -> Vec<T> {
     let (plane, per, tw) = (g.h * g.w, tiles.per_image(), tiles.tw);
     // A zero-padded image plane: one border pixel, and one more row/column where the size is odd.
     let (hp, wp) = (2 * tiles.th + 2, 2 * tw + 2);
-    let mut v = vec![T::zero(); g.c * XI * t];
-    v.par_chunks_mut(XI * t).enumerate().for_each(|(ch, dst)| {
+    let v = par_zeroed(g.c * XI * t, XI * t, |ch, dst: &mut [T]| {
         vectorized! {
             let mut padded = vec![T::zero(); hp * wp];
             // Row combination i, split: even[i * (tw + 1) + k] = column 2k, odd[...] = column 2k + 1.
