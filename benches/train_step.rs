@@ -119,6 +119,8 @@ fn run_one(model: &str, size: usize, mode: &str, batch: usize, iters: usize) -> 
         }
         Ok(())
     };
+    // Each step on the thread pool, as `graft finetune` runs it (see `graft::par::on_pool`).
+    let mut step = || graft::par::on_pool(&mut step);
     step()?; // warm-up
     let mut times: Vec<f64> = (0..iters.max(1))
         .map(|_| {

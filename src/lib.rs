@@ -13,6 +13,7 @@ pub mod export;
 pub mod fsutil;
 pub mod models;
 pub mod optim;
+pub mod par;
 pub mod pretrain;
 pub mod simd;
 pub mod train;

@@ -121,7 +121,7 @@ where
     T: candle_core::WithDType,
 {
     assert_eq!(a.len(), b.len(), "par_map: operands of different lengths");
-    par_zeroed(a.len(), CHUNK, |i, o| {
+    crate::par::par_zeroed(a.len(), CHUNK, |i, o| {
         let (a, b) = (&a[i * CHUNK..][..o.len()], &b[i * CHUNK..][..o.len()]);
         // A copy of `f` on this task's stack (see above).
         let kernel = f;
@@ -131,81 +131,6 @@ where
             }
         }
     })
-}
-
-/// `vec![T::zero(); len]` built in parallel: chunk `i` (`chunk` values, the last one possibly shorter)
-/// is zero-filled and handed to `f(i, chunk)` on a rayon task, which may overwrite or accumulate into it.
-///
-/// Why not `vec![T::zero(); len]` and then `par_chunks_mut`: the allocator zero-fills reused memory
-/// on the calling thread, one core writing the whole buffer out to memory while the others wait. On a
-/// ResNet-18 training step at 128x128 that `memset` was ~5% of the CPU samples, all of it on the main
-/// thread. Here each task zeroes its own chunk just before using it, in cache.
-pub fn par_zeroed<T: candle_core::WithDType>(
-    len: usize,
-    chunk: usize,
-    f: impl Fn(usize, &mut [T]) + Sync + Send,
-) -> Vec<T> {
-    par_zeroed_init(len, chunk, || (), |_, i, c| f(i, c))
-}
-
-/// [`par_zeroed`] with per-task scratch: `init` builds a value that `f(&mut scratch, i, chunk)` reuses
-/// across the chunks one task handles (rayon's `for_each_init`).
-pub fn par_zeroed_init<T: candle_core::WithDType, S>(
-    len: usize,
-    chunk: usize,
-    init: impl Fn() -> S + Sync + Send,
-    f: impl Fn(&mut S, usize, &mut [T]) + Sync + Send,
-) -> Vec<T> {
-    use rayon::prelude::*;
-    let mut v: Vec<T> = Vec::with_capacity(len);
-    v.spare_capacity_mut()[..len]
-        .par_chunks_mut(chunk.max(1))
-        .enumerate()
-        .for_each_init(init, |s, (i, c)| f(s, i, zero_filled(c)));
-    // SAFETY: the chunks cover `0..len` and `for_each_init` zero-filled every one of them before
-    // returning (a panic in `f` propagates out of it, before this line).
-    unsafe { v.set_len(len) };
-    v
-}
-
-/// [`par_zeroed`] for `M` outputs of the same length at once: `f(i, chunks)` gets chunk `i` of each.
-pub fn par_zeroed_n<T: candle_core::WithDType, const M: usize>(
-    len: usize,
-    chunk: usize,
-    f: impl Fn(usize, [&mut [T]; M]) + Sync + Send,
-) -> [Vec<T>; M] {
-    use rayon::prelude::*;
-    let chunk = chunk.max(1);
-    let mut outs: [Vec<T>; M] = std::array::from_fn(|_| Vec::with_capacity(len));
-    {
-        let mut parts: Vec<_> = outs
-            .iter_mut()
-            .map(|o| o.spare_capacity_mut()[..len].chunks_mut(chunk))
-            .collect();
-        let items: Vec<Vec<_>> = (0..len.div_ceil(chunk))
-            .map(|_| parts.iter_mut().filter_map(Iterator::next).collect())
-            .collect();
-        items.into_par_iter().enumerate().for_each(|(i, cs)| {
-            let cs: Vec<&mut [T]> = cs.into_iter().map(zero_filled).collect();
-            let Ok(cs) = <[&mut [T]; M]>::try_from(cs) else {
-                unreachable!("one chunk per output")
-            };
-            f(i, cs);
-        });
-    }
-    for o in &mut outs {
-        // SAFETY: as in `par_zeroed_init`: every chunk of `0..len` of every output was zero-filled.
-        unsafe { o.set_len(len) };
-    }
-    outs
-}
-
-/// `c` filled with zeros, as the initialised values it now holds.
-fn zero_filled<T: candle_core::WithDType>(c: &mut [std::mem::MaybeUninit<T>]) -> &mut [T] {
-    c.fill(std::mem::MaybeUninit::new(T::zero()));
-    // SAFETY: every element of `c` was initialised on the line above, and `MaybeUninit<T>` has the
-    // layout of `T`.
-    unsafe { &mut *(c as *mut [std::mem::MaybeUninit<T>] as *mut [T]) }
 }
 
 #[cfg(test)]

@@ -84,7 +84,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let mut seen = 0usize;
     for batch in loader.epoch(0) {
         let batch = batch?;
-        let logits = model.predict(&batch.images)?;
+        let logits = crate::par::on_pool(|| model.predict(&batch.images))?;
         let b = batch.labels.dim(0)?;
         loss_sum +=
             cross_entropy(&logits, &batch.labels, 0.0, None)?.to_scalar::<f32>()? as f64 * b as f64;

@@ -143,7 +143,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
                     continue;
                 }
             };
-        let logits = model.logits(&image.unsqueeze(0)?)?;
+        let logits = crate::par::on_pool(|| model.logits(&image.unsqueeze(0)?))?;
         let top = top_k(&logits, model.classes(), args.top_k)?.remove(0);
         preds.push(Prediction {
             path: path.display().to_string(),

@@ -95,7 +95,7 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
         slices.push(&all[start..end]);
     }
     // One work item per chunk, holding that chunk of every output.
-    let outs = crate::simd::par_zeroed_n::<T, M>(n, CHUNK, |i, mut outs| {
+    let outs = crate::par::par_zeroed_n::<T, M>(n, CHUNK, |i, mut outs| {
         crate::simd::vectorized! {
             let base = i * CHUNK;
             let len = outs.first().map_or(0, |c| c.len());

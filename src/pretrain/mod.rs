@@ -26,6 +26,7 @@ use crate::models::Mode;
 use crate::optim::groups::{no_decay_groups, trainable_params};
 use crate::optim::schedule::ReduceOnPlateau;
 use crate::optim::{clip_grad_norm, OptimState, Optimizer, OptimizerConfig};
+use crate::par::on_pool;
 use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
 use crate::train::finetune::ScheduleKind;
@@ -504,7 +505,8 @@ impl Session {
         for batch in self.val.epoch(0) {
             let batch = batch?;
             let n = batch.images.dim(0)?;
-            stats.add_batch(self.recon_loss(phase, &batch.images)?, 0, n);
+            let loss = on_pool(|| self.recon_loss(phase, &batch.images))?;
+            stats.add_batch(loss, 0, n);
         }
         Ok(if stats.samples() == 0 {
             f64::NAN
@@ -731,17 +733,21 @@ pub fn pretrain(
             let seed =
                 mix(mix(mix(cfg.seed) ^ phase as u64) ^ mix(pos.phase_epoch as u64) ^ i as u64);
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let loss = s.train_loss(phase, &batch.images, &mut rng)?;
-            let mut grads = loss.backward()?;
-            if let Some(max) = cfg.clip_grad_norm {
-                clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
-            }
             let k = pos.phase_epoch * s.steps_per_epoch + i;
             lr = sched.lr_at(k, phase_steps) * plateau.as_ref().map_or(1.0, |p| p.factor());
             if let Some(mo) = sched.momentum_at(k, phase_steps) {
                 opt_ref.set_momentum(mo)?;
             }
-            opt_ref.step(&grads, lr)?;
+            // Forward, backward and update on the thread pool (see `on_pool`).
+            let loss = on_pool(|| -> Result<Tensor> {
+                let loss = s.train_loss(phase, &batch.images, &mut rng)?;
+                let mut grads = loss.backward()?;
+                if let Some(max) = cfg.clip_grad_norm {
+                    clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
+                }
+                opt_ref.step(&grads, lr)?;
+                Ok(loss)
+            })?;
             step += 1;
             // RBMs report the mean-field reconstruction error (the free-energy gap is no loss to watch).
             let shown = if cfg.method == Method::Rbm && phase < stages {

@@ -16,6 +16,7 @@ use crate::models::Mode;
 use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
 use crate::optim::schedule::ReduceOnPlateau;
 use crate::optim::{clip_grad_norm, OptimState, Optimizer, OptimizerConfig, ScheduleConfig};
+use crate::par::on_pool;
 use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
 use crate::train::loss::cross_entropy;
@@ -443,7 +444,7 @@ impl Session {
         let mut labels = Vec::new();
         for batch in loader.epoch(0) {
             let batch = batch?;
-            let h = self.model.frozen_prefix(&batch.images, level)?;
+            let h = on_pool(|| self.model.frozen_prefix(&batch.images, level))?;
             let per_sample = (h.elem_count() / h.dim(0)?.max(1)) as f64 * 4.0;
             if per_sample * n > budget {
                 return Ok(None);
@@ -502,16 +503,15 @@ impl Session {
                 let n = f.dim(0)?;
                 for start in (0..n).step_by(bs) {
                     let len = bs.min(n - start);
-                    let logits =
-                        self.model
-                            .forward_from(&f.narrow(0, start, len)?, level, Mode::Frozen)?;
+                    let x = f.narrow(0, start, len)?;
+                    let logits = on_pool(|| self.model.forward_from(&x, level, Mode::Frozen))?;
                     handle(logits, y.narrow(0, start, len)?)?;
                 }
             }
             None => {
                 for batch in self.val.epoch(0) {
                     let batch = batch?;
-                    handle(self.model.predict(&batch.images)?, batch.labels)?;
+                    handle(on_pool(|| self.model.predict(&batch.images))?, batch.labels)?;
                 }
             }
         }
@@ -717,7 +717,8 @@ pub fn finetune(
         let mut batches = s.train.epoch(epoch as u64);
         #[allow(clippy::needless_range_loop)] // `i` also positions the step in the schedule
         for i in 0..s.steps_per_epoch {
-            let (logits, labels) = if let Some(c) = &cache {
+            // The input (the cached features at `level`, or the images) and its labels.
+            let (x, labels, level) = if let Some(c) = &cache {
                 let (feats, ys) = &c.train;
                 let idx = Tensor::new(
                     order_batches[i]
@@ -726,33 +727,38 @@ pub fn finetune(
                         .collect::<Vec<_>>(),
                     &s.device,
                 )?;
-                let x = feats.index_select(&idx, 0)?;
                 (
-                    s.model.forward_from(&x, c.level, Mode::Train)?,
+                    feats.index_select(&idx, 0)?,
                     ys.index_select(&idx, 0)?,
+                    Some(c.level),
                 )
             } else {
                 let Some(batch) = batches.next() else { break };
                 let batch = batch?;
-                (
-                    s.model.forward(&batch.images, Mode::Train, frozen)?,
-                    batch.labels,
-                )
+                (batch.images, batch.labels, None)
             };
-            let loss = s.loss(&logits, &labels)?;
-            let mut grads = loss.backward()?;
-            if let Some(max) = cfg.clip_grad_norm {
-                clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
-            }
             let k = phase_step0 + i;
             lr = sched.lr_at(k, phase_steps) * plateau.as_ref().map_or(1.0, |p| p.factor());
             if let Some(m) = sched.momentum_at(k, phase_steps) {
                 opt_ref.set_momentum(m)?;
             }
-            opt_ref.step(&grads, lr)?;
+            // Forward, backward and update on the thread pool (see `on_pool`); the batch was fetched
+            // outside it.
+            let (loss_v, correct) = on_pool(|| -> Result<(f64, usize)> {
+                let logits = match level {
+                    Some(level) => s.model.forward_from(&x, level, Mode::Train)?,
+                    None => s.model.forward(&x, Mode::Train, frozen)?,
+                };
+                let loss = s.loss(&logits, &labels)?;
+                let mut grads = loss.backward()?;
+                if let Some(max) = cfg.clip_grad_norm {
+                    clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
+                }
+                opt_ref.step(&grads, lr)?;
+                let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                Ok((loss_v, count_correct(&logits, &labels)?))
+            })?;
             step += 1;
-            let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            let correct = count_correct(&logits, &labels)?;
             pass.batch(labels.dim(0)?, loss_v, correct);
         }
         drop(batches);

@@ -7,7 +7,8 @@
 //! over channels or planes. Sums accumulate in f64, as PyTorch's CPU kernel does for f32.
 
 use super::depthwise::{contiguous_slice, dispatch3};
-use crate::simd::{par_zeroed, vectorized};
+use crate::par::par_zeroed;
+use crate::simd::vectorized;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;

@@ -11,7 +11,8 @@
 //! reads for stride 2: scalar loops that were the largest item of its training step's profile.
 
 use super::check_float;
-use crate::simd::{par_zeroed_init, vectorized};
+use crate::par::par_zeroed_init;
+use crate::simd::vectorized;
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};

@@ -19,7 +19,8 @@
 
 use super::depthwise::{contiguous_slice, dispatch2, impl_forward_only_op2, span, Epilogue, Geom};
 use super::{shifted, winograd};
-use crate::simd::{par_zeroed, vectorized};
+use crate::par::par_zeroed;
+use crate::simd::vectorized;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;

@@ -8,7 +8,8 @@
 
 use super::check_float;
 use super::depthwise::{contiguous_slice, dispatch3};
-use crate::simd::{par_zeroed, par_zeroed_init, vectorized};
+use crate::par::{par_zeroed, par_zeroed_init};
+use crate::simd::vectorized;
 use crate::{Error, Result};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};

@@ -23,7 +23,7 @@
 
 use super::depthwise::{Epilogue, Geom};
 use super::im2col::{gemm_into, image_chunks, inner_parallelism, View};
-use crate::simd::par_zeroed;
+use crate::par::par_zeroed;
 use candle_core::{DType, WithDType};
 use rayon::prelude::*;
 

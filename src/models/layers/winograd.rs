@@ -26,7 +26,8 @@
 
 use super::depthwise::{Epilogue, Geom};
 use super::im2col::{gemm_into, View};
-use crate::simd::{par_zeroed, par_zeroed_init, vectorized};
+use crate::par::{par_zeroed, par_zeroed_init};
+use crate::simd::vectorized;
 use candle_core::{DType, WithDType};
 
 /// Positions of a transformed 4x4 tile.
