@@ -160,7 +160,7 @@ fn transpose_blocks<T: WithDType>(v: &[T], blocks: usize, rows: usize, cols: usi
 /// `dst [cols, rows] = src [rows, cols]^T`, in square tiles so that both sides stay in cache (a
 /// row-by-row transpose strides through `dst` a whole column apart at every value).
 #[inline(always)]
-fn transpose_into<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
+pub(super) fn transpose_into<T: Copy>(src: &[T], rows: usize, cols: usize, dst: &mut [T]) {
     const TILE: usize = 16;
     for r0 in (0..rows).step_by(TILE) {
         let r1 = (r0 + TILE).min(rows);
