@@ -77,14 +77,21 @@ pub(super) fn conv2d_shift_clamp(
 struct FoldedConv {
     geom: Geom,
     epilogue: Option<Epilogue>,
-    /// A Winograd forward's transformed filter (a `Vec<T>`), kept for the input gradient, which reads
-    /// the same transform (one memory-bound pass less per layer and step: 16 MB for a 512-channel layer).
-    /// Taken, so freed, by the backward; dropped with the op when no backward comes.
-    kept: KeptTransform,
+    /// A Winograd forward's transforms, kept for the backward. Taken, so freed, by the backward;
+    /// dropped with the op when no backward comes (inference: the op is not recorded).
+    kept: std::sync::Mutex<Kept>,
 }
 
-/// See [`FoldedConv::kept`].
-type KeptTransform = std::sync::Mutex<Option<Box<dyn std::any::Any + Send>>>;
+/// A Winograd forward's transformed filter and input (each a `Vec<T>`), see [`FoldedConv::kept`].
+///
+/// The input gradient reads the same filter transform, and the filter gradient the same input
+/// transform: one memory-bound pass less each per layer and step (16 MB for a 512-channel filter; 4x
+/// the layer's input for the input), for holding them from the forward to the backward.
+#[derive(Default)]
+struct Kept {
+    filter: Option<Box<dyn std::any::Any + Send>>,
+    input: Option<Box<dyn std::any::Any + Send>>,
+}
 
 impl FoldedConv {
     fn run<T: WithDType>(&self, x: &[T], w: &[T]) -> (CpuStorage, Shape) {
@@ -96,10 +103,14 @@ impl FoldedConv {
         let n = x.len() / (g.c * g.h * g.w);
         if winograd::serves::<T>(g, o) {
             let u = winograd::filter_transform(w, o, g.c);
-            let out = winograd::forward_with(g, x, &u, o, self.epilogue.as_ref());
-            if self.epilogue.is_none() {
+            let keep = self.epilogue.is_none();
+            let (out, v) = winograd::forward_with(g, x, &u, o, self.epilogue.as_ref(), keep);
+            if keep {
                 if let Ok(mut kept) = self.kept.lock() {
-                    *kept = Some(Box::new(u));
+                    *kept = Kept {
+                        filter: Some(Box::new(u)),
+                        input: v.map(|v| Box::new(v) as Box<dyn std::any::Any + Send>),
+                    };
                 }
             }
             return (T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow)));
@@ -320,16 +331,20 @@ impl CustomOp2 for FoldedConv {
         }
         let g = self.geom;
         let grad = grad.contiguous()?;
+        let kept = self
+            .kept
+            .lock()
+            .map(|mut k| std::mem::take(&mut *k))
+            .unwrap_or_default();
         let gw = if weight.track_op() {
-            Some(x.apply_op2_no_bwd(&grad, &FilterGrad(g))?)
+            Some(x.apply_op2_no_bwd(&grad, &FilterGrad(g, kept.input))?)
         } else {
             None
         };
         if !x.track_op() {
             return Ok((None, gw));
         }
-        let kept = self.kept.lock().ok().and_then(|mut k| k.take());
-        let dx = grad.apply_op2_no_bwd(weight, &InputGrad(g, kept))?;
+        let dx = grad.apply_op2_no_bwd(weight, &InputGrad(g, kept.filter))?;
         Ok((Some(dx), gw))
     }
 }
@@ -343,7 +358,7 @@ impl CustomOp2 for FoldedConv {
 /// pixel-major (`[pixels, K * K * C]`) so that the GEMM reads both operands along their rows: about 2x
 /// faster on ResNet-18's shapes than reading the channel-major columns transposed. Only a chunk's columns
 /// are in memory at a time.
-struct FilterGrad(Geom);
+struct FilterGrad(Geom, Option<Box<dyn std::any::Any + Send>>);
 
 impl FilterGrad {
     fn run<T: WithDType>(&self, x: &[T], grad: &[T]) -> (CpuStorage, Shape) {
@@ -354,7 +369,8 @@ impl FilterGrad {
         let n = x.len() / plane_c;
         let o = grad.len() / (n * l).max(1);
         if winograd::serves_filter_grad::<T>(g, o) {
-            let dw = winograd::filter_grad(g, x, grad, o);
+            let kept = self.1.as_ref().and_then(|v| v.downcast_ref::<Vec<T>>());
+            let dw = winograd::filter_grad_with(g, x, kept.map(|v| &v[..]), grad, o);
             return (
                 T::to_cpu_storage_owned(dw),
                 Shape::from((o, g.c, g.kh, g.kw)),

@@ -108,21 +108,25 @@ pub(super) fn forward<T: WithDType>(
     o: usize,
     epilogue: Option<&Epilogue>,
 ) -> Vec<T> {
-    forward_with(g, x, &filter_transform(weight, o, g.c), o, epilogue)
+    forward_with(g, x, &filter_transform(weight, o, g.c), o, epilogue, false).0
 }
 
 /// `conv2d(x, weight)` (3x3, stride 1, padding 1) with the optional inference epilogue applied to each
 /// output plane, the filter given already transformed by [`filter_transform`] (`u` `[O, 16, C]`), which
-/// the caller may keep for [`input_grad_with`].
+/// the caller may keep for [`input_grad_with`]. With `keep_input`, also the transformed input `V`, for
+/// [`filter_grad_with`] (one pass over 4x the input less per layer and step, for 4x the input's memory
+/// held until the backward).
 pub(super) fn forward_with<T: WithDType>(
     g: Geom,
     x: &[T],
     u: &[T],
     o: usize,
     epilogue: Option<&Epilogue>,
-) -> Vec<T> {
+    keep_input: bool,
+) -> (Vec<T>, Option<Vec<T>>) {
     let c = g.c;
-    convolve(g, x, u, |xi| View::strided(xi * c, XI * c, 1), o, epilogue)
+    let lhs = |xi| View::strided(xi * c, XI * c, 1);
+    convolve(g, x, u, lhs, o, epilogue, keep_input)
 }
 
 /// The input gradient of [`forward_with`]: `grad` `[N, O, H, W]`, `weight` `[O, C, 3, 3]`, result `dX`
@@ -142,19 +146,39 @@ pub(super) fn input_grad_with<T: WithDType>(g: Geom, grad: &[T], u: &[T], o: usi
     const P: [usize; 4] = [3, 1, 2, 0];
     let c = g.c;
     let flipped = |xi: usize| View::strided((P[xi / 4] * 4 + P[xi % 4]) * c, 1, XI * c);
-    convolve(Geom { c: o, ..g }, grad, u, flipped, c, None)
+    convolve(Geom { c: o, ..g }, grad, u, flipped, c, None, false).0
 }
 
 /// The filter gradient of [`forward_with`]: `x` `[N, C, H, W]`, `grad` `[N, O, H, W]`, result `dW`
 /// `[O, C, 3, 3]`. The forward tile is `A^T (U . V) A`, so the gradient of `U` is `(A dY A^T) . V`
 /// summed over tiles: per `xi` the GEMM `dU[xi] = dZ[xi] [O, tiles] x V[xi]^T [tiles, C]`, and
 /// `dW = G^T dU G`.
+#[cfg(test)]
 pub(super) fn filter_grad<T: WithDType>(g: Geom, x: &[T], grad: &[T], o: usize) -> Vec<T> {
+    filter_grad_with(g, x, None, grad, o)
+}
+
+/// [`filter_grad`] with the forward's transformed input `v` (`[C, 16, tiles]`, see [`forward_with`])
+/// when the caller kept it; `x` is transformed again otherwise.
+pub(super) fn filter_grad_with<T: WithDType>(
+    g: Geom,
+    x: &[T],
+    v: Option<&[T]>,
+    grad: &[T],
+    o: usize,
+) -> Vec<T> {
     let plane = g.h * g.w;
     let n = x.len() / (g.c * plane).max(1);
     let tiles = Tiles::new(n, g.h, g.w);
     let t = tiles.total();
-    let v = input_transform(g, x, tiles);
+    let fresh;
+    let v = match v {
+        Some(v) if v.len() == g.c * XI * t => v,
+        _ => {
+            fresh = input_transform(g, x, tiles);
+            &fresh[..]
+        }
+    };
     let dz = grad_transform(grad, o, tiles);
     let du = par_zeroed(XI * o * g.c, o * g.c, |xi, dst: &mut [T]| {
         gemm_into(
@@ -162,11 +186,11 @@ pub(super) fn filter_grad<T: WithDType>(g: Geom, x: &[T], grad: &[T], o: usize) 
             (dst, View::strided(0, g.c, 1)),
             false,
             (&dz, View::strided(xi * t, XI * t, 1)),
-            (&v, View::strided(xi * t, 1, XI * t)),
+            (v, View::strided(xi * t, 1, XI * t)),
             gemm::Parallelism::None,
         );
     });
-    drop((v, dz));
+    drop(dz);
     filter_untransform(&du, o, g.c)
 }
 
@@ -277,7 +301,8 @@ fn convolve<T: WithDType>(
     lhs: impl Fn(usize) -> View + Sync,
     cout: usize,
     epilogue: Option<&Epilogue>,
-) -> Vec<T> {
+    keep_input: bool,
+) -> (Vec<T>, Option<Vec<T>>) {
     let plane = g.h * g.w;
     let n = x.len() / (g.c * plane).max(1);
     let tiles = Tiles::new(n, g.h, g.w);
@@ -293,14 +318,16 @@ fn convolve<T: WithDType>(
             gemm::Parallelism::None,
         );
     });
-    drop(v);
-    par_zeroed_init(n * cout * plane, plane, Vec::new, |s, p, y: &mut [T]| {
+    // Freed before the output is allocated unless the caller keeps it.
+    let v = keep_input.then_some(v);
+    let out = par_zeroed_init(n * cout * plane, plane, Vec::new, |s, p, y: &mut [T]| {
         let (b, oc) = (p / cout, p % cout);
         vectorized! { output_transform(&m, tiles, (cout, b, oc), s, y) };
         if let Some(e) = epilogue {
             e.apply(oc, y);
         }
-    })
+    });
+    (out, v)
 }
 
 /// `U = G g G^T` for every filter, as `[O, 16, C]`. `G` is `[[1, 0, 0], [1/2, 1/2, 1/2],
@@ -550,6 +577,14 @@ mod tests {
                     "filter grad {n}x{c}x{h}x{w} -> {o}: {a} vs {b}"
                 );
             }
+            // The forward's kept transforms give the same values as transforming again.
+            let (xs, ks) = (x.flatten_all()?.to_vec1()?, k.flatten_all()?.to_vec1()?);
+            let u = filter_transform(&ks, o, c);
+            let (y_kept, v) = forward_with(g, &xs, &u, o, None, true);
+            assert_eq!(y_kept, y);
+            let gys: Vec<f64> = gy.flatten_all()?.to_vec1()?;
+            assert_eq!(filter_grad_with(g, &xs, v.as_deref(), &gys, o), dw);
+            assert_eq!(input_grad_with(g, &gys, &u, o), dx);
         }
         Ok(())
     }
