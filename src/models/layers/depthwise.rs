@@ -295,6 +295,11 @@ impl Phases {
         self.oh * self.ws
     }
 
+    /// One task's scratch: zeroed phase planes ([`Phases::scratch`]) and a zeroed pitched plane.
+    fn scratches<T: WithDType>(&self) -> (Vec<T>, Vec<T>) {
+        (self.scratch(), vec![T::from_f64(0.); self.pitched()])
+    }
+
     /// Start of tap `tap`'s run in the phase planes.
     #[inline(always)]
     fn offset(&self, tap: usize) -> usize {
@@ -511,7 +516,7 @@ impl DepthwiseConv {
         let out = par_zeroed_init(
             n * g.c * plane_out,
             plane_out,
-            || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
+            || ph.scratches(),
             |(q, yp), p, o: &mut [T]| {
                 let xi = &x[p * plane_in..][..plane_in];
                 vectorized! {
@@ -588,7 +593,7 @@ impl DepthwiseGradInput {
         let gx = par_zeroed_init(
             n * g.c * plane_in,
             plane_in,
-            || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
+            || ph.scratches(),
             |(gq, gyp), p, gxi: &mut [T]| {
                 let gyi = &gy[p * plane_out..][..plane_out];
                 vectorized! {
@@ -624,7 +629,7 @@ impl DepthwiseGradWeight {
         let n = x.len() / (g.c * plane_in);
         let mut gw = vec![T::from_f64(0.); g.c * taps];
         gw.par_chunks_mut(taps).enumerate().for_each_init(
-            || (ph.scratch(), vec![T::from_f64(0.); ph.pitched()]),
+            || ph.scratches(),
             |(q, gyp), (ch, f)| {
                 vectorized! {
                     for b in 0..n {

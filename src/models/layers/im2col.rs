@@ -40,6 +40,8 @@ pub(super) fn conv2d(
         FoldedConv {
             geom,
             epilogue: None,
+            keep_filter: x.track_op(),
+            keep_input: weight.track_op(),
             kept: Default::default(),
         },
     )
@@ -68,6 +70,8 @@ pub(super) fn conv2d_shift_clamp(
         &FoldedConv {
             geom,
             epilogue: Some(epilogue),
+            keep_filter: false,
+            keep_input: false,
             kept: Default::default(),
         },
     )
@@ -77,6 +81,11 @@ pub(super) fn conv2d_shift_clamp(
 struct FoldedConv {
     geom: Geom,
     epilogue: Option<Epilogue>,
+    /// Whether a Winograd forward keeps its transformed filter (the input gradient reads it: the input
+    /// tracks a gradient) and its transformed input (the filter gradient reads it: the filter does).
+    /// Decided when the op is built, so that inference and frozen layers hold neither.
+    keep_filter: bool,
+    keep_input: bool,
     /// A Winograd forward's transforms, kept for the backward. Taken, so freed, by the backward;
     /// dropped with the op when no backward comes (inference: the op is not recorded).
     kept: std::sync::Mutex<Kept>,
@@ -103,15 +112,15 @@ impl FoldedConv {
         let n = x.len() / (g.c * g.h * g.w);
         if winograd::serves::<T>(g, o) {
             let u = winograd::filter_transform(w, o, g.c);
-            let keep = self.epilogue.is_none();
-            let (out, v) = winograd::forward_with(g, x, &u, o, self.epilogue.as_ref(), keep);
-            if keep {
-                if let Ok(mut kept) = self.kept.lock() {
-                    *kept = Kept {
-                        filter: Some(Box::new(u)),
-                        input: v.map(|v| Box::new(v) as Box<dyn std::any::Any + Send>),
-                    };
-                }
+            let e = self.epilogue.as_ref();
+            let (out, v) = winograd::forward_with(g, x, &u, o, e, self.keep_input);
+            if let Ok(mut kept) = self.kept.lock() {
+                *kept = Kept {
+                    filter: self
+                        .keep_filter
+                        .then(|| Box::new(u) as Box<dyn std::any::Any + Send>),
+                    input: v.map(|v| Box::new(v) as Box<dyn std::any::Any + Send>),
+                };
             }
             return (T::to_cpu_storage_owned(out), Shape::from((n, o, oh, ow)));
         }
