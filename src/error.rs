@@ -59,6 +59,18 @@ pub enum Error {
     #[error("device {device}: {reason}")]
     Device { device: String, reason: String },
 
+    /// A run folder (or study) that another process is writing.
+    #[error("{path} is in use by {holder}; wait for it to finish or stop it (a lock left by a process that died does not block)")]
+    Busy { path: PathBuf, holder: String },
+
+    /// Training produced a non-finite loss too often to go on.
+    #[error("training diverged: {reason}")]
+    Diverged { reason: String },
+
+    /// A run would need more memory than this machine has.
+    #[error("{what}: {reason}")]
+    TooLarge { what: String, reason: String },
+
     /// An error raised by candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

@@ -18,6 +18,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let _ = fs::remove_file(&tmp);
         return Err(Error::io(&tmp, e));
     }
+    kill_point("before_rename");
     fs::rename(&tmp, path).map_err(|e| {
         let _ = fs::remove_file(&tmp);
         Error::io(path, e)
@@ -30,6 +31,31 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Fault injection for the crash tests (`tests/robust_runs.rs`): with `GRAFT_KILL_AT=POINT@N` in the
+/// environment, the `N`th time (1-based) the process reaches `kill_point("POINT")` it sends itself SIGKILL,
+/// as `kill -9` from outside would, at a moment a test can name (a checkpoint half written, the metrics line
+/// not yet appended). Without the variable this is one cached lookup.
+pub fn kill_point(point: &str) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+    static TARGET: OnceLock<Option<(String, usize)>> = OnceLock::new();
+    static SEEN: AtomicUsize = AtomicUsize::new(0);
+    let target = TARGET.get_or_init(|| {
+        let v = std::env::var("GRAFT_KILL_AT").ok()?;
+        let (name, n) = v.split_once('@')?;
+        Some((name.to_string(), n.parse().ok()?))
+    });
+    let Some((name, n)) = target else { return };
+    if name == point && SEEN.fetch_add(1, Ordering::SeqCst) + 1 == *n {
+        let pid = std::process::id().to_string();
+        let _ = std::process::Command::new("kill")
+            .args(["-9", &pid])
+            .status();
+        // `kill` is not on PATH: stop as abruptly as possible anyway.
+        std::process::abort();
+    }
 }
 
 /// `NAME.tmp` next to `NAME`.

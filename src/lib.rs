@@ -16,6 +16,7 @@ pub mod optim;
 pub mod par;
 pub mod pretrain;
 pub mod simd;
+pub mod sysmem;
 pub mod train;
 
 pub use error::{Error, Result};

@@ -9,7 +9,7 @@ use crate::models::head::{Activation, HeadConfig, Init};
 use crate::optim::OptimizerConfig;
 use crate::train::checkpoint::RunDir;
 use crate::train::early_stop::Monitor;
-use crate::train::finetune::{finetune, FinetuneConfig, RunOptions, ScheduleKind};
+use crate::train::finetune::{finetune, finetune_new, FinetuneConfig, RunOptions, ScheduleKind};
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
@@ -119,6 +119,10 @@ pub struct FinetuneArgs {
     /// --augment is off, their outputs are cached and later epochs run only the rest (0: never cache).
     #[arg(long, default_value_t = 2048)]
     pub cache_mb: usize,
+    /// Steps whose loss is not finite (inf, NaN) that are skipped, without an update, before the run stops with
+    /// an error; the last good checkpoint is kept.
+    #[arg(long, default_value_t = 3)]
+    pub max_bad_steps: usize,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -268,6 +272,7 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
         unfreeze_at,
         train_bn: args.train_bn,
         cache_mb: args.cache_mb,
+        max_bad_steps: args.max_bad_steps,
         device: args.device.clone(),
     })
 }
@@ -278,23 +283,46 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         stop_after: args.stop_after,
     };
     let outcome = if let Some(dir) = &args.resume {
-        let run_dir = RunDir::open_existing(dir)?;
+        let ignored: Vec<String> = crate::cli::flags_given("finetune")
+            .into_iter()
+            .filter(|f| !["--resume", "--quiet", "--stop-after"].contains(&f.as_str()))
+            .collect();
+        if !ignored.is_empty() {
+            eprintln!(
+                "warning: --resume continues the run with its own settings ({}); ignoring {}",
+                dir.join("config.json").display(),
+                ignored.join(" ")
+            );
+        }
+        let run_dir = RunDir::open_to_resume(dir)?;
         let cfg: FinetuneConfig = run_dir
             .read_config()
             .with_context(|| format!("reading the config of run {}", dir.display()))?;
         finetune(&cfg, &run_dir, true, &opts)?
     } else {
         let cfg = config_from_args(&args)?;
-        crate::train::finetune::validate(&cfg)?;
-        let run_dir = RunDir::create(args.run_dir.as_deref())?;
-        eprintln!("run folder: {}", run_dir.path().display());
-        finetune(&cfg, &run_dir, false, &opts)?
+        finetune_new(&cfg, args.run_dir.as_deref(), &opts)?
     };
-    println!(
-        "best epoch {:?}, val accuracy {:.2}%, run folder {}",
-        outcome.best_epoch,
-        outcome.val_acc * 100.0,
-        outcome.run_dir.display()
-    );
+    println!("{}", final_line(&outcome));
     Ok(())
+}
+
+/// The last line of a run, for people: the best epoch and the accuracy of the weights the run ended with.
+fn final_line(o: &crate::train::finetune::Outcome) -> String {
+    let folder = o.run_dir.display();
+    if !o.val_acc.is_finite() {
+        return format!(
+            "no validation images (the run kept its last epoch's weights), run folder {folder}"
+        );
+    }
+    match o.best_epoch {
+        Some(e) => format!(
+            "best epoch {e}, val accuracy {:.2}%, run folder {folder}",
+            o.val_acc * 100.0
+        ),
+        None => format!(
+            "val accuracy {:.2}% (last epoch), run folder {folder}",
+            o.val_acc * 100.0
+        ),
+    }
 }

@@ -51,6 +51,24 @@ pub struct BaseArgs {
     pub device: String,
 }
 
+/// The long flags given on this process's command line to subcommand `sub` (not those left at their defaults),
+/// e.g. to tell a user which flags `--resume` ignores. Empty when the process was not started as `graft`
+/// (library tests).
+pub fn flags_given(sub: &str) -> Vec<String> {
+    use clap::parser::ValueSource;
+    use clap::CommandFactory;
+    let Ok(matches) = Cli::command().try_get_matches_from(std::env::args_os()) else {
+        return Vec::new();
+    };
+    let Some(m) = matches.subcommand_matches(sub) else {
+        return Vec::new();
+    };
+    m.ids()
+        .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
+        .map(|id| format!("--{}", id.as_str().replace('_', "-")))
+        .collect()
+}
+
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {

@@ -197,7 +197,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
         stop_after: args.stop_after,
     };
     let outcome = if let Some(dir) = &args.resume {
-        let run_dir = RunDir::open_existing(dir)?;
+        let run_dir = RunDir::open_to_resume(dir)?;
         let cfg: PretrainConfig = run_dir
             .read_config()
             .with_context(|| format!("reading the config of run {}", dir.display()))?;

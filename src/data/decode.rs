@@ -6,7 +6,7 @@
 //! 16-bit samples are scaled to 8 bits, and CMYK (JPEG or TIFF) is converted by the decoder.
 
 use crate::{Error, Result};
-use image::{DynamicImage, ImageFormat, ImageReader, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, RgbImage};
 use std::io::Cursor;
 use std::path::Path;
 
@@ -39,6 +39,9 @@ pub fn is_image_path(path: &Path) -> bool {
 /// decoder's reason. The JPEG decoder itself fills a truncated file's missing rows with grey and
 /// reports success, so a JPEG is first checked to run to its end-of-image marker (as Pillow refuses
 /// truncated files by default).
+///
+/// The EXIF orientation (JPEG, PNG, WebP, TIFF) is applied, as `PIL.ImageOps.exif_transpose` does: a phone
+/// photo stored sideways with Orientation=6 comes out upright, in training, evaluation and prediction alike.
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     let fail = |reason: String| Error::Image {
         path: path.to_path_buf(),
@@ -51,7 +54,13 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
     if reader.format() == Some(ImageFormat::Jpeg) {
         check_jpeg_complete(&bytes).map_err(fail)?;
     }
-    let image = reader.decode().map_err(|e| fail(e.to_string()))?;
+    let mut decoder = reader.into_decoder().map_err(|e| fail(e.to_string()))?;
+    // A malformed EXIF block is no reason to lose the image: it is then read as stored.
+    let orientation = decoder
+        .orientation()
+        .unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| fail(e.to_string()))?;
+    image.apply_orientation(orientation);
     if image.width() == 0 || image.height() == 0 {
         return Err(fail("image has no pixels".into()));
     }
@@ -104,6 +113,40 @@ fn check_jpeg_complete(bytes: &[u8]) -> std::result::Result<(), String> {
                 }
             }
         }
+    }
+}
+
+/// Checks cheaply that `path` looks like an image graft can decode: its header names a known format and
+/// gives non-zero dimensions (a zero-byte file, text saved as `.jpg`, a folder of HTML error pages). It reads
+/// a few bytes, not the pixels, so a file corrupt further in still fails later, when it is decoded.
+pub fn probe_image(path: &Path) -> Result<()> {
+    let fail = |reason: String| Error::Image {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (w, h) = ImageReader::open(path)
+        .map_err(|e| fail(e.to_string()))?
+        .with_guessed_format()
+        .map_err(|e| fail(e.to_string()))?
+        .into_dimensions()
+        .map_err(|e| fail(e.to_string()))?;
+    if w == 0 || h == 0 {
+        return Err(fail("image has no pixels".into()));
+    }
+    Ok(())
+}
+
+/// Prints `warning: skipping image PATH: REASON` the first time `path` is skipped in this process, so that
+/// a file read by several loaders (training, its cached features, validation) is reported once.
+pub fn warn_skipped(path: &Path, reason: &str) {
+    static WARNED: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let first = WARNED
+        .lock()
+        .map(|mut w| w.insert(path.to_path_buf()))
+        .unwrap_or(true);
+    if first {
+        eprintln!("warning: skipping image {}: {reason}", path.display());
     }
 }
 

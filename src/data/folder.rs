@@ -41,9 +41,47 @@ pub struct Dataset {
     pub test: Option<Vec<Sample>>,
     /// Whether `val` came from a folder (`val/` or `valid/`) rather than from splitting `train`.
     pub val_from_folder: bool,
+    /// Files left out because they cannot be read as images (see [`super::decode::probe_image`]), or that
+    /// are a second path to an image already listed (a symlink), with the reason; each was warned about once.
+    pub skipped: Vec<(PathBuf, String)>,
 }
 
 impl Dataset {
+    /// Leaves out the files whose header cannot be read as an image ([`super::decode::probe_image`], in
+    /// parallel), each warned about once and recorded in `skipped`, so that they never reach a batch. A class
+    /// none of whose training images can be read is an error naming its folder (it could not be learnt).
+    /// Files that pass this check but fail to decode later are skipped by the loader.
+    pub fn drop_unreadable(&mut self) -> Result<()> {
+        let before = class_counts(&self.train, self.classes.len());
+        let mut skipped = std::mem::take(&mut self.skipped);
+        self.train = readable(std::mem::take(&mut self.train), &mut skipped);
+        self.val = readable(std::mem::take(&mut self.val), &mut skipped);
+        if let Some(t) = self.test.take() {
+            self.test = Some(readable(t, &mut skipped));
+        }
+        self.skipped = skipped;
+        let after = class_counts(&self.train, self.classes.len());
+        if let Some(c) = (0..after.len()).find(|&c| after[c] == 0 && before[c] > 0) {
+            let class = &self.classes[c];
+            let folder = self.skipped.iter().find(|(p, _)| {
+                p.parent()
+                    .and_then(|d| d.file_name())
+                    .is_some_and(|n| n.to_string_lossy() == *class)
+            });
+            let (example, why) = folder
+                .map(|(p, r)| (p.display().to_string(), r.clone()))
+                .unwrap_or_default();
+            return Err(dataset_error(
+                &self.root,
+                format!(
+                    "none of the {} training images of class `{class}` can be read (e.g. {example}: {why}); fix or remove them",
+                    before[c]
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// Number of training images in each class, in label order.
     pub fn class_counts(&self) -> Vec<usize> {
         class_counts(&self.train, self.classes.len())
@@ -111,6 +149,7 @@ impl ImageFolder {
         let test_dir = split_dir(&["test"]);
         let split_layout = train_dir.is_some();
 
+        let mut skipped = Vec::new();
         let (classes, mut train) = match (&train_dir, split_layout) {
             (Some(dir), true) => read_classes(dir)?,
             _ => read_classes(root)?,
@@ -124,10 +163,34 @@ impl ImageFolder {
                 (val, false)
             }
         };
-        let test = match (split_layout, test_dir) {
+        let mut test = match (split_layout, test_dir) {
             (true, Some(dir)) => Some(read_split(&dir, &classes)?),
             _ => None,
         };
+        // One file reached by two paths (a symlink into another class or split) is read once, under the
+        // first path in the order train, val, test.
+        let mut seen = std::collections::HashMap::new();
+        let mut first_path = |s: &Sample, skipped: &mut Vec<(PathBuf, String)>| {
+            let key = s.path.canonicalize().unwrap_or_else(|_| s.path.clone());
+            match seen.entry(key) {
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(s.path.clone());
+                    true
+                }
+                std::collections::hash_map::Entry::Occupied(o) => {
+                    let reason = format!("the same file as {}", o.get().display());
+                    super::decode::warn_skipped(&s.path, &reason);
+                    skipped.push((s.path.clone(), reason));
+                    false
+                }
+            }
+        };
+        train.retain(|s| first_path(s, &mut skipped));
+        let mut val = val;
+        val.retain(|s| first_path(s, &mut skipped));
+        if let Some(t) = test.as_mut() {
+            t.retain(|s| first_path(s, &mut skipped));
+        }
         Ok(Dataset {
             root: root.to_path_buf(),
             classes,
@@ -135,6 +198,7 @@ impl ImageFolder {
             val,
             test,
             val_from_folder,
+            skipped,
         })
     }
 }
@@ -202,10 +266,16 @@ fn images_under(dir: &Path, seen: &mut HashSet<PathBuf>, out: &mut Vec<PathBuf>)
         if is_hidden(&path) {
             continue;
         }
-        if path.is_dir() {
-            images_under(&path, seen, out)?;
-        } else if path.is_file() && is_image_path(&path) {
-            out.push(path);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.is_dir() => images_under(&path, seen, out)?,
+            Ok(m) if m.is_file() && is_image_path(&path) => out.push(path),
+            Ok(_) => {}
+            // A symlink that dangles or loops: reported, never followed, never fatal.
+            Err(e) if path.is_symlink() => super::decode::warn_skipped(
+                &path,
+                &format!("broken or looping symbolic link ({e})"),
+            ),
+            Err(e) => return Err(Error::io(&path, e)),
         }
     }
     Ok(())
@@ -215,6 +285,31 @@ fn class_name(path: &Path) -> String {
     path.file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default()
+}
+
+/// The samples whose image header can be read ([`super::decode::probe_image`], in parallel); the others
+/// are warned about and added to `skipped`.
+fn readable(samples: Vec<Sample>, skipped: &mut Vec<(PathBuf, String)>) -> Vec<Sample> {
+    use rayon::prelude::*;
+    let probed: Vec<Result<()>> = samples
+        .par_iter()
+        .map(|s| super::decode::probe_image(&s.path))
+        .collect();
+    let mut ok = Vec::with_capacity(samples.len());
+    for (sample, r) in samples.into_iter().zip(probed) {
+        match r {
+            Ok(()) => ok.push(sample),
+            Err(e) => {
+                let reason = match e {
+                    Error::Image { reason, .. } => reason,
+                    other => other.to_string(),
+                };
+                super::decode::warn_skipped(&sample.path, &reason);
+                skipped.push((sample.path, reason));
+            }
+        }
+    }
+    ok
 }
 
 /// Reads `dir/<class>/**` into sorted class names and samples, with the errors of [`ImageFolder::open`].

@@ -367,10 +367,7 @@ impl Inner {
                 };
                 let mut skipped = self.skipped.lock().expect("no panics under the lock");
                 if let std::collections::btree_map::Entry::Vacant(slot) = skipped.entry(index) {
-                    eprintln!(
-                        "warning: skipping image {}: {reason}",
-                        self.samples[index].path.display()
-                    );
+                    super::decode::warn_skipped(&self.samples[index].path, &reason);
                     slot.insert(reason);
                 }
                 return false;

@@ -314,6 +314,16 @@ impl Optimizer {
         self.engine.set_momentum(momentum)
     }
 
+    /// Follows a schedule's momentum (`ScheduleConfig::momentum_at`) where this optimizer has momentum to cycle,
+    /// as fastai's one-cycle does: SGD/RMSProp with momentum, the Adam family's beta1. AdaGrad, plain SGD and
+    /// RMSProp without momentum keep theirs (cycling would turn on a momentum the user did not choose).
+    pub fn follow_momentum(&mut self, momentum: Option<f64>) -> Result<()> {
+        match (momentum, self.momentum()) {
+            (Some(m), Some(current)) if current > 0.0 => self.set_momentum(m),
+            _ => Ok(()),
+        }
+    }
+
     /// The state of every grouped parameter that has taken a step, named `<param>.<slot>`.
     pub fn state(&self) -> OptimState {
         let names: Vec<&str> = self

@@ -635,6 +635,8 @@ pub fn pretrain(
     // ReduceLROnPlateau state of the current phase (`--schedule plateau`).
     let mut plateau: Option<ReduceOnPlateau> = None;
     let mut metrics_log;
+    // A run that died before its first checkpoint starts again from the beginning.
+    let resume = resume && run_dir.has_checkpoint();
     if resume {
         let ck = Checkpoint::load(run_dir.resume_checkpoint()?, &s.device)?;
         let state: TrainState = ck.meta()?;
@@ -652,7 +654,8 @@ pub fn pretrain(
             o.load_state(&optim_state_from(&ck, &state.optimizer)?)?;
             opt = Some(o);
         }
-        metrics_log = MetricsLog::resume(run_dir.metrics_path(), epoch_global)?;
+        metrics_log =
+            MetricsLog::resume_with(run_dir.metrics_path(), epoch_global, &state.history)?;
         reporter.line(&format!(
             "resuming {} after epoch {epoch_global} ({} epoch {})",
             run_dir.path().display(),
@@ -660,7 +663,7 @@ pub fn pretrain(
             pos.phase_epoch
         ));
     } else {
-        metrics_log = MetricsLog::append_to(run_dir.metrics_path())?;
+        metrics_log = MetricsLog::create(run_dir.metrics_path())?;
     }
     let mut history = MetricsLog::read(run_dir.metrics_path())?;
 
@@ -735,9 +738,7 @@ pub fn pretrain(
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             let k = pos.phase_epoch * s.steps_per_epoch + i;
             lr = sched.lr_at(k, phase_steps) * plateau.as_ref().map_or(1.0, |p| p.factor());
-            if let Some(mo) = sched.momentum_at(k, phase_steps) {
-                opt_ref.set_momentum(mo)?;
-            }
+            opt_ref.follow_momentum(sched.momentum_at(k, phase_steps))?;
             // Forward, backward and update on the thread pool (see `on_pool`).
             let loss = on_pool(|| -> Result<Tensor> {
                 let loss = s.train_loss(phase, &batch.images, &mut rng)?;
@@ -797,6 +798,8 @@ pub fn pretrain(
             config: serde_json::to_value(cfg)
                 .map_err(|e| Error::config("config", e.to_string()))?,
             classes: Vec::new(),
+            history: history.iter().cloned().chain([m.clone()]).collect(),
+            bad_steps: 0,
         };
         if cfg.patience.is_some() && matches!(decision, Decision::Continue { improved: true }) {
             save_checkpoint(&run_dir.best_checkpoint(), &s.model, opt_ref, &state)?;

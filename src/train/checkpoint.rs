@@ -14,6 +14,7 @@
 //! `metrics.jsonl`, `best.safetensors`, `last.safetensors` and the PNG plots.
 
 use crate::train::early_stop::EarlyStopping;
+use crate::train::metrics::EpochMetrics;
 use crate::train::rng::RngState;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -274,6 +275,14 @@ pub struct TrainState {
     pub config: serde_json::Value,
     /// Class names in label order.
     pub classes: Vec<String>,
+    /// The metrics of every epoch up to `epoch`, so that a kill between writing this checkpoint and appending
+    /// to `metrics.jsonl` loses no record: a resume rewrites the log from here. (Absent in checkpoints written
+    /// before this field: the log is then trusted as it is.)
+    #[serde(default)]
+    pub history: Vec<EpochMetrics>,
+    /// Optimizer steps skipped so far because their loss was not finite.
+    #[serde(default)]
+    pub bad_steps: u64,
 }
 
 /// Name of the file that marks a folder as a graft run.
@@ -290,14 +299,40 @@ pub struct RunInfo {
 }
 
 /// The folder of one training run and the names of the files in it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+///
+/// A `RunDir` made by [`RunDir::create`] or [`RunDir::open_to_resume`] holds the folder's [`RunLock`] (clones
+/// share it): one process at a time writes a run. [`RunDir::open_existing`] only reads (export, eval) and takes
+/// no lock.
+#[derive(Debug, Clone)]
 pub struct RunDir {
     path: PathBuf,
+    lock: Option<std::sync::Arc<RunLock>>,
 }
 
+impl PartialEq for RunDir {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path
+    }
+}
+impl Eq for RunDir {}
+
+/// Files of a run that are only results of its checkpoints: a run folder with no `last.safetensors` holds
+/// nothing that cannot be made again, so reusing it removes these.
+const RESULT_FILES: &[&str] = &[
+    "config.json",
+    "metrics.jsonl",
+    "best.safetensors",
+    "curves.png",
+    "confusion.png",
+    "summary.txt",
+    "summary.json",
+];
+
 impl RunDir {
-    /// Creates the run folder: `path` when given (it may exist only if empty), otherwise a fresh
-    /// `runs/YYYYmmdd-HHMMSS` (UTC), with `-2`, `-3`, ... appended when that name is taken.
+    /// Creates the run folder: `path` when given, otherwise a fresh `runs/YYYYmmdd-HHMMSS` (UTC), with `-2`,
+    /// `-3`, ... appended when that name is taken. A given `path` may exist if it is empty, or if it is a graft
+    /// run that never wrote a checkpoint (it died before its first epoch ended: its leftovers are removed and it
+    /// starts again); a run with a checkpoint is refused, and so is a folder another process holds.
     pub fn create(path: Option<&Path>) -> Result<RunDir> {
         match path {
             Some(p) => Self::create_at(p, SystemTime::now()),
@@ -327,13 +362,26 @@ impl RunDir {
 
     fn create_at(path: &Path, now: SystemTime) -> Result<RunDir> {
         if path.join(RUN_MARKER).exists() {
-            return Err(Error::config(
-                "--run-dir",
-                format!(
-                    "{} already holds a graft run; resume it or choose another folder",
-                    path.display()
-                ),
-            ));
+            let lock = RunLock::acquire(path)?;
+            if path.join("last.safetensors").exists() {
+                return Err(Error::config(
+                    "--run-dir",
+                    format!(
+                        "{} already holds a graft run with a checkpoint; continue it with `graft finetune --resume {}` or choose another folder",
+                        path.display(),
+                        path.display()
+                    ),
+                ));
+            }
+            // A run that died before its first checkpoint: nothing in it is worth keeping.
+            for name in RESULT_FILES {
+                let f = path.join(name);
+                if f.exists() {
+                    fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
+                }
+            }
+            remove_stale_temporaries(path)?;
+            return Self::init_locked(path.to_path_buf(), now, lock);
         }
         if path.exists() {
             let mut entries = fs::read_dir(path).map_err(|e| Error::io(path, e))?;
@@ -349,12 +397,20 @@ impl RunDir {
     }
 
     fn init(path: PathBuf, now: SystemTime) -> Result<RunDir> {
+        let lock = RunLock::acquire(&path)?;
+        Self::init_locked(path, now, lock)
+    }
+
+    fn init_locked(path: PathBuf, now: SystemTime, lock: RunLock) -> Result<RunDir> {
         let info = RunInfo {
             tool: "graft".into(),
             graft_version: env!("CARGO_PKG_VERSION").into(),
             created_utc: utc_stamp(now, true),
         };
-        let run = RunDir { path };
+        let run = RunDir {
+            path,
+            lock: Some(std::sync::Arc::new(lock)),
+        };
         let json = serde_json::to_vec_pretty(&info).expect("run info serialises");
         write_atomic(&run.path.join(RUN_MARKER), &json).map_err(|e| match e {
             // Name the folder the user chose, not our temporary file.
@@ -364,8 +420,18 @@ impl RunDir {
         Ok(run)
     }
 
-    /// Opens the folder of an earlier run, e.g. to resume it. A folder without a valid `run.json` is refused with
-    /// a `BadFile` error naming it; nothing in it is touched.
+    /// Opens an earlier run to continue writing it: [`RunDir::open_existing`] plus the folder's lock (refused
+    /// with [`Error::Busy`] while another process holds it) and removal of temporary files a killed writer left.
+    pub fn open_to_resume(path: impl AsRef<Path>) -> Result<RunDir> {
+        let mut run = Self::open_existing(path)?;
+        let lock = RunLock::acquire(&run.path)?;
+        remove_stale_temporaries(&run.path)?;
+        run.lock = Some(std::sync::Arc::new(lock));
+        Ok(run)
+    }
+
+    /// Opens the folder of an earlier run for reading. A folder without a valid `run.json` is refused with a
+    /// `BadFile` error naming it; nothing in it is touched.
     pub fn open_existing(path: impl AsRef<Path>) -> Result<RunDir> {
         let path = path.as_ref();
         if !path.is_dir() {
@@ -388,9 +454,15 @@ impl RunDir {
         match serde_json::from_str::<RunInfo>(&text) {
             Ok(info) if info.tool == "graft" => Ok(RunDir {
                 path: path.to_path_buf(),
+                lock: None,
             }),
             _ => Err(Error::bad_file(marker, "not a graft run marker")),
         }
+    }
+
+    /// Whether the run has written a checkpoint it can resume from.
+    pub fn has_checkpoint(&self) -> bool {
+        self.last_checkpoint().is_file()
     }
 
     pub fn path(&self) -> &Path {
@@ -448,6 +520,72 @@ impl RunDir {
     }
 }
 
+/// Name of the lock file inside a run folder (see [`RunLock`]).
+pub const LOCK_FILE: &str = "lock";
+
+/// An exclusive claim on a run folder, held for as long as this value (or a clone of the [`RunDir`]
+/// holding it) lives.
+///
+/// It is an OS file lock (`flock`) on `RUN/lock`, not the file's existence: the kernel drops it when the
+/// process ends in any way (exit, panic, `kill -9`), so a lock left by a dead process never blocks anyone,
+/// and there is no stale-lock timeout to guess. The file holds the holder's pid, only for the message a
+/// second process gets.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `dir`, or fails with [`Error::Busy`] naming the holder's pid.
+    pub fn acquire(dir: &Path) -> Result<RunLock> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(LOCK_FILE);
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                let mut text = String::new();
+                let _ = file.read_to_string(&mut text);
+                let holder = text
+                    .trim()
+                    .parse::<u32>()
+                    .map_or("another graft process".to_string(), |pid| {
+                        format!("another graft process (pid {pid})")
+                    });
+                return Err(Error::Busy {
+                    path: dir.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(fs::TryLockError::Error(e)) => return Err(Error::io(&path, e)),
+        }
+        let pid = std::process::id().to_string();
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| file.write_all(pid.as_bytes()))
+            .map_err(|e| Error::io(&path, e))?;
+        Ok(RunLock { _file: file })
+    }
+}
+
+/// Removes the `*.tmp` files a killed writer left in `dir` (only called with the folder's lock held, so no
+/// live writer owns them).
+fn remove_stale_temporaries(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let path = entry.map_err(|e| Error::io(dir, e))?.path();
+        if path.extension().is_some_and(|e| e == "tmp") && path.is_file() {
+            fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
+        }
+    }
+    Ok(())
+}
+
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     serde_json::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))
@@ -503,6 +641,8 @@ mod tests {
             schedule: serde_json::json!({"kind": "cosine", "step": 250}),
             config: serde_json::json!({"base": "resnet18", "lr": 0.001}),
             classes: vec!["cat".into(), "dog".into()],
+            history: Vec::new(),
+            bad_steps: 0,
         }
     }
 
@@ -799,8 +939,11 @@ mod tests {
         let chosen = root.path().join("my-run");
         let run = RunDir::create(Some(&chosen)).unwrap();
         run.write_config(&serde_json::json!({"lr": 0.1})).unwrap();
+        sample().save(run.last_checkpoint()).unwrap();
+        drop(run);
         let err = RunDir::create(Some(&chosen)).unwrap_err().to_string();
         assert!(err.contains("already holds a graft run"), "{err}");
+        let run = RunDir::open_existing(&chosen).unwrap();
         assert_eq!(run.read_config::<serde_json::Value>().unwrap()["lr"], 0.1);
 
         let other = root.path().join("photos");
@@ -809,6 +952,39 @@ mod tests {
         let err = RunDir::create(Some(&other)).unwrap_err().to_string();
         assert!(err.contains("not empty"), "{err}");
         assert!(!other.join(RUN_MARKER).exists());
+    }
+
+    #[test]
+    fn a_second_writer_is_refused_with_the_holders_pid_and_the_lock_dies_with_its_holder() {
+        let root = tempfile::tempdir().unwrap();
+        let chosen = root.path().join("r");
+        let run = RunDir::create(Some(&chosen)).unwrap();
+        sample().save(run.last_checkpoint()).unwrap();
+        let err = RunDir::open_to_resume(&chosen).unwrap_err();
+        assert!(matches!(err, Error::Busy { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains(&format!("pid {}", std::process::id())),
+            "{msg}"
+        );
+        // Readers are never refused.
+        RunDir::open_existing(&chosen).unwrap();
+        drop(run);
+        RunDir::open_to_resume(&chosen).unwrap();
+    }
+
+    #[test]
+    fn a_run_that_died_before_its_first_checkpoint_is_reused_and_its_temporaries_cleaned() {
+        let root = tempfile::tempdir().unwrap();
+        let chosen = root.path().join("r");
+        let run = RunDir::create(Some(&chosen)).unwrap();
+        run.write_config(&serde_json::json!({"lr": 0.1})).unwrap();
+        fs::write(run.metrics_path(), "{}\n").unwrap();
+        fs::write(chosen.join("last.safetensors.tmp"), b"torn").unwrap();
+        drop(run);
+        let again = RunDir::create(Some(&chosen)).unwrap();
+        assert!(!again.config_path().exists() && !again.metrics_path().exists());
+        assert!(!chosen.join("last.safetensors.tmp").exists());
     }
 
     #[test]

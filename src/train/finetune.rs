@@ -28,7 +28,7 @@ use crate::train::rng::seeded;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Which learning-rate schedule each phase follows; built into a [`ScheduleConfig`] at the phase's rate.
@@ -131,10 +131,18 @@ pub struct FinetuneConfig {
     /// Memory budget in MiB for the cached outputs of a frozen prefix (0: never cache).
     #[serde(default = "cache_mb_default")]
     pub cache_mb: usize,
+    /// Steps whose loss is not finite that are skipped (no update) before the run stops with
+    /// [`Error::Diverged`], over the whole run.
+    #[serde(default = "max_bad_steps_default")]
+    pub max_bad_steps: usize,
 }
 
 fn cache_mb_default() -> usize {
     2048
+}
+
+fn max_bad_steps_default() -> usize {
+    3
 }
 
 /// What a finished run reports.
@@ -251,9 +259,48 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
             format!("must be in [0, 1), got {}", cfg.label_smoothing),
         ));
     }
+    if !(0.0..1.0).contains(&cfg.val_split) {
+        return Err(Error::config(
+            "--val-split",
+            format!("must be in [0, 1), got {}", cfg.val_split),
+        ));
+    }
+    if let Some(c) = cfg.clip_grad_norm {
+        if !(c > 0.0 && c.is_finite()) {
+            return Err(Error::config(
+                "--clip-grad-norm",
+                format!("must be a positive norm, got {c} (leave the flag out to not clip)"),
+            ));
+        }
+    }
+    if !(cfg.min_delta >= 0.0 && cfg.min_delta.is_finite()) {
+        return Err(Error::config(
+            "--min-delta",
+            format!("must be zero or positive, got {}", cfg.min_delta),
+        ));
+    }
+    if cfg.patience == Some(0) {
+        return Err(Error::config(
+            "--patience",
+            "must be at least 1 epoch (leave the flag out to never stop early)",
+        ));
+    }
+    if let Some(&(epoch, _)) = cfg.unfreeze_at.iter().find(|(e, _)| *e == 0) {
+        return Err(Error::config(
+            "--unfreeze-at",
+            format!("epochs are 1-based, got {epoch}"),
+        ));
+    }
     cfg.optimizer.validate()?;
     cfg.head.validate()?;
-    base::resolve(&cfg.base).map(|_| ())
+    let p = preprocess_for(cfg)?;
+    crate::sysmem::check_fits(
+        &format!(
+            "--image-size {} --batch-size {}",
+            p.input_size, cfg.batch_size
+        ),
+        crate::sysmem::training_step_bytes(cfg.batch_size, p.channels, p.input_size),
+    )
 }
 
 /// Everything a run needs at hand, built from its config.
@@ -279,6 +326,15 @@ fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
             return Err(Error::config(
                 "--image-size",
                 format!("{s} is too small (at least 16)"),
+            ));
+        }
+        if s > crate::sysmem::MAX_IMAGE_SIZE {
+            return Err(Error::config(
+                "--image-size",
+                format!(
+                    "{s} is too large (at most {})",
+                    crate::sysmem::MAX_IMAGE_SIZE
+                ),
             ));
         }
         p.input_size = s;
@@ -311,7 +367,8 @@ impl Session {
     ) -> Result<(Session, Option<LoadReport>)> {
         let device = crate::device::parse_device(&cfg.device)?;
         let base = base::resolve(&cfg.base)?;
-        let dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
+        let mut dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
+        dataset.drop_unreadable()?;
         if dataset.val.is_empty() && cfg.patience.is_some() {
             return Err(Error::Dataset {
                 path: cfg.data.clone(),
@@ -433,15 +490,12 @@ impl Session {
 
     /// What the frozen prefix of `level` groups makes of `loader`'s samples, in order, with their labels
     /// (see [`Classifier::frozen_prefix`]), or `None` once they would take more than `budget` bytes.
-    fn prefix_outputs(
-        &self,
-        loader: &Loader,
-        level: usize,
-        budget: f64,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+    fn prefix_outputs(&self, loader: &Loader, level: usize, budget: f64) -> Result<Option<Cached>> {
         let n = loader.samples().len() as f64;
         let mut outs = Vec::new();
         let mut labels = Vec::new();
+        let mut rows = vec![None; loader.samples().len()];
+        let mut next_row = 0u32;
         for batch in loader.epoch(0) {
             let batch = batch?;
             let h = on_pool(|| self.model.frozen_prefix(&batch.images, level))?;
@@ -449,10 +503,25 @@ impl Session {
             if per_sample * n > budget {
                 return Ok(None);
             }
+            // A sample that failed to decode has no row: later epochs leave it out, as the loader does.
+            for &i in &batch.indices {
+                rows[i] = Some(next_row);
+                next_row += 1;
+            }
             outs.push(h);
             labels.push(batch.labels);
         }
-        Ok(Some((Tensor::cat(&outs, 0)?, Tensor::cat(&labels, 0)?)))
+        if outs.is_empty() {
+            return Err(Error::Dataset {
+                path: self.cfg.data.clone(),
+                reason: "no image of this split could be decoded".into(),
+            });
+        }
+        Ok(Some(Cached {
+            features: Tensor::cat(&outs, 0)?,
+            labels: Tensor::cat(&labels, 0)?,
+            rows,
+        }))
     }
 
     /// The number of frozen groups whose outputs can be computed once for the epochs ahead: the frozen
@@ -460,6 +529,16 @@ impl Session {
     fn cache_level(&self, frozen: usize) -> Option<usize> {
         (frozen > 0 && !self.cfg.augment && !self.cfg.train_bn && self.cfg.cache_mb > 0)
             .then_some(frozen.min(self.n_groups))
+    }
+
+    /// Every file of the dataset left out so far, once each: those the folder scan refused and those a loader
+    /// failed to decode.
+    fn skipped_images(&self) -> std::collections::BTreeSet<PathBuf> {
+        let scanned = self.dataset.skipped.iter().map(|(p, _)| p.clone());
+        let loaders = [&self.train, &self.train_eval, &self.val]
+            .into_iter()
+            .flat_map(|l| l.skipped().into_iter().map(|(p, _)| p));
+        scanned.chain(loaders).collect()
     }
 
     /// Whether there are validation images (without them: no early stopping, the last weights are kept).
@@ -499,13 +578,13 @@ impl Session {
             Ok(())
         };
         match cached.and_then(|c| c.val.as_ref().map(|v| (c.level, v))) {
-            Some((level, (f, y))) => {
-                let n = f.dim(0)?;
+            Some((level, v)) => {
+                let n = v.rows();
                 for start in (0..n).step_by(bs) {
                     let len = bs.min(n - start);
-                    let x = f.narrow(0, start, len)?;
+                    let x = v.features.narrow(0, start, len)?;
                     let logits = on_pool(|| self.model.forward_from(&x, level, Mode::Frozen))?;
-                    handle(logits, y.narrow(0, start, len)?)?;
+                    handle(logits, v.labels.narrow(0, start, len)?)?;
                 }
             }
             None => {
@@ -526,8 +605,36 @@ impl Session {
 /// exactly what the prefix would compute again.
 struct ActivationCache {
     level: usize,
-    train: (Tensor, Tensor),
-    val: Option<(Tensor, Tensor)>,
+    train: Cached,
+    val: Option<Cached>,
+}
+
+/// The cached outputs of one split: `features` and `labels` have one row per decodable sample, in sample
+/// order; `rows[i]` is sample `i`'s row (`None` for an image that could not be decoded).
+struct Cached {
+    features: Tensor,
+    labels: Tensor,
+    rows: Vec<Option<u32>>,
+}
+
+impl Cached {
+    /// The rows of `samples` that have one (the batch an uninterrupted loader would give, skipped images left
+    /// out), or `None` when none of them has.
+    fn batch(&self, samples: &[usize], device: &Device) -> Result<Option<(Tensor, Tensor)>> {
+        let rows: Vec<u32> = samples.iter().filter_map(|&i| self.rows[i]).collect();
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let idx = Tensor::new(rows, device)?;
+        Ok(Some((
+            self.features.index_select(&idx, 0)?,
+            self.labels.index_select(&idx, 0)?,
+        )))
+    }
+
+    fn rows(&self) -> usize {
+        self.features.dims()[0]
+    }
 }
 
 impl ActivationCache {
@@ -551,7 +658,7 @@ impl ActivationCache {
             return Ok(None);
         };
         let val = if s.has_val() {
-            let left = budget - (train.0.elem_count() * 4) as f64;
+            let left = budget - (train.features.elem_count() * 4) as f64;
             let Some(v) = s.prefix_outputs(&s.val, level, left)? else {
                 too_big(reporter, "validation");
                 return Ok(None);
@@ -560,7 +667,8 @@ impl ActivationCache {
         } else {
             None
         };
-        let bytes = (train.0.elem_count() + val.as_ref().map_or(0, |v| v.0.elem_count())) * 4;
+        let bytes =
+            (train.features.elem_count() + val.as_ref().map_or(0, |v| v.features.elem_count())) * 4;
         reporter.line(&format!(
             "frozen prefix, no augmentation: {what} computed once ({:.1} MiB)",
             bytes as f64 / (1u64 << 20) as f64
@@ -596,7 +704,8 @@ fn optim_state_from(ck: &Checkpoint, meta: &serde_json::Value) -> Result<OptimSt
     OptimState::from_metadata(ck.with_prefix("optim").into_iter().collect(), &metadata)
 }
 
-/// Runs (or resumes) a fine-tuning run in `run_dir`.
+/// Runs (or resumes) a fine-tuning run in `run_dir`. A `resume` of a run that has no checkpoint yet starts it
+/// from the beginning.
 pub fn finetune(
     cfg: &FinetuneConfig,
     run_dir: &RunDir,
@@ -604,9 +713,36 @@ pub fn finetune(
     opts: &RunOptions,
 ) -> Result<Outcome> {
     validate(cfg)?;
-    let total_epochs = cfg.freeze_epochs + cfg.epochs;
-    let mut reporter = Reporter::new(opts.quiet, total_epochs);
+    let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
     let (s, report) = Session::build(cfg, &mut reporter)?;
+    run_session(s, report, reporter, run_dir, resume, opts)
+}
+
+/// Runs a fresh fine-tuning run in a new run folder (`dir`, or a dated one under `runs/`), which is created only
+/// once the config, the data and the weights have been checked: a bad flag or folder leaves nothing behind.
+pub fn finetune_new(
+    cfg: &FinetuneConfig,
+    dir: Option<&Path>,
+    opts: &RunOptions,
+) -> Result<Outcome> {
+    validate(cfg)?;
+    let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
+    let (s, report) = Session::build(cfg, &mut reporter)?;
+    let run_dir = RunDir::create(dir)?;
+    eprintln!("run folder: {}", run_dir.path().display());
+    run_session(s, report, reporter, &run_dir, false, opts)
+}
+
+fn run_session(
+    s: Session,
+    report: Option<LoadReport>,
+    mut reporter: Reporter,
+    run_dir: &RunDir,
+    resume: bool,
+    opts: &RunOptions,
+) -> Result<Outcome> {
+    let cfg = &s.cfg.clone();
+    let total_epochs = cfg.freeze_epochs + cfg.epochs;
     if let Some(r) = &report {
         reporter.line(&r.summary());
     }
@@ -620,7 +756,15 @@ pub fn finetune(
     let mut step: u64 = 0;
     let mut opt: Option<Optimizer> = None;
     let mut frozen = usize::MAX;
+    let mut bad_steps: u64 = 0;
     let mut metrics_log;
+    if resume && !run_dir.has_checkpoint() {
+        reporter.line(&format!(
+            "{} has no checkpoint yet (it stopped in its first epoch): starting it from the beginning",
+            run_dir.path().display()
+        ));
+    }
+    let resume = resume && run_dir.has_checkpoint();
     if resume {
         let path = run_dir.resume_checkpoint()?;
         let ck = Checkpoint::load(&path, &s.device)?;
@@ -628,6 +772,7 @@ pub fn finetune(
         ck.restore_varmap("model", &s.model.varmap)?;
         start_epoch = state.epoch;
         step = state.step;
+        bad_steps = state.bad_steps;
         if let Some(e) = state.early_stop {
             early = e;
         }
@@ -641,13 +786,13 @@ pub fn finetune(
             o.load_state(&optim_state_from(&ck, &state.optimizer)?)?;
             opt = Some(o);
         }
-        metrics_log = MetricsLog::resume(run_dir.metrics_path(), start_epoch)?;
+        metrics_log = MetricsLog::resume_with(run_dir.metrics_path(), start_epoch, &state.history)?;
         reporter.line(&format!(
             "resuming {} after epoch {start_epoch} (step {step})",
             run_dir.path().display()
         ));
     } else {
-        metrics_log = MetricsLog::append_to(run_dir.metrics_path())?;
+        metrics_log = MetricsLog::create(run_dir.metrics_path())?;
     }
 
     let mut history = MetricsLog::read(run_dir.metrics_path())?;
@@ -715,51 +860,73 @@ pub fn finetune(
             Vec::new()
         };
         let mut batches = s.train.epoch(epoch as u64);
+        // BatchNorm layers that train take batch statistics, which one image does not have: a batch that
+        // skipped images left with one is not trained on (the loader already drops a lone last image).
+        let bn_trains = frozen < s.n_groups && s.train.config().batch_size > 1;
         #[allow(clippy::needless_range_loop)] // `i` also positions the step in the schedule
         for i in 0..s.steps_per_epoch {
             // The input (the cached features at `level`, or the images) and its labels.
             let (x, labels, level) = if let Some(c) = &cache {
-                let (feats, ys) = &c.train;
-                let idx = Tensor::new(
-                    order_batches[i]
-                        .iter()
-                        .map(|&j| j as u32)
-                        .collect::<Vec<_>>(),
-                    &s.device,
-                )?;
-                (
-                    feats.index_select(&idx, 0)?,
-                    ys.index_select(&idx, 0)?,
-                    Some(c.level),
-                )
+                match c.train.batch(&order_batches[i], &s.device)? {
+                    Some((x, y)) => (x, y, Some(c.level)),
+                    None => continue,
+                }
             } else {
                 let Some(batch) = batches.next() else { break };
                 let batch = batch?;
                 (batch.images, batch.labels, None)
             };
+            if bn_trains && labels.dim(0)? == 1 {
+                continue;
+            }
             let k = phase_step0 + i;
             lr = sched.lr_at(k, phase_steps) * plateau.as_ref().map_or(1.0, |p| p.factor());
-            if let Some(m) = sched.momentum_at(k, phase_steps) {
-                opt_ref.set_momentum(m)?;
-            }
+            opt_ref.follow_momentum(sched.momentum_at(k, phase_steps))?;
             // Forward, backward and update on the thread pool (see `on_pool`); the batch was fetched
-            // outside it.
-            let (loss_v, correct) = on_pool(|| -> Result<(f64, usize)> {
+            // outside it. A step whose loss is not finite changes nothing (`None`).
+            let outcome = on_pool(|| -> Result<Option<(f64, usize)>> {
                 let logits = match level {
                     Some(level) => s.model.forward_from(&x, level, Mode::Train)?,
                     None => s.model.forward(&x, Mode::Train, frozen)?,
                 };
                 let loss = s.loss(&logits, &labels)?;
+                let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !loss_v.is_finite() {
+                    return Ok(None);
+                }
                 let mut grads = loss.backward()?;
                 if let Some(max) = cfg.clip_grad_norm {
                     clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
                 }
                 opt_ref.step(&grads, lr)?;
-                let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                Ok((loss_v, count_correct(&logits, &labels)?))
+                Ok(Some((loss_v, count_correct(&logits, &labels)?)))
             })?;
             step += 1;
-            pass.batch(labels.dim(0)?, loss_v, correct);
+            match outcome {
+                Some((loss_v, correct)) => pass.batch(labels.dim(0)?, loss_v, correct),
+                None => {
+                    bad_steps += 1;
+                    let last = if run_dir.has_checkpoint() {
+                        format!("{} (epoch {epoch})", run_dir.last_checkpoint().display())
+                    } else {
+                        "none yet".to_string()
+                    };
+                    if bad_steps > cfg.max_bad_steps as u64 {
+                        return Err(Error::Diverged {
+                            reason: format!(
+                                "the loss was not finite in {bad_steps} steps (the last at step {step}, epoch {}), more than --max-bad-steps {}; the last good checkpoint: {last}. Try a lower --lr or --clip-grad-norm",
+                                epoch + 1,
+                                cfg.max_bad_steps
+                            ),
+                        });
+                    }
+                    pass.note(&format!(
+                            "warning: step {step} (epoch {}): the loss is not finite; step skipped ({bad_steps} of at most --max-bad-steps {})",
+                            epoch + 1,
+                            cfg.max_bad_steps
+                    ));
+                }
+            }
         }
         drop(batches);
         let train_stats = pass.stats();
@@ -799,11 +966,16 @@ pub fn finetune(
             config: serde_json::to_value(cfg)
                 .map_err(|e| Error::config("config", e.to_string()))?,
             classes: s.dataset.classes.clone(),
+            history: history.iter().cloned().chain([m.clone()]).collect(),
+            bad_steps,
         };
+        crate::fsutil::kill_point("epoch_end");
         if improved {
             save_checkpoint(&run_dir.best_checkpoint(), &s.model, None, &state)?;
         }
+        crate::fsutil::kill_point("after_best");
         save_checkpoint(&run_dir.last_checkpoint(), &s.model, Some(opt_ref), &state)?;
+        crate::fsutil::kill_point("after_last");
         metrics_log.append(&m)?;
         reporter.epoch_done(&m, improved);
         history.push(m);
@@ -833,6 +1005,13 @@ pub fn finetune(
         &s.dataset.classes,
     );
     reporter.line(&summary);
+    let skipped = s.skipped_images();
+    if !skipped.is_empty() {
+        reporter.line(&format!(
+            "skipped {} image file(s) that could not be read or were listed twice (each warned about above)",
+            skipped.len()
+        ));
+    }
     let outcome = Outcome {
         run_dir: run_dir.path().to_path_buf(),
         epochs_run: history.len(),

@@ -311,12 +311,33 @@ impl MetricsLog {
         Ok(MetricsLog { path, file })
     }
 
+    /// Starts the log of a fresh run: an empty file (a reused run folder's old log is dropped).
+    pub fn create(path: impl AsRef<Path>) -> Result<Self> {
+        crate::fsutil::write_atomic(path.as_ref(), b"")?;
+        Self::append_to(path)
+    }
+
     /// Prepares the log of a resumed run whose checkpoint finished epoch `last_epoch`: keeps the records of epochs
     /// `<= last_epoch` (a crash after the metrics line but before the checkpoint would otherwise duplicate an
     /// epoch), drops a torn last line, rewrites the file atomically and opens it for appending.
     pub fn resume(path: impl AsRef<Path>, last_epoch: usize) -> Result<Self> {
+        Self::resume_with(path, last_epoch, &[])
+    }
+
+    /// [`MetricsLog::resume`] with the records the checkpoint carries (`TrainState::history`): when they cover
+    /// epochs `1..=last_epoch` they are the log, whatever the file holds, so an epoch whose line a kill
+    /// prevented is not lost; otherwise (older checkpoints) the file's records are kept as in `resume`.
+    pub fn resume_with(
+        path: impl AsRef<Path>,
+        last_epoch: usize,
+        history: &[EpochMetrics],
+    ) -> Result<Self> {
         let path = path.as_ref();
-        let kept: Vec<EpochMetrics> = if path.exists() {
+        let complete = history.len() == last_epoch
+            && history.iter().enumerate().all(|(i, m)| m.epoch == i + 1);
+        let kept: Vec<EpochMetrics> = if complete {
+            history.to_vec()
+        } else if path.exists() {
             read_records(path, true)?
                 .into_iter()
                 .filter(|m| m.epoch <= last_epoch)
@@ -329,7 +350,7 @@ impl MetricsLog {
             text.push_str(&serde_json::to_string(m).expect("metrics serialise"));
             text.push('\n');
         }
-        crate::train::checkpoint::write_atomic(path, text.as_bytes())?;
+        crate::fsutil::write_atomic(path, text.as_bytes())?;
         Self::append_to(path)
     }
 

@@ -140,6 +140,14 @@ impl PassProgress<'_> {
         }
     }
 
+    /// Writes a message (a warning) as its own line, above the bar when there is one.
+    pub fn note(&mut self, text: &str) {
+        match &self.bar {
+            Some(bar) => bar.suspend(|| self.reporter.line(text)),
+            None => self.reporter.line(text),
+        }
+    }
+
     /// Loss and accuracy so far.
     pub fn stats(&self) -> RunningStats {
         self.stats
