@@ -165,7 +165,12 @@ fn optimizer_config(args: &FinetuneArgs) -> anyhow::Result<OptimizerConfig> {
         }
     }
     let cfg: OptimizerConfig = serde_json::from_value(v)?;
-    cfg.validate()?;
+    cfg.validate().with_context(|| {
+        format!(
+            "--optimizer {} with --momentum/--weight-decay as given",
+            args.optimizer
+        )
+    })?;
     Ok(cfg)
 }
 
@@ -295,6 +300,13 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
             );
         }
         let run_dir = RunDir::open_to_resume(dir)?;
+        if !run_dir.config_path().exists() {
+            bail!(
+                "{} stopped before it wrote its config.json, so there is nothing to continue: run the same `graft finetune` command again with `--run-dir {}` (the folder is reused)",
+                dir.display(),
+                dir.display()
+            );
+        }
         let cfg: FinetuneConfig = run_dir
             .read_config()
             .with_context(|| format!("reading the config of run {}", dir.display()))?;

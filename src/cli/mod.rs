@@ -64,6 +64,8 @@ pub fn flags_given(sub: &str) -> Vec<String> {
         return Vec::new();
     };
     m.ids()
+        // Argument groups (clap names them after their struct, `FinetuneArgs`) are not flags.
+        .filter(|id| !id.as_str().starts_with(|c: char| c.is_ascii_uppercase()))
         .filter(|id| m.value_source(id.as_str()) == Some(ValueSource::CommandLine))
         .map(|id| format!("--{}", id.as_str().replace('_', "-")))
         .collect()

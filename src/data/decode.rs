@@ -211,4 +211,64 @@ mod tests {
         assert!(!is_image_path(Path::new("a/notes.txt")));
         assert!(!is_image_path(Path::new("a/README")));
     }
+
+    /// A JPEG of a 4x2 image (left half red, right half blue) with an EXIF APP1 segment saying
+    /// Orientation=`orientation`, inserted right after the start-of-image marker as cameras write it.
+    fn jpeg_with_orientation(orientation: u16) -> Vec<u8> {
+        let img = RgbImage::from_fn(16, 8, |x, _| {
+            if x < 8 {
+                image::Rgb([250, 0, 0])
+            } else {
+                image::Rgb([0, 0, 250])
+            }
+        });
+        let mut jpeg = Vec::new();
+        img.write_to(&mut Cursor::new(&mut jpeg), ImageFormat::Jpeg)
+            .unwrap();
+        // TIFF, little-endian: header, one IFD with one SHORT entry (0x0112 Orientation), no next IFD.
+        let mut tiff = b"II*\0".to_vec();
+        tiff.extend_from_slice(&8u32.to_le_bytes());
+        tiff.extend_from_slice(&1u16.to_le_bytes());
+        tiff.extend_from_slice(&0x0112u16.to_le_bytes());
+        tiff.extend_from_slice(&3u16.to_le_bytes());
+        tiff.extend_from_slice(&1u32.to_le_bytes());
+        tiff.extend_from_slice(&orientation.to_le_bytes());
+        tiff.extend_from_slice(&[0, 0]);
+        tiff.extend_from_slice(&0u32.to_le_bytes());
+        let mut app1 = vec![0xFF, 0xE1];
+        app1.extend_from_slice(&((2 + 6 + tiff.len()) as u16).to_be_bytes());
+        app1.extend_from_slice(b"Exif\0\0");
+        app1.extend_from_slice(&tiff);
+        let mut out = jpeg[..2].to_vec();
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&jpeg[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_as_pil_exif_transpose_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain.jpg");
+        std::fs::write(&plain, jpeg_with_orientation(1)).unwrap();
+        let img = load_rgb(&plain).unwrap();
+        assert_eq!(img.dimensions(), (16, 8));
+        // Orientation 6: the stored image is shown rotated 90 degrees clockwise, so the left (red) half
+        // ends up on top.
+        let rotated = dir.path().join("rotated.jpg");
+        std::fs::write(&rotated, jpeg_with_orientation(6)).unwrap();
+        let img = load_rgb(&rotated).unwrap();
+        assert_eq!(img.dimensions(), (8, 16));
+        let top = img.get_pixel(4, 2);
+        let bottom = img.get_pixel(4, 13);
+        assert!(top[0] > 200 && top[2] < 60, "top is red: {top:?}");
+        assert!(
+            bottom[2] > 200 && bottom[0] < 60,
+            "bottom is blue: {bottom:?}"
+        );
+        // Orientation 8 (90 degrees counter-clockwise): red at the bottom.
+        let other = dir.path().join("other.jpg");
+        std::fs::write(&other, jpeg_with_orientation(8)).unwrap();
+        let img = load_rgb(&other).unwrap();
+        assert!(img.get_pixel(4, 13)[0] > 200);
+    }
 }
