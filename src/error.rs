@@ -31,6 +31,32 @@ pub enum Error {
     #[error("cannot read {path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
 
+    /// A weights file, checkpoint or deployment file holds NaN or infinite values. A model built from it
+    /// computes garbage, and some kernels (ReLU, max-pool) turn NaN into numbers, so its outputs could even
+    /// look plausible; it is refused when it is read.
+    #[error("tensor `{name}` in {file} holds NaN or infinite values; the file is damaged or comes from a run that diverged")]
+    NonFiniteTensor { name: String, file: PathBuf },
+
+    /// A model gave NaN or infinite outputs for an input (its weights are finite but overflow on it).
+    #[error(
+        "model {model} gives NaN or infinite outputs for {input}; its scores would mean nothing"
+    )]
+    NonFiniteOutput { model: PathBuf, input: String },
+
+    /// A PyTorch pickle names a global outside the allow-list of `torch.load(weights_only=True)`. graft's
+    /// unpickler never calls it, but Python would, so such a file is refused as torch refuses it.
+    #[error("refusing {path}: its pickle names the global `{global}`, which torch.load(weights_only=True) does not allow; a file of weights needs only tensors, storages and containers, and this one may run code when Python loads it{hint}")]
+    UnsafePickle {
+        path: PathBuf,
+        global: String,
+        /// Extra advice, empty or starting with `; `.
+        hint: String,
+    },
+
+    /// An output path that names one of the command's inputs (the same path, a symlink or a hard link).
+    #[error("{output} is the same file as the input {input}; writing it would destroy the input: choose another output path")]
+    OutputIsInput { output: PathBuf, input: PathBuf },
+
     /// A base model name that no model card describes.
     #[error("unknown base model `{name}`; known: {known}")]
     UnknownBase { name: String, known: String },

@@ -1,6 +1,11 @@
 //! Deployment files: one safetensors file holding a fine-tuned classifier's weights and, in its
 //! `__metadata__`, everything needed to use them (architecture, head, class names, preprocessing, graft
 //! version). `graft predict --model` and `graft eval --model` need nothing else.
+//!
+//! An export carries a SHA-256 of its tensor data under [`weights::CHECKSUM_KEY`], as checkpoints carry
+//! theirs, and [`load_model`] refuses a file whose data does not match it, naming the file. Exports written
+//! before the checksum existed have none and still load (without the check). Every tensor is checked for NaN
+//! and infinities both when the export is written and when it is loaded.
 
 use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::models::weights;
@@ -34,8 +39,25 @@ pub struct ExportOptions {
     pub fold_bn: bool,
 }
 
-/// Writes the run's best weights (its last, if no best was kept) as a deployment file, atomically.
+/// Writes the run's best weights (its last, if no best was kept) as a deployment file, atomically (a
+/// temporary file renamed into place), with a checksum of its data.
+///
+/// Refused before anything is read: an `out` that is one of the run's own files (its checkpoints, config,
+/// metrics, plots, summary or marker, also through a symlink or hard link), since writing it would destroy
+/// the run's record. Refused before anything is written: weights that do not build the run's model, and
+/// weights holding NaN or infinities ([`Error::NonFiniteTensor`]), which would predict nothing meaningful.
 pub fn export_run(run: &RunDir, out: &Path, opts: ExportOptions) -> Result<ExportReport> {
+    let run_files = [
+        run.best_checkpoint(),
+        run.last_checkpoint(),
+        run.config_path(),
+        run.metrics_path(),
+        run.summary_path(),
+        run.curves_png(),
+        run.confusion_png(),
+        run.path().join(crate::train::checkpoint::RUN_MARKER),
+    ];
+    crate::fsutil::refuse_output_over_input(out, run_files.iter().map(PathBuf::as_path))?;
     let source = if run.best_checkpoint().is_file() {
         run.best_checkpoint()
     } else {
@@ -52,6 +74,11 @@ pub fn export_run(run: &RunDir, out: &Path, opts: ExportOptions) -> Result<Expor
             &source,
             "no model weights in this checkpoint",
         ));
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for name in names {
+        crate::models::finite::ensure_finite(&format!("model.{name}"), &tensors[name], &source)?;
     }
     // Check that the weights really build the spec's model before anything is written.
     let model = Classifier::new(spec.clone(), &Device::Cpu)?;
@@ -77,7 +104,7 @@ pub fn export_run(run: &RunDir, out: &Path, opts: ExportOptions) -> Result<Expor
         env!("CARGO_PKG_VERSION").to_string(),
     );
     metadata.insert("graft.run".to_string(), run.path().display().to_string());
-    weights::save_safetensors_atomic(out, &tensors, Some(metadata))?;
+    weights::save_safetensors_checked(out, &tensors, metadata)?;
     Ok(ExportReport {
         path: out.to_path_buf(),
         source,
@@ -86,7 +113,10 @@ pub fn export_run(run: &RunDir, out: &Path, opts: ExportOptions) -> Result<Expor
     })
 }
 
-/// Loads a deployment file written by [`export_run`].
+/// Loads a deployment file written by [`export_run`]. Its checksum is verified when it has one (exports
+/// written before checksums existed have none and load unchecked) and every tensor is checked for NaN and
+/// infinities ([`weights::read_safetensors`]). A training checkpoint given instead is refused with the
+/// `graft export` command that turns its run into a deployment file.
 pub fn load_model(path: &Path, device: &Device) -> Result<Classifier> {
     let file = weights::read_safetensors(path, device)?;
     match file.metadata.get(FORMAT_KEY).map(String::as_str) {
@@ -96,6 +126,22 @@ pub fn load_model(path: &Path, device: &Device) -> Result<Classifier> {
                 path,
                 format!("deployment format `{other}` is not one this graft reads ({FORMAT})"),
             ))
+        }
+        None if file.metadata.get("format").map(String::as_str)
+            == Some(crate::train::checkpoint::CHECKPOINT_FORMAT) =>
+        {
+            let run = path
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "this is a training checkpoint, not an exported model; export its run first: \
+                     `graft export {} --out model.safetensors`, then use --model model.safetensors",
+                    run.display()
+                ),
+            ));
         }
         None => {
             return Err(Error::bad_file(

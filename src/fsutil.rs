@@ -65,6 +65,51 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Whether `a` and `b` name one file. When both exist, on unix that is the same device and inode (so a hard
+/// link counts), elsewhere the same canonical path (symlinks and `..` resolved). A path that does not exist
+/// yet is compared by its canonical folder plus its name, so it is never the same as an existing file.
+pub fn same_file(a: &Path, b: &Path) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        if let (Ok(ma), Ok(mb)) = (fs::metadata(a), fs::metadata(b)) {
+            return ma.dev() == mb.dev() && ma.ino() == mb.ino();
+        }
+    }
+    matches!((canonical(a), canonical(b)), (Some(x), Some(y)) if x == y)
+}
+
+/// `path` canonicalised, or for a path that does not exist its canonical folder joined with its name.
+fn canonical(path: &Path) -> Option<PathBuf> {
+    if let Ok(c) = path.canonicalize() {
+        return Some(c);
+    }
+    let name = path.file_name()?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    Some(dir.canonicalize().ok()?.join(name))
+}
+
+/// Refuses to write `output` when it is one of `inputs` ([`same_file`]): writing a command's result over
+/// what it reads (`graft convert X.pth X.pth`, `graft export RUN --out RUN/best.safetensors`) would replace
+/// the only copy of the input. The error ([`Error::OutputIsInput`]) names both paths as the user gave them.
+pub fn refuse_output_over_input<'a>(
+    output: &Path,
+    inputs: impl IntoIterator<Item = &'a Path>,
+) -> Result<()> {
+    for input in inputs {
+        if same_file(output, input) {
+            return Err(Error::OutputIsInput {
+                output: output.to_path_buf(),
+                input: input.to_path_buf(),
+            });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +122,35 @@ mod tests {
         write_atomic(&p, b"two").unwrap();
         assert_eq!(std::fs::read(&p).unwrap(), b"two");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_same_file_is_recognised_through_other_spellings_and_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.bin");
+        std::fs::write(&a, b"x").unwrap();
+        let dotted = dir.path().join(".").join("a.bin");
+        assert!(same_file(&a, &dotted));
+        let hard = dir.path().join("hard.bin");
+        std::fs::hard_link(&a, &hard).unwrap();
+        assert!(same_file(&a, &hard), "a hard link is the same file");
+        #[cfg(unix)]
+        {
+            let soft = dir.path().join("soft.bin");
+            std::os::unix::fs::symlink(&a, &soft).unwrap();
+            assert!(same_file(&soft, &a), "a symlink is the same file");
+        }
+        let other = dir.path().join("b.bin");
+        std::fs::write(&other, b"x").unwrap();
+        assert!(
+            !same_file(&a, &other),
+            "equal contents are not the same file"
+        );
+        assert!(!same_file(&dir.path().join("new.bin"), &a));
+        let err = refuse_output_over_input(&hard, [a.as_path()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("hard.bin") && err.contains("a.bin"), "{err}");
     }
 
     #[test]

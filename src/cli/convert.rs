@@ -16,7 +16,7 @@ pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
     let report = crate::models::pth::convert_to_safetensors(&args.input, &args.output)
         .with_context(|| format!("converting {}", args.input.display()))?;
     println!(
-        "wrote {} ({} tensors, {} values, {:?} checkpoint){}",
+        "wrote {} ({} tensors, {} values, {}-format PyTorch checkpoint){}",
         args.output.display(),
         report.tensors,
         report.elements,

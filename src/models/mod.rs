@@ -10,6 +10,7 @@ pub mod card;
 pub mod classifier;
 pub mod efficientnet;
 pub mod encoder;
+pub mod finite;
 pub mod head;
 pub mod hub;
 pub mod layers;

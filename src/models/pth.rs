@@ -9,8 +9,12 @@
 //!   the raw storage bytes.
 //!
 //! The pickles are decoded by a small unpickler that knows the binary opcodes of protocols 2 to 5 and the
-//! handful of callables torch uses (`_rebuild_tensor_v2`, `OrderedDict`, ...). It never runs code: any
-//! other callable becomes an opaque object, which is only an error if a tensor is expected there. Tensors
+//! handful of callables torch uses (`_rebuild_tensor_v2`, `OrderedDict`, ...). It never runs code, but a file
+//! whose pickle names any global outside the allow-list of `torch.load(weights_only=True)` ([`allowed_global`];
+//! `posix.system`, `builtins.eval`, `subprocess.Popen`, a pickled `nn.Module` class, ...) is refused with
+//! [`Error::UnsafePickle`] naming the file and the global, as torch refuses it: such a file would run code
+//! when Python loads it, and a state dict never needs one. An allowed callable graft does not interpret
+//! (`torch.Size`, ...) becomes an inert object, which is only an error if a tensor is expected there. Tensors
 //! may be non-contiguous views (the EfficientNet-Lite0 weights are), so each one is gathered through its
 //! offset and strides into a fresh contiguous tensor.
 //!
@@ -32,6 +36,16 @@ pub enum PthFormat {
     Zip,
     /// Pickles followed by raw storages, written by older torch or `_use_new_zipfile_serialization=False`.
     Legacy,
+}
+
+impl std::fmt::Display for PthFormat {
+    /// How the format is named to people: `zip` or `legacy`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PthFormat::Zip => "zip",
+            PthFormat::Legacy => "legacy",
+        })
+    }
 }
 
 /// What [`convert_to_safetensors`] did.
@@ -62,13 +76,16 @@ pub fn load_pth(path: impl AsRef<Path>) -> Result<Vec<(String, Tensor)>> {
 
 /// Converts a PyTorch checkpoint into a safetensors file with the same tensor names.
 ///
-/// The output is written to a temporary file next to `output` and renamed into place, so an interrupted
-/// conversion never leaves a truncated file under the final name.
+/// The output is written atomically ([`crate::fsutil::write_atomic`]: a temporary file next to `output`,
+/// synced, renamed into place), so an interrupted conversion never leaves a truncated file under the final
+/// name. An `output` that is the input itself (the same path, a symlink or a hard link) is refused with
+/// [`Error::OutputIsInput`] before anything is read, since the conversion would replace its own input.
 pub fn convert_to_safetensors(
     input: impl AsRef<Path>,
     output: impl AsRef<Path>,
 ) -> Result<ConvertReport> {
     let (input, output) = (input.as_ref(), output.as_ref());
+    crate::fsutil::refuse_output_over_input(output, [input])?;
     let checkpoint = read_checkpoint(input)?;
     if checkpoint.tensors.is_empty() {
         return Err(Error::bad_file(input, "the state dict holds no tensors"));
@@ -77,25 +94,17 @@ pub fn convert_to_safetensors(
     let count = checkpoint.tensors.len();
     let map: HashMap<String, Tensor> = checkpoint.tensors.into_iter().collect();
 
-    let file_name = output.file_name().ok_or_else(|| {
-        Error::config("output path", format!("{} names no file", output.display()))
-    })?;
-    let tmp = output.with_file_name(format!(
-        ".{}.tmp{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    if output.file_name().is_none() {
+        return Err(Error::config(
+            "output path",
+            format!("{} names no file", output.display()),
+        ));
+    }
     // Serialised in memory and written with std::fs, so the file gets the usual permissions (safetensors'
     // own writer goes through a 0600 temporary file).
     let bytes = safetensors::tensor::serialize(&map, None)
         .map_err(|e| Error::bad_file(output, format!("cannot serialise to safetensors: {e}")))?;
-    let written = std::fs::write(&tmp, &bytes)
-        .map_err(|e| Error::io(&tmp, e))
-        .and_then(|()| std::fs::rename(&tmp, output).map_err(|e| Error::io(output, e)));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
+    crate::fsutil::write_atomic(output, &bytes)?;
     let bytes_written = bytes.len() as u64;
     Ok(ConvertReport {
         format: checkpoint.format,
@@ -113,31 +122,235 @@ struct Checkpoint {
     skipped: Vec<String>,
 }
 
+/// Reads a checkpoint in either format. Errors name `path`: [`Error::UnsafePickle`] for a global outside the
+/// allow-list, [`Error::NonFiniteTensor`] for a tensor holding NaN or an infinity, [`Error::BadFile`] for
+/// everything else.
 fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let bad = |reason: String| Error::bad_file(path, reason);
-    if bytes.starts_with(b"PK\x03\x04") {
-        read_zip(&bytes).map_err(bad)
+    let read = if bytes.starts_with(b"PK\x03\x04") {
+        read_zip(&bytes)
     } else if bytes.first() == Some(&0x80) {
-        read_legacy(&bytes).map_err(bad)
+        read_legacy(&bytes)
     } else {
-        Err(bad(
-            "not a PyTorch checkpoint (neither a zip archive nor a pickle)".into(),
-        ))
+        Err("not a PyTorch checkpoint (neither a zip archive nor a pickle)".into())
+    };
+    let checkpoint = read.map_err(|e| match e {
+        PickleError::Malformed(reason) => Error::bad_file(path, reason),
+        PickleError::Unsafe { global } => Error::UnsafePickle {
+            path: path.to_path_buf(),
+            hint: unsafe_global_hint(&global),
+            global,
+        },
+    })?;
+    for (name, t) in &checkpoint.tensors {
+        crate::models::finite::ensure_finite(name, t, path)?;
+    }
+    Ok(checkpoint)
+}
+
+/// Why a pickle could not be read.
+#[derive(Debug)]
+enum PickleError {
+    /// Truncated, corrupt or not what torch writes.
+    Malformed(String),
+    /// It names `global` (`module.name`), which [`allowed_global`] refuses.
+    Unsafe { global: String },
+}
+
+impl PickleError {
+    /// Prefixes a malformed file's reason with where it was found; a refusal stays as it is.
+    fn context(self, at: &str) -> Self {
+        match self {
+            PickleError::Malformed(r) => PickleError::Malformed(format!("{at}: {r}")),
+            unsafe_global => unsafe_global,
+        }
+    }
+}
+
+impl From<String> for PickleError {
+    fn from(reason: String) -> Self {
+        PickleError::Malformed(reason)
+    }
+}
+
+impl From<&str> for PickleError {
+    fn from(reason: &str) -> Self {
+        PickleError::Malformed(reason.to_string())
+    }
+}
+
+impl std::fmt::Display for PickleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PickleError::Malformed(r) => f.write_str(r),
+            PickleError::Unsafe { global } => write!(f, "global `{global}` is not allowed"),
+        }
+    }
+}
+
+/// Whether a pickle may name `module.name`: the globals `torch.load(weights_only=True)` allows by default
+/// (`_get_allowed_globals` in torch/_weights_only_unpickler.py, torch 2.4 to 2.6): the tensor and parameter
+/// rebuild functions, storage and tensor classes, dtypes, layouts, quantisation schemes, `torch.Size`,
+/// `torch.device`, `collections.OrderedDict`/`Counter`, and the builtins `set`, `bytearray`, `complex` and
+/// `_codecs.encode` (Python 2's `__builtin__` spelling included). Nothing else: no module a pickle could
+/// run code through, and no user class (a pickled model rather than its state dict).
+fn allowed_global(module: &str, name: &str) -> bool {
+    const REBUILD: &[&str] = &[
+        "_rebuild_parameter",
+        "_rebuild_parameter_with_state",
+        "_rebuild_qtensor",
+        "_rebuild_tensor",
+        "_rebuild_tensor_v2",
+        "_rebuild_tensor_v3",
+        "_rebuild_sparse_tensor",
+        "_rebuild_meta_tensor_no_storage",
+        "_rebuild_nested_tensor",
+        "_rebuild_wrapper_subclass",
+        "_rebuild_device_tensor_from_numpy",
+        "_rebuild_device_tensor_from_cpu_tensor",
+    ];
+    const ELEMENTS: &[&str] = &[
+        "Double",
+        "Float",
+        "Half",
+        "BFloat16",
+        "Long",
+        "Int",
+        "Short",
+        "Char",
+        "Byte",
+        "Bool",
+        "ComplexDouble",
+        "ComplexFloat",
+        "QUInt8",
+        "QInt8",
+        "QInt32",
+        "QUInt4x2",
+        "QUInt2x4",
+    ];
+    const DTYPES: &[&str] = &[
+        "float16",
+        "float32",
+        "float64",
+        "bfloat16",
+        "complex32",
+        "complex64",
+        "complex128",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "uint16",
+        "uint32",
+        "uint64",
+        "bool",
+        "qint8",
+        "quint8",
+        "qint32",
+        "quint4x2",
+        "quint2x4",
+        "float8_e5m2",
+        "float8_e4m3fn",
+        "float8_e5m2fnuz",
+        "float8_e4m3fnuz",
+        "bits8",
+        "bits16",
+        "bits1x8",
+        "bits2x4",
+        "bits4x2",
+    ];
+    const TORCH_OTHER: &[&str] = &[
+        "Size",
+        "Tensor",
+        "device",
+        "UntypedStorage",
+        "TypedStorage",
+        "strided",
+        "sparse_coo",
+        "sparse_csr",
+        "sparse_csc",
+        "sparse_bsr",
+        "sparse_bsc",
+        "_mkldnn",
+        "per_tensor_affine",
+        "per_channel_affine",
+        "per_tensor_symmetric",
+        "per_channel_symmetric",
+        "per_channel_affine_float_qparams",
+    ];
+    let class_of = |suffix: &str| {
+        name.strip_suffix(suffix)
+            .is_some_and(|element| ELEMENTS.contains(&element))
+    };
+    match module {
+        "collections" => matches!(name, "OrderedDict" | "Counter"),
+        "builtins" | "__builtin__" => matches!(name, "set" | "bytearray" | "complex"),
+        "_codecs" => name == "encode",
+        "torch._utils" => REBUILD.contains(&name),
+        "torch._tensor" => name == "_rebuild_from_type_v2",
+        "torch.nn.parameter" => name == "Parameter",
+        "torch.serialization" => name == "_get_layout",
+        "torch.storage" => matches!(name, "UntypedStorage" | "TypedStorage"),
+        "torch" => {
+            TORCH_OTHER.contains(&name)
+                || DTYPES.contains(&name)
+                || class_of("Storage")
+                || class_of("Tensor")
+        }
+        "torch.cuda" => class_of("Storage") || class_of("Tensor"),
+        _ => false,
+    }
+}
+
+/// Advice for a refused global that looks like a pickled model class rather than a way to run code.
+fn unsafe_global_hint(global: &str) -> String {
+    const CODE_MODULES: &[&str] = &[
+        "os",
+        "posix",
+        "nt",
+        "subprocess",
+        "builtins",
+        "__builtin__",
+        "sys",
+        "shutil",
+        "socket",
+        "pty",
+        "runpy",
+        "importlib",
+        "operator",
+        "functools",
+        "pickle",
+        "marshal",
+        "ctypes",
+        "code",
+        "types",
+        "webbrowser",
+        "commands",
+        "platform",
+    ];
+    let (module, name) = global.rsplit_once('.').unwrap_or(("", global));
+    let root = module.split('.').next().unwrap_or(module);
+    if CODE_MODULES.contains(&root) || !name.starts_with(|c: char| c.is_ascii_uppercase()) {
+        String::new()
+    } else {
+        format!(
+            "; if `{global}` is your model class, save `model.state_dict()` instead of the model"
+        )
     }
 }
 
 /// The magic number heading a legacy checkpoint, `0x1950a86a20f9469cfc6c`, as little-endian bytes.
 const LEGACY_MAGIC: [u8; 10] = [0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8, 0x50, 0x19];
 
-fn read_legacy(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
+fn read_legacy(bytes: &[u8]) -> std::result::Result<Checkpoint, PickleError> {
     let mut pos = 0;
     let mut next_pickle = |what: &str| {
         let (value, end) = Unpickler::new(bytes, pos)
             .run()
-            .map_err(|e| format!("{what} pickle: {e}"))?;
+            .map_err(|e| e.context(&format!("{what} pickle")))?;
         pos = end;
-        Ok::<_, String>(value)
+        Ok::<_, PickleError>(value)
     };
     match next_pickle("magic number")? {
         Value::BigInt(b) if b == LEGACY_MAGIC => {}
@@ -145,7 +358,7 @@ fn read_legacy(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     }
     match next_pickle("protocol version")? {
         Value::Int(1001) => {}
-        other => return Err(format!("unsupported legacy protocol version {other:?}")),
+        other => return Err(format!("unsupported legacy protocol version {other:?}").into()),
     }
     if let Value::Dict(info) = next_pickle("sys info")? {
         let little = info.borrow().iter().any(
@@ -160,7 +373,7 @@ fn read_legacy(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     let root = next_pickle("main")?;
     let keys = match next_pickle("storage keys")? {
         Value::List(keys) => keys.borrow().clone(),
-        other => return Err(format!("storage key list expected, found {other:?}")),
+        other => return Err(format!("storage key list expected, found {other:?}").into()),
     };
 
     // The storages follow in the order of the key list: u64 element count, then raw bytes.
@@ -168,7 +381,7 @@ fn read_legacy(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
     let mut storages: HashMap<String, &[u8]> = HashMap::new();
     for key in keys {
         let Value::Str(key) = key else {
-            return Err(format!("storage key is not a string: {key:?}"));
+            return Err(format!("storage key is not a string: {key:?}").into());
         };
         let numel = bytes
             .get(pos..pos + 8)
@@ -188,15 +401,15 @@ fn read_legacy(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
         pos += len;
         storages.insert(key, data);
     }
-    materialise(PthFormat::Legacy, &root, |key| {
+    Ok(materialise(PthFormat::Legacy, &root, |key| {
         storages
             .get(key)
             .map(|&d| d.into())
             .ok_or_else(|| format!("storage {key} missing from the file"))
-    })
+    })?)
 }
 
-fn read_zip(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
+fn read_zip(bytes: &[u8]) -> std::result::Result<Checkpoint, PickleError> {
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| format!("bad zip archive: {e}"))?;
     let pkl_name = archive
@@ -220,16 +433,17 @@ fn read_zip(bytes: &[u8]) -> std::result::Result<Checkpoint, String> {
             return Err(format!(
                 "byte order {:?}; only little-endian files are read",
                 String::from_utf8_lossy(&order)
-            ));
+            )
+            .into());
         }
     }
     let pickle = read_entry(&pkl_name)?;
     let (root, _) = Unpickler::new(&pickle, 0)
         .run()
-        .map_err(|e| format!("{pkl_name}: {e}"))?;
-    materialise(PthFormat::Zip, &root, |key| {
+        .map_err(|e| e.context(&pkl_name))?;
+    Ok(materialise(PthFormat::Zip, &root, |key| {
         read_entry(&format!("{prefix}data/{key}")).map(Into::into)
-    })
+    })?)
 }
 
 /// The storage type of every storage referenced by a tensor under `root`, keyed by storage key.
@@ -555,6 +769,8 @@ struct Unpickler<'a> {
     stack: Vec<Value>,
     marks: Vec<usize>,
     memo: HashMap<u32, Value>,
+    /// The first global [`allowed_global`] refused; reading stops there.
+    refused: Option<String>,
 }
 
 type PickleResult<T> = std::result::Result<T, String>;
@@ -567,6 +783,7 @@ impl<'a> Unpickler<'a> {
             stack: Vec::new(),
             marks: Vec::new(),
             memo: HashMap::new(),
+            refused: None,
         }
     }
 
@@ -649,8 +866,32 @@ impl<'a> Unpickler<'a> {
         Ok(())
     }
 
-    /// Runs to STOP; returns the value and the position after STOP.
-    fn run(mut self) -> PickleResult<(Value, usize)> {
+    /// Runs to STOP; returns the value and the position after STOP. Stops at the first global outside the
+    /// allow-list ([`PickleError::Unsafe`]).
+    fn run(mut self) -> std::result::Result<(Value, usize), PickleError> {
+        match self.run_opcodes() {
+            Ok(done) => Ok(done),
+            Err(reason) => Err(match self.refused.take() {
+                Some(global) => PickleError::Unsafe { global },
+                None => PickleError::Malformed(reason),
+            }),
+        }
+    }
+
+    /// Pushes `module.name` unless [`allowed_global`] refuses it, in which case it is recorded and reading
+    /// stops.
+    fn push_global(&mut self, module: String, name: String) -> PickleResult<()> {
+        if !allowed_global(&module, &name) {
+            let global = format!("{module}.{name}");
+            let reason = format!("global `{global}` is not allowed");
+            self.refused = Some(global);
+            return Err(reason);
+        }
+        self.stack.push(Value::Global { module, name });
+        Ok(())
+    }
+
+    fn run_opcodes(&mut self) -> PickleResult<(Value, usize)> {
         loop {
             let at = self.pos;
             let op = self.u8()?;
@@ -791,15 +1032,13 @@ impl<'a> Unpickler<'a> {
                 b'c' => {
                     let module = self.line()?;
                     let name = self.line()?;
-                    self.stack.push(Value::Global { module, name });
+                    self.push_global(module, name)?;
                 }
                 0x93 => {
                     let name = self.pop()?;
                     let module = self.pop()?;
                     match (module, name) {
-                        (Value::Str(module), Value::Str(name)) => {
-                            self.stack.push(Value::Global { module, name })
-                        }
+                        (Value::Str(module), Value::Str(name)) => self.push_global(module, name)?,
                         _ => return Err(format!("STACK_GLOBAL without strings at byte {at}")),
                     }
                 }
@@ -921,13 +1160,14 @@ fn long_value(b: &[u8]) -> Value {
     }
 }
 
-/// Calls one of the callables torch pickles refer to. Unknown callables yield an inert object.
+/// Calls one of the callables torch pickles refer to. The unpickler has already refused every global outside
+/// [`allowed_global`]; an allowed one not interpreted here (`torch.Size`, ...) yields an inert object.
 fn reduce(callable: Value, args: Vec<Value>) -> PickleResult<Value> {
     let Value::Global { module, name } = callable else {
         return Err(format!("call of a non-global {}", callable.describe()));
     };
     match (module.as_str(), name.as_str()) {
-        ("collections", "OrderedDict") | ("builtins" | "__builtin__", "dict") => {
+        ("collections", "OrderedDict") => {
             let mut items = Vec::new();
             if let Some(Value::List(pairs)) = args.first() {
                 for pair in pairs.borrow().iter() {
@@ -970,7 +1210,7 @@ fn reduce(callable: Value, args: Vec<Value>) -> PickleResult<Value> {
             Some(Value::Str(s)) => Ok(Value::Bytes(s.chars().map(|c| c as u8).collect())),
             _ => Err("_codecs.encode of a non-string".into()),
         },
-        ("builtins" | "__builtin__", "set" | "frozenset" | "list") => {
+        ("builtins" | "__builtin__", "set") => {
             let items = match args.into_iter().next() {
                 Some(Value::List(l)) => l.borrow().clone(),
                 Some(Value::Tuple(t)) => t,
@@ -1177,16 +1417,60 @@ mod tests {
     }
 
     #[test]
-    fn a_pickled_module_is_reported_as_not_a_state_dict() {
+    fn a_pickled_model_class_is_refused_by_name() {
         let p = P::new().global("mymodels", "Net").op(b")R.");
+        match Unpickler::new(&p.0, 0).run() {
+            Err(PickleError::Unsafe { global }) => assert_eq!(global, "mymodels.Net"),
+            other => panic!("not refused: {other:?}"),
+        }
+        assert!(unsafe_global_hint("mymodels.Net").contains("state_dict"));
+        assert_eq!(unsafe_global_hint("posix.system"), "");
+    }
+
+    #[test]
+    fn an_allowed_global_that_is_not_a_tensor_is_reported_as_not_a_state_dict() {
+        let p = P::new().global("torch", "Size").op(b"(K\x03tR.");
         let (v, _) = Unpickler::new(&p.0, 0).run().unwrap();
         let err = state_dict_entries(&v).unwrap_err();
-        assert!(err.contains("mymodels.Net"), "{err}");
+        assert!(err.contains("torch.Size"), "{err}");
+    }
+
+    #[test]
+    fn the_allow_list_is_torchs_weights_only_list() {
+        for (m, n) in [
+            ("torch._utils", "_rebuild_tensor_v2"),
+            ("torch._utils", "_rebuild_parameter"),
+            ("torch", "FloatStorage"),
+            ("torch", "BFloat16Storage"),
+            ("torch.cuda", "HalfStorage"),
+            ("torch", "float32"),
+            ("collections", "OrderedDict"),
+            ("_codecs", "encode"),
+        ] {
+            assert!(allowed_global(m, n), "{m}.{n} refused");
+        }
+        for (m, n) in [
+            ("posix", "system"),
+            ("os", "system"),
+            ("builtins", "eval"),
+            ("builtins", "exec"),
+            ("builtins", "getattr"),
+            ("subprocess", "Popen"),
+            ("torch", "load"),
+            ("torch._utils", "_import_dotted_name"),
+            ("torch.nn.modules.conv", "Conv2d"),
+            ("numpy.core.multiarray", "_reconstruct"),
+        ] {
+            assert!(!allowed_global(m, n), "{m}.{n} allowed");
+        }
     }
 
     #[test]
     fn unknown_opcodes_name_their_byte() {
-        let err = Unpickler::new(&[0x80, 2, b'I'], 0).run().unwrap_err();
+        let err = Unpickler::new(&[0x80, 2, b'I'], 0)
+            .run()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("0x49 at byte 2"), "{err}");
     }
 }

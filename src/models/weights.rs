@@ -2,10 +2,16 @@
 //! strictly: every tensor the model needs must be present with the right shape, and every tensor in the
 //! file must be used, except the ones the caller names as skippable (the old classifier when a new head is
 //! attached; `num_batches_tracked`). The [`LoadReport`] says what happened.
+//!
+//! Every file read here is refused when a float tensor holds NaN or an infinity ([`ensure_finite`]), and a
+//! safetensors file that carries a checksum of its data ([`CHECKSUM_KEY`], written by
+//! [`save_safetensors_checked`]) is refused when its data no longer matches it.
 
+use super::finite::ensure_finite;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
+use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -44,21 +50,33 @@ pub fn read_weights(path: &Path, device: &Device) -> Result<WeightFile> {
     }
 }
 
-/// Reads every tensor of a safetensors file; a truncated or corrupt file is a `BadFile` error naming it.
+/// Reads every tensor of a safetensors file; a truncated or corrupt file is a `BadFile` error naming it, as
+/// is one whose data does not match the checksum it carries under [`CHECKSUM_KEY`] (a file without that key
+/// is read without the check: plain weights, and deployment files written before exports carried one). A
+/// float tensor holding NaN or an infinity is an [`Error::NonFiniteTensor`] naming it and the file.
 pub fn read_safetensors(path: &Path, device: &Device) -> Result<WeightFile> {
     use candle_core::safetensors::Load;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+    let (header_len, header) = safetensors::SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
     let metadata = header.metadata().clone().unwrap_or_default();
     let st = safetensors::SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::bad_file(path, format!("not a valid safetensors file: {e}")))?;
+    if let Some(expected) = metadata.get(CHECKSUM_KEY) {
+        if sha256_hex(&bytes[8 + header_len..]) != *expected {
+            return Err(Error::bad_file(
+                path,
+                format!("checksum mismatch ({CHECKSUM_KEY}): the tensor data is corrupt"),
+            ));
+        }
+    }
     let mut tensors = HashMap::new();
     for (name, view) in st.tensors() {
         let t = view
-            .load(device)
+            .load(&Device::Cpu)
             .map_err(|e| Error::bad_file(path, format!("tensor `{name}`: {e}")))?;
-        tensors.insert(name, t);
+        ensure_finite(&name, &t, path)?;
+        tensors.insert(name, t.to_device(device)?);
     }
     Ok(WeightFile {
         path: path.to_path_buf(),
@@ -67,12 +85,30 @@ pub fn read_safetensors(path: &Path, device: &Device) -> Result<WeightFile> {
     })
 }
 
+/// `__metadata__` key holding the hex SHA-256 of a safetensors file's data section (every tensor byte, after
+/// the header), written by [`save_safetensors_checked`] and verified by [`read_safetensors`].
+pub const CHECKSUM_KEY: &str = "graft.sha256";
+
+/// Stands in for the checksum while a file is serialised; as long as a hex SHA-256.
+const CHECKSUM_PLACEHOLDER: &str =
+    "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// What a load did.
 #[derive(Debug, Clone, Default)]
 pub struct LoadReport {
     pub file: PathBuf,
     /// Tensors copied into the model.
     pub loaded: usize,
+    /// Tensors whose dtype differed from the model's and were converted on load, counted by
+    /// `(file dtype, model dtype)`, e.g. `("f16", "f32") -> 120`.
+    pub converted: BTreeMap<(&'static str, &'static str), usize>,
     /// Parameters of the model that were left at their initial values (a new head), by name.
     pub initialised: Vec<String>,
     /// Tensors in the file that were not used, with the reason.
@@ -94,6 +130,17 @@ impl LoadReport {
         if !self.skipped.is_empty() {
             let parts: Vec<String> = reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
             s.push_str(&format!("; skipped {}", parts.join(", ")));
+        }
+        // One mention for all converted tensors, not one per tensor.
+        let mut targets: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+        for ((from, to), n) in &self.converted {
+            targets.entry(to).or_default().push(format!("{n} {from}"));
+        }
+        for (to, parts) in targets {
+            s.push_str(&format!(
+                "; converted {} tensors to {to}",
+                parts.join(" and ")
+            ));
         }
         if !self.initialised.is_empty() {
             s.push_str(&format!(
@@ -146,6 +193,12 @@ pub fn load_into(
                 found: t.dims().to_vec(),
             });
         }
+        if t.dtype() != var.dtype() {
+            *report
+                .converted
+                .entry((t.dtype().as_str(), var.dtype().as_str()))
+                .or_default() += 1;
+        }
         let t = t.to_dtype(var.dtype())?.to_device(var.device())?;
         var.set(&t)?;
         report.loaded += 1;
@@ -189,4 +242,91 @@ pub fn save_safetensors_atomic(
     let bytes = safetensors::tensor::serialize(views, metadata)
         .map_err(|e| Error::bad_file(path, format!("cannot serialise: {e}")))?;
     crate::fsutil::write_atomic(path, &bytes)
+}
+
+/// [`save_safetensors_atomic`] plus a SHA-256 of the data section under [`CHECKSUM_KEY`] in the metadata, so
+/// that [`read_safetensors`] refuses the file, naming it, once a bit of its data flips or it is cut short.
+/// The file is serialised once with a placeholder of the digest's length, the data section hashed, and the
+/// digest written over the placeholder (the header, and so the data's offset, keeps its length).
+pub fn save_safetensors_checked(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: HashMap<String, String>,
+) -> Result<()> {
+    let mut cpu: Vec<(String, Tensor)> = Vec::with_capacity(tensors.len());
+    for (k, t) in tensors {
+        cpu.push((k.clone(), t.to_device(&Device::Cpu)?.contiguous()?));
+    }
+    cpu.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut metadata = metadata;
+    metadata.insert(CHECKSUM_KEY.to_string(), CHECKSUM_PLACEHOLDER.to_string());
+    let views: Vec<(&str, &Tensor)> = cpu.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    let mut bytes = safetensors::tensor::serialize(views, Some(metadata))
+        .map_err(|e| Error::bad_file(path, format!("cannot serialise: {e}")))?;
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let data_start = 8 + header_len;
+    let digest = sha256_hex(&bytes[data_start..]);
+    let needle = format!("\"{CHECKSUM_KEY}\":\"{CHECKSUM_PLACEHOLDER}\"");
+    let at = bytes[..data_start]
+        .windows(needle.len())
+        .position(|w| w == needle.as_bytes())
+        .ok_or_else(|| Error::bad_file(path, "cannot place the checksum in the header"))?
+        + needle.len()
+        - CHECKSUM_PLACEHOLDER.len()
+        - 1;
+    bytes[at..at + digest.len()].copy_from_slice(digest.as_bytes());
+    crate::fsutil::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(name: &str, t: Tensor) -> HashMap<String, Tensor> {
+        HashMap::from([(name.to_string(), t)])
+    }
+
+    #[test]
+    fn a_checksummed_file_round_trips_and_a_flipped_bit_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("m.safetensors");
+        let t = Tensor::new(&[1f32, 2.0, 3.0, 4.0], &Device::Cpu).unwrap();
+        let meta = HashMap::from([("k".to_string(), "v".to_string())]);
+        save_safetensors_checked(&p, &one("w", t.clone()), meta).unwrap();
+        let back = read_safetensors(&p, &Device::Cpu).unwrap();
+        assert_eq!(back.metadata["k"], "v");
+        assert_eq!(back.metadata[CHECKSUM_KEY].len(), 64);
+        assert_eq!(
+            back.tensors["w"].to_vec1::<f32>().unwrap(),
+            vec![1., 2., 3., 4.]
+        );
+        let mut bytes = std::fs::read(&p).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x01;
+        std::fs::write(&p, &bytes).unwrap();
+        let err = match read_safetensors(&p, &Device::Cpu) {
+            Ok(_) => panic!("a flipped bit was not noticed"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("m.safetensors") && err.contains("checksum"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn converted_dtypes_are_summarised_once() {
+        let r = LoadReport {
+            file: PathBuf::from("w.pth"),
+            loaded: 5,
+            converted: BTreeMap::from([(("f16", "f32"), 3), (("f64", "f32"), 2)]),
+            ..Default::default()
+        };
+        let s = r.summary();
+        assert!(
+            s.contains("converted 3 f16 and 2 f64 tensors to f32"),
+            "{s}"
+        );
+        assert_eq!(s.matches("converted").count(), 1, "{s}");
+    }
 }
