@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Proves graft's CUDA build on a machine with an NVIDIA GPU, in one run sized for about 15 minutes on 16 cores (most of it the cold build; not yet timed on a GPU):
+# Proves graft's CUDA build on a machine with an NVIDIA GPU, in one run sized for about 15 minutes on 16
+# cores (most of it the cold build; not yet timed on a GPU):
 #
 #   scripts/gpu-check.sh [--out DIR] [--inputs DIR] [--only STEP,..] [--skip STEP,..] [--dry-run]
 #   scripts/gpu-check.sh --prepare DIR     # on a machine with internet: stage the inputs into DIR
