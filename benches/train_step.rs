@@ -17,7 +17,7 @@
 //! fresh initialisation: the cost is the same as with pretrained ones. Without `--bench` (as under
 //! `cargo test --all-targets`) it makes one tiny smoke run of each model and mode instead of timing.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use graft::models::efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 use graft::models::resnet::{ResNet, ResNetConfig};
@@ -84,7 +84,9 @@ fn peak_rss_mib() -> Option<f64> {
 
 /// Runs one configuration in this process and prints its JSON line.
 fn run_one(model: &str, size: usize, mode: &str, batch: usize, iters: usize) -> anyhow::Result<()> {
-    let dev = Device::Cpu;
+    // GRAFT_BENCH_DEVICE (default cpu): `cuda` runs the same steps on the GPU (a `--features cuda` build).
+    let device_name = std::env::var("GRAFT_BENCH_DEVICE").unwrap_or_else(|_| "cpu".into());
+    let dev = graft::device::parse_device(&device_name)?;
     let varmap = VarMap::new();
     let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
     let net = Net::build(model, vb)?;
@@ -120,7 +122,11 @@ fn run_one(model: &str, size: usize, mode: &str, batch: usize, iters: usize) -> 
         Ok(())
     };
     // Each step on the thread pool, as `graft finetune` runs it (see `graft::par::on_pool`).
-    let mut step = || graft::par::on_pool(&mut step);
+    // On a GPU the ops only queue work: each timed step ends when the device has finished it.
+    let mut step = || {
+        graft::par::on_pool(&mut step)?;
+        Ok::<(), graft::Error>(dev.synchronize()?)
+    };
     step()?; // warm-up
     let mut times: Vec<f64> = (0..iters.max(1))
         .map(|_| {
@@ -136,6 +142,7 @@ fn run_one(model: &str, size: usize, mode: &str, batch: usize, iters: usize) -> 
         "size": size,
         "batch": batch,
         "mode": mode,
+        "device": device_name,
         "images_per_s": (batch as f64 / median * 10.).round() / 10.,
         "ms_per_batch": (median * 1e4).round() / 10.,
         "peak_rss_mib": peak_rss_mib().map(|m| m.round() as u64),

@@ -148,9 +148,12 @@ def run_one(model_name, size, mode, batch, iters):
     import torch.nn.functional as F
 
     torch.manual_seed(0)
-    model = build(model_name)
-    x = torch.randn(batch, 3, size, size)
-    y = torch.tensor([i * 37 % CLASSES for i in range(batch)])
+    # GRAFT_BENCH_DEVICE (default cpu), as for graft's bench; on CUDA each timed batch ends with a synchronize.
+    device = torch.device(os.environ.get("GRAFT_BENCH_DEVICE", "cpu"))
+    model = build(model_name).to(device)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.tensor([i * 37 % CLASSES for i in range(batch)], device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if mode == "forward":
         model.eval()
 
@@ -185,10 +188,12 @@ def run_one(model_name, size, mode, batch, iters):
     else:
         raise SystemExit(f"mode {mode!r} is not one of {MODES}")
     step()  # warm-up
+    sync()
     times = []
     for _ in range(max(iters, 1)):
         t = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t)
     times.sort()
     median = times[len(times) // 2]
@@ -200,6 +205,7 @@ def run_one(model_name, size, mode, batch, iters):
                 "size": size,
                 "batch": batch,
                 "mode": mode,
+                "device": str(device),
                 "images_per_s": round(batch / median, 1),
                 "ms_per_batch": round(median * 1e3, 1),
                 "peak_rss_mib": peak_rss_mib(),

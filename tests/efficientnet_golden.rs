@@ -5,6 +5,13 @@
 //! (see the golden README). The weights are not in the repository: scripts/fetch-efficientnet-lite0.sh
 //! downloads the original .pth and converts it with graft's own reader into graft's cache; these tests
 //! fail (not skip) when it has not been run.
+//!
+//! `GRAFT_TEST_DEVICE` chooses the device (`cpu`, `cpu-generic`, `cuda`; see `common::TestDevice`); on a GPU
+//! the bounds are widened by `common::GPU_TOLERANCE_FACTOR`.
+
+mod common;
+
+use common::TestDevice;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
@@ -37,9 +44,9 @@ fn cached_weights(file: &str) -> PathBuf {
 }
 
 /// Lite0 with its 1000-class classifier and the pretrained weights loaded into its VarMap.
-fn pretrained_lite0() -> (VarMap, EfficientNetLite) {
+fn pretrained_lite0(device: &Device) -> (VarMap, EfficientNetLite) {
     let mut varmap = VarMap::new();
-    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
     let net = EfficientNetLite::with_classifier(EfficientNetLiteConfig::lite0(), 1000, vb).unwrap();
     varmap
         .load(cached_weights("efficientnet_lite0.safetensors"))
@@ -50,6 +57,7 @@ fn pretrained_lite0() -> (VarMap, EfficientNetLite) {
 /// Largest absolute difference, and the largest absolute reference value (for a relative bound).
 fn max_abs_diff(ours: &Tensor, reference: &Tensor) -> (f32, f32) {
     assert_eq!(ours.dims(), reference.dims());
+    let ours = &ours.to_device(&Device::Cpu).unwrap();
     let diff = (ours - reference)
         .unwrap()
         .abs()
@@ -65,6 +73,11 @@ fn max_abs_diff(ours: &Tensor, reference: &Tensor) -> (f32, f32) {
 
 #[test]
 fn pretrained_lite0_matches_pytorch_on_every_reference_input() {
+    let td = TestDevice::from_env();
+    td.run(|| lite0_matches_pytorch(&td));
+}
+
+fn lite0_matches_pytorch(td: &TestDevice) {
     let path = golden_dir().join("models/efficientnet_lite0/reference_io.safetensors");
     let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let reference = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
@@ -79,11 +92,13 @@ fn pretrained_lite0_matches_pytorch_on_every_reference_input() {
     let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     let metadata = metadata.metadata().clone().unwrap_or_default();
 
-    let (_, net) = pretrained_lite0();
+    let (_, net) = pretrained_lite0(&td.device);
     for (case, outputs) in &cases {
-        let input = outputs
-            .get("input")
-            .unwrap_or_else(|| panic!("case {case} has no input"));
+        let input = &td.put(
+            outputs
+                .get("input")
+                .unwrap_or_else(|| panic!("case {case} has no input")),
+        );
         // Block by block, to compare the intermediates the reference recorded.
         let mut ours: HashMap<String, Tensor> = HashMap::new();
         let mut h = net.forward_group(0, input, Mode::Eval).unwrap();
@@ -114,11 +129,11 @@ fn pretrained_lite0_matches_pytorch_on_every_reference_input() {
             let (err, scale) = max_abs_diff(got, expected);
             // Logits: absolute bound from the golden README. Intermediates: relative to their range, since
             // activations reach tens while logits stay small.
-            let bound = if what == "logits" {
+            let bound = td.tolerance(if what == "logits" {
                 1e-3
             } else {
-                1e-4 * scale.max(1.)
-            };
+                1e-4 * scale.max(1.) as f64
+            }) as f32;
             println!(
                 "{case}.{what}: max abs diff {err:.2e} (max |ref| {scale:.2}, bound {bound:.1e})"
             );

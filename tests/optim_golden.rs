@@ -4,9 +4,15 @@
 //! Every file and every configuration in it is run: the optimizer is built from the recorded `torch_class`
 //! and `hyperparams` only, so new configurations, hyperparameters, problem sizes and step counts need no code
 //! here. A configuration graft cannot build is a failure, not a skip.
+//!
+//! `GRAFT_TEST_DEVICE` chooses the device (`cpu`, `cpu-generic`, `cuda`; see `common::TestDevice`); on a GPU
+//! the tolerances are widened by `common::GPU_TOLERANCE_FACTOR`.
+
+mod common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use common::TestDevice;
 use graft::optim::{groups, OptimizerConfig};
 use serde_json::Value;
 use std::path::PathBuf;
@@ -58,7 +64,7 @@ struct Problem {
 }
 
 impl Problem {
-    fn from_json(p: &Value, dtype: DType) -> Result<Self, String> {
+    fn from_json(p: &Value, dtype: DType, device: &Device) -> Result<Self, String> {
         let a = matrix(&p["A"])?;
         let y = floats(&p["y"])?;
         let (n, d) = (a.len(), a.first().map_or(0, Vec::len));
@@ -66,8 +72,8 @@ impl Problem {
             return Err(format!("A is {n}x{d} but y has {} entries", y.len()));
         }
         let flat: Vec<f64> = a.into_iter().flatten().collect();
-        let a = Tensor::from_vec(flat, (n, d), &Device::Cpu).and_then(|t| t.to_dtype(dtype));
-        let y = Tensor::from_vec(y, n, &Device::Cpu).and_then(|t| t.to_dtype(dtype));
+        let a = Tensor::from_vec(flat, (n, d), device).and_then(|t| t.to_dtype(dtype));
+        let y = Tensor::from_vec(y, n, device).and_then(|t| t.to_dtype(dtype));
         Ok(Problem {
             a: a.map_err(|e| e.to_string())?,
             y: y.map_err(|e| e.to_string())?,
@@ -114,6 +120,7 @@ enum Grads {
 
 /// Runs one configuration and returns the largest parameter error over all steps.
 fn run_case(
+    device: &Device,
     case: &Value,
     problem: &Problem,
     dtype: DType,
@@ -137,7 +144,7 @@ fn run_case(
             losses.len()
         ));
     }
-    let theta = Tensor::from_vec(theta0.clone(), theta0.len(), &Device::Cpu)
+    let theta = Tensor::from_vec(theta0.clone(), theta0.len(), device)
         .and_then(|t| t.to_dtype(dtype))
         .and_then(|t| Var::from_tensor(&t))
         .map_err(|e| e.to_string())?;
@@ -149,7 +156,7 @@ fn run_case(
     for (t, (g, want)) in grads.iter().zip(params).enumerate() {
         let store = match grads_from {
             Grads::Recorded => {
-                let g = Tensor::new(floats(g)?.as_slice(), &Device::Cpu)
+                let g = Tensor::new(floats(g)?.as_slice(), device)
                     .and_then(|g| g.to_dtype(dtype))
                     .map_err(|e| e.to_string())?;
                 let mut store = GradStore::default();
@@ -197,6 +204,11 @@ fn run_case(
 /// Walks every file and configuration, with the fused CPU pass and with candle tensor ops; returns
 /// (cases run, failures).
 fn walk(grads_from: Grads) -> (usize, Vec<String>) {
+    let td = TestDevice::from_env();
+    td.run(|| walk_on(&td, grads_from))
+}
+
+fn walk_on(td: &TestDevice, grads_from: Grads) -> (usize, Vec<String>) {
     let mut failures = Vec::new();
     let mut cases = 0;
     for file in golden_files() {
@@ -206,14 +218,14 @@ fn walk(grads_from: Grads) -> (usize, Vec<String>) {
             serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let name = file.file_name().unwrap().to_string_lossy().into_owned();
         let (dtype, tol) = match doc["dtype"].as_str() {
-            Some("float64") => (DType::F64, 1e-10),
-            Some("float32") => (DType::F32, 1e-5),
+            Some("float64") => (DType::F64, td.tolerance(1e-10)),
+            Some("float32") => (DType::F32, td.tolerance(1e-5)),
             other => {
                 failures.push(format!("{name}: unsupported dtype {other:?}"));
                 continue;
             }
         };
-        let problem = match Problem::from_json(&doc["problem"], dtype) {
+        let problem = match Problem::from_json(&doc["problem"], dtype, &td.device) {
             Ok(p) => p,
             Err(e) => {
                 failures.push(format!("{name}: problem: {e}"));
@@ -232,7 +244,7 @@ fn walk(grads_from: Grads) -> (usize, Vec<String>) {
                     case["name"].as_str().unwrap_or("?"),
                     if fused { "fused" } else { "tensor ops" }
                 );
-                match run_case(case, &problem, dtype, grads_from, fused, tol) {
+                match run_case(&td.device, case, &problem, dtype, grads_from, fused, tol) {
                     Ok(worst) => eprintln!("{label}: max abs error {worst:e}"),
                     Err(e) => failures.push(format!("{label}: {e}")),
                 }

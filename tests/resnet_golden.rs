@@ -2,9 +2,15 @@
 //! `../shared/golden`, made with torch 2.15 / torchvision 0.29 by `make_golden.py resnet`) is checked in eval
 //! mode (stem, layer1..4, features, logits) and in train mode (logits, loss, gradients, running statistics),
 //! within the tolerances its `case.json` states. A case that cannot be run fails the test.
+//!
+//! `GRAFT_TEST_DEVICE` chooses the device (`cpu`, `cpu-generic`, `cuda`; see `common::TestDevice`); on a GPU
+//! the tolerances are widened by `common::GPU_TOLERANCE_FACTOR`.
+
+mod common;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use common::TestDevice;
 use graft::models::resnet::{ResNet, ResNetConfig};
 use graft::models::{Backbone, Mode};
 use serde_json::Value;
@@ -73,14 +79,14 @@ impl Case {
     }
 
     /// The case's network with its weights loaded into a fresh `VarMap`; `num_batches_tracked` is ignored.
-    fn model(&self) -> (ResNet, VarMap) {
+    fn model(&self, td: &TestDevice) -> (ResNet, VarMap) {
         let arch = self.json["arch"].as_str().unwrap();
         let cfg = ResNetConfig::from_arch(arch).unwrap();
         let weights =
             candle_core::safetensors::load(self.file(&["weights"]), &Device::Cpu).unwrap();
         let classes = weights["fc.weight"].dim(0).unwrap();
         let varmap = VarMap::new();
-        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+        let vb = VarBuilder::from_varmap(&varmap, DType::F32, &td.device);
         let net = ResNet::with_classifier(cfg, classes, vb).unwrap();
         {
             let vars = varmap.data().lock().unwrap();
@@ -91,7 +97,7 @@ impl Case {
                 let var = vars
                     .get(name)
                     .unwrap_or_else(|| panic!("{}: model has no `{name}`", self.name()));
-                var.set(t).unwrap();
+                var.set(&td.put(t)).unwrap();
             }
             for name in vars.keys() {
                 assert!(
@@ -136,6 +142,7 @@ fn rel_l2(ours: &Tensor, reference: &Tensor) -> f64 {
 
 /// Checks `ours` against `reference` under the tolerances of `case.tolerance[what]`, collecting failures.
 fn check(
+    td: &TestDevice,
     case: &Case,
     what: &str,
     name: &str,
@@ -149,14 +156,15 @@ fn check(
         "{} {name}: shape",
         case.name()
     );
+    let ours = &ours.to_device(&Device::Cpu).unwrap();
     let abs = max_abs(ours, reference);
     let rel = rel_l2(ours, reference);
     let mut bad = false;
     if let Some(t) = case.tolerance(what, "max_abs") {
-        bad |= abs > t;
+        bad |= abs > td.tolerance(t);
     }
     if let Some(t) = case.tolerance(what, "max_rel_l2") {
-        bad |= rel > t;
+        bad |= rel > td.tolerance(t);
     }
     let line = format!(
         "{} {name}: max_abs {abs:.3e}, rel_l2 {rel:.3e} (tolerance `{what}`)",
@@ -175,12 +183,18 @@ fn load(path: PathBuf) -> HashMap<String, Tensor> {
 
 #[test]
 fn eval_outputs_match_pytorch_for_every_case() {
+    let td = TestDevice::from_env();
+    td.run(|| eval_outputs(&td));
+}
+
+fn eval_outputs(td: &TestDevice) {
     let mut failures = Vec::new();
     for dir in cases() {
         let case = Case::load(&dir);
-        let (net, _varmap) = case.model();
+        let (net, _varmap) = case.model(td);
         let data = load(case.file(&["eval", "file"]));
-        let mut h = data["input"].clone();
+        let input = td.put(&data["input"]);
+        let mut h = input.clone();
         let mut ours = HashMap::new();
         for (i, group) in net.group_names().iter().enumerate() {
             h = net.forward_group(i, &h, Mode::Eval).unwrap();
@@ -193,8 +207,9 @@ fn eval_outputs_match_pytorch_for_every_case() {
         );
         ours.insert("features".into(), features);
         // The whole-network path must agree with the group-by-group one.
-        let logits = net.forward_t(&data["input"], false).unwrap();
+        let logits = net.forward_t(&input, false).unwrap();
         check(
+            td,
             &case,
             "eval_logits",
             "forward_t logits",
@@ -209,7 +224,15 @@ fn eval_outputs_match_pytorch_for_every_case() {
             let mine = ours
                 .get(&name)
                 .unwrap_or_else(|| panic!("{}: graft has no output `{name}`", case.name()));
-            check(&case, "eval_logits", &name, mine, reference, &mut failures);
+            check(
+                td,
+                &case,
+                "eval_logits",
+                &name,
+                mine,
+                reference,
+                &mut failures,
+            );
         }
     }
     assert!(
@@ -221,14 +244,20 @@ fn eval_outputs_match_pytorch_for_every_case() {
 
 #[test]
 fn train_step_matches_pytorch_for_every_case() {
+    let td = TestDevice::from_env();
+    td.run(|| train_step(&td));
+}
+
+fn train_step(td: &TestDevice) {
     let mut failures = Vec::new();
     for dir in cases() {
         let case = Case::load(&dir);
-        let (net, varmap) = case.model();
+        let (net, varmap) = case.model(td);
         let data = load(case.file(&["train", "file"]));
-        let targets = data["targets"].to_dtype(DType::U32).unwrap();
-        let logits = net.forward_t(&data["input"], true).unwrap();
+        let targets = td.put(&data["targets"].to_dtype(DType::U32).unwrap());
+        let logits = net.forward_t(&td.put(&data["input"]), true).unwrap();
         check(
+            td,
             &case,
             "train_logits",
             "train logits",
@@ -238,8 +267,8 @@ fn train_step_matches_pytorch_for_every_case() {
         );
         let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
         let ref_loss = data["loss"].reshape(()).unwrap();
-        let loss_tol = case.tolerance("train_logits", "max_abs").unwrap_or(1e-3);
-        let loss_err = max_abs(&loss, &ref_loss);
+        let loss_tol = td.tolerance(case.tolerance("train_logits", "max_abs").unwrap_or(1e-3));
+        let loss_err = max_abs(&loss.to_device(&Device::Cpu).unwrap(), &ref_loss);
         println!("{} loss: abs error {loss_err:.3e}", case.name());
         if loss_err > loss_tol {
             failures.push(format!(
@@ -258,6 +287,7 @@ fn train_step_matches_pytorch_for_every_case() {
                 .unwrap_or_else(|| panic!("{}: no gradient for `{name}`", case.name()));
             let reference = &data[&format!("grad.{name}")];
             check(
+                td,
                 &case,
                 "grads",
                 &format!("grad.{name}"),
@@ -273,6 +303,7 @@ fn train_step_matches_pytorch_for_every_case() {
                     .get(&key)
                     .unwrap_or_else(|| panic!("{}: model has no `{key}`", case.name()));
                 check(
+                    td,
                     &case,
                     "running_stats",
                     &key,

@@ -35,6 +35,7 @@ pub use depthwise::{depthwise_conv2d, depthwise_conv2d_padded, Padding2d};
 pub use pool::{max_pool2d, max_pool2d_composed};
 
 use super::Mode;
+use crate::device::custom_kernels_on;
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::init::{FanInOut, Init, NonLinearity, NormalOrUniform};
@@ -173,16 +174,16 @@ impl Conv2d {
 
     /// The bias-free convolution of `x` with the filter `w` (this layer's geometry).
     ///
-    /// On the CPU, depthwise layers use [`depthwise_conv2d`] and dense layers `im2col::conv2d` (one GEMM
-    /// over the batch, summing in candle's conv2d order); other devices and grouped
-    /// layers use candle's conv2d.
+    /// Depthwise layers use [`depthwise_conv2d`] (the CPU kernel, elsewhere its composed form). On the CPU,
+    /// dense layers use `im2col::conv2d` (one GEMM over the batch, summing in candle's conv2d order); other
+    /// devices (see [`custom_kernels_on`]) and grouped layers use candle's conv2d.
     fn convolve(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
         let s = self.cfg.stride;
-        if self.depthwise && x.device().is_cpu() {
+        if self.depthwise {
             return depthwise_conv2d_padded(x, w, self.padding(), s);
         }
         let (x, p) = self.padded_input(x)?;
-        if self.cfg.groups == 1 && x.device().is_cpu() {
+        if self.cfg.groups == 1 && custom_kernels_on(x.device()) {
             Ok(im2col::conv2d(&x, w, p, s)?)
         } else {
             let (x, padding) = self.backward_safe_input(&x, p)?;
@@ -199,7 +200,7 @@ impl Conv2d {
         e: depthwise::Epilogue,
     ) -> Result<Option<Tensor>> {
         let s = self.cfg.stride;
-        Ok(if !x.device().is_cpu() {
+        Ok(if !custom_kernels_on(x.device()) {
             None
         } else if self.depthwise {
             Some(depthwise::depthwise_conv2d_shift_clamp(
@@ -302,7 +303,9 @@ pub fn conv_bn_act(
     if let Some(b) = &conv.bias {
         shift = (shift + mode.weight(b).mul(&scale)?)?;
     }
-    if mode == Mode::Frozen && !x.track_op() {
+    // (Only where a kernel of ours runs: elsewhere reading the shift would be a device-to-host copy for
+    // nothing.)
+    if mode == Mode::Frozen && !x.track_op() && custom_kernels_on(x.device()) {
         // Nothing needs a gradient: the shift and the activation ride on the convolution's last pass.
         let e = depthwise::Epilogue {
             shift: shift.to_dtype(DType::F64)?.to_vec1::<f64>()?,
@@ -408,7 +411,7 @@ impl BatchNorm {
                     format!("training needs more than one value per channel, got {dims:?}"),
                 ));
             }
-            if x.device().is_cpu() {
+            if custom_kernels_on(x.device()) {
                 let (y, mean, var) = self.train_kernel(&x3, mode, act)?;
                 self.update_running(&mean, &var, count)?;
                 return Ok(y.reshape(dims)?);

@@ -74,7 +74,7 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
     f: impl Fn([T; N]) -> [T; M] + Sync,
 ) -> Result<Option<[Tensor; M]>> {
     let first = inputs[0];
-    if !first.device().is_cpu() || first.dtype() != T::DTYPE {
+    if !crate::device::custom_kernels_on(first.device()) || first.dtype() != T::DTYPE {
         return Ok(None);
     }
     let n = first.elem_count();
@@ -220,5 +220,14 @@ mod tests {
         let t = a.t().unwrap();
         assert!(map_cpu::<f32, 1, 1>([&t], |[x]| [x]).unwrap().is_none());
         assert!(map_cpu::<f64, 1, 1>([&a], |[x]| [x]).unwrap().is_none());
+    }
+
+    #[test]
+    fn the_generic_path_declines_as_on_a_gpu() {
+        let a = Tensor::zeros(8, DType::F32, &Device::Cpu).unwrap();
+        let declined = crate::device::with_generic_ops(|| {
+            map_cpu::<f32, 1, 1>([&a], |[x]| [x]).unwrap().is_none()
+        });
+        assert!(declined);
     }
 }

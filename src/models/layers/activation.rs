@@ -6,6 +6,7 @@
 //! output, with PyTorch's rule: the gradient flows where the output lies strictly inside `(0, max)`.
 
 use super::depthwise::{contiguous_slice, dispatch2};
+use crate::device::custom_kernels_on;
 use crate::simd::par_map;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
@@ -13,7 +14,7 @@ use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithD
 /// `max(x, 0)`, differentiable (PyTorch's rule: zero gradient where the output is 0). Runs candle's
 /// `relu` on other devices.
 pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !custom_kernels_on(x.device()) {
         return x.relu();
     }
     x.contiguous()?.apply_op1(Clamp(f64::INFINITY))
@@ -22,7 +23,7 @@ pub fn relu(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `min(max(x, 0), 6)`, differentiable (PyTorch's `hardtanh` rule: the gradient flows where
 /// `0 < x < 6`). Runs candle's `clamp` on other devices.
 pub fn relu6(x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
+    if !custom_kernels_on(x.device()) {
         return x.clamp(0f32, 6f32);
     }
     x.contiguous()?.apply_op1(Clamp(6.))
@@ -31,7 +32,7 @@ pub fn relu6(x: &Tensor) -> candle_core::Result<Tensor> {
 /// `max(a + b, 0)` in one pass, differentiable: a residual block's sum and ReLU. The backward is one
 /// masked pass, and both inputs receive that same gradient tensor. Runs candle's ops on other devices.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    if !a.device().is_cpu() || a.shape() != b.shape() {
+    if !custom_kernels_on(a.device()) || a.shape() != b.shape() {
         return (a + b)?.relu();
     }
     a.contiguous()?

@@ -19,7 +19,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
 /// Depthwise 2-D convolution of `x` `[N, C, H, W]` with `weight` `[C, 1, KH, KW]`, symmetric zero `padding`
-/// and `stride`, dilation 1, no bias. Differentiable in both arguments; CPU only.
+/// and `stride`, dilation 1, no bias. Differentiable in both arguments. The kernel runs on the CPU; other
+/// devices (see [`crate::device::custom_kernels_on`]) get the same convolution composed from candle ops.
 pub fn depthwise_conv2d(
     x: &Tensor,
     weight: &Tensor,
@@ -99,11 +100,12 @@ fn depthwise_with(
             format!("input {h}x{w} with padding {pad:?} and stride {stride} does not fit a {kh}x{kw} kernel"),
         ));
     }
-    if !x.device().is_cpu() {
-        return Err(Error::config(
-            "depthwise_conv2d device",
-            "the depthwise kernel runs on the CPU only",
-        ));
+    if !crate::device::custom_kernels_on(x.device()) {
+        let y = depthwise_composed(x, weight, pad, stride)?;
+        return Ok(match epilogue {
+            None => y,
+            Some(e) => e.apply_composed(&y)?,
+        });
     }
     let geom = Geom::of(x, weight, 0, stride)?;
     let ph = Phases::new(geom, pad);
@@ -122,6 +124,58 @@ fn depthwise_with(
     })
 }
 
+/// The depthwise convolution as a sum of `KH * KW` products, each tap's strided view of the padded input
+/// times that tap's weight per channel, in candle ops that every device runs and differentiates (what a GPU
+/// uses: candle's grouped conv2d would launch one convolution per channel). The sum runs over the taps in
+/// row-major order, so it rounds differently from the CPU kernel, by float rounding only.
+fn depthwise_composed(
+    x: &Tensor,
+    weight: &Tensor,
+    pad: Padding2d,
+    stride: usize,
+) -> Result<Tensor> {
+    let (n, c, h, w) = x.dims4()?;
+    let (_, _, kh, kw) = weight.dims4()?;
+    let s = stride;
+    let (hp, wp) = (h + pad.top + pad.bottom, w + pad.left + pad.right);
+    let (oh, ow) = ((hp - kh) / s + 1, (wp - kw) / s + 1);
+    // Every tap's view starts at d < k and spans s * out rows (columns): pad the far side up to that, with
+    // zeros that no window reads.
+    let (bottom, right) = (
+        (kh - 1 + s * oh).max(hp) - h - pad.top,
+        (kw - 1 + s * ow).max(wp) - w - pad.left,
+    );
+    let padded = x
+        .pad_with_zeros(2, pad.top, bottom)?
+        .pad_with_zeros(3, pad.left, right)?;
+    let full_w = padded.dim(3)?;
+    let mut sum: Option<Tensor> = None;
+    for dy in 0..kh {
+        let band = padded
+            .narrow(2, dy, s * oh)?
+            .reshape((n, c, oh, s, full_w))?
+            .narrow(3, 0, 1)?
+            .squeeze(3)?;
+        for dx in 0..kw {
+            let view = band
+                .narrow(3, dx, s * ow)?
+                .reshape((n, c, oh, ow, s))?
+                .narrow(4, 0, 1)?
+                .squeeze(4)?;
+            let tap = weight
+                .narrow(2, dy, 1)?
+                .narrow(3, dx, 1)?
+                .reshape((1, c, 1, 1))?;
+            let term = view.broadcast_mul(&tap)?;
+            sum = Some(match sum {
+                None => term,
+                Some(acc) => (acc + term)?,
+            });
+        }
+    }
+    Ok(sum.expect("a kernel has at least one tap"))
+}
+
 /// What an inference convolution applies to each output value: `+ shift[channel]`, then a clamp to
 /// `[0, max]` when `max` is given (a folded BatchNorm and its ReLU / ReLU6).
 #[derive(Debug, Clone)]
@@ -131,6 +185,20 @@ pub(super) struct Epilogue {
 }
 
 impl Epilogue {
+    /// The epilogue on a whole `[N, C, H, W]` output in candle ops (devices without the kernel).
+    fn apply_composed(&self, y: &Tensor) -> Result<Tensor> {
+        let c = self.shift.len();
+        let shift = Tensor::new(self.shift.as_slice(), y.device())?
+            .to_dtype(y.dtype())?
+            .reshape((1, c, 1, 1))?;
+        let y = y.broadcast_add(&shift)?;
+        Ok(match self.max {
+            None => y,
+            Some(max) if max.is_infinite() => y.relu()?,
+            Some(max) => y.clamp(0f64, max)?,
+        })
+    }
+
     /// Applies the epilogue of channel `ch` to `plane` in place.
     pub(super) fn apply<T: WithDType>(&self, ch: usize, plane: &mut [T]) {
         let (zero, shift) = (T::from_f64(0.), T::from_f64(self.shift[ch]));

@@ -27,7 +27,7 @@ pub fn max_pool2d(x: &Tensor, kernel: usize, stride: usize, padding: usize) -> R
         w,
     };
     geom.validate()?;
-    if !x.device().is_cpu() {
+    if !crate::device::custom_kernels_on(x.device()) {
         return max_pool2d_composed(x, kernel, stride, padding);
     }
     Ok(x.contiguous()?.apply_op1(MaxPool2d(geom))?)
