@@ -217,6 +217,8 @@ impl Checkpoint {
             let dtype = dtype_of(view.dtype())
                 .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype")))?;
             let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
+            // A run that diverged before the loss showed it must not resume from (or export) NaN weights.
+            crate::models::finite::ensure_finite(&name, &t, path)?;
             tensors.insert(name, t.to_device(device)?);
         }
         Ok(Checkpoint {
@@ -952,6 +954,25 @@ mod tests {
         let err = RunDir::create(Some(&other)).unwrap_err().to_string();
         assert!(err.contains("not empty"), "{err}");
         assert!(!other.join(RUN_MARKER).exists());
+    }
+
+    #[test]
+    fn a_checkpoint_holding_nan_is_refused_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        let mut ck = sample();
+        ck.insert(
+            "model.fc.bias",
+            Tensor::new(&[f32::NAN, 0.0], &Device::Cpu).unwrap(),
+        );
+        ck.save(&path).unwrap();
+        let err = Checkpoint::load(&path, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("model.fc.bias") && err.contains("last.safetensors"),
+            "{err}"
+        );
     }
 
     #[test]
