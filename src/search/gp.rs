@@ -14,7 +14,10 @@ fn matern52(r2: f64) -> (f64, f64) {
     let r = r2.sqrt();
     let s5r = 5f64.sqrt() * r;
     let e = (-s5r).exp();
-    ((1.0 + s5r + 5.0 / 3.0 * r2) * e, 5.0 / 3.0 * (1.0 + s5r) * e)
+    (
+        (1.0 + s5r + 5.0 / 3.0 * r2) * e,
+        5.0 / 3.0 * (1.0 + s5r) * e,
+    )
 }
 
 /// In-place Cholesky of a row-major `n x n` matrix (lower triangle); `false` if not positive definite.
@@ -190,7 +193,11 @@ fn objective(x: &[Vec<f64>], y: &[f64], h: &Hyper) -> Option<(f64, Vec<f64>)> {
 }
 
 /// Minimises `f` from `x0` with L-BFGS (memory 8) and a backtracking Armijo line search.
-fn lbfgs(f: &dyn Fn(&[f64]) -> Option<(f64, Vec<f64>)>, x0: Vec<f64>, iters: usize) -> (Vec<f64>, f64) {
+fn lbfgs(
+    f: &dyn Fn(&[f64]) -> Option<(f64, Vec<f64>)>,
+    x0: Vec<f64>,
+    iters: usize,
+) -> (Vec<f64>, f64) {
     let Some((mut fx, mut g)) = f(&x0) else {
         return (x0, f64::INFINITY);
     };
@@ -208,7 +215,9 @@ fn lbfgs(f: &dyn Fn(&[f64]) -> Option<(f64, Vec<f64>)>, x0: Vec<f64>, iters: usi
         }
         let gamma = hist
             .last()
-            .map_or(1.0 / dot(&g, &g).sqrt().max(1.0), |(s, y, _)| dot(s, y) / dot(y, y));
+            .map_or(1.0 / dot(&g, &g).sqrt().max(1.0), |(s, y, _)| {
+                dot(s, y) / dot(y, y)
+            });
         q.iter_mut().for_each(|v| *v *= gamma);
         for ((s, y, rho), a) in hist.iter().zip(alphas.iter().rev()) {
             let b = rho * dot(y, &q);
@@ -261,7 +270,13 @@ fn lbfgs(f: &dyn Fn(&[f64]) -> Option<(f64, Vec<f64>)>, x0: Vec<f64>, iters: usi
 impl Gp {
     /// Fits hyperparameters to `(x, y)` (y standardised) from the prior's mode, `warm` (e.g. the last
     /// fit) and `restarts` random starts, keeping the best optimum.
-    pub fn fit(x: Vec<Vec<f64>>, y: Vec<f64>, warm: Option<&Hyper>, restarts: usize, rng: &mut impl Rng) -> Gp {
+    pub fn fit(
+        x: Vec<Vec<f64>>,
+        y: Vec<f64>,
+        warm: Option<&Hyper>,
+        restarts: usize,
+        rng: &mut impl Rng,
+    ) -> Gp {
         let d = x[0].len();
         let mut starts = vec![Hyper::prior_mode(d)];
         if let Some(w) = warm.filter(|w| w.log_params.len() == d + 2) {
@@ -274,7 +289,15 @@ impl Gp {
             }
             starts.push(h);
         }
-        let f = |p: &[f64]| objective(&x, &y, &Hyper { log_params: p.to_vec() });
+        let f = |p: &[f64]| {
+            objective(
+                &x,
+                &y,
+                &Hyper {
+                    log_params: p.to_vec(),
+                },
+            )
+        };
         let mut best = (Hyper::prior_mode(d), f64::INFINITY);
         for s in starts {
             let (p, v) = lbfgs(&f, s.log_params, 100);
@@ -289,14 +312,19 @@ impl Gp {
     pub fn with_hyper(x: Vec<Vec<f64>>, y: &[f64], mut hyper: Hyper) -> Gp {
         let n = x.len();
         let d = x[0].len();
-        let inv_ls2: Vec<f64> = hyper.log_params[..d].iter().map(|l| (-2.0 * l).exp()).collect();
+        let inv_ls2: Vec<f64> = hyper.log_params[..d]
+            .iter()
+            .map(|l| (-2.0 * l).exp())
+            .collect();
         let signal = hyper.log_params[d].exp();
         loop {
             let noise = hyper.log_params[d + 1].max(MIN_LOG_NOISE).exp();
             let mut k = vec![0.0; n * n];
             for i in 0..n {
                 for j in 0..=i {
-                    let r2: f64 = (0..d).map(|t| (x[i][t] - x[j][t]).powi(2) * inv_ls2[t]).sum();
+                    let r2: f64 = (0..d)
+                        .map(|t| (x[i][t] - x[j][t]).powi(2) * inv_ls2[t])
+                        .sum();
                     let v = signal * matern52(r2).0;
                     k[i * n + j] = v;
                     k[j * n + i] = v;
@@ -352,14 +380,16 @@ pub fn norm_cdf(z: f64) -> f64 {
 fn erfc(x: f64) -> f64 {
     let z = x.abs();
     let t = 1.0 / (1.0 + 0.5 * z);
-    let r = t * (-z * z - 1.26551223
-        + t * (1.00002368
-            + t * (0.37409196
-                + t * (0.09678418
-                    + t * (-0.18628806
-                        + t * (0.27886807
-                            + t * (-1.13520398 + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
-        .exp();
+    let r = t
+        * (-z * z - 1.26551223
+            + t * (1.00002368
+                + t * (0.37409196
+                    + t * (0.09678418
+                        + t * (-0.18628806
+                            + t * (0.27886807
+                                + t * (-1.13520398
+                                    + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+            .exp();
     if x >= 0.0 {
         r
     } else {
@@ -392,9 +422,16 @@ mod tests {
     #[test]
     fn the_analytic_gradient_matches_finite_differences() {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
-        let x: Vec<Vec<f64>> = (0..12).map(|_| vec![rng.random(), rng.random(), rng.random()]).collect();
-        let y: Vec<f64> = x.iter().map(|p| (3.0 * p[0]).sin() + p[1] * p[1] - 0.5).collect();
-        let h = Hyper { log_params: vec![-0.7, 0.2, 0.5, 0.3, -4.0] };
+        let x: Vec<Vec<f64>> = (0..12)
+            .map(|_| vec![rng.random(), rng.random(), rng.random()])
+            .collect();
+        let y: Vec<f64> = x
+            .iter()
+            .map(|p| (3.0 * p[0]).sin() + p[1] * p[1] - 0.5)
+            .collect();
+        let h = Hyper {
+            log_params: vec![-0.7, 0.2, 0.5, 0.3, -4.0],
+        };
         let (_, g) = objective(&x, &y, &h).unwrap();
         for i in 0..5 {
             let mut a = h.clone();
@@ -402,7 +439,11 @@ mod tests {
             a.log_params[i] += 1e-5;
             b.log_params[i] -= 1e-5;
             let fd = (objective(&x, &y, &a).unwrap().0 - objective(&x, &y, &b).unwrap().0) / 2e-5;
-            assert!((fd - g[i]).abs() < 1e-4 * (1.0 + fd.abs()), "param {i}: {fd} vs {}", g[i]);
+            assert!(
+                (fd - g[i]).abs() < 1e-4 * (1.0 + fd.abs()),
+                "param {i}: {fd} vs {}",
+                g[i]
+            );
         }
     }
 
@@ -416,7 +457,11 @@ mod tests {
         assert!((m - (2.4f64).sin()).abs() < 0.05, "mean {m}");
         assert!(v < 0.01, "variance {v}");
         // The second input does not matter: its length scale ends far longer than the first's.
-        assert!(gp.hyper.log_params[1] > gp.hyper.log_params[0] + 1.0, "{:?}", gp.hyper);
+        assert!(
+            gp.hyper.log_params[1] > gp.hyper.log_params[0] + 1.0,
+            "{:?}",
+            gp.hyper
+        );
     }
 
     #[test]

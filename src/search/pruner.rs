@@ -33,7 +33,10 @@ impl PrunerConfig {
                 startup_trials: 3,
                 warmup_epochs: 1,
             },
-            "asha" => PrunerConfig::Asha { min_epochs: 1, eta: 3 },
+            "asha" => PrunerConfig::Asha {
+                min_epochs: 1,
+                eta: 3,
+            },
             _ => {
                 return Err(crate::Error::config(
                     "--pruner",
@@ -45,7 +48,13 @@ impl PrunerConfig {
 
     /// Whether `trial` should stop after `epoch` (1-based; its value for `epoch` is already in
     /// `trial.intermediate`), given all the study's trials.
-    pub fn should_prune(&self, trials: &[TrialRecord], trial: &TrialRecord, epoch: usize, dir: Direction) -> bool {
+    pub fn should_prune(
+        &self,
+        trials: &[TrialRecord],
+        trial: &TrialRecord,
+        epoch: usize,
+        dir: Direction,
+    ) -> bool {
         let Some(&mine) = trial.intermediate.get(&epoch) else {
             return false;
         };
@@ -77,7 +86,11 @@ impl PrunerConfig {
                 }
                 v.sort_by(f64::total_cmp);
                 let n = v.len();
-                let median = if n % 2 == 1 { v[n / 2] } else { 0.5 * (v[n / 2 - 1] + v[n / 2]) };
+                let median = if n % 2 == 1 {
+                    v[n / 2]
+                } else {
+                    0.5 * (v[n / 2 - 1] + v[n / 2])
+                };
                 mine > median
             }
             PrunerConfig::Asha { min_epochs, eta } => {
@@ -113,7 +126,11 @@ mod tests {
             state,
             params: BTreeMap::new(),
             value: values.last().copied(),
-            intermediate: values.iter().enumerate().map(|(i, v)| (i + 1, *v)).collect(),
+            intermediate: values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| (i + 1, *v))
+                .collect(),
             message: None,
             started: 0.0,
             finished: None,
@@ -125,14 +142,24 @@ mod tests {
     #[test]
     fn median_prunes_a_trial_worse_than_the_median_at_the_same_epoch() {
         let c = TrialState::Complete;
-        let past = vec![trial(0, c, &[1.0, 0.5]), trial(1, c, &[1.0, 0.7]), trial(2, c, &[1.0, 0.9])];
+        let past = vec![
+            trial(0, c, &[1.0, 0.5]),
+            trial(1, c, &[1.0, 0.7]),
+            trial(2, c, &[1.0, 0.9]),
+        ];
         let pruner = PrunerConfig::from_name("median").unwrap();
         let bad = trial(3, TrialState::Running, &[1.0, 0.8]);
         let good = trial(4, TrialState::Running, &[1.0, 0.6]);
         assert!(pruner.should_prune(&past, &bad, 2, Direction::Minimize));
         assert!(!pruner.should_prune(&past, &good, 2, Direction::Minimize));
-        assert!(!pruner.should_prune(&past, &bad, 1, Direction::Minimize), "warm-up epoch");
-        assert!(!pruner.should_prune(&past[..2], &bad, 2, Direction::Minimize), "too few finished trials");
+        assert!(
+            !pruner.should_prune(&past, &bad, 1, Direction::Minimize),
+            "warm-up epoch"
+        );
+        assert!(
+            !pruner.should_prune(&past[..2], &bad, 2, Direction::Minimize),
+            "too few finished trials"
+        );
         // Maximising accuracy instead: 0.8 beats the median 0.7.
         assert!(!pruner.should_prune(&past, &bad, 2, Direction::Maximize));
     }
@@ -140,12 +167,20 @@ mod tests {
     #[test]
     fn asha_keeps_the_best_third_at_each_rung_and_never_prunes_between_rungs() {
         let c = TrialState::Complete;
-        let past: Vec<_> = (0..5).map(|i| trial(i, c, &[i as f64, 0.0, 0.0, i as f64])).collect();
-        let asha = PrunerConfig::Asha { min_epochs: 1, eta: 3 };
+        let past: Vec<_> = (0..5)
+            .map(|i| trial(i, c, &[i as f64, 0.0, 0.0, i as f64]))
+            .collect();
+        let asha = PrunerConfig::Asha {
+            min_epochs: 1,
+            eta: 3,
+        };
         let t = trial(9, TrialState::Running, &[0.5, 9.0, 9.0, 0.5]);
         // Epoch 1 values: 0,1,2,3,4 and 0.5 -> keep the best 2: 0 and 0.5.
         assert!(!asha.should_prune(&past, &t, 1, Direction::Minimize));
-        assert!(!asha.should_prune(&past, &t, 2, Direction::Minimize), "epoch 2 is no rung");
+        assert!(
+            !asha.should_prune(&past, &t, 2, Direction::Minimize),
+            "epoch 2 is no rung"
+        );
         let worse = trial(10, TrialState::Running, &[1.5]);
         assert!(asha.should_prune(&past, &worse, 1, Direction::Minimize));
         // Rung 3: values 0 (x5) and 9 -> 9 is out.

@@ -107,7 +107,13 @@ pub fn trial_rng(seed: u64, number: u64) -> ChaCha8Rng {
 pub struct GridSampler;
 
 impl Sampler for GridSampler {
-    fn sample(&self, space: &Space, seed: u64, number: u64, _: &[TrialRecord]) -> Result<Option<Params>> {
+    fn sample(
+        &self,
+        space: &Space,
+        seed: u64,
+        number: u64,
+        _: &[TrialRecord],
+    ) -> Result<Option<Params>> {
         let mut points = space.grid()?;
         // Fisher-Yates with the study's stream u64::MAX (no trial has that number).
         let mut rng = trial_rng(seed, u64::MAX);
@@ -130,7 +136,13 @@ pub fn random_params(space: &Space, seed: u64, number: u64) -> Params {
 }
 
 impl Sampler for RandomSampler {
-    fn sample(&self, space: &Space, seed: u64, number: u64, _: &[TrialRecord]) -> Result<Option<Params>> {
+    fn sample(
+        &self,
+        space: &Space,
+        seed: u64,
+        number: u64,
+        _: &[TrialRecord],
+    ) -> Result<Option<Params>> {
         Ok(Some(random_params(space, seed, number)))
     }
 }
@@ -181,8 +193,8 @@ fn unit_coords(space: &Space, p: &Params) -> Vec<f64> {
 /// (Cranley-Patterson rotation: a different quasi-random set for each trial).
 fn halton(i: u64, shift: &[f64]) -> Vec<f64> {
     const PRIMES: [u64; 32] = [
-        2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89, 97, 101, 103,
-        107, 109, 113, 127, 131,
+        2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47, 53, 59, 61, 67, 71, 73, 79, 83, 89,
+        97, 101, 103, 107, 109, 113, 127, 131,
     ];
     shift
         .iter()
@@ -201,12 +213,20 @@ fn halton(i: u64, shift: &[f64]) -> Vec<f64> {
 }
 
 impl Sampler for BayesSampler {
-    fn sample(&self, space: &Space, seed: u64, number: u64, trials: &[TrialRecord]) -> Result<Option<Params>> {
+    fn sample(
+        &self,
+        space: &Space,
+        seed: u64,
+        number: u64,
+        trials: &[TrialRecord],
+    ) -> Result<Option<Params>> {
         let done: Vec<&TrialRecord> = trials
             .iter()
             .filter(|t| t.state == TrialState::Complete && t.value.is_some_and(f64::is_finite))
             .collect();
-        if done.len() < self.config.startup_trials.max(2) || features(space, &done[0].params).is_empty() {
+        if done.len() < self.config.startup_trials.max(2)
+            || features(space, &done[0].params).is_empty()
+        {
             return Ok(Some(random_params(space, seed, number)));
         }
         let mut rng = trial_rng(seed, number);
@@ -218,7 +238,13 @@ impl Sampler for BayesSampler {
         let y: Vec<f64> = ys.iter().map(|v| (v - mean) / sd).collect();
         let x: Vec<Vec<f64>> = done.iter().map(|t| features(space, &t.params)).collect();
         let warm = self.last_fit.lock().ok().and_then(|g| g.clone());
-        let fitted = Gp::fit(x.clone(), y.clone(), warm.as_ref(), self.config.restarts, &mut rng);
+        let fitted = Gp::fit(
+            x.clone(),
+            y.clone(),
+            warm.as_ref(),
+            self.config.restarts,
+            &mut rng,
+        );
         if let Ok(mut g) = self.last_fit.lock() {
             *g = Some(fitted.hyper.clone());
         }
@@ -280,7 +306,8 @@ impl Sampler for BayesSampler {
                         }
                         _ => {
                             // Box-Muller normal draw.
-                            let (a, b): (f64, f64) = (rng.random::<f64>().max(1e-300), rng.random());
+                            let (a, b): (f64, f64) =
+                                (rng.random::<f64>().max(1e-300), rng.random());
                             let z = (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos();
                             (v[t] + step * z).clamp(0.0, 1.0)
                         }
@@ -327,13 +354,17 @@ mod tests {
     fn the_grid_gives_every_point_once_then_ends() {
         let s = space();
         let g = GridSampler;
-        let points: Vec<Params> = (0..12).map_while(|k| g.sample(&s, 1, k, &[]).unwrap()).collect();
+        let points: Vec<Params> = (0..12)
+            .map_while(|k| g.sample(&s, 1, k, &[]).unwrap())
+            .collect();
         assert_eq!(points.len(), 12);
         assert!(g.sample(&s, 1, 12, &[]).unwrap().is_none());
         for (i, p) in points.iter().enumerate() {
             assert!(!points[..i].contains(p), "point {i} repeats");
         }
-        let other: Vec<Params> = (0..12).map_while(|k| g.sample(&s, 2, k, &[]).unwrap()).collect();
+        let other: Vec<Params> = (0..12)
+            .map_while(|k| g.sample(&s, 2, k, &[]).unwrap())
+            .collect();
         assert_ne!(points, other, "the seed shuffles the order");
     }
 }

@@ -194,7 +194,10 @@ impl Domain {
                 step,
             } => {
                 // Widen by half a step each side so that every lattice value gets an equal share of u.
-                let (lo, hi) = (*low as f64 - 0.5 * *step as f64, *high as f64 + 0.5 * *step as f64);
+                let (lo, hi) = (
+                    *low as f64 - 0.5 * *step as f64,
+                    *high as f64 + 0.5 * *step as f64,
+                );
                 let x = if *log {
                     let (lo, hi) = (lo.max(0.5), hi);
                     (lo.ln() + u * (hi.ln() - lo.ln())).exp()
@@ -227,7 +230,10 @@ impl Domain {
                 log,
                 step,
             } => {
-                let (lo, hi) = (*low as f64 - 0.5 * *step as f64, *high as f64 + 0.5 * *step as f64);
+                let (lo, hi) = (
+                    *low as f64 - 0.5 * *step as f64,
+                    *high as f64 + 0.5 * *step as f64,
+                );
                 if *log {
                     let lo = lo.max(0.5);
                     (x.ln() - lo.ln()) / (hi.ln() - lo.ln())
@@ -294,9 +300,12 @@ impl Space {
                     format!("no such option; options are {}", known.join(", ")),
                 ));
             }
-            let t = entry
-                .as_table()
-                .ok_or_else(|| Error::space(name, "must be a table like `[name]` with `float = [lo, hi]`"))?;
+            let t = entry.as_table().ok_or_else(|| {
+                Error::space(
+                    name,
+                    "must be a table like `[name]` with `float = [lo, hi]`",
+                )
+            })?;
             params.push(Self::param(name, t)?);
         }
         Space::new(params)
@@ -312,16 +321,17 @@ impl Space {
                         format!("`when` names `{dep}`, which is not in the space"),
                     ));
                 };
-                let allowed = match &d.domain {
-                    Domain::Choice(vs) => vs.clone(),
-                    Domain::Fixed(v) => vec![v.clone()],
-                    _ => {
-                        return Err(Error::space(
+                let allowed =
+                    match &d.domain {
+                        Domain::Choice(vs) => vs.clone(),
+                        Domain::Fixed(v) => vec![v.clone()],
+                        _ => return Err(Error::space(
                             &p.name,
-                            format!("`when` may only name choice or fixed options; `{dep}` is a range"),
-                        ))
-                    }
-                };
+                            format!(
+                                "`when` may only name choice or fixed options; `{dep}` is a range"
+                            ),
+                        )),
+                    };
                 if let Some(v) = values.iter().find(|v| !allowed.contains(v)) {
                     return Err(Error::space(
                         &p.name,
@@ -338,7 +348,10 @@ impl Space {
                 .iter()
                 .position(|p| p.when.keys().all(|d| ordered.iter().any(|q| &q.name == d)))
             else {
-                return Err(Error::space(&rest[0].name, "`when` conditions form a cycle"));
+                return Err(Error::space(
+                    &rest[0].name,
+                    "`when` conditions form a cycle",
+                ));
             };
             ordered.push(rest.remove(i));
         }
@@ -357,8 +370,10 @@ impl Space {
             ));
         }
         for key in t.keys() {
-            if !["float", "int", "choice", "value", "log", "step", "steps", "when"]
-                .contains(&key.as_str())
+            if ![
+                "float", "int", "choice", "value", "log", "step", "steps", "when",
+            ]
+            .contains(&key.as_str())
             {
                 return Err(Error::space(
                     name,
@@ -407,10 +422,16 @@ impl Space {
                     arr.and_then(|a| a[0].as_integer()),
                     arr.and_then(|a| a[1].as_integer()),
                 ) else {
-                    return Err(Error::space(name, "`int` bounds must be `[low, high]` integers"));
+                    return Err(Error::space(
+                        name,
+                        "`int` bounds must be `[low, high]` integers",
+                    ));
                 };
                 if lo > hi {
-                    return Err(Error::space(name, format!("bad bounds [{lo}, {hi}]: need low <= high")));
+                    return Err(Error::space(
+                        name,
+                        format!("bad bounds [{lo}, {hi}]: need low <= high"),
+                    ));
                 }
                 if log && lo <= 0 {
                     return Err(Error::space(
@@ -421,7 +442,12 @@ impl Space {
                 let step = match step {
                     None => 1,
                     Some(s) if s.fract() == 0.0 => s as i64,
-                    Some(s) => return Err(Error::space(name, format!("an int `step` must be an integer, got {s}"))),
+                    Some(s) => {
+                        return Err(Error::space(
+                            name,
+                            format!("an int `step` must be an integer, got {s}"),
+                        ))
+                    }
                 };
                 Domain::Int {
                     low: lo,
@@ -435,7 +461,10 @@ impl Space {
                     .as_array()
                     .ok_or_else(|| Error::space(name, "`choice` must be a list"))?;
                 if arr.is_empty() {
-                    return Err(Error::space(name, "`choice` is empty: list at least one value"));
+                    return Err(Error::space(
+                        name,
+                        "`choice` is empty: list at least one value",
+                    ));
                 }
                 Domain::Choice(
                     arr.iter()
@@ -447,12 +476,18 @@ impl Space {
         };
         let mut when = BTreeMap::new();
         if let Some(w) = t.get("when") {
-            let w = w
-                .as_table()
-                .ok_or_else(|| Error::space(name, "`when` must be a table like `{ optimizer = \"sgd\" }`"))?;
+            let w = w.as_table().ok_or_else(|| {
+                Error::space(
+                    name,
+                    "`when` must be a table like `{ optimizer = \"sgd\" }`",
+                )
+            })?;
             for (dep, v) in w {
                 let values = match v {
-                    toml::Value::Array(a) => a.iter().map(|x| Value::from_toml(x, name)).collect::<Result<_>>()?,
+                    toml::Value::Array(a) => a
+                        .iter()
+                        .map(|x| Value::from_toml(x, name))
+                        .collect::<Result<_>>()?,
                     x => vec![Value::from_toml(x, name)?],
                 };
                 when.insert(dep.clone(), values);
@@ -537,9 +572,17 @@ value = 16
 "#;
 
     fn names() -> Vec<String> {
-        ["lr", "dropout", "freeze_epochs", "optimizer", "momentum", "batch_size", "epochs"]
-            .map(String::from)
-            .to_vec()
+        [
+            "lr",
+            "dropout",
+            "freeze_epochs",
+            "optimizer",
+            "momentum",
+            "batch_size",
+            "epochs",
+        ]
+        .map(String::from)
+        .to_vec()
     }
 
     #[test]
@@ -554,7 +597,10 @@ value = 16
         assert_eq!(p["momentum"], Value::Float(0.8));
         assert_eq!(p["batch_size"], Value::Int(16));
         let q = s.from_unit(&[0.0, 0.0, 1.0, 0.1, 0.0, 0.0]);
-        assert!(!q.contains_key("momentum"), "momentum is inactive with adamw");
+        assert!(
+            !q.contains_key("momentum"),
+            "momentum is inactive with adamw"
+        );
         assert_eq!(q["freeze_epochs"], Value::Int(3));
     }
 
@@ -564,12 +610,18 @@ value = 16
         // lr 3 x dropout 3 x freeze 4 x (adamw + sgd x momentum 2) = 108.
         let g = s.grid().unwrap();
         assert_eq!(g.len(), 3 * 3 * 4 * 3);
-        let lrs: Vec<f64> = Domain::Float { low: 1e-4, high: 1e-1, log: true, step: None, steps: Some(4) }
-            .grid_values("lr")
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect();
+        let lrs: Vec<f64> = Domain::Float {
+            low: 1e-4,
+            high: 1e-1,
+            log: true,
+            step: None,
+            steps: Some(4),
+        }
+        .grid_values("lr")
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect();
         for (a, b) in lrs.iter().zip([1e-4, 1e-3, 1e-2, 1e-1]) {
             assert!((a / b - 1.0).abs() < 1e-9, "{a} vs {b}");
         }
@@ -577,7 +629,12 @@ value = 16
 
     #[test]
     fn every_int_value_gets_an_equal_share_of_the_unit_interval() {
-        let d = Domain::Int { low: 0, high: 3, log: false, step: 1 };
+        let d = Domain::Int {
+            low: 0,
+            high: 3,
+            log: false,
+            step: 1,
+        };
         let counts = (0..400).fold([0; 4], |mut c, i| {
             c[d.from_unit((i as f64 + 0.5) / 400.0).as_i64().unwrap() as usize] += 1;
             c
@@ -590,7 +647,10 @@ value = 16
     fn errors_name_the_option_and_what_is_wrong() {
         let err = |text: &str| Space::from_toml(text, &names()).unwrap_err().to_string();
         let e = err("[learning_rate]\nfloat = [0.1, 1.0]");
-        assert!(e.contains("learning_rate") && e.contains("options are lr, dropout"), "{e}");
+        assert!(
+            e.contains("learning_rate") && e.contains("options are lr, dropout"),
+            "{e}"
+        );
         let e = err("[lr]\nfloat = [0.0, 1.0]\nlog = true");
         assert!(e.contains("above 0"), "{e}");
         let e = err("[optimizer]\nchoice = []");

@@ -37,8 +37,10 @@ impl SqliteStorage {
         let err = |e: rusqlite::Error| Error::study(path.display().to_string(), e);
         let conn = Connection::open(&path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(60)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
-        conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(err)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(err)?;
         conn.execute_batch(SCHEMA).map_err(err)?;
         Ok(SqliteStorage {
             path,
@@ -61,7 +63,13 @@ impl SqliteStorage {
             .prepare_cached("SELECT number, epoch, value FROM intermediate WHERE study = ?1")
             .map_err(|e| self.err(e))?;
         let rows = q
-            .query_map([&self.name], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, f64>(2)?)))
+            .query_map([&self.name], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, f64>(2)?,
+                ))
+            })
             .map_err(|e| self.err(e))?;
         for row in rows {
             let (n, e, v) = row.map_err(|e| self.err(e))?;
@@ -118,11 +126,20 @@ impl Storage for SqliteStorage {
             params![self.name, spec],
         )
         .map_err(|e| self.err(e))?;
-        conn.query_row("SELECT spec FROM studies WHERE name = ?1", [&self.name], |r| r.get(0))
-            .map_err(|e| self.err(e))
+        conn.query_row(
+            "SELECT spec FROM studies WHERE name = ?1",
+            [&self.name],
+            |r| r.get(0),
+        )
+        .map_err(|e| self.err(e))
     }
 
-    fn ask(&self, worker: &str, stale_after: Duration, propose: &mut Propose<'_>) -> Result<Option<Asked>> {
+    fn ask(
+        &self,
+        worker: &str,
+        stale_after: Duration,
+        propose: &mut Propose<'_>,
+    ) -> Result<Option<Asked>> {
         let mut conn = self.conn();
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -144,7 +161,13 @@ impl Storage for SqliteStorage {
         Ok(asked)
     }
 
-    fn tell(&self, number: u64, state: TrialState, value: Option<f64>, message: Option<&str>) -> Result<()> {
+    fn tell(
+        &self,
+        number: u64,
+        state: TrialState,
+        value: Option<f64>,
+        message: Option<&str>,
+    ) -> Result<()> {
         self.conn()
             .execute(
                 "UPDATE trials SET state = ?1, value = ?2, message = ?3, finished = ?4, heartbeat = ?4
@@ -212,27 +235,45 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("study.sqlite");
         let space = Space::from_toml("[x]\nfloat = [0.0, 1.0]\n[y]\nint = [0, 100]", &[]).unwrap();
-        let spec = StudySpec { space, sampler: SamplerConfig::Random, seed: 5, ..Default::default() };
+        let spec = StudySpec {
+            space,
+            sampler: SamplerConfig::Random,
+            seed: 5,
+            ..Default::default()
+        };
         let workers: Vec<_> = (0..4)
             .map(|_| {
                 let (file, spec) = (file.clone(), spec.clone());
                 std::thread::spawn(move || {
-                    let study = Study::open(Box::new(SqliteStorage::open(&file, "s").unwrap()), spec).unwrap();
+                    let study =
+                        Study::open(Box::new(SqliteStorage::open(&file, "s").unwrap()), spec)
+                            .unwrap();
                     let mut mine = Vec::new();
                     while let Some(t) = study.ask(Some(40)).unwrap() {
                         study.report(t.number, 1, 0.5).unwrap();
-                        study.tell(t.number, TrialState::Complete, Some(t.params["x"].as_f64().unwrap())).unwrap();
+                        study
+                            .tell(
+                                t.number,
+                                TrialState::Complete,
+                                Some(t.params["x"].as_f64().unwrap()),
+                            )
+                            .unwrap();
                         mine.push(t.number);
                     }
                     mine
                 })
             })
             .collect();
-        let mut all: Vec<u64> = workers.into_iter().flat_map(|w| w.join().unwrap()).collect();
+        let mut all: Vec<u64> = workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect();
         all.sort();
         assert_eq!(all, (0..40).collect::<Vec<_>>());
         let trials = SqliteStorage::open(&file, "s").unwrap().trials().unwrap();
-        assert!(trials.iter().all(|t| t.state == TrialState::Complete && t.intermediate.len() == 1));
+        assert!(trials
+            .iter()
+            .all(|t| t.state == TrialState::Complete && t.intermediate.len() == 1));
         // Trial k's parameters depend on (seed, k) only, not on which worker drew it.
         let again = crate::search::sampler::random_params(&spec.space, 5, 17);
         assert_eq!(trials[17].params, again);
@@ -243,8 +284,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("study.sqlite");
         let space = Space::from_toml("[x]\nfloat = [0.0, 1.0]", &[]).unwrap();
-        let spec = StudySpec { space, sampler: SamplerConfig::Random, ..Default::default() };
-        let mut a = Study::open(Box::new(SqliteStorage::open(&file, "s").unwrap()), spec.clone()).unwrap();
+        let spec = StudySpec {
+            space,
+            sampler: SamplerConfig::Random,
+            ..Default::default()
+        };
+        let mut a = Study::open(
+            Box::new(SqliteStorage::open(&file, "s").unwrap()),
+            spec.clone(),
+        )
+        .unwrap();
         let first = a.ask(Some(3)).unwrap().unwrap();
         assert!(!first.resumed);
         a.stale_after = Duration::ZERO;

@@ -40,7 +40,12 @@ impl TrialState {
             "complete" => TrialState::Complete,
             "pruned" => TrialState::Pruned,
             "failed" => TrialState::Failed,
-            _ => return Err(Error::study("(storage)", format!("unknown trial state `{s}`"))),
+            _ => {
+                return Err(Error::study(
+                    "(storage)",
+                    format!("unknown trial state `{s}`"),
+                ))
+            }
         })
     }
 }
@@ -83,9 +88,20 @@ pub trait Storage: Send + Sync {
     /// the spec stored first, which wins.
     fn open_study(&self, spec: &str) -> Result<String>;
     /// Takes over a dead worker's trial, or inserts the one `propose` gives; `None` when it gives none.
-    fn ask(&self, worker: &str, stale_after: Duration, propose: &mut Propose<'_>) -> Result<Option<Asked>>;
+    fn ask(
+        &self,
+        worker: &str,
+        stale_after: Duration,
+        propose: &mut Propose<'_>,
+    ) -> Result<Option<Asked>>;
     /// Finishes a trial.
-    fn tell(&self, number: u64, state: TrialState, value: Option<f64>, message: Option<&str>) -> Result<()>;
+    fn tell(
+        &self,
+        number: u64,
+        state: TrialState,
+        value: Option<f64>,
+        message: Option<&str>,
+    ) -> Result<()>;
     /// Records a value after `epoch` (and refreshes the heartbeat).
     fn report(&self, number: u64, epoch: usize, value: f64) -> Result<()>;
     /// Says the trial's worker is alive.
@@ -118,7 +134,8 @@ pub fn is_abandoned(t: &TrialRecord, me: &str, stale_after: Duration) -> bool {
     if now() - t.heartbeat > stale_after.as_secs_f64() {
         return true;
     }
-    let (Some((host, pid)), Some((my_host, _))) = (t.worker.rsplit_once(':'), me.rsplit_once(':')) else {
+    let (Some((host, pid)), Some((my_host, _))) = (t.worker.rsplit_once(':'), me.rsplit_once(':'))
+    else {
         return false;
     };
     host == my_host
@@ -178,11 +195,10 @@ impl MemoryStorage {
 
     fn with_trial<T>(&self, number: u64, f: impl FnOnce(&mut TrialRecord) -> T) -> Result<T> {
         let mut g = self.lock();
-        let t = g
-            .1
-            .iter_mut()
-            .find(|t| t.number == number)
-            .ok_or_else(|| Error::study("(memory)", format!("no trial {number}")))?;
+        let t =
+            g.1.iter_mut()
+                .find(|t| t.number == number)
+                .ok_or_else(|| Error::study("(memory)", format!("no trial {number}")))?;
         Ok(f(t))
     }
 }
@@ -193,7 +209,12 @@ impl Storage for MemoryStorage {
         Ok(g.0.get_or_insert_with(|| spec.to_string()).clone())
     }
 
-    fn ask(&self, worker: &str, stale_after: Duration, propose: &mut Propose<'_>) -> Result<Option<Asked>> {
+    fn ask(
+        &self,
+        worker: &str,
+        stale_after: Duration,
+        propose: &mut Propose<'_>,
+    ) -> Result<Option<Asked>> {
         let mut g = self.lock();
         let asked = next_trial(&g.1, worker, stale_after, propose)?;
         if let Some(a) = &asked {
@@ -205,7 +226,13 @@ impl Storage for MemoryStorage {
         Ok(asked)
     }
 
-    fn tell(&self, number: u64, state: TrialState, value: Option<f64>, message: Option<&str>) -> Result<()> {
+    fn tell(
+        &self,
+        number: u64,
+        state: TrialState,
+        value: Option<f64>,
+        message: Option<&str>,
+    ) -> Result<()> {
         self.with_trial(number, |t| {
             t.state = state;
             t.value = value;

@@ -132,7 +132,8 @@ impl Study {
 
     /// Marks trial `number` failed with `message`.
     pub fn fail(&self, number: u64, message: &str) -> Result<()> {
-        self.storage.tell(number, TrialState::Failed, None, Some(message))
+        self.storage
+            .tell(number, TrialState::Failed, None, Some(message))
     }
 
     /// Records trial `number`'s value after `epoch` (1-based).
@@ -155,7 +156,10 @@ impl Study {
             .trials()?
             .into_iter()
             .filter(|t| t.state == TrialState::Complete && t.value.is_some_and(f64::is_finite))
-            .min_by(|a, b| d.to_min(a.value.unwrap_or(0.0)).total_cmp(&d.to_min(b.value.unwrap_or(0.0)))))
+            .min_by(|a, b| {
+                d.to_min(a.value.unwrap_or(0.0))
+                    .total_cmp(&d.to_min(b.value.unwrap_or(0.0)))
+            }))
     }
 }
 
@@ -167,17 +171,28 @@ mod tests {
     #[test]
     fn ask_hands_out_numbered_trials_until_the_budget_and_tell_records_them() {
         let space = Space::from_toml("[x]\nint = [0, 9]", &[]).unwrap();
-        let spec = StudySpec { space, sampler: SamplerConfig::Grid, direction: Direction::Maximize, ..Default::default() };
+        let spec = StudySpec {
+            space,
+            sampler: SamplerConfig::Grid,
+            direction: Direction::Maximize,
+            ..Default::default()
+        };
         let study = Study::open(Box::new(MemoryStorage::default()), spec).unwrap();
         let mut seen = Vec::new();
         while let Some(t) = study.ask(Some(20)).unwrap() {
             let x = t.params["x"].as_i64().unwrap();
             study.report(t.number, 1, x as f64).unwrap();
-            study.tell(t.number, TrialState::Complete, Some(x as f64)).unwrap();
+            study
+                .tell(t.number, TrialState::Complete, Some(x as f64))
+                .unwrap();
             seen.push(x);
         }
         seen.sort();
-        assert_eq!(seen, (0..10).collect::<Vec<_>>(), "the grid ends the study after its 10 points");
+        assert_eq!(
+            seen,
+            (0..10).collect::<Vec<_>>(),
+            "the grid ends the study after its 10 points"
+        );
         assert_eq!(study.best().unwrap().unwrap().value, Some(9.0));
         assert_eq!(study.trials().unwrap()[3].intermediate.len(), 1);
     }
