@@ -97,6 +97,14 @@ pub enum Error {
     #[error("{what}: {reason}")]
     TooLarge { what: String, reason: String },
 
+    /// A search space (TOML) entry that is invalid: unknown option, bad bounds, empty choice.
+    #[error("search space `{param}`: {reason}")]
+    Space { param: String, reason: String },
+
+    /// A study's storage (SQLite file, PostgreSQL server) failed, or holds something unexpected.
+    #[error("study {study}: {reason}")]
+    Study { study: String, reason: String },
+
     /// An error raised by candle while computing.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),
@@ -119,6 +127,22 @@ impl Error {
         Error::Config {
             what: what.into(),
             reason: reason.into(),
+        }
+    }
+
+    /// A `Space` error about parameter `param`.
+    pub fn space(param: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::Space {
+            param: param.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A `Study` error about the study at `study` (a path or URL).
+    pub fn study(study: impl Into<String>, reason: impl ToString) -> Self {
+        Error::Study {
+            study: study.into(),
+            reason: reason.to_string(),
         }
     }
 

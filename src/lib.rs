@@ -15,6 +15,7 @@ pub mod models;
 pub mod optim;
 pub mod par;
 pub mod pretrain;
+pub mod search;
 pub mod simd;
 pub mod sysmem;
 pub mod train;

@@ -286,6 +286,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         quiet: args.quiet,
         stop_after: args.stop_after,
+        on_epoch: None,
     };
     let outcome = if let Some(dir) = &args.resume {
         let ignored: Vec<String> = crate::cli::flags_given("finetune")

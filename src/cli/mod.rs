@@ -8,6 +8,7 @@ pub mod finetune;
 mod inspect;
 mod predict;
 mod pretrain;
+mod search;
 
 use clap::{Args, Parser, Subcommand};
 
@@ -33,6 +34,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Unsupervised greedy layer-wise pretraining (stacked autoencoders, RBMs) on unlabelled images.
     Pretrain(Box<pretrain::PretrainArgs>),
+    /// Hyperparameter search over fine-tuning runs (grid, random, Bayesian), or `search show STUDY`.
+    Search(Box<search::SearchArgs>),
     /// Convert a PyTorch checkpoint (.pth/.pt/.bin, zip or legacy format) to safetensors.
     Convert(convert::ConvertArgs),
 }
@@ -81,5 +84,6 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Export(a) => export::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Pretrain(a) => pretrain::run(*a),
+        Command::Search(a) => search::run(*a),
     }
 }

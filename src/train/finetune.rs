@@ -165,6 +165,20 @@ pub struct RunOptions {
     /// Stop after this many epochs in this invocation, as if interrupted after a checkpoint (for tests and
     /// for splitting long runs).
     pub stop_after: Option<usize>,
+    /// Consulted after each epoch, where early stopping is; its `Stop` ends the run (e.g. a search's pruner).
+    pub on_epoch: Option<EpochCallback>,
+}
+
+/// A per-epoch policy from outside the run: epoch (1-based) and its metrics in, a [`Decision`] out.
+#[derive(Clone)]
+pub struct EpochCallback(
+    pub std::sync::Arc<dyn Fn(usize, &EpochMetrics) -> Decision + Send + Sync>,
+);
+
+impl std::fmt::Debug for EpochCallback {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("EpochCallback")
+    }
 }
 
 /// The number of frozen groups in each epoch, decided once from the config.
@@ -955,6 +969,10 @@ fn run_session(
             Decision::Continue { improved: false }
         };
         let improved = matches!(decision, Decision::Continue { improved: true });
+        let decision = match opts.on_epoch.as_ref().map(|f| (f.0)(epoch + 1, &m)) {
+            Some(stop @ Decision::Stop { .. }) => stop,
+            _ => decision,
+        };
         let state = TrainState {
             epoch: epoch + 1,
             step,

@@ -1,0 +1,471 @@
+//! `graft search`: a hyperparameter search whose trials are ordinary fine-tuning runs, and
+//! `graft search show STUDY`. A trial's config is built by writing a `graft finetune` command line (the
+//! fixed flags after `--`, then the sampled values as flags) and parsing it like the real command, so a
+//! bad value is reported with its flag name.
+
+use anyhow::{bail, Context};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::search::sqlite::SqliteStorage;
+use crate::search::{
+    Direction, PrunerConfig, SamplerConfig, Space, Study, StudySpec, Trial, TrialRecord,
+    TrialState, Value,
+};
+use crate::train::checkpoint::RunDir;
+use crate::train::early_stop::Decision;
+use crate::train::finetune::{finetune, EpochCallback, FinetuneConfig, RunOptions};
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct SearchArgs {
+    #[command(subcommand)]
+    pub command: Option<SearchCommand>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SearchCommand {
+    /// List a study's trials, best first, and write the best trial's config.json beside the study.
+    Show(ShowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The search space (TOML; one table per finetune option, e.g. `[lr]` with `float = [1e-4, 1e-1]`).
+    #[arg(long)]
+    pub space: Option<PathBuf>,
+    /// Base model of every trial (unless the space varies `base`).
+    #[arg(long)]
+    pub base: Option<String>,
+    /// Image folder of every trial.
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Trials in the study, all workers and reruns together.
+    #[arg(long, default_value_t = 20)]
+    pub trials: usize,
+    /// grid|random|bayes
+    #[arg(long, default_value = "bayes")]
+    pub sampler: String,
+    /// none|median|asha
+    #[arg(long, default_value = "none")]
+    pub pruner: String,
+    /// The objective: val_loss (minimised) or val_acc (maximised), of each trial's final (best) weights.
+    #[arg(long, default_value = "val_loss")]
+    pub metric: String,
+    /// The study folder (DIR/study.sqlite, trials in DIR/trials/NNNN); rerunning continues it.
+    #[arg(long, default_value = "search")]
+    pub study: PathBuf,
+    /// Trials run at once (threads, each with its own connection to the study).
+    #[arg(long, default_value_t = 1)]
+    pub workers: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Seconds without a heartbeat after which another worker takes a running trial over.
+    #[arg(long, default_value_t = 120)]
+    pub stale_after: u64,
+    /// Fixed finetune flags for every trial, e.g. `-- --epochs 3 --batch-size 16`.
+    #[arg(last = true)]
+    pub finetune: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The study folder.
+    pub study: PathBuf,
+    /// table|json
+    #[arg(long, default_value = "table")]
+    pub format: String,
+}
+
+/// Finetune's options a space may vary: its long flags with `_` for `-`, less those that name the run
+/// itself.
+fn finetune_options() -> Vec<String> {
+    let cmd = crate::cli::Cli::command();
+    let ft = cmd
+        .find_subcommand("finetune")
+        .expect("finetune is a subcommand");
+    ft.get_arguments()
+        .filter_map(|a| a.get_long())
+        .filter(|l| !["run-dir", "resume", "quiet", "stop-after", "data", "help"].contains(l))
+        .map(|l| l.replace('-', "_"))
+        .collect()
+}
+
+fn study_file(dir: &Path) -> PathBuf {
+    dir.join("study.sqlite")
+}
+
+fn trial_dir(study: &Path, number: u64) -> PathBuf {
+    study.join("trials").join(format!("{number:04}"))
+}
+
+/// The finetune command line of a trial: fixed flags, then the sampled values.
+fn trial_argv(fixed: &[String], params: &crate::search::Params, run_dir: &Path) -> Vec<String> {
+    let mut argv = vec!["graft".to_string(), "finetune".to_string()];
+    argv.extend(fixed.iter().cloned());
+    for (name, v) in params {
+        let flag = format!("--{}", name.replace('_', "-"));
+        match v {
+            Value::Bool(true) => argv.push(flag),
+            Value::Bool(false) => {}
+            v => {
+                argv.push(flag);
+                argv.push(v.to_string());
+            }
+        }
+    }
+    argv.extend([
+        "--quiet".into(),
+        "--run-dir".into(),
+        run_dir.display().to_string(),
+    ]);
+    argv
+}
+
+fn trial_config(
+    fixed: &[String],
+    params: &crate::search::Params,
+    run_dir: &Path,
+) -> anyhow::Result<FinetuneConfig> {
+    let argv = trial_argv(fixed, params, run_dir);
+    let cli = crate::cli::Cli::try_parse_from(&argv)
+        .map_err(|e| anyhow::anyhow!("{}", e.render().to_string().trim()))?;
+    let crate::cli::Command::Finetune(args) = cli.command else {
+        unreachable!("the command line starts with finetune")
+    };
+    let cfg = crate::cli::finetune::config_from_args(&args)?;
+    crate::train::finetune::validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// What one worker needs besides its own study connection.
+struct Search {
+    dir: PathBuf,
+    fixed: Vec<String>,
+    pruner: PrunerConfig,
+    metric: crate::train::early_stop::Monitor,
+    trials: usize,
+}
+
+/// Runs one trial to its end and records it: complete, pruned, or failed with the error.
+fn run_trial(study: &Study, search: &Search, trial: &Trial) -> anyhow::Result<()> {
+    let dir = trial_dir(&search.dir, trial.number);
+    let done = Arc::new(AtomicBool::new(false));
+    let result = std::thread::scope(|scope| {
+        // Heartbeats while the trial runs, so other workers know it is alive.
+        let beat = Duration::from_secs((study.stale_after.as_secs() / 4).max(1));
+        let done2 = done.clone();
+        scope.spawn(move || {
+            let mut waited = Duration::ZERO;
+            while !done2.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(200));
+                waited += Duration::from_millis(200);
+                if waited >= beat {
+                    waited = Duration::ZERO;
+                    let _ = study.heartbeat(trial.number);
+                }
+            }
+        });
+        let r = run_finetune(study, search, trial, &dir);
+        done.store(true, Ordering::Relaxed);
+        r
+    });
+    match result {
+        Ok((state, value)) => {
+            study.tell(trial.number, state, value)?;
+            eprintln!(
+                "trial {}: {} {} = {}",
+                trial.number,
+                state.as_str(),
+                search.metric,
+                value.map_or("-".into(), |v| format!("{v:.5}"))
+            );
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            eprintln!("trial {}: failed: {msg}", trial.number);
+            study.fail(trial.number, &msg)?;
+        }
+    }
+    Ok(())
+}
+
+fn run_finetune(
+    study: &Study,
+    search: &Search,
+    trial: &Trial,
+    dir: &Path,
+) -> anyhow::Result<(TrialState, Option<f64>)> {
+    let resume =
+        trial.resumed && RunDir::open_existing(dir).is_ok_and(|r| r.resume_checkpoint().is_ok());
+    let (cfg, run_dir) = if resume {
+        let run_dir = RunDir::open_existing(dir)?;
+        (run_dir.read_config::<FinetuneConfig>()?, run_dir)
+    } else {
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("clearing {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(dir.parent().unwrap_or(dir))?;
+        let cfg = trial_config(&search.fixed, &trial.params, dir)?;
+        (cfg, RunDir::create(Some(dir))?)
+    };
+    let pruned = Arc::new(Mutex::new(None::<f64>));
+    let number = trial.number;
+    let metric = search.metric;
+    let pruner = &search.pruner;
+    let direction = study.spec().direction;
+    let pruned2 = pruned.clone();
+    // `finetune`'s callback must own what it uses, and the study is borrowed: each epoch is sent to a
+    // thread of this scope that reports it to the study, asks the pruner and sends the answer back.
+    let (tx, rx) = std::sync::mpsc::channel::<(usize, f64, std::sync::mpsc::Sender<bool>)>();
+    let tx = Mutex::new(tx);
+    let opts = RunOptions {
+        on_epoch: Some(EpochCallback(Arc::new(move |epoch, m| {
+            let value = metric.value(m);
+            let (answer_tx, answer_rx) = std::sync::mpsc::channel();
+            let sent = tx
+                .lock()
+                .map(|t| t.send((epoch, value, answer_tx)).is_ok())
+                .unwrap_or(false);
+            if sent && answer_rx.recv().unwrap_or(false) {
+                *pruned2.lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+                Decision::Stop {
+                    reason: format!("pruned after epoch {epoch} ({metric} {value:.5})"),
+                    best_epoch: epoch,
+                }
+            } else {
+                Decision::Continue { improved: false }
+            }
+        }))),
+        ..RunOptions::default()
+    };
+    let outcome = std::thread::scope(|scope| {
+        scope.spawn(|| {
+            for (epoch, value, answer) in rx {
+                let _ = study.report(number, epoch, value);
+                let prune = match study.trials() {
+                    Ok(all) => all
+                        .iter()
+                        .find(|t: &&TrialRecord| t.number == number)
+                        .is_some_and(|me| pruner.should_prune(&all, me, epoch, direction)),
+                    Err(_) => false,
+                };
+                let _ = answer.send(prune);
+            }
+        });
+        let r = finetune(&cfg, &run_dir, resume, &opts);
+        drop(opts);
+        r
+    })?;
+    if let Some(v) = *pruned.lock().unwrap_or_else(|e| e.into_inner()) {
+        return Ok((TrialState::Pruned, Some(v)));
+    }
+    let value = match metric {
+        crate::train::early_stop::Monitor::ValLoss => outcome.val_loss,
+        crate::train::early_stop::Monitor::ValAcc => outcome.val_acc,
+    };
+    if !value.is_finite() {
+        bail!("{metric} is not a number ({value}); does the data have validation images?");
+    }
+    Ok((TrialState::Complete, Some(value)))
+}
+
+pub fn run(args: SearchArgs) -> anyhow::Result<()> {
+    match args.command {
+        Some(SearchCommand::Show(s)) => show(&s),
+        None => search(args.run),
+    }
+}
+
+fn search(a: RunArgs) -> anyhow::Result<()> {
+    let Some(space_path) = &a.space else {
+        bail!("--space FILE is required (a TOML search space), or `graft search show STUDY`");
+    };
+    let text = std::fs::read_to_string(space_path)
+        .with_context(|| format!("reading {}", space_path.display()))?;
+    let space = Space::from_toml(&text, &finetune_options())?;
+    if a.study.to_string_lossy().starts_with("postgres") {
+        bail!(
+            "--study {}: PostgreSQL storage is not built yet; use a folder (SQLite)",
+            a.study.display()
+        );
+    }
+    let mut fixed = Vec::new();
+    if let Some(b) = &a.base {
+        fixed.extend(["--base".to_string(), b.clone()]);
+    }
+    let Some(data) = &a.data else {
+        bail!("--data DIR is required: the image folder every trial trains on");
+    };
+    let data = std::fs::canonicalize(data).with_context(|| format!("--data {}", data.display()))?;
+    fixed.extend(["--data".to_string(), data.display().to_string()]);
+    fixed.extend(a.finetune.iter().cloned());
+    for p in &space.params {
+        let flag = format!("--{}", p.name.replace('_', "-"));
+        if fixed.iter().any(|f| f == &flag) {
+            bail!(
+                "{flag} is both fixed (after --) and in the search space {}",
+                space_path.display()
+            );
+        }
+    }
+    let metric: crate::train::early_stop::Monitor = a
+        .metric
+        .parse()
+        .map_err(|e| anyhow::anyhow!("--metric: {e}"))?;
+    let direction = match metric {
+        crate::train::early_stop::Monitor::ValLoss => Direction::Minimize,
+        crate::train::early_stop::Monitor::ValAcc => Direction::Maximize,
+    };
+    let sampler: SamplerConfig = a.sampler.parse()?;
+    let pruner = PrunerConfig::from_name(&a.pruner)?;
+    // The first trial's config is checked before anything is written, so a bad fixed flag fails now.
+    let probe = crate::search::sampler::random_params(&space, a.seed, 0);
+    trial_config(&fixed, &probe, &a.study.join("trials/probe"))
+        .context("checking the finetune flags of a first trial")?;
+    std::fs::create_dir_all(&a.study).with_context(|| format!("creating {}", a.study.display()))?;
+    let spec = StudySpec {
+        space,
+        sampler,
+        direction,
+        seed: a.seed,
+        extra: serde_json::json!({ "fixed": fixed, "metric": a.metric, "pruner": pruner }),
+    };
+    let search = Search {
+        dir: a.study.clone(),
+        fixed,
+        pruner,
+        metric,
+        trials: a.trials,
+    };
+    let file = study_file(&a.study);
+    eprintln!(
+        "study {} ({} trials, {} workers)",
+        file.display(),
+        a.trials,
+        a.workers
+    );
+    let results: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..a.workers.max(1))
+            .map(|_| {
+                let (spec, file, search) = (spec.clone(), file.clone(), &search);
+                scope.spawn(move || -> anyhow::Result<()> {
+                    let mut study =
+                        Study::open(Box::new(SqliteStorage::open(&file, "default")?), spec)?;
+                    study.stale_after = Duration::from_secs(a.stale_after);
+                    while let Some(trial) = study.ask(Some(search.trials))? {
+                        eprintln!(
+                            "trial {}{}: {}",
+                            trial.number,
+                            if trial.resumed { " (resumed)" } else { "" },
+                            format_params(&trial.params)
+                        );
+                        run_trial(&study, search, &trial)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))
+            })
+            .collect()
+    });
+    for r in results {
+        r?;
+    }
+    show(&ShowArgs {
+        study: a.study.clone(),
+        format: "table".into(),
+    })
+}
+
+fn format_params(p: &crate::search::Params) -> String {
+    p.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn show(s: &ShowArgs) -> anyhow::Result<()> {
+    let file = study_file(&s.study);
+    if !crate::search::sqlite::exists(&file, "default")? {
+        bail!(
+            "{}: no study there (expected {})",
+            s.study.display(),
+            file.display()
+        );
+    }
+    let storage = SqliteStorage::open(&file, "default")?;
+    let spec: StudySpec =
+        serde_json::from_str(&crate::search::Storage::open_study(&storage, "{}")?)?;
+    let mut trials = crate::search::Storage::trials(&storage)?;
+    let d = spec.direction;
+    let rank = |t: &TrialRecord| match t.state {
+        TrialState::Complete => 0,
+        TrialState::Pruned => 1,
+        TrialState::Running => 2,
+        TrialState::Failed => 3,
+    };
+    trials.sort_by(|a, b| {
+        rank(a).cmp(&rank(b)).then(
+            d.to_min(a.value.unwrap_or(f64::INFINITY))
+                .total_cmp(&d.to_min(b.value.unwrap_or(f64::INFINITY))),
+        )
+    });
+    match s.format.as_str() {
+        "json" => {
+            for t in &trials {
+                println!(
+                    "{}",
+                    serde_json::json!({"number": t.number, "state": t.state, "value": t.value, "params": t.params,
+                        "message": t.message})
+                );
+            }
+        }
+        "table" => {
+            println!(
+                "{:>6}  {:<9}  {:>10}  {:>8}  params",
+                "number", "state", "value", "time_s"
+            );
+            for t in &trials {
+                let time = t
+                    .finished
+                    .map_or("-".into(), |f| format!("{:.1}", f - t.started));
+                let value = t.value.map_or("-".into(), |v| format!("{v:.5}"));
+                let mut params = format_params(&t.params);
+                if let Some(m) = &t.message {
+                    params.push_str(&format!("  [{m}]"));
+                }
+                println!(
+                    "{:>6}  {:<9}  {:>10}  {:>8}  {params}",
+                    t.number,
+                    t.state.as_str(),
+                    value,
+                    time
+                );
+            }
+        }
+        other => bail!("--format: `{other}` is not table|json"),
+    }
+    if let Some(best) = trials.first().filter(|t| t.state == TrialState::Complete) {
+        let src = trial_dir(&s.study, best.number).join("config.json");
+        let dst = s.study.join("best-config.json");
+        std::fs::copy(&src, &dst)
+            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+        eprintln!(
+            "best trial {}: config written to {}",
+            best.number,
+            dst.display()
+        );
+    }
+    Ok(())
+}
