@@ -192,12 +192,11 @@ fn objective(x: &[Vec<f64>], y: &[f64], h: &Hyper) -> Option<(f64, Vec<f64>)> {
     Some((nll + prior, grad))
 }
 
+/// An objective with its gradient; `None` where it cannot be evaluated.
+type Objective<'a> = dyn Fn(&[f64]) -> Option<(f64, Vec<f64>)> + 'a;
+
 /// Minimises `f` from `x0` with L-BFGS (memory 8) and a backtracking Armijo line search.
-fn lbfgs(
-    f: &dyn Fn(&[f64]) -> Option<(f64, Vec<f64>)>,
-    x0: Vec<f64>,
-    iters: usize,
-) -> (Vec<f64>, f64) {
+fn lbfgs(f: &Objective<'_>, x0: Vec<f64>, iters: usize) -> (Vec<f64>, f64) {
     let Some((mut fx, mut g)) = f(&x0) else {
         return (x0, f64::INFINITY);
     };
@@ -433,6 +432,7 @@ mod tests {
             log_params: vec![-0.7, 0.2, 0.5, 0.3, -4.0],
         };
         let (_, g) = objective(&x, &y, &h).unwrap();
+        #[allow(clippy::needless_range_loop)] // `i` indexes the parameters and the gradient alike
         for i in 0..5 {
             let mut a = h.clone();
             let mut b = h.clone();

@@ -321,17 +321,18 @@ impl Space {
                         format!("`when` names `{dep}`, which is not in the space"),
                     ));
                 };
-                let allowed =
-                    match &d.domain {
-                        Domain::Choice(vs) => vs.clone(),
-                        Domain::Fixed(v) => vec![v.clone()],
-                        _ => return Err(Error::space(
+                let allowed = match &d.domain {
+                    Domain::Choice(vs) => vs.clone(),
+                    Domain::Fixed(v) => vec![v.clone()],
+                    _ => {
+                        return Err(Error::space(
                             &p.name,
                             format!(
                                 "`when` may only name choice or fixed options; `{dep}` is a range"
                             ),
-                        )),
-                    };
+                        ))
+                    }
+                };
                 if let Some(v) = values.iter().find(|v| !allowed.contains(v)) {
                     return Err(Error::space(
                         &p.name,

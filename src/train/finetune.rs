@@ -169,11 +169,12 @@ pub struct RunOptions {
     pub on_epoch: Option<EpochCallback>,
 }
 
+/// The function behind an [`EpochCallback`].
+pub type EpochPolicy = dyn Fn(usize, &EpochMetrics) -> Decision + Send + Sync;
+
 /// A per-epoch policy from outside the run: epoch (1-based) and its metrics in, a [`Decision`] out.
 #[derive(Clone)]
-pub struct EpochCallback(
-    pub std::sync::Arc<dyn Fn(usize, &EpochMetrics) -> Decision + Send + Sync>,
-);
+pub struct EpochCallback(pub std::sync::Arc<EpochPolicy>);
 
 impl std::fmt::Debug for EpochCallback {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
