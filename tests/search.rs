@@ -13,10 +13,10 @@ const SPACE: &str = r#"
 float = [1e-3, 1e-1]
 log = true
 [optimizer]
-choice = ["adamw", "sgd"]
+choice = ["adamw", "momentum"]
 [momentum]
 float = [0.5, 0.9]
-when = { optimizer = "sgd" }
+when = { optimizer = "momentum" }
 "#;
 
 fn search_args<'a>(space: &'a str, data: &'a str, study: &'a str, trials: &'a str) -> Vec<&'a str> {
@@ -25,7 +25,7 @@ fn search_args<'a>(space: &'a str, data: &'a str, study: &'a str, trials: &'a st
         "--space",
         space,
         "--base",
-        "dense:64,16",
+        "dense:256,16",
         "--data",
         data,
         "--trials",
@@ -38,7 +38,7 @@ fn search_args<'a>(space: &'a str, data: &'a str, study: &'a str, trials: &'a st
         study,
         "--",
         "--image-size",
-        "8",
+        "16",
         "--freeze-epochs",
         "0",
         "--epochs",
