@@ -58,6 +58,15 @@ pub fn kill_point(point: &str) {
     }
 }
 
+/// The lower-case hex SHA-256 of `bytes`: the checksum of a checkpoint's or an export's tensor data.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// `NAME.tmp` next to `NAME`.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let mut name = path.file_name().unwrap_or_default().to_os_string();

@@ -8,10 +8,10 @@
 //! [`save_safetensors_checked`]) is refused when its data no longer matches it.
 
 use super::finite::ensure_finite;
+use crate::fsutil::sha256_hex;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -92,13 +92,6 @@ pub const CHECKSUM_KEY: &str = "graft.sha256";
 /// Stands in for the checksum while a file is serialised; as long as a hex SHA-256.
 const CHECKSUM_PLACEHOLDER: &str =
     "0000000000000000000000000000000000000000000000000000000000000000";
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// What a load did.
 #[derive(Debug, Clone, Default)]

@@ -59,6 +59,18 @@ pub fn clip_grad_value<'a>(
     Ok(())
 }
 
+/// Checks a `--clip-grad-norm` value: a positive, finite norm (a negative one would reverse every gradient, 0
+/// would stop learning); `None` does not clip.
+pub fn validate_max_norm(max: Option<f64>) -> Result<()> {
+    match max {
+        Some(c) if !(c > 0.0 && c.is_finite()) => Err(crate::Error::config(
+            "--clip-grad-norm",
+            format!("must be a positive norm, got {c} (leave the flag out to not clip)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

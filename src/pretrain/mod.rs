@@ -162,14 +162,7 @@ impl PretrainConfig {
                 format!("{} is not in [0, 1)", self.val_split),
             ));
         }
-        if let Some(c) = self.clip_grad_norm {
-            if !(c > 0.0 && c.is_finite()) {
-                return Err(Error::config(
-                    "--clip-grad-norm",
-                    format!("must be a positive norm, got {c} (leave the flag out to not clip)"),
-                ));
-            }
-        }
+        crate::optim::clip::validate_max_norm(self.clip_grad_norm)?;
         self.optimizer.validate()?;
         match self.noise {
             Some(Noise::Gaussian { std }) if !(std >= 0.0 && std.is_finite()) => {

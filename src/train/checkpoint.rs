@@ -13,6 +13,7 @@
 //! A [`RunDir`] is the folder of one training run: `run.json` (marks it as a graft run), `config.json`,
 //! `metrics.jsonl`, `best.safetensors`, `last.safetensors` and the PNG plots.
 
+use crate::fsutil::sha256_hex;
 use crate::train::early_stop::EarlyStopping;
 use crate::train::metrics::EpochMetrics;
 use crate::train::rng::RngState;
@@ -21,7 +22,6 @@ use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -247,13 +247,6 @@ fn dtype_of(d: safetensors::Dtype) -> Option<candle_core::DType> {
 /// Stands in for the checksum while the file is serialised; as long as a hex SHA-256.
 const CHECKSUM_PLACEHOLDER: &str =
     "0000000000000000000000000000000000000000000000000000000000000000";
-
-fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
 
 /// Everything besides tensors that a resumed run needs, named in one place. Parts owned by other modules
 /// (optimizer bookkeeping, schedule, data loader) are kept as JSON so this struct does not fix their types.

@@ -280,14 +280,7 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
             format!("must be in [0, 1), got {}", cfg.val_split),
         ));
     }
-    if let Some(c) = cfg.clip_grad_norm {
-        if !(c > 0.0 && c.is_finite()) {
-            return Err(Error::config(
-                "--clip-grad-norm",
-                format!("must be a positive norm, got {c} (leave the flag out to not clip)"),
-            ));
-        }
-    }
+    crate::optim::clip::validate_max_norm(cfg.clip_grad_norm)?;
     if !(cfg.min_delta >= 0.0 && cfg.min_delta.is_finite()) {
         return Err(Error::config(
             "--min-delta",
