@@ -7,10 +7,10 @@
 //! before the checksum existed have none and still load (without the check). Every tensor is checked for NaN
 //! and infinities both when the export is written and when it is loaded.
 
+use crate::formats::weights;
 use crate::models::classifier::{Classifier, ClassifierSpec};
-use crate::models::weights;
 use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
-use crate::train::finetune::{classifier_spec, FinetuneConfig};
+use crate::train::config::{classifier_spec, FinetuneConfig};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -78,7 +78,7 @@ pub fn export_run(run: &RunDir, out: &Path, opts: ExportOptions) -> Result<Expor
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
-        crate::models::finite::ensure_finite(&format!("model.{name}"), &tensors[name], &source)?;
+        crate::formats::finite::ensure_finite(&format!("model.{name}"), &tensors[name], &source)?;
     }
     // Check that the weights really build the spec's model before anything is written.
     let model = Classifier::new(spec.clone(), &Device::Cpu)?;
@@ -252,8 +252,8 @@ fn unfold_batch_norm(model: &Classifier, tensors: &mut HashMap<String, Tensor>) 
 mod tests {
     use super::*;
     use crate::data::Preprocess;
+    use crate::formats::weights::WeightFile;
     use crate::models::head::HeadConfig;
-    use crate::models::weights::WeightFile;
 
     fn classifier(arch: &str) -> Classifier {
         let spec = ClassifierSpec {

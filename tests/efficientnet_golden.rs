@@ -15,8 +15,8 @@ use common::TestDevice;
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
+use graft::formats::pth::load_pth;
 use graft::models::efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
-use graft::models::pth::load_pth;
 use graft::models::{Backbone, Mode};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;

@@ -7,12 +7,11 @@ mod common;
 use candle_core::Device;
 use common::{graft_err, graft_ok, make_folder};
 use graft::models::encoder::EncoderConfig;
+use graft::pretrain::config::{Method, Noise, PretrainConfig, Sparsity};
 use graft::pretrain::model::StackedAutoencoder;
-use graft::pretrain::{
-    init_weights, pretrain, Method, Noise, PretrainConfig, RunOptions, Sparsity,
-};
+use graft::pretrain::{init_weights, pretrain, RunOptions};
 use graft::train::checkpoint::RunDir;
-use graft::train::finetune::ScheduleKind;
+use graft::train::config::ScheduleKind;
 use graft::train::metrics::MetricsLog;
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -4,7 +4,7 @@
 //! in tests/efficientnet_golden.rs.
 
 use candle_core::{DType, Tensor};
-use graft::models::pth::{convert_to_safetensors, load_pth, PthFormat};
+use graft::formats::pth::{convert_to_safetensors, load_pth, PthFormat};
 use graft::Error;
 use std::io::Write;
 use std::path::Path;

@@ -13,7 +13,7 @@ pub struct ConvertArgs {
 }
 
 pub fn run(args: ConvertArgs) -> anyhow::Result<()> {
-    let report = crate::models::pth::convert_to_safetensors(&args.input, &args.output)
+    let report = crate::formats::pth::convert_to_safetensors(&args.input, &args.output)
         .with_context(|| format!("converting {}", args.input.display()))?;
     println!(
         "wrote {} ({} tensors, {} values, {}-format PyTorch checkpoint){}",

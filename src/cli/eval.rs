@@ -70,7 +70,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let batch = batch?;
         let logits = crate::par::on_pool(|| model.predict(&batch.images))?;
         // NaN or infinite logits would count as some class and print `NaN` losses: refuse them instead.
-        if let Some(&row) = crate::models::finite::non_finite_rows(&logits)?.first() {
+        if let Some(&row) = crate::formats::finite::non_finite_rows(&logits)?.first() {
             let image = batch.indices.get(row).and_then(|&i| paths.get(i));
             return Err(crate::Error::NonFiniteOutput {
                 model: args.model.clone(),

@@ -8,8 +8,9 @@ use crate::models::base;
 use crate::models::head::{Activation, HeadConfig, Init};
 use crate::optim::OptimizerConfig;
 use crate::train::checkpoint::RunDir;
+use crate::train::config::{FinetuneConfig, ScheduleKind};
 use crate::train::early_stop::Monitor;
-use crate::train::finetune::{finetune, finetune_new, FinetuneConfig, RunOptions, ScheduleKind};
+use crate::train::finetune::{finetune, finetune_new, RunOptions};
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {

@@ -152,7 +152,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             };
         let logits = crate::par::on_pool(|| model.logits(&image.unsqueeze(0)?))?;
         // NaN or infinite logits give `NaN%` scores; that is an error for this image, not a prediction.
-        if !crate::models::finite::non_finite_rows(&logits)?.is_empty() {
+        if !crate::formats::finite::non_finite_rows(&logits)?.is_empty() {
             let e = crate::Error::NonFiniteOutput {
                 model: model.source(args.model.as_deref()).to_path_buf(),
                 input: path.display().to_string(),

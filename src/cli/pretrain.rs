@@ -6,9 +6,10 @@ use std::path::PathBuf;
 
 use crate::models::encoder::EncoderConfig;
 use crate::optim::OptimizerConfig;
-use crate::pretrain::{pretrain, Method, Noise, PretrainConfig, RunOptions, Sparsity};
+use crate::pretrain::config::{Method, Noise, PretrainConfig, Sparsity};
+use crate::pretrain::{pretrain, RunOptions};
 use crate::train::checkpoint::RunDir;
-use crate::train::finetune::ScheduleKind;
+use crate::train::config::ScheduleKind;
 
 #[derive(Debug, Args)]
 pub struct PretrainArgs {

@@ -16,8 +16,9 @@ use crate::search::{
     TrialState, Value,
 };
 use crate::train::checkpoint::RunDir;
+use crate::train::config::FinetuneConfig;
 use crate::train::early_stop::Decision;
-use crate::train::finetune::{finetune, EpochCallback, FinetuneConfig, RunOptions};
+use crate::train::finetune::{finetune, EpochCallback, RunOptions};
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -139,7 +140,7 @@ fn trial_config(
         unreachable!("the command line starts with finetune")
     };
     let cfg = crate::cli::finetune::config_from_args(&args)?;
-    crate::train::finetune::validate(&cfg)?;
+    crate::train::config::validate(&cfg)?;
     Ok(cfg)
 }
 

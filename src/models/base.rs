@@ -4,9 +4,9 @@
 //! three alike and a comparison between pretrained and random initialisation is one flag away.
 
 use crate::data::Preprocess;
+use crate::formats::weights::{self, WeightFile};
 use crate::models::card::{self, ModelCard};
 use crate::models::encoder::EncoderConfig;
-use crate::models::weights::{self, WeightFile};
 use crate::{Error, Result};
 use candle_core::Device;
 use serde::{Deserialize, Serialize};

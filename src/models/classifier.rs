@@ -6,8 +6,8 @@
 //! (`fc` / `_fc`) is never confused with the new one.
 
 use crate::data::Preprocess;
+use crate::formats::weights::{self, LoadReport, WeightFile};
 use crate::models::head::{Head, HeadConfig};
-use crate::models::weights::{self, LoadReport, WeightFile};
 use crate::models::{build_backbone, Backbone, Mode};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};

@@ -546,7 +546,7 @@ pub fn seeded_init(cfg: &EncoderConfig, varmap: &candle_nn::VarMap, seed: u64) -
         .filter(|k| stage_of(k, cfg.stages()).is_some())
         .collect();
     keys.sort();
-    let mut rng = crate::train::rng::seeded(seed);
+    let mut rng = crate::rng::seeded(seed);
     for key in keys {
         let var = &data[key];
         if key.ends_with(".weight") {

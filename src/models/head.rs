@@ -11,7 +11,7 @@
 //! drawn from a [`ChaCha8Rng`] owned by the head, whose position ([`Head::rng_state`]) goes into the checkpoint, so
 //! a resumed run draws exactly the masks the uninterrupted run would have drawn.
 
-use crate::train::rng::{seeded, RngState};
+use crate::rng::{seeded, RngState};
 use crate::{Error, Result};
 use candle_core::{Module, Tensor};
 use candle_nn::{Linear, VarBuilder};

@@ -10,14 +10,11 @@ pub mod card;
 pub mod classifier;
 pub mod efficientnet;
 pub mod encoder;
-pub mod finite;
 pub mod head;
 pub mod hub;
 pub mod layers;
 pub mod pretrained;
-pub mod pth;
 pub mod resnet;
-pub mod weights;
 
 use crate::Result;
 use candle_core::Tensor;

@@ -2,9 +2,9 @@
 //! `graft predict --base` and `graft inspect` run.
 
 use crate::data::Preprocess;
+use crate::formats::weights::{self, LoadReport};
 use crate::models::card::ModelCard;
 use crate::models::hub::{self, Origin};
-use crate::models::weights::{self, LoadReport};
 use crate::models::{build_backbone, Backbone, Mode};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};

@@ -71,7 +71,7 @@ impl OptimState {
     /// `__metadata__` ([`OptimState::metadata`]). The file is written next to its destination and renamed
     /// over it, so a crash never leaves a half-written state.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
-        crate::models::weights::save_safetensors_atomic(
+        crate::formats::weights::save_safetensors_atomic(
             path.as_ref(),
             &self.tensors,
             Some(self.metadata()),

@@ -14,9 +14,9 @@
 //! `metrics.jsonl`, `best.safetensors`, `last.safetensors` and the PNG plots.
 
 use crate::fsutil::sha256_hex;
+use crate::rng::RngState;
 use crate::train::early_stop::EarlyStopping;
 use crate::train::metrics::EpochMetrics;
-use crate::train::rng::RngState;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use candle_nn::VarMap;
@@ -218,7 +218,7 @@ impl Checkpoint {
                 .ok_or_else(|| bad(format!("tensor `{name}` has unsupported dtype")))?;
             let t = Tensor::from_raw_buffer(view.data(), dtype, view.shape(), &Device::Cpu)?;
             // A run that diverged before the loss showed it must not resume from (or export) NaN weights.
-            crate::models::finite::ensure_finite(&name, &t, path)?;
+            crate::formats::finite::ensure_finite(&name, &t, path)?;
             tensors.insert(name, t.to_device(device)?);
         }
         Ok(Checkpoint {
@@ -616,8 +616,8 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::seeded;
     use crate::train::early_stop::Monitor;
-    use crate::train::rng::seeded;
     use candle_core::DType;
     use candle_nn::VarBuilder;
     use std::time::Duration;

@@ -6,6 +6,7 @@
 //! [`early_stop::Decision`] and acts on it, saving [`checkpoint::Checkpoint`]s into the [`checkpoint::RunDir`].
 
 pub mod checkpoint;
+pub mod config;
 pub mod early_stop;
 pub mod finetune;
 mod font;
@@ -13,4 +14,3 @@ pub mod loss;
 pub mod metrics;
 pub mod plots;
 pub mod progress;
-pub mod rng;

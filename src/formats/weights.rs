@@ -38,7 +38,7 @@ pub fn read_weights(path: &Path, device: &Device) -> Result<WeightFile> {
     if is_safetensors {
         read_safetensors(path, device)
     } else {
-        let tensors = crate::models::pth::load_pth(path)?
+        let tensors = crate::formats::pth::load_pth(path)?
             .into_iter()
             .map(|(k, t)| Ok((k, t.to_device(device)?)))
             .collect::<Result<HashMap<_, _>>>()?;

@@ -143,7 +143,7 @@ fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
         },
     })?;
     for (name, t) in &checkpoint.tensors {
-        crate::models::finite::ensure_finite(name, t, path)?;
+        crate::formats::finite::ensure_finite(name, t, path)?;
     }
     Ok(checkpoint)
 }
