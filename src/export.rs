@@ -7,9 +7,10 @@
 //! before the checksum existed have none and still load (without the check). Every tensor is checked for NaN
 //! and infinities both when the export is written and when it is loaded.
 
+use crate::formats::checkpoint::Checkpoint;
 use crate::formats::weights;
 use crate::models::classifier::{Classifier, ClassifierSpec};
-use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
+use crate::train::checkpoint::{RunDir, TrainState};
 use crate::train::config::{classifier_spec, FinetuneConfig};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -128,7 +129,7 @@ pub fn load_model(path: &Path, device: &Device) -> Result<Classifier> {
             ))
         }
         None if file.metadata.get("format").map(String::as_str)
-            == Some(crate::train::checkpoint::CHECKPOINT_FORMAT) =>
+            == Some(crate::formats::checkpoint::CHECKPOINT_FORMAT) =>
         {
             let run = path
                 .parent()

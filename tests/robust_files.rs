@@ -7,7 +7,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{graft, graft_err, graft_ok, make_folder, resnet18_weights};
-use graft::train::checkpoint::Checkpoint;
+use graft::formats::checkpoint::Checkpoint;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};

@@ -4,6 +4,7 @@
 //! Nothing here knows about architectures or training: models/ maps these tensors onto layers, train/
 //! writes its checkpoints through [`weights`].
 
+pub mod checkpoint;
 pub mod finite;
 pub mod pth;
 pub mod weights;

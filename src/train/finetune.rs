@@ -8,6 +8,7 @@
 //! weights and metrics as an uninterrupted run.
 
 use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig};
+use crate::formats::checkpoint::Checkpoint;
 use crate::formats::weights::LoadReport;
 use crate::models::base;
 use crate::models::classifier::Classifier;
@@ -17,7 +18,7 @@ use crate::optim::schedule::ReduceOnPlateau;
 use crate::optim::{clip_grad_norm, OptimState, Optimizer, ScheduleConfig};
 use crate::par::on_pool;
 use crate::rng::seeded;
-use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
+use crate::train::checkpoint::{RunDir, TrainState};
 use crate::train::config::{classifier_spec, validate, FinetuneConfig, ScheduleKind};
 use crate::train::early_stop::{Decision, EarlyStopping};
 use crate::train::loss::cross_entropy;

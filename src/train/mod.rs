@@ -3,7 +3,7 @@
 //!
 //! The loop owns nothing clever: each epoch it feeds batches to a [`progress::PassProgress`], records an
 //! [`metrics::EpochMetrics`] in the [`metrics::MetricsLog`], asks [`early_stop::EarlyStopping`] for a
-//! [`early_stop::Decision`] and acts on it, saving [`checkpoint::Checkpoint`]s into the [`checkpoint::RunDir`].
+//! [`early_stop::Decision`] and acts on it, saving checkpoints into the [`checkpoint::RunDir`].
 
 pub mod checkpoint;
 pub mod config;
