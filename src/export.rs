@@ -11,7 +11,7 @@ use crate::formats::checkpoint::Checkpoint;
 use crate::formats::weights;
 use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::train::checkpoint::{RunDir, TrainState};
-use crate::train::config::{classifier_spec, FinetuneConfig};
+use crate::train::config::FinetuneConfig;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -65,10 +65,11 @@ pub fn export_run(run: &RunDir, out: &Path, opts: ExportOptions) -> Result<Expor
         run.resume_checkpoint()?
     };
     let ck = Checkpoint::load(&source, &Device::Cpu)?;
-    let state: TrainState = ck.meta()?;
-    let cfg: FinetuneConfig = serde_json::from_value(state.config.clone())
-        .map_err(|e| Error::bad_file(&source, format!("checkpoint config: {e}")))?;
-    let spec = classifier_spec(&cfg, state.classes.clone())?;
+    // The model as the run resolved it at its start: neither the model card nor a pretraining folder is read
+    // again, so an edited card or a moved `ae:` folder changes nothing here.
+    let state: TrainState<FinetuneConfig, ClassifierSpec> =
+        TrainState::from_checkpoint(&ck, &source)?;
+    let spec = state.model;
     let tensors: HashMap<_, _> = ck.with_prefix("model").into_iter().collect();
     if tensors.is_empty() {
         return Err(Error::bad_file(

@@ -9,10 +9,11 @@ use common::{graft_err, graft_ok, make_folder};
 use graft::models::encoder::EncoderConfig;
 use graft::pretrain::config::{Method, Noise, PretrainConfig, Sparsity};
 use graft::pretrain::model::StackedAutoencoder;
-use graft::pretrain::{init_weights, pretrain, RunOptions};
+use graft::pretrain::{init_weights, pretrain};
 use graft::train::checkpoint::RunDir;
 use graft::train::config::ScheduleKind;
 use graft::train::metrics::MetricsLog;
+use graft::train::runner::RunOptions;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -47,6 +48,7 @@ fn quiet(stop_after: Option<usize>) -> RunOptions {
     RunOptions {
         quiet: true,
         stop_after,
+        ..RunOptions::default()
     }
 }
 

@@ -5,8 +5,7 @@ use clap::Args;
 use std::path::{Path, PathBuf};
 
 use crate::data::{Dataset, ImageFolder, Loader, LoaderConfig, Sample};
-use crate::train::loss::cross_entropy;
-use crate::train::metrics::ConfusionMatrix;
+use candle_core::Tensor;
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
@@ -63,35 +62,31 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         LoaderConfig::eval(args.batch_size),
         &device,
     )?;
-    let mut cm = ConfusionMatrix::new(classes.len());
-    let mut loss_sum = 0.0;
-    let mut seen = 0usize;
-    for batch in loader.epoch(0) {
-        let batch = batch?;
-        let logits = crate::par::on_pool(|| model.predict(&batch.images))?;
-        // NaN or infinite logits would count as some class and print `NaN` losses: refuse them instead.
-        if let Some(&row) = crate::formats::finite::non_finite_rows(&logits)?.first() {
-            let image = batch.indices.get(row).and_then(|&i| paths.get(i));
-            return Err(crate::Error::NonFiniteOutput {
-                model: args.model.clone(),
-                input: image.map_or_else(
-                    || format!("a batch of {split} images"),
-                    |p| p.display().to_string(),
-                ),
+    // NaN or infinite logits would count as some class and print `NaN` losses: refuse them instead.
+    let batches = loader
+        .epoch(0)
+        .map(|batch| -> crate::Result<(Tensor, Tensor)> {
+            let batch = batch?;
+            let logits = crate::par::on_pool(|| model.predict(&batch.images))?;
+            if let Some(&row) = crate::formats::finite::non_finite_rows(&logits)?.first() {
+                let image = batch.indices.get(row).and_then(|&i| paths.get(i));
+                return Err(crate::Error::NonFiniteOutput {
+                    model: args.model.clone(),
+                    input: image.map_or_else(
+                        || format!("a batch of {split} images"),
+                        |p| p.display().to_string(),
+                    ),
+                });
             }
-            .into());
-        }
-        let b = batch.labels.dim(0)?;
-        loss_sum +=
-            cross_entropy(&logits, &batch.labels, 0.0, None)?.to_scalar::<f32>()? as f64 * b as f64;
-        seen += b;
-        cm.add_batch(&logits, &batch.labels)?;
-    }
+            Ok((logits, batch.labels))
+        });
+    let (stats, cm) = crate::train::evaluate::classification(classes.len(), batches, |_, _, _| {})?;
+    let seen = stats.samples() as usize;
+    let loss = stats.loss();
     let skipped = loader.skipped();
     if seen == 0 {
         bail!("no readable images in {} ({split})", args.data.display());
     }
-    let loss = loss_sum / seen as f64;
     if args.json {
         let per_class: Vec<_> = cm
             .all_scores()

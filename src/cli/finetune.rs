@@ -10,7 +10,8 @@ use crate::optim::OptimizerConfig;
 use crate::train::checkpoint::RunDir;
 use crate::train::config::{FinetuneConfig, ScheduleKind};
 use crate::train::early_stop::Monitor;
-use crate::train::finetune::{finetune, finetune_new, RunOptions};
+use crate::train::finetune::{finetune, finetune_new};
+use crate::train::runner::RunOptions;
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {

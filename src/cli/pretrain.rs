@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use crate::models::encoder::EncoderConfig;
 use crate::optim::OptimizerConfig;
 use crate::pretrain::config::{Method, Noise, PretrainConfig, Sparsity};
-use crate::pretrain::{pretrain, RunOptions};
+use crate::pretrain::pretrain;
 use crate::train::checkpoint::RunDir;
 use crate::train::config::ScheduleKind;
+use crate::train::runner::RunOptions;
 
 #[derive(Debug, Args)]
 pub struct PretrainArgs {
@@ -196,6 +197,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
         quiet: args.quiet,
         stop_after: args.stop_after,
+        ..RunOptions::default()
     };
     let outcome = if let Some(dir) = &args.resume {
         let run_dir = RunDir::open_to_resume(dir)?;

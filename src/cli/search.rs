@@ -18,7 +18,8 @@ use crate::search::{
 use crate::train::checkpoint::RunDir;
 use crate::train::config::FinetuneConfig;
 use crate::train::early_stop::Decision;
-use crate::train::finetune::{finetune, EpochCallback, RunOptions};
+use crate::train::finetune::finetune;
+use crate::train::runner::{EpochCallback, RunOptions};
 
 #[derive(Debug, Args)]
 #[command(args_conflicts_with_subcommands = true)]

@@ -16,6 +16,7 @@ use super::folder::{class_counts, Sample};
 use super::transform::{
     augment_into, eval_pixels, normalize_into, resize_short_side, Augment, Preprocess,
 };
+use crate::rng::mix;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use image::RgbImage;
@@ -289,14 +290,6 @@ impl Drop for Epoch {
             let _ = worker.join();
         }
     }
-}
-
-/// SplitMix64's finaliser: spreads `(seed, epoch, position)` into independent-looking RNG seeds.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 impl Inner {

@@ -21,18 +21,20 @@ pub mod grid;
 pub mod model;
 
 use crate::data::{list_images, Loader, LoaderConfig, Sample};
-use crate::formats::checkpoint::Checkpoint;
 use crate::models::base::{EncoderInfo, ENCODER_INFO, ENCODER_WEIGHTS};
 use crate::models::encoder::{EncoderActivation, EncoderConfig};
 use crate::models::Mode;
 use crate::optim::groups::{no_decay_groups, trainable_params};
-use crate::optim::schedule::ReduceOnPlateau;
-use crate::optim::{clip_grad_norm, OptimState, Optimizer};
+use crate::optim::{Optimizer, ScheduleConfig};
 use crate::par::on_pool;
-use crate::train::checkpoint::{RunDir, TrainState};
-use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
-use crate::train::metrics::{EpochMetrics, MetricsLog, RunningStats};
+use crate::rng::mix;
+use crate::train::checkpoint::{Position, RunDir};
+use crate::train::early_stop::Monitor;
+use crate::train::metrics::RunningStats;
 use crate::train::progress::Reporter;
+use crate::train::runner::{
+    self, BatchLoss, Coupling, Eval, PhasePlan, Policy, RunOptions, StepAt, Task,
+};
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use config::{Method, Noise, PretrainConfig, Sparsity};
@@ -42,7 +44,6 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -53,33 +54,6 @@ pub struct Outcome {
     pub val_loss: f64,
     /// The encoder file; `None` when the run was interrupted (`--stop-after`) before its end.
     pub encoder: Option<PathBuf>,
-}
-
-/// Options of one invocation (not saved).
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    pub quiet: bool,
-    /// Stop after this many epochs in this invocation, as if interrupted after a checkpoint.
-    pub stop_after: Option<usize>,
-}
-
-/// Where a run stands: saved in each checkpoint's `data` field.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-struct Position {
-    /// Current phase (stage index, or the number of stages for fine-tuning).
-    phase: usize,
-    /// Epochs finished in it.
-    phase_epoch: usize,
-    /// Whether the phase ended (all epochs, or stopped early).
-    phase_done: bool,
-}
-
-/// SplitMix64's finaliser, to derive independent seeds.
-fn mix(mut z: u64) -> u64 {
-    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 /// Uniform `[0, 1)` values of `shape` from `rng`.
@@ -150,6 +124,10 @@ struct Session {
     /// A few images for the reconstruction grids.
     grid_images: Tensor,
     steps_per_epoch: usize,
+    phases: Vec<PhasePlan>,
+    policy: Policy,
+    /// What `graft finetune --base ae:RUN` reads (also the run's record in every checkpoint).
+    info: EncoderInfo,
 }
 
 /// The images of `cfg.data` split into (train, val), seeded.
@@ -236,6 +214,33 @@ impl Session {
             cfg.image_size
         ));
         let steps_per_epoch = train.batches_per_epoch();
+        let stages = model.stages();
+        let phases = (0..cfg.phases(stages))
+            .map(|phase| PhasePlan {
+                name: phase_name(phase, stages),
+                epochs: cfg.phase_epochs(phase, stages),
+            })
+            .collect();
+        let policy = Policy {
+            coupling: Coupling::Independent,
+            monitor: Monitor::ValLoss,
+            patience: cfg.patience,
+            min_delta: cfg.min_delta,
+            // With early stopping, Keras's restore_best_weights per phase: the phase hands its best epoch
+            // (lowest validation loss) to the next. Without it, the phase ends with its last weights.
+            restore_best: cfg.patience.is_some(),
+            clip_grad_norm: cfg.clip_grad_norm,
+            max_bad_steps: 0,
+            max_bad_steps_flag: "(pretraining allows none)",
+        };
+        let info = EncoderInfo {
+            arch: model.config.arch(),
+            preprocess: cfg.preprocess(),
+            method: serde_json::to_value(cfg.method)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+        };
         Ok(Session {
             cfg: cfg.clone(),
             device,
@@ -244,35 +249,14 @@ impl Session {
             val,
             grid_images,
             steps_per_epoch,
+            phases,
+            policy,
+            info,
         })
     }
 
     fn stages(&self) -> usize {
         self.model.stages()
-    }
-
-    fn phase_name(&self, phase: usize) -> String {
-        if phase < self.stages() {
-            format!("stage{}", phase + 1)
-        } else {
-            "finetune".into()
-        }
-    }
-
-    /// The optimizer of a phase: only the parameters of its stage (encoder and decoder layer), or all of
-    /// them when fine-tuning.
-    fn optimizer(&self, phase: usize) -> Result<Optimizer> {
-        let params = trainable_params(&self.model.varmap);
-        let params: Vec<_> = if phase < self.stages() {
-            let prefixes = StackedAutoencoder::stage_prefixes(phase);
-            params
-                .into_iter()
-                .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p.as_str())))
-                .collect()
-        } else {
-            params
-        };
-        self.cfg.optimizer.build(no_decay_groups(params))
     }
 
     /// The training loss of one batch in `phase`; `rng` draws the noise and CD samples.
@@ -340,7 +324,7 @@ impl Session {
     }
 
     /// Mean validation reconstruction loss of `phase` (NaN without validation images).
-    fn evaluate(&self, phase: usize) -> Result<f64> {
+    fn val_loss(&self, phase: usize) -> Result<f64> {
         let mut stats = RunningStats::new();
         for batch in self.val.epoch(0) {
             let batch = batch?;
@@ -361,7 +345,7 @@ impl Session {
         let recon = self
             .model
             .reconstruct(&self.grid_images, top, Mode::Frozen)?;
-        let name = format!("recon-{}.png", self.phase_name(phase));
+        let name = format!("recon-{}.png", phase_name(phase, self.stages()));
         grid::write_grid(&self.grid_images, &recon, &run_dir.path().join(name))
     }
 }
@@ -404,43 +388,148 @@ pub fn init_weights(model: &StackedAutoencoder, seed: u64) -> Result<()> {
     Ok(())
 }
 
-fn save_checkpoint(
-    path: &std::path::Path,
-    model: &StackedAutoencoder,
-    opt: &Optimizer,
-    state: &TrainState,
-) -> Result<()> {
-    let mut ck = Checkpoint::new(state)?;
-    ck.insert_varmap("model", &model.varmap)?;
-    ck.insert_prefixed("optim", opt.state().tensors);
-    ck.save(path)
+/// The name of a phase: `stage1`, ... or `finetune`.
+fn phase_name(phase: usize, stages: usize) -> String {
+    if phase < stages {
+        format!("stage{}", phase + 1)
+    } else {
+        "finetune".into()
+    }
 }
 
-fn optim_state_from(ck: &Checkpoint, meta: &serde_json::Value) -> Result<OptimState> {
-    let metadata: std::collections::HashMap<String, String> = serde_json::from_value(meta.clone())
-        .map_err(|e| Error::config("checkpoint optimizer state", e.to_string()))?;
-    OptimState::from_metadata(ck.with_prefix("optim").into_iter().collect(), &metadata)
+impl Task for Session {
+    type Batch = Tensor;
+    type Config = PretrainConfig;
+    type Record = EncoderInfo;
+
+    fn config(&self) -> &PretrainConfig {
+        &self.cfg
+    }
+    fn record(&self) -> EncoderInfo {
+        self.info.clone()
+    }
+    fn policy(&self) -> &Policy {
+        &self.policy
+    }
+    fn phases(&self) -> &[PhasePlan] {
+        &self.phases
+    }
+    fn steps_per_epoch(&self) -> usize {
+        self.steps_per_epoch
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn varmap(&self) -> &candle_nn::VarMap {
+        &self.model.varmap
+    }
+
+    /// Each phase trains its own parameters.
+    fn plan(&self, _epoch: usize, phase: usize) -> usize {
+        phase
+    }
+
+    /// The optimizer of a phase: only the parameters of its stage (encoder and decoder layer), or all of
+    /// them when fine-tuning.
+    fn optimizer(&self, phase: usize) -> Result<Optimizer> {
+        let params = trainable_params(&self.model.varmap);
+        let params: Vec<_> = if phase < self.stages() {
+            let prefixes = StackedAutoencoder::stage_prefixes(phase);
+            params
+                .into_iter()
+                .filter(|(k, _)| prefixes.iter().any(|p| k.starts_with(p.as_str())))
+                .collect()
+        } else {
+            params
+        };
+        self.cfg.optimizer.build(no_decay_groups(params))
+    }
+
+    fn announce(
+        &self,
+        at: Position,
+        _epoch: usize,
+        _previous: Option<usize>,
+        phase: usize,
+    ) -> Option<String> {
+        (at.phase_epoch == 0).then(|| {
+            let what = if phase < self.stages() {
+                format!(
+                    "encoder and decoder stage {} (stages below frozen)",
+                    phase + 1
+                )
+            } else {
+                "the whole stack end to end".into()
+            };
+            format!("{}: training {what}", phase_name(phase, self.stages()))
+        })
+    }
+
+    fn schedule(&self, _phase: usize, steps: usize) -> ScheduleConfig {
+        self.cfg
+            .schedule
+            .build(self.cfg.lr, steps, self.steps_per_epoch)
+    }
+
+    fn prepare(&mut self, _plan: usize, _reporter: &mut Reporter) -> Result<()> {
+        Ok(())
+    }
+
+    fn batches(&self, epoch: usize) -> Box<dyn Iterator<Item = Result<(usize, Tensor)>> + '_> {
+        Box::new(
+            self.train
+                .epoch(epoch as u64)
+                .enumerate()
+                .map(|(i, b)| b.map(|b| (i, b.images))),
+        )
+    }
+
+    /// Noise and CD samples are drawn from a generator seeded by (seed, phase, epoch of the phase, batch).
+    fn loss(&self, x: &Tensor, at: StepAt) -> Result<BatchLoss> {
+        let seed = mix(mix(mix(self.cfg.seed) ^ at.phase as u64)
+            ^ mix(at.phase_epoch as u64)
+            ^ at.batch as u64);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        Ok(BatchLoss {
+            loss: self.train_loss(at.phase, x, &mut rng)?,
+            images: x.dim(0)?,
+            correct: None,
+        })
+    }
+
+    /// RBMs report the mean-field reconstruction error (the free-energy gap is no loss to watch).
+    fn shown_loss(&self, x: &Tensor, at: StepAt, loss: f64) -> Result<f64> {
+        if self.cfg.method == Method::Rbm && at.phase < self.stages() {
+            self.recon_loss(at.phase, x)
+        } else {
+            Ok(loss)
+        }
+    }
+
+    fn evaluate(&self, phase: usize, _epoch: usize, _r: &mut Reporter) -> Result<Option<Eval>> {
+        let loss = self.val_loss(phase)?;
+        Ok(loss.is_finite().then_some(Eval {
+            loss,
+            acc: f64::NAN,
+        }))
+    }
+
+    fn end_phase(&self, run_dir: &RunDir, phase: usize) -> Result<()> {
+        self.write_grid(run_dir, phase)
+    }
 }
 
 /// Writes the encoder (`encoder.safetensors`, backbone keys only) and `encoder.json`.
-pub fn write_encoder(
-    run_dir: &RunDir,
-    cfg: &PretrainConfig,
-    model: &StackedAutoencoder,
-) -> Result<PathBuf> {
+fn write_encoder(run_dir: &RunDir, s: &Session) -> Result<PathBuf> {
     let path = run_dir.path().join(ENCODER_WEIGHTS);
-    let info = EncoderInfo {
-        arch: model.config.arch(),
-        preprocess: cfg.preprocess(),
-        method: serde_json::to_value(cfg.method)
-            .ok()
-            .and_then(|v| v.as_str().map(str::to_string))
-            .unwrap_or_default(),
-    };
     let json =
-        serde_json::to_string(&info).map_err(|e| Error::config("encoder info", e.to_string()))?;
+        serde_json::to_string(&s.info).map_err(|e| Error::config("encoder info", e.to_string()))?;
     let meta = [("graft_encoder".to_string(), json.clone())].into();
-    crate::formats::weights::save_safetensors_atomic(&path, &model.encoder_tensors(), Some(meta))?;
+    crate::formats::weights::save_safetensors_atomic(
+        &path,
+        &s.model.encoder_tensors(),
+        Some(meta),
+    )?;
     crate::fsutil::write_atomic(&run_dir.path().join(ENCODER_INFO), json.as_bytes())?;
     Ok(path)
 }
@@ -454,209 +543,27 @@ pub fn pretrain(
 ) -> Result<Outcome> {
     let enc = cfg.validate()?;
     let stages = enc.stages();
-    let phases = cfg.phases(stages);
-    let total_epochs: usize = (0..phases).map(|p| cfg.phase_epochs(p, stages)).sum();
+    let total_epochs: usize = (0..cfg.phases(stages))
+        .map(|p| cfg.phase_epochs(p, stages))
+        .sum();
     let mut reporter = Reporter::new(opts.quiet, total_epochs);
-    let s = Session::build(cfg, enc, &mut reporter)?;
-    if !resume {
-        run_dir.write_config(cfg)?;
+    let mut s = Session::build(cfg, enc, &mut reporter)?;
+    let end = runner::run(&mut s, run_dir, resume, opts, &mut reporter)?;
+    if end.interrupted {
+        return Ok(Outcome {
+            run_dir: run_dir.path().to_path_buf(),
+            epochs_run: end.epochs_done,
+            val_loss: end.history.last().map_or(f64::NAN, |m| m.val_loss),
+            encoder: None,
+        });
     }
-
-    let new_early = || EarlyStopping::new(Monitor::ValLoss, cfg.patience, cfg.min_delta);
-    let mut pos = Position {
-        phase: 0,
-        phase_epoch: 0,
-        phase_done: false,
-    };
-    let mut epoch_global = 0;
-    let mut step: u64 = 0;
-    let mut early = new_early()?;
-    let mut opt: Option<Optimizer> = None;
-    // ReduceLROnPlateau state of the current phase (`--schedule plateau`).
-    let mut plateau: Option<ReduceOnPlateau> = None;
-    let mut metrics_log;
-    // A run that died before its first checkpoint starts again from the beginning.
-    let resume = resume && run_dir.has_checkpoint();
-    if resume {
-        let ck = Checkpoint::load(run_dir.resume_checkpoint()?, &s.device)?;
-        let state: TrainState = ck.meta()?;
-        ck.restore_varmap("model", &s.model.varmap)?;
-        pos = serde_json::from_value(state.data.clone())
-            .map_err(|e| Error::bad_file(run_dir.last_checkpoint(), format!("position: {e}")))?;
-        epoch_global = state.epoch;
-        step = state.step;
-        if let Some(e) = state.early_stop {
-            early = e;
-        }
-        plateau = serde_json::from_value(state.schedule["plateau"].clone()).unwrap_or(None);
-        if !pos.phase_done {
-            let mut o = s.optimizer(pos.phase)?;
-            o.load_state(&optim_state_from(&ck, &state.optimizer)?)?;
-            opt = Some(o);
-        }
-        metrics_log =
-            MetricsLog::resume_with(run_dir.metrics_path(), epoch_global, &state.history)?;
-        reporter.line(&format!(
-            "resuming {} after epoch {epoch_global} ({} epoch {})",
-            run_dir.path().display(),
-            s.phase_name(pos.phase),
-            pos.phase_epoch
-        ));
-    } else {
-        metrics_log = MetricsLog::create(run_dir.metrics_path())?;
-    }
-    let mut history = MetricsLog::read(run_dir.metrics_path())?;
-
-    let mut epochs_this_run = 0;
-    loop {
-        if pos.phase_done || pos.phase_epoch >= cfg.phase_epochs(pos.phase, stages) {
-            // With early stopping, Keras's restore_best_weights per phase: the phase hands its best epoch
-            // (lowest validation loss) to the next. Without it, the phase ends with its last weights.
-            let restore = cfg.patience.is_some() && early.best().is_some();
-            if restore && run_dir.best_checkpoint().is_file() {
-                Checkpoint::load(run_dir.best_checkpoint(), &s.device)?
-                    .restore_varmap("model", &s.model.varmap)?;
-            }
-            if pos.phase_epoch > 0 || pos.phase_done {
-                s.write_grid(run_dir, pos.phase)?;
-            }
-            pos = Position {
-                phase: pos.phase + 1,
-                phase_epoch: 0,
-                phase_done: false,
-            };
-            early = new_early()?;
-            plateau = None;
-            opt = None;
-            if pos.phase >= phases {
-                break;
-            }
-            continue;
-        }
-        if opts.stop_after.is_some_and(|n| epochs_this_run >= n) {
-            reporter.line(&format!(
-                "stopping after {epochs_this_run} epochs as asked (--stop-after)"
-            ));
-            return Ok(Outcome {
-                run_dir: run_dir.path().to_path_buf(),
-                epochs_run: epoch_global,
-                val_loss: history.last().map_or(f64::NAN, |m| m.val_loss),
-                encoder: None,
-            });
-        }
-        let phase = pos.phase;
-        let name = s.phase_name(phase);
-        if opt.is_none() {
-            if pos.phase_epoch == 0 {
-                reporter.line(&format!(
-                    "{name}: training {}",
-                    if phase < stages {
-                        format!(
-                            "encoder and decoder stage {} (stages below frozen)",
-                            phase + 1
-                        )
-                    } else {
-                        "the whole stack end to end".into()
-                    }
-                ));
-            }
-            opt = Some(s.optimizer(phase)?);
-        }
-        let opt_ref = opt.as_mut().expect("built above");
-        let phase_steps = cfg.phase_epochs(phase, stages) * s.steps_per_epoch;
-        let sched = cfg.schedule.build(cfg.lr, phase_steps, s.steps_per_epoch);
-        if plateau.is_none() {
-            plateau = sched.plateau();
-        }
-        let t0 = Instant::now();
-        let mut pass = reporter.pass(&name, epoch_global + 1, s.steps_per_epoch);
-        let mut lr = 0.0;
-        for (i, batch) in s.train.epoch(epoch_global as u64).enumerate() {
-            let batch = batch?;
-            let seed =
-                mix(mix(mix(cfg.seed) ^ phase as u64) ^ mix(pos.phase_epoch as u64) ^ i as u64);
-            let mut rng = ChaCha8Rng::seed_from_u64(seed);
-            let k = pos.phase_epoch * s.steps_per_epoch + i;
-            lr = sched.lr_at(k, phase_steps) * plateau.as_ref().map_or(1.0, |p| p.factor());
-            opt_ref.follow_momentum(sched.momentum_at(k, phase_steps))?;
-            // Forward, backward and update on the thread pool (see `on_pool`).
-            let loss = on_pool(|| -> Result<Tensor> {
-                let loss = s.train_loss(phase, &batch.images, &mut rng)?;
-                let mut grads = loss.backward()?;
-                if let Some(max) = cfg.clip_grad_norm {
-                    clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
-                }
-                opt_ref.step(&grads, lr)?;
-                Ok(loss)
-            })?;
-            step += 1;
-            // RBMs report the mean-field reconstruction error (the free-energy gap is no loss to watch).
-            let shown = if cfg.method == Method::Rbm && phase < stages {
-                s.recon_loss(phase, &batch.images)?
-            } else {
-                scalar(&loss)?
-            };
-            pass.batch(batch.images.dim(0)?, shown, 0);
-        }
-        let train_stats = pass.stats();
-        let images_per_s = pass.images_per_s();
-        pass.finish();
-        let val_loss = s.evaluate(phase)?;
-        if let (Some(p), true) = (plateau.as_mut(), val_loss.is_finite()) {
-            p.observe(val_loss);
-        }
-        epoch_global += 1;
-        pos.phase_epoch += 1;
-        let m = EpochMetrics {
-            epoch: epoch_global,
-            train_loss: train_stats.loss(),
-            train_acc: f64::NAN,
-            val_loss,
-            val_acc: f64::NAN,
-            lr,
-            seconds: t0.elapsed().as_secs_f64(),
-            images_per_s,
-            extra: [("phase".to_string(), serde_json::json!(name))].into(),
-        };
-        let decision = if val_loss.is_finite() {
-            early.observe(pos.phase_epoch, val_loss)
-        } else {
-            Decision::Continue { improved: false }
-        };
-        if let Decision::Stop { reason, .. } = &decision {
-            reporter.line(&format!("{name}: {reason}"));
-            pos.phase_done = true;
-        }
-        let state = TrainState {
-            epoch: epoch_global,
-            step,
-            early_stop: Some(early.clone()),
-            rng: Default::default(),
-            data: serde_json::to_value(pos).expect("position serialises"),
-            optimizer: serde_json::json!(opt_ref.state().metadata()),
-            schedule: serde_json::json!({ "phase": name, "plateau": plateau }),
-            config: serde_json::to_value(cfg)
-                .map_err(|e| Error::config("config", e.to_string()))?,
-            classes: Vec::new(),
-            history: history.iter().cloned().chain([m.clone()]).collect(),
-            bad_steps: 0,
-        };
-        if cfg.patience.is_some() && matches!(decision, Decision::Continue { improved: true }) {
-            save_checkpoint(&run_dir.best_checkpoint(), &s.model, opt_ref, &state)?;
-        }
-        save_checkpoint(&run_dir.last_checkpoint(), &s.model, opt_ref, &state)?;
-        metrics_log.append(&m)?;
-        reporter.line(&format!(
-            "epoch {epoch_global}/{total_epochs} {name}  train loss {:.5}  val loss {:.5}  lr {:.2e}  {:.1}s  {:.0} img/s",
-            m.train_loss, m.val_loss, m.lr, m.seconds, m.images_per_s
-        ));
-        history.push(m);
-        epochs_this_run += 1;
-    }
-
-    crate::train::plots::plot_loss_curves(&history, "reconstruction MSE", run_dir.curves_png())?;
-    let encoder = write_encoder(run_dir, cfg, &s.model)?;
-    let val_loss = s.evaluate(stages)?;
+    crate::train::plots::plot_loss_curves(
+        &end.history,
+        "reconstruction MSE",
+        run_dir.curves_png(),
+    )?;
+    let encoder = write_encoder(run_dir, &s)?;
+    let val_loss = s.val_loss(stages)?;
     let x = &s.grid_images;
     let full = scalar(&mse(&s.model.reconstruct(x, stages - 1, Mode::Frozen)?, x)?)?;
     reporter.line(&format!(
@@ -667,12 +574,10 @@ pub fn pretrain(
     ));
     let outcome = Outcome {
         run_dir: run_dir.path().to_path_buf(),
-        epochs_run: history.len(),
+        epochs_run: end.history.len(),
         val_loss,
         encoder: Some(encoder),
     };
-    let json =
-        serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
-    crate::fsutil::write_atomic(&run_dir.path().join("summary.json"), &json)?;
+    runner::write_summary(run_dir, &outcome)?;
     Ok(outcome)
 }

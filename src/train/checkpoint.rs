@@ -8,6 +8,8 @@
 //! A [`RunDir`] is the folder of one training run: `run.json` (marks it as a graft run), `config.json`,
 //! `metrics.jsonl`, `best.safetensors`, `last.safetensors` and the PNG plots.
 
+use crate::formats::checkpoint::Checkpoint;
+use crate::optim::schedule::ReduceOnPlateau;
 use crate::rng::RngState;
 use crate::train::early_stop::EarlyStopping;
 use crate::train::metrics::EpochMetrics;
@@ -21,36 +23,72 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use crate::fsutil::{tmp_path, write_atomic};
-/// Everything besides tensors that a resumed run needs, named in one place. Parts owned by other modules
-/// (optimizer bookkeeping, schedule, data loader) are kept as JSON so this struct does not fix their types.
+/// Version of the run folder's checkpoint contents ([`TrainState`]). 2: typed state with the run's position,
+/// plateau and resolved model; checkpoints without the field are version 1 (graft before the one runner).
+pub const RUN_FORMAT: u32 = 2;
+
+/// Where a run stands: the phase it is in and the epochs done in it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub phase: usize,
+    /// Epochs finished in the phase.
+    pub phase_epoch: usize,
+    /// The phase ended before its last epoch (an independent phase stopped early).
+    pub phase_done: bool,
+}
+
+/// Everything besides tensors that a resumed run needs, named in one place: the metadata of every checkpoint
+/// (its tensors: the model under `model.`, the optimizer state under `optim.`). `C` is the command's config,
+/// `R` what the run resolved its model to (for fine-tuning the [`crate::models::classifier::ClassifierSpec`]),
+/// so that export and eval read the model from here and never resolve the base again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct TrainState {
+pub struct TrainState<C = serde_json::Value, R = serde_json::Value> {
+    /// [`RUN_FORMAT`].
+    pub format: u32,
     /// Epochs completed.
     pub epoch: usize,
     /// Optimizer steps completed.
     pub step: u64,
+    pub position: Position,
     /// The early-stopping policy with its best value and patience count.
     pub early_stop: Option<EarlyStopping>,
-    /// Named generators (`dropout`, `data`, `augment`, ...) at the end of `epoch`.
+    /// `ReduceLROnPlateau`'s state, for `--schedule plateau`.
+    pub plateau: Option<ReduceOnPlateau>,
+    /// Named generators (`dropout`, ...) at the end of `epoch`.
     pub rng: BTreeMap<String, RngState>,
-    /// The data loader's state (e.g. the order of the epoch in progress), as it serialises it.
-    pub data: serde_json::Value,
-    /// Non-tensor optimizer state (step counts, hyperparameters per group); its tensors live under `optim.`.
-    pub optimizer: serde_json::Value,
-    /// The learning-rate schedule's configuration and position.
-    pub schedule: serde_json::Value,
+    /// Non-tensor optimizer state (rule, step counts, hyperparameters per group) as `OptimState::metadata`
+    /// writes it; its tensors live under `optim.`.
+    pub optimizer: BTreeMap<String, String>,
     /// The run's full configuration.
-    pub config: serde_json::Value,
-    /// Class names in label order.
-    pub classes: Vec<String>,
+    pub config: C,
+    /// The model the run trains, as resolved once at its start.
+    pub model: R,
     /// The metrics of every epoch up to `epoch`, so that a kill between writing this checkpoint and appending
-    /// to `metrics.jsonl` loses no record: a resume rewrites the log from here. (Absent in checkpoints written
-    /// before this field: the log is then trusted as it is.)
-    #[serde(default)]
+    /// to `metrics.jsonl` loses no record: a resume rewrites the log from here.
     pub history: Vec<EpochMetrics>,
     /// Optimizer steps skipped so far because their loss was not finite.
-    #[serde(default)]
     pub bad_steps: u64,
+}
+
+impl<C: DeserializeOwned, R: DeserializeOwned> TrainState<C, R> {
+    /// The state of checkpoint `ck` (loaded from `path`). A checkpoint of another run format is refused with
+    /// an error naming both versions.
+    pub fn from_checkpoint(ck: &Checkpoint, path: &Path) -> Result<Self> {
+        let format = ck
+            .meta_json()
+            .get("format")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(1);
+        if format != u64::from(RUN_FORMAT) {
+            return Err(Error::bad_file(
+                path,
+                format!(
+                    "written in run format {format} (an older graft); this graft reads run format {RUN_FORMAT}: train the run again, or use the graft that wrote it"
+                ),
+            ));
+        }
+        ck.meta()
+    }
 }
 
 /// Name of the file that marks a folder as a graft run.
@@ -271,9 +309,9 @@ impl RunDir {
     pub fn confusion_png(&self) -> PathBuf {
         self.path.join("confusion.png")
     }
-    /// The final text summary (confusion matrix and per-class scores).
+    /// The outcome of a finished run, as JSON.
     pub fn summary_path(&self) -> PathBuf {
-        self.path.join("summary.txt")
+        self.path.join("summary.json")
     }
 
     /// Writes `config.json` atomically.
@@ -389,7 +427,6 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::formats::checkpoint::Checkpoint;
     use crate::rng::seeded;
     use crate::train::early_stop::Monitor;
     use candle_core::DType;
@@ -404,15 +441,20 @@ mod tests {
         es.observe(1, 0.5);
         es.observe(2, 0.4);
         TrainState {
+            format: RUN_FORMAT,
             epoch: 2,
             step: 250,
+            position: Position {
+                phase: 1,
+                phase_epoch: 1,
+                phase_done: false,
+            },
             early_stop: Some(es),
+            plateau: None,
             rng: [("dropout".to_string(), RngState::of(&seeded(5)))].into(),
-            data: serde_json::json!({"order": [3, 1, 2, 0]}),
-            optimizer: serde_json::json!({"kind": "adam", "t": 250}),
-            schedule: serde_json::json!({"kind": "cosine", "step": 250}),
+            optimizer: [("kind".to_string(), "adam".to_string())].into(),
             config: serde_json::json!({"base": "resnet18", "lr": 0.001}),
-            classes: vec!["cat".into(), "dog".into()],
+            model: serde_json::json!({"arch": "resnet18", "classes": ["cat", "dog"]}),
             history: Vec::new(),
             bad_steps: 0,
         }

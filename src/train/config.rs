@@ -2,7 +2,7 @@
 //! every checkpoint, validated once ([`validate`]) before anything is written.
 
 use crate::data::Preprocess;
-use crate::models::base;
+use crate::models::base::Base;
 use crate::models::classifier::ClassifierSpec;
 use crate::models::head::HeadConfig;
 use crate::optim::{OptimizerConfig, ScheduleConfig};
@@ -63,7 +63,7 @@ impl ScheduleKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FinetuneConfig {
     /// Base: a model card name (`resnet18`, ...), an encoder arch (`dense:784,300,150`) or `ae:RUN_DIR`
-    /// (see [`base::resolve`]).
+    /// (see [`crate::models::base::resolve`]).
     pub base: String,
     /// Local weights instead of the card's; ignored when `pretrained` is false.
     pub weights: Option<PathBuf>,
@@ -125,7 +125,8 @@ fn max_bad_steps_default() -> usize {
     3
 }
 
-/// Validates a config before anything is written.
+/// Validates a config's values before anything is read or written (what depends on the base, the image size
+/// and memory, is checked by [`preprocess_for`] and [`check_memory`] once the base is resolved).
 pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     if cfg.freeze_epochs + cfg.epochs == 0 {
         return Err(Error::config(
@@ -181,7 +182,11 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     }
     cfg.optimizer.validate()?;
     cfg.head.validate()?;
-    let p = preprocess_for(cfg)?;
+    Ok(())
+}
+
+/// Refuses a training step that would not fit in the memory available, before anything is allocated.
+pub fn check_memory(cfg: &FinetuneConfig, p: &Preprocess) -> Result<()> {
     crate::sysmem::check_fits(
         &format!(
             "--image-size {} --batch-size {}",
@@ -191,8 +196,8 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     )
 }
 
-pub fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
-    let base = base::resolve(&cfg.base)?;
+/// The evaluation preprocessing of `base` at the config's image size and crop, checked against it.
+pub fn preprocess_for(cfg: &FinetuneConfig, base: &Base) -> Result<Preprocess> {
     let mut p = base.preprocess.clone();
     if let Some(s) = cfg.image_size {
         if s < 16 {
@@ -221,14 +226,17 @@ pub fn preprocess_for(cfg: &FinetuneConfig) -> Result<Preprocess> {
 }
 
 /// The classifier a config describes, for `classes`.
-pub fn classifier_spec(cfg: &FinetuneConfig, classes: Vec<String>) -> Result<ClassifierSpec> {
-    let base = base::resolve(&cfg.base)?;
+pub fn classifier_spec(
+    cfg: &FinetuneConfig,
+    base: &Base,
+    classes: Vec<String>,
+) -> Result<ClassifierSpec> {
     Ok(ClassifierSpec {
         arch: base.arch.clone(),
         base: base.name.clone(),
         head: cfg.head,
         classes,
-        preprocess: preprocess_for(cfg)?,
+        preprocess: preprocess_for(cfg, base)?,
         bn_folded: false,
     })
 }

@@ -1,36 +1,34 @@
-//! The one training loop: `graft finetune` (and, later, every command that trains) runs through here.
+//! `graft finetune`: a backbone with a new head, trained on a folder of labelled images through the one
+//! runner ([`crate::train::runner`]).
 //!
-//! The loop is short because the decisions live elsewhere: the schedule is a pure function of the step,
-//! early stopping returns a [`Decision`], the freezing plan says which groups train in each epoch, and
-//! checkpoints hold everything needed to resume ([`TrainState`] plus weights and optimizer state), written at
-//! the end of every epoch. A resumed run restarts at the epoch after the last checkpoint and, because data
-//! order, augmentation and dropout are pure functions of (seed, epoch, position), ends with the same
-//! weights and metrics as an uninterrupted run.
+//! What fine-tuning adds to the runner: two phases (the backbone frozen, then unfrozen) that form one run,
+//! the freezing plan of each epoch ([`frozen_at`]: `--freeze-epochs`, `--freeze`, `--unfreeze-at`) with
+//! discriminative learning rates, fastai's `fine_tune` schedule, the classification loss, validation, and the
+//! activation cache of a frozen prefix. The base is resolved once, at the start of a fresh run, into a
+//! [`ClassifierSpec`] that every checkpoint carries; a resume builds the model from that spec.
 
 use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig};
 use crate::formats::checkpoint::Checkpoint;
-use crate::formats::weights::LoadReport;
-use crate::models::base;
-use crate::models::classifier::Classifier;
+use crate::models::base::{self, Base};
+use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::models::Mode;
 use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
-use crate::optim::schedule::ReduceOnPlateau;
-use crate::optim::{clip_grad_norm, OptimState, Optimizer, ScheduleConfig};
+use crate::optim::{Optimizer, ScheduleConfig};
 use crate::par::on_pool;
-use crate::rng::seeded;
-use crate::train::checkpoint::{RunDir, TrainState};
-use crate::train::config::{classifier_spec, validate, FinetuneConfig, ScheduleKind};
-use crate::train::early_stop::{Decision, EarlyStopping};
+use crate::rng::{seeded, RngState};
+use crate::train::checkpoint::{Position, RunDir, TrainState};
+use crate::train::config::{check_memory, classifier_spec, validate, FinetuneConfig, ScheduleKind};
 use crate::train::loss::cross_entropy;
-use crate::train::metrics::{
-    count_correct, ConfusionMatrix, EpochMetrics, MetricsLog, RunningStats,
-};
+use crate::train::metrics::{count_correct, ConfusionMatrix, RunningStats};
 use crate::train::progress::{format_summary, Reporter};
+use crate::train::runner::{
+    self, BatchLoss, Coupling, Eval, PhasePlan, Policy, RunOptions, StepAt, Task,
+};
 use crate::{Error, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -43,30 +41,6 @@ pub struct Outcome {
     /// Validation accuracy of the final (best) weights.
     pub val_acc: f64,
     pub val_loss: f64,
-}
-
-/// How a run should behave beyond its config (not saved: a resume may change them).
-#[derive(Debug, Clone, Default)]
-pub struct RunOptions {
-    pub quiet: bool,
-    /// Stop after this many epochs in this invocation, as if interrupted after a checkpoint (for tests and
-    /// for splitting long runs).
-    pub stop_after: Option<usize>,
-    /// Consulted after each epoch, where early stopping is; its `Stop` ends the run (e.g. a search's pruner).
-    pub on_epoch: Option<EpochCallback>,
-}
-
-/// The function behind an [`EpochCallback`].
-pub type EpochPolicy = dyn Fn(usize, &EpochMetrics) -> Decision + Send + Sync;
-
-/// A per-epoch policy from outside the run: epoch (1-based) and its metrics in, a [`Decision`] out.
-#[derive(Clone)]
-pub struct EpochCallback(pub std::sync::Arc<EpochPolicy>);
-
-impl std::fmt::Debug for EpochCallback {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("EpochCallback")
-    }
 }
 
 /// The number of frozen groups in each epoch, decided once from the config.
@@ -85,15 +59,6 @@ fn frozen_at(cfg: &FinetuneConfig, epoch: usize, n_groups: usize) -> usize {
         }
     }
     frozen.max(cfg.frozen_prefix).min(n_groups)
-}
-
-/// The training phase an epoch belongs to: (its first epoch, its number of epochs).
-fn phase_of(cfg: &FinetuneConfig, epoch: usize) -> (usize, usize) {
-    if epoch < cfg.freeze_epochs {
-        (0, cfg.freeze_epochs)
-    } else {
-        (cfg.freeze_epochs, cfg.epochs)
-    }
 }
 
 /// The schedule of one phase. A one-cycle run with both a frozen and an unfrozen phase follows fastai's
@@ -145,15 +110,35 @@ struct Session {
     class_weights: Option<Tensor>,
     n_groups: usize,
     steps_per_epoch: usize,
+    phases: Vec<PhasePlan>,
+    policy: Policy,
+    /// Groups frozen in the epoch being trained (the plan [`Task::prepare`] was last given).
+    frozen: usize,
+    cache: Option<ActivationCache>,
+}
+
+/// Where the model of a session comes from.
+enum ModelSource {
+    /// A fresh run: the resolved base, its starting weights read once.
+    Base(Base),
+    /// A resumed run: the spec its checkpoint carries (the weights come from the checkpoint).
+    Checkpoint(ClassifierSpec),
+}
+
+/// One training batch: the input (images, or a frozen prefix's cached outputs at `level`) and its labels.
+struct Batch {
+    x: Tensor,
+    labels: Tensor,
+    level: Option<usize>,
 }
 
 impl Session {
     fn build(
         cfg: &FinetuneConfig,
+        source: ModelSource,
         reporter: &mut Reporter,
-    ) -> Result<(Session, Option<LoadReport>)> {
+    ) -> Result<Session> {
         let device = crate::device::parse_device(&cfg.device)?;
-        let base = base::resolve(&cfg.base)?;
         let mut dataset = ImageFolder::open(&cfg.data, cfg.val_split, cfg.seed)?;
         dataset.drop_unreadable()?;
         if dataset.val.is_empty() && cfg.patience.is_some() {
@@ -162,20 +147,39 @@ impl Session {
                 reason: "early stopping (--patience) needs validation images: add a val/ folder or use --val-split > 0".into(),
             });
         }
-        let spec = classifier_spec(cfg, dataset.classes.clone())?;
+        let spec = match &source {
+            ModelSource::Base(base) => classifier_spec(cfg, base, dataset.classes.clone())?,
+            ModelSource::Checkpoint(spec) => {
+                if spec.classes != dataset.classes {
+                    return Err(Error::Dataset {
+                        path: cfg.data.clone(),
+                        reason: format!(
+                            "its classes ({}) are not the run's ({})",
+                            dataset.classes.join(", "),
+                            spec.classes.join(", ")
+                        ),
+                    });
+                }
+                spec.clone()
+            }
+        };
+        check_memory(cfg, &spec.preprocess)?;
         let preprocess = spec.preprocess.clone();
         let mut model = Classifier::new(spec, &device)?;
         model.train_bn = cfg.train_bn;
-        model.head.reset_parameters(&mut seeded(cfg.seed))?;
-        let report = if cfg.pretrained {
-            base.read_weights(cfg.weights.as_deref(), &device)?
-                .map(|file| model.load_backbone(&file))
-                .transpose()?
-        } else {
-            None
-        };
-        if report.is_none() {
-            base.seed_random_init(&model.varmap, cfg.seed)?;
+        if let ModelSource::Base(base) = &source {
+            model.head.reset_parameters(&mut seeded(cfg.seed))?;
+            let report = if cfg.pretrained {
+                base.read_weights(cfg.weights.as_deref(), &device)?
+                    .map(|file| model.load_backbone(&file))
+                    .transpose()?
+            } else {
+                None
+            };
+            match report {
+                Some(r) => reporter.line(&r.summary()),
+                None => base.seed_random_init(&model.varmap, cfg.seed)?,
+            }
         }
         let n = dataset.classes.len();
         let batch_size = cfg.batch_size.min(dataset.train.len());
@@ -190,27 +194,12 @@ impl Session {
             augment: cfg.augment.then(Augment::default),
             ..Default::default()
         };
-        let train = Loader::new(
-            dataset.train.clone(),
-            n,
-            preprocess.clone(),
-            train_cfg,
-            &device,
-        )?;
-        let train_eval = Loader::new(
-            dataset.train.clone(),
-            n,
-            preprocess.clone(),
-            LoaderConfig::eval(cfg.batch_size),
-            &device,
-        )?;
-        let val = Loader::new(
-            dataset.val.clone(),
-            n,
-            preprocess,
-            LoaderConfig::eval(cfg.batch_size),
-            &device,
-        )?;
+        let loader = |samples: &Vec<data::Sample>, c: LoaderConfig| {
+            Loader::new(samples.clone(), n, preprocess.clone(), c, &device)
+        };
+        let train = loader(&dataset.train, train_cfg)?;
+        let train_eval = loader(&dataset.train, LoaderConfig::eval(cfg.batch_size))?;
+        let val = loader(&dataset.val, LoaderConfig::eval(cfg.batch_size))?;
         let class_weights = if cfg.class_weights {
             Some(Tensor::new(data::class_weights(&dataset), &device)?)
         } else {
@@ -225,54 +214,42 @@ impl Session {
         ));
         let n_groups = model.num_groups();
         let steps_per_epoch = train.batches_per_epoch();
-        Ok((
-            Session {
-                cfg: cfg.clone(),
-                device,
-                dataset,
-                model,
-                train,
-                train_eval,
-                val,
-                class_weights,
-                n_groups,
-                steps_per_epoch,
+        let phases = vec![
+            PhasePlan {
+                name: "frozen".into(),
+                epochs: cfg.freeze_epochs,
             },
-            report,
-        ))
-    }
-
-    /// An optimizer over the groups trainable with `frozen` groups frozen, with discriminative rates.
-    fn optimizer(&self, frozen: usize) -> Result<Optimizer> {
-        let n = self.n_groups;
-        let mults = even_mults(1.0 / self.cfg.lr_mult, 1.0, n + 1);
-        let model = &self.model;
-        let params = trainable_params(&model.varmap);
-        // With train_bn, the rank-1 parameters of frozen groups (BatchNorm scales and shifts: the backbones'
-        // convolutions have no biases) stay trainable, at their group's rate.
-        let bn_affine: std::collections::HashSet<String> = params
-            .iter()
-            .filter(|(_, v)| self.cfg.train_bn && v.as_tensor().rank() == 1)
-            .map(|(k, _)| k.clone())
-            .collect();
-        let groups = discriminative_groups(
-            params,
-            |name| {
-                model
-                    .group_of(name)
-                    .filter(|&g| g >= frozen || bn_affine.contains(name))
+            PhasePlan {
+                name: "train".into(),
+                epochs: cfg.epochs,
             },
-            &mults,
-            true,
-        )?;
-        self.cfg.optimizer.build(groups)
-    }
-
-    fn schedule(&self, epoch: usize) -> (ScheduleConfig, usize, usize) {
-        let (start, len) = phase_of(&self.cfg, epoch);
-        let steps = len * self.steps_per_epoch;
-        let sched = phase_schedule(&self.cfg, start == 0, steps, self.steps_per_epoch);
-        (sched, (epoch - start) * self.steps_per_epoch, steps)
+        ];
+        let policy = Policy {
+            coupling: Coupling::Continuous,
+            monitor: cfg.monitor,
+            patience: cfg.patience,
+            min_delta: cfg.min_delta,
+            restore_best: true,
+            clip_grad_norm: cfg.clip_grad_norm,
+            max_bad_steps: cfg.max_bad_steps,
+            max_bad_steps_flag: "--max-bad-steps",
+        };
+        Ok(Session {
+            cfg: cfg.clone(),
+            device,
+            dataset,
+            model,
+            train,
+            train_eval,
+            val,
+            class_weights,
+            n_groups,
+            steps_per_epoch,
+            phases,
+            policy,
+            frozen: usize::MAX,
+            cache: None,
+        })
     }
 
     /// What the frozen prefix of `level` groups makes of `loader`'s samples, in order, with their labels
@@ -333,56 +310,240 @@ impl Session {
         !self.dataset.val.is_empty()
     }
 
-    fn loss(&self, logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
-        cross_entropy(
-            logits,
-            labels,
-            self.cfg.label_smoothing,
-            self.class_weights.as_ref(),
-        )
-    }
-
-    /// Validation loss, accuracy and confusion matrix, everything frozen (no graph, running stats untouched).
-    fn evaluate(
+    /// Validation loss, accuracy and confusion matrix, everything frozen (no graph, running stats untouched),
+    /// from the cached outputs of the frozen prefix when `cached` (valid only while the prefix has not moved).
+    fn validate_pass(
         &self,
-        cached: Option<&ActivationCache>,
+        cached: bool,
         reporter: &mut Reporter,
         epoch: usize,
     ) -> Result<(RunningStats, ConfusionMatrix)> {
-        let mut cm = ConfusionMatrix::new(self.dataset.classes.len());
-        let mut stats = RunningStats::new();
+        let classes = self.dataset.classes.len();
         if !self.has_val() {
-            return Ok((stats, cm));
+            return Ok((RunningStats::new(), ConfusionMatrix::new(classes)));
         }
-        let bs = self.cfg.batch_size;
         let mut pass = reporter.pass("val", epoch, self.val.batches_per_epoch());
-        let mut handle = |logits: Tensor, labels: Tensor| -> Result<()> {
-            let loss = cross_entropy(&logits, &labels, 0.0, None)?.to_scalar::<f32>()? as f64;
-            let correct = count_correct(&logits, &labels)?;
-            cm.add_batch(&logits, &labels)?;
-            stats.add_batch(loss, correct, labels.dim(0)?);
-            pass.batch(labels.dim(0)?, loss, correct);
-            Ok(())
-        };
-        match cached.and_then(|c| c.val.as_ref().map(|v| (c.level, v))) {
+        let progress = |n, loss, correct| pass.batch(n, loss, correct);
+        let cached = cached
+            .then_some(self.cache.as_ref())
+            .flatten()
+            .and_then(|c| c.val.as_ref().map(|v| (c.level, v)));
+        let result = match cached {
             Some((level, v)) => {
-                let n = v.rows();
-                for start in (0..n).step_by(bs) {
+                let (n, bs) = (v.rows(), self.cfg.batch_size);
+                let batches = (0..n).step_by(bs).map(|start| {
                     let len = bs.min(n - start);
                     let x = v.features.narrow(0, start, len)?;
                     let logits = on_pool(|| self.model.forward_from(&x, level, Mode::Frozen))?;
-                    handle(logits, v.labels.narrow(0, start, len)?)?;
-                }
+                    Ok((logits, v.labels.narrow(0, start, len)?))
+                });
+                crate::train::evaluate::classification(classes, batches, progress)?
             }
             None => {
-                for batch in self.val.epoch(0) {
+                let batches = self.val.epoch(0).map(|batch| {
                     let batch = batch?;
-                    handle(on_pool(|| self.model.predict(&batch.images))?, batch.labels)?;
-                }
+                    Ok((on_pool(|| self.model.predict(&batch.images))?, batch.labels))
+                });
+                crate::train::evaluate::classification(classes, batches, progress)?
+            }
+        };
+        pass.finish();
+        Ok(result)
+    }
+}
+
+impl Task for Session {
+    type Batch = Batch;
+    type Config = FinetuneConfig;
+    type Record = ClassifierSpec;
+
+    fn config(&self) -> &FinetuneConfig {
+        &self.cfg
+    }
+    fn record(&self) -> ClassifierSpec {
+        self.model.spec.clone()
+    }
+    fn policy(&self) -> &Policy {
+        &self.policy
+    }
+    fn phases(&self) -> &[PhasePlan] {
+        &self.phases
+    }
+    fn steps_per_epoch(&self) -> usize {
+        self.steps_per_epoch
+    }
+    fn device(&self) -> &Device {
+        &self.device
+    }
+    fn varmap(&self) -> &candle_nn::VarMap {
+        &self.model.varmap
+    }
+
+    fn plan(&self, epoch: usize, _phase: usize) -> usize {
+        frozen_at(&self.cfg, epoch, self.n_groups)
+    }
+
+    /// An optimizer over the groups trainable with `frozen` groups frozen, with discriminative rates.
+    fn optimizer(&self, frozen: usize) -> Result<Optimizer> {
+        let n = self.n_groups;
+        let mults = even_mults(1.0 / self.cfg.lr_mult, 1.0, n + 1);
+        let model = &self.model;
+        let params = trainable_params(&model.varmap);
+        // With train_bn, the rank-1 parameters of frozen groups (BatchNorm scales and shifts: the backbones'
+        // convolutions have no biases) stay trainable, at their group's rate.
+        let bn_affine: std::collections::HashSet<String> = params
+            .iter()
+            .filter(|(_, v)| self.cfg.train_bn && v.as_tensor().rank() == 1)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let groups = discriminative_groups(
+            params,
+            |name| {
+                model
+                    .group_of(name)
+                    .filter(|&g| g >= frozen || bn_affine.contains(name))
+            },
+            &mults,
+            true,
+        )?;
+        self.cfg.optimizer.build(groups)
+    }
+
+    fn announce(
+        &self,
+        _at: Position,
+        epoch: usize,
+        previous: Option<usize>,
+        frozen: usize,
+    ) -> Option<String> {
+        previous?;
+        let names = self.model.backbone.group_names();
+        Some(format!(
+            "epoch {}: training {}",
+            epoch + 1,
+            if frozen >= self.n_groups {
+                "the head only".to_string()
+            } else {
+                format!("from {} on", names[frozen])
+            }
+        ))
+    }
+
+    fn schedule(&self, phase: usize, steps: usize) -> ScheduleConfig {
+        let first = phase == 0 || self.cfg.freeze_epochs == 0;
+        phase_schedule(&self.cfg, first, steps, self.steps_per_epoch)
+    }
+
+    /// Cached activations: the frozen prefix runs once, later epochs train only the rest.
+    fn prepare(&mut self, frozen: usize, reporter: &mut Reporter) -> Result<()> {
+        self.frozen = frozen;
+        let level = self.cache_level(frozen);
+        if self.cache.as_ref().map(|c| c.level) != level {
+            self.cache = None;
+            if let Some(level) = level {
+                self.cache = ActivationCache::build(self, level, reporter)?;
             }
         }
-        pass.finish();
-        Ok((stats, cm))
+        Ok(())
+    }
+
+    fn batches(&self, epoch: usize) -> Box<dyn Iterator<Item = Result<(usize, Batch)>> + '_> {
+        // BatchNorm layers that train take batch statistics, which one image does not have: a batch that
+        // skipped images left with one is not trained on (the loader already drops a lone last image).
+        let bn_trains = self.frozen < self.n_groups && self.train.config().batch_size > 1;
+        let trainable = move |item: &Result<(usize, Batch)>| match item {
+            Ok((_, b)) => !(bn_trains && b.labels.dims().first() == Some(&1)),
+            Err(_) => true,
+        };
+        match &self.cache {
+            Some(c) => {
+                let order: Vec<Vec<usize>> = self
+                    .train
+                    .epoch_order(epoch as u64)
+                    .chunks(self.train.config().batch_size)
+                    .map(<[usize]>::to_vec)
+                    .collect();
+                let device = &self.device;
+                Box::new(
+                    order
+                        .into_iter()
+                        .enumerate()
+                        .filter_map(move |(i, samples)| {
+                            c.train.batch(&samples, device).transpose().map(|r| {
+                                r.map(|(x, labels)| {
+                                    let level = Some(c.level);
+                                    (i, Batch { x, labels, level })
+                                })
+                            })
+                        })
+                        .filter(trainable),
+                )
+            }
+            None => Box::new(
+                self.train
+                    .epoch(epoch as u64)
+                    .enumerate()
+                    .map(|(i, b)| {
+                        b.map(|b| {
+                            let (x, labels) = (b.images, b.labels);
+                            (
+                                i,
+                                Batch {
+                                    x,
+                                    labels,
+                                    level: None,
+                                },
+                            )
+                        })
+                    })
+                    .filter(trainable),
+            ),
+        }
+    }
+
+    fn loss(&self, b: &Batch, _at: StepAt) -> Result<BatchLoss> {
+        let logits = match b.level {
+            Some(level) => self.model.forward_from(&b.x, level, Mode::Train)?,
+            None => self.model.forward(&b.x, Mode::Train, self.frozen)?,
+        };
+        let loss = cross_entropy(
+            &logits,
+            &b.labels,
+            self.cfg.label_smoothing,
+            self.class_weights.as_ref(),
+        )?;
+        Ok(BatchLoss {
+            loss,
+            images: b.labels.dim(0)?,
+            correct: Some(count_correct(&logits, &b.labels)?),
+        })
+    }
+
+    fn evaluate(
+        &self,
+        _phase: usize,
+        epoch: usize,
+        reporter: &mut Reporter,
+    ) -> Result<Option<Eval>> {
+        if !self.has_val() {
+            return Ok(None);
+        }
+        let (stats, _) = self.validate_pass(true, reporter, epoch)?;
+        Ok(Some(Eval {
+            loss: stats.loss(),
+            acc: stats.accuracy(),
+        }))
+    }
+
+    fn rng_states(&self) -> BTreeMap<String, RngState> {
+        [("dropout".to_string(), self.model.head.rng_state())].into()
+    }
+
+    fn restore_rngs(&self, states: &BTreeMap<String, RngState>) -> Result<()> {
+        if let Some(r) = states.get("dropout") {
+            self.model.head.set_rng_state(r)?;
+        }
+        Ok(())
     }
 }
 
@@ -464,35 +625,8 @@ impl ActivationCache {
     }
 }
 
-/// Saves weights, optimizer state and the train state as one checkpoint file, atomically.
-fn save_checkpoint(
-    path: &std::path::Path,
-    model: &Classifier,
-    opt: Option<&Optimizer>,
-    state: &TrainState,
-) -> Result<()> {
-    let mut ck = Checkpoint::new(state)?;
-    ck.insert_varmap("model", &model.varmap)?;
-    if let Some(opt) = opt {
-        ck.insert_prefixed("optim", opt.state().tensors);
-    }
-    ck.save(path)
-}
-
-/// Optimizer rule and scalars for [`TrainState::optimizer`], as the strings `OptimState::metadata` writes
-/// (shortest round-trip notation: JSON numbers would not bring every f64 back bit for bit).
-fn optim_meta(opt: &Optimizer) -> serde_json::Value {
-    serde_json::json!(opt.state().metadata())
-}
-
-fn optim_state_from(ck: &Checkpoint, meta: &serde_json::Value) -> Result<OptimState> {
-    let metadata: std::collections::HashMap<String, String> = serde_json::from_value(meta.clone())
-        .map_err(|e| Error::config("checkpoint optimizer state", e.to_string()))?;
-    OptimState::from_metadata(ck.with_prefix("optim").into_iter().collect(), &metadata)
-}
-
 /// Runs (or resumes) a fine-tuning run in `run_dir`. A `resume` of a run that has no checkpoint yet starts it
-/// from the beginning.
+/// from the beginning; one that has builds its model from the checkpoint's [`ClassifierSpec`].
 pub fn finetune(
     cfg: &FinetuneConfig,
     run_dir: &RunDir,
@@ -501,8 +635,17 @@ pub fn finetune(
 ) -> Result<Outcome> {
     validate(cfg)?;
     let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
-    let (s, report) = Session::build(cfg, &mut reporter)?;
-    run_session(s, report, reporter, run_dir, resume, opts)
+    let source = if resume && run_dir.has_checkpoint() {
+        let path = run_dir.resume_checkpoint()?;
+        let ck = Checkpoint::load(&path, &Device::Cpu)?;
+        let state: TrainState<serde_json::Value, ClassifierSpec> =
+            TrainState::from_checkpoint(&ck, &path)?;
+        ModelSource::Checkpoint(state.model)
+    } else {
+        ModelSource::Base(base::resolve(&cfg.base)?)
+    };
+    let s = Session::build(cfg, source, &mut reporter)?;
+    run_session(s, reporter, run_dir, resume, opts)
 }
 
 /// Runs a fresh fine-tuning run in a new run folder (`dir`, or a dated one under `runs/`), which is created only
@@ -514,284 +657,44 @@ pub fn finetune_new(
 ) -> Result<Outcome> {
     validate(cfg)?;
     let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
-    let (s, report) = Session::build(cfg, &mut reporter)?;
+    let base = base::resolve(&cfg.base)?;
+    let s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
     let run_dir = RunDir::create(dir)?;
     eprintln!("run folder: {}", run_dir.path().display());
-    run_session(s, report, reporter, &run_dir, false, opts)
+    run_session(s, reporter, &run_dir, false, opts)
 }
 
 fn run_session(
-    s: Session,
-    report: Option<LoadReport>,
+    mut s: Session,
     mut reporter: Reporter,
     run_dir: &RunDir,
     resume: bool,
     opts: &RunOptions,
 ) -> Result<Outcome> {
-    let cfg = &s.cfg.clone();
-    let total_epochs = cfg.freeze_epochs + cfg.epochs;
-    if let Some(r) = &report {
-        reporter.line(&r.summary());
+    let end = runner::run(&mut s, run_dir, resume, opts, &mut reporter)?;
+    let best = end.best;
+    let last = end.history.last();
+    if end.interrupted {
+        return Ok(Outcome {
+            run_dir: run_dir.path().to_path_buf(),
+            epochs_run: end.epochs_done,
+            best_epoch: best.map(|b| b.0),
+            best_value: best.map(|b| b.1),
+            stop_reason: end.stop_reason,
+            val_acc: last.map_or(0.0, |m| m.val_acc),
+            val_loss: last.map_or(f64::NAN, |m| m.val_loss),
+        });
     }
-    if !resume {
-        run_dir.write_config(cfg)?;
-    }
-
-    let mut early = EarlyStopping::new(cfg.monitor, cfg.patience, cfg.min_delta)?;
-    let mut plateau: Option<ReduceOnPlateau> = None;
-    let mut start_epoch = 0;
-    let mut step: u64 = 0;
-    let mut opt: Option<Optimizer> = None;
-    let mut frozen = usize::MAX;
-    let mut bad_steps: u64 = 0;
-    let mut metrics_log;
-    if resume && !run_dir.has_checkpoint() {
-        reporter.line(&format!(
-            "{} has no checkpoint yet (it stopped in its first epoch): starting it from the beginning",
-            run_dir.path().display()
-        ));
-    }
-    let resume = resume && run_dir.has_checkpoint();
-    if resume {
-        let path = run_dir.resume_checkpoint()?;
-        let ck = Checkpoint::load(&path, &s.device)?;
-        let state: TrainState = ck.meta()?;
-        ck.restore_varmap("model", &s.model.varmap)?;
-        start_epoch = state.epoch;
-        step = state.step;
-        bad_steps = state.bad_steps;
-        if let Some(e) = state.early_stop {
-            early = e;
-        }
-        if let Some(r) = state.rng.get("dropout") {
-            s.model.head.set_rng_state(r)?;
-        }
-        plateau = serde_json::from_value(state.schedule["plateau"].clone()).unwrap_or(None);
-        if start_epoch < total_epochs {
-            frozen = frozen_at(cfg, start_epoch, s.n_groups);
-            let mut o = s.optimizer(frozen)?;
-            o.load_state(&optim_state_from(&ck, &state.optimizer)?)?;
-            opt = Some(o);
-        }
-        metrics_log = MetricsLog::resume_with(run_dir.metrics_path(), start_epoch, &state.history)?;
-        reporter.line(&format!(
-            "resuming {} after epoch {start_epoch} (step {step})",
-            run_dir.path().display()
-        ));
-    } else {
-        metrics_log = MetricsLog::create(run_dir.metrics_path())?;
-    }
-
-    let mut history = MetricsLog::read(run_dir.metrics_path())?;
-    let mut cache: Option<ActivationCache> = None;
-    let mut stop_reason = None;
-    for (epochs_this_run, epoch) in (start_epoch..total_epochs).enumerate() {
-        if opts.stop_after.is_some_and(|n| epochs_this_run >= n) {
-            reporter.line(&format!(
-                "stopping after {epochs_this_run} epochs as asked (--stop-after)"
-            ));
-            return Ok(Outcome {
-                run_dir: run_dir.path().to_path_buf(),
-                epochs_run: epoch,
-                best_epoch: early.best().map(|b| b.0),
-                best_value: early.best().map(|b| b.1),
-                stop_reason: Some("interrupted (--stop-after)".into()),
-                val_acc: history.last().map_or(0.0, |m| m.val_acc),
-                val_loss: history.last().map_or(f64::NAN, |m| m.val_loss),
-            });
-        }
-        let t0 = Instant::now();
-        let f = frozen_at(cfg, epoch, s.n_groups);
-        if f != frozen || opt.is_none() {
-            let mut o = s.optimizer(f)?;
-            if let Some(old) = &opt {
-                o.load_state(&old.state())?;
-            }
-            if f != frozen && frozen != usize::MAX {
-                let names = s.model.backbone.group_names();
-                reporter.line(&format!(
-                    "epoch {}: training {}",
-                    epoch + 1,
-                    if f >= s.n_groups {
-                        "the head only".to_string()
-                    } else {
-                        format!("from {} on", names[f])
-                    }
-                ));
-            }
-            opt = Some(o);
-            frozen = f;
-        }
-        let opt_ref = opt.as_mut().expect("optimizer built above");
-        let (sched, phase_step0, phase_steps) = s.schedule(epoch);
-        if plateau.is_none() {
-            plateau = sched.plateau();
-        }
-        // Cached activations: the frozen prefix runs once, later epochs train only the rest.
-        let level = s.cache_level(frozen);
-        if cache.as_ref().map(|c| c.level) != level {
-            cache = None;
-            if let Some(level) = level {
-                cache = ActivationCache::build(&s, level, &mut reporter)?;
-            }
-        }
-        let mut pass = reporter.pass("train", epoch + 1, s.steps_per_epoch);
-        let mut lr = 0.0;
-        let order_batches: Vec<Vec<usize>> = if cache.is_some() {
-            s.train
-                .epoch_order(epoch as u64)
-                .chunks(s.train.config().batch_size)
-                .map(<[usize]>::to_vec)
-                .collect()
-        } else {
-            Vec::new()
-        };
-        let mut batches = s.train.epoch(epoch as u64);
-        // BatchNorm layers that train take batch statistics, which one image does not have: a batch that
-        // skipped images left with one is not trained on (the loader already drops a lone last image).
-        let bn_trains = frozen < s.n_groups && s.train.config().batch_size > 1;
-        #[allow(clippy::needless_range_loop)] // `i` also positions the step in the schedule
-        for i in 0..s.steps_per_epoch {
-            // The input (the cached features at `level`, or the images) and its labels.
-            let (x, labels, level) = if let Some(c) = &cache {
-                match c.train.batch(&order_batches[i], &s.device)? {
-                    Some((x, y)) => (x, y, Some(c.level)),
-                    None => continue,
-                }
-            } else {
-                let Some(batch) = batches.next() else { break };
-                let batch = batch?;
-                (batch.images, batch.labels, None)
-            };
-            if bn_trains && labels.dim(0)? == 1 {
-                continue;
-            }
-            let k = phase_step0 + i;
-            lr = sched.lr_at(k, phase_steps) * plateau.as_ref().map_or(1.0, |p| p.factor());
-            opt_ref.follow_momentum(sched.momentum_at(k, phase_steps))?;
-            // Forward, backward and update on the thread pool (see `on_pool`); the batch was fetched
-            // outside it. A step whose loss is not finite changes nothing (`None`).
-            let outcome = on_pool(|| -> Result<Option<(f64, usize)>> {
-                let logits = match level {
-                    Some(level) => s.model.forward_from(&x, level, Mode::Train)?,
-                    None => s.model.forward(&x, Mode::Train, frozen)?,
-                };
-                let loss = s.loss(&logits, &labels)?;
-                let loss_v = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !loss_v.is_finite() {
-                    return Ok(None);
-                }
-                let mut grads = loss.backward()?;
-                if let Some(max) = cfg.clip_grad_norm {
-                    clip_grad_norm(&mut grads, opt_ref.vars().iter(), max)?;
-                }
-                opt_ref.step(&grads, lr)?;
-                Ok(Some((loss_v, count_correct(&logits, &labels)?)))
-            })?;
-            step += 1;
-            match outcome {
-                Some((loss_v, correct)) => pass.batch(labels.dim(0)?, loss_v, correct),
-                None => {
-                    bad_steps += 1;
-                    let last = if run_dir.has_checkpoint() {
-                        format!("{} (epoch {epoch})", run_dir.last_checkpoint().display())
-                    } else {
-                        "none yet".to_string()
-                    };
-                    if bad_steps > cfg.max_bad_steps as u64 {
-                        return Err(Error::Diverged {
-                            reason: format!(
-                                "the loss was not finite in {bad_steps} steps (the last at step {step}, epoch {}), more than --max-bad-steps {}; the last good checkpoint: {last}. Try a lower --lr or --clip-grad-norm",
-                                epoch + 1,
-                                cfg.max_bad_steps
-                            ),
-                        });
-                    }
-                    pass.note(&format!(
-                            "warning: step {step} (epoch {}): the loss is not finite; step skipped ({bad_steps} of at most --max-bad-steps {})",
-                            epoch + 1,
-                            cfg.max_bad_steps
-                    ));
-                }
-            }
-        }
-        drop(batches);
-        let train_stats = pass.stats();
-        let images_per_s = pass.images_per_s();
-        pass.finish();
-
-        // Evaluation with cached activations is only valid while the prefix has not moved.
-        let (val_stats, _) = s.evaluate(cache.as_ref(), &mut reporter, epoch + 1)?;
-        let m = EpochMetrics {
-            epoch: epoch + 1,
-            train_loss: train_stats.loss(),
-            train_acc: train_stats.accuracy(),
-            val_loss: val_stats.loss(),
-            val_acc: val_stats.accuracy(),
-            lr,
-            seconds: t0.elapsed().as_secs_f64(),
-            images_per_s,
-            extra: Default::default(),
-        };
-        let decision = if s.has_val() {
-            if let Some(p) = plateau.as_mut() {
-                p.observe(m.val_loss);
-            }
-            early.observe(epoch + 1, cfg.monitor.value(&m))
-        } else {
-            Decision::Continue { improved: false }
-        };
-        let improved = matches!(decision, Decision::Continue { improved: true });
-        let decision = match opts.on_epoch.as_ref().map(|f| (f.0)(epoch + 1, &m)) {
-            Some(stop @ Decision::Stop { .. }) => stop,
-            _ => decision,
-        };
-        let state = TrainState {
-            epoch: epoch + 1,
-            step,
-            early_stop: Some(early.clone()),
-            rng: [("dropout".to_string(), s.model.head.rng_state())].into(),
-            data: serde_json::json!({ "seed": cfg.seed, "next_epoch": epoch + 1 }),
-            optimizer: optim_meta(opt_ref),
-            schedule: serde_json::json!({ "plateau": plateau }),
-            config: serde_json::to_value(cfg)
-                .map_err(|e| Error::config("config", e.to_string()))?,
-            classes: s.dataset.classes.clone(),
-            history: history.iter().cloned().chain([m.clone()]).collect(),
-            bad_steps,
-        };
-        crate::fsutil::kill_point("epoch_end");
-        if improved {
-            save_checkpoint(&run_dir.best_checkpoint(), &s.model, None, &state)?;
-        }
-        crate::fsutil::kill_point("after_best");
-        save_checkpoint(&run_dir.last_checkpoint(), &s.model, Some(opt_ref), &state)?;
-        crate::fsutil::kill_point("after_last");
-        metrics_log.append(&m)?;
-        reporter.epoch_done(&m, improved);
-        history.push(m);
-        if let Decision::Stop { reason, .. } = decision {
-            reporter.line(&reason);
-            stop_reason = Some(reason);
-            break;
-        }
-    }
-
-    // Keras's restore_best_weights: end with the best epoch's weights.
-    let best = early.best();
-    if best.is_some() && run_dir.best_checkpoint().is_file() {
-        let ck = Checkpoint::load(run_dir.best_checkpoint(), &s.device)?;
-        ck.restore_varmap("model", &s.model.varmap)?;
-    }
-    let (val_stats, cm) = s.evaluate(None, &mut reporter, history.len())?;
-    crate::train::plots::plot_curves(&history, run_dir.curves_png())?;
+    // The runner ended with the best epoch's weights (Keras's restore_best_weights).
+    let (val_stats, cm) = s.validate_pass(false, &mut reporter, end.history.len())?;
+    crate::train::plots::plot_curves(&end.history, run_dir.curves_png())?;
     if s.has_val() {
         crate::train::plots::plot_confusion(&cm, &s.dataset.classes, run_dir.confusion_png())?;
     }
     let summary = format_summary(
-        &history,
+        &end.history,
         best.map(|b| b.0),
-        stop_reason.as_deref(),
+        end.stop_reason.as_deref(),
         &cm,
         &s.dataset.classes,
     );
@@ -805,16 +708,14 @@ fn run_session(
     }
     let outcome = Outcome {
         run_dir: run_dir.path().to_path_buf(),
-        epochs_run: history.len(),
+        epochs_run: end.history.len(),
         best_epoch: best.map(|b| b.0),
         best_value: best.map(|b| b.1),
-        stop_reason,
+        stop_reason: end.stop_reason,
         val_acc: val_stats.accuracy(),
         val_loss: val_stats.loss(),
     };
-    let json =
-        serde_json::to_vec_pretty(&outcome).map_err(|e| Error::config("summary", e.to_string()))?;
-    crate::fsutil::write_atomic(&run_dir.summary_path(), &json)?;
+    runner::write_summary(run_dir, &outcome)?;
     Ok(outcome)
 }
 

@@ -8,9 +8,11 @@
 pub mod checkpoint;
 pub mod config;
 pub mod early_stop;
+pub mod evaluate;
 pub mod finetune;
 mod font;
 pub mod loss;
 pub mod metrics;
 pub mod plots;
 pub mod progress;
+pub mod runner;

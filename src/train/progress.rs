@@ -1,5 +1,6 @@
 //! What a person watching training sees: an indicatif bar per pass (batches done, running loss and accuracy,
-//! images/s) on a terminal, plain lines otherwise, and one summary line per epoch either way.
+//! images/s) on a terminal, and one summary line per epoch either way; without a terminal (a pipe, CI, a log
+//! file) only the epoch lines, no per-batch lines.
 //!
 //! Bars go to stderr; epoch lines and summaries go to the report writer (stdout by default), after the bar is
 //! cleared, so a log file of stdout holds exactly one line per epoch.
@@ -14,27 +15,25 @@ use std::time::Instant;
 pub enum Display {
     /// An indicatif bar on stderr.
     Bar,
-    /// A plain line a few times per pass (stderr is not a terminal, e.g. a log file).
-    Lines,
-    /// Nothing within a pass; epoch lines only (`--quiet`).
+    /// Nothing within a pass; epoch lines only (`--quiet`, or stderr is not a terminal).
     EpochsOnly,
 }
 
 impl Display {
-    /// `--quiet` wins; otherwise a bar when stderr is a terminal, plain lines when it is not.
+    /// A bar when stderr is a terminal and `--quiet` is not given; epoch lines only otherwise.
     pub fn choose(quiet: bool) -> Display {
-        if quiet {
-            Display::EpochsOnly
-        } else if std::io::stderr().is_terminal() {
+        Self::for_terminal(quiet, std::io::stderr().is_terminal())
+    }
+
+    /// [`Display::choose`] for a stderr that is (or is not) a terminal.
+    pub fn for_terminal(quiet: bool, terminal: bool) -> Display {
+        if terminal && !quiet {
             Display::Bar
         } else {
-            Display::Lines
+            Display::EpochsOnly
         }
     }
 }
-
-/// Plain progress lines per pass in [`Display::Lines`] mode.
-const LINES_PER_PASS: usize = 4;
 
 /// Reports a whole run.
 pub struct Reporter {
@@ -81,9 +80,6 @@ impl Reporter {
         PassProgress {
             reporter: self,
             bar,
-            prefix,
-            batches,
-            done: 0,
             stats: RunningStats::new(),
             start: Instant::now(),
         }
@@ -110,9 +106,6 @@ impl Reporter {
 pub struct PassProgress<'a> {
     reporter: &'a mut Reporter,
     bar: Option<ProgressBar>,
-    prefix: String,
-    batches: usize,
-    done: usize,
     stats: RunningStats,
     start: Instant,
 }
@@ -121,22 +114,10 @@ impl PassProgress<'_> {
     /// Records one batch of `images` images with mean loss `mean_loss`, `correct` of them classified right.
     pub fn batch(&mut self, images: usize, mean_loss: f64, correct: usize) {
         self.stats.add_batch(mean_loss, correct, images);
-        self.done += 1;
-        let rate = self.stats.samples() as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
-        let msg = format_running(&self.stats, rate);
-        match (&self.bar, self.reporter.display) {
-            (Some(bar), _) => {
-                bar.set_message(msg);
-                bar.inc(1);
-            }
-            (None, Display::Lines) => {
-                let every = self.batches.div_ceil(LINES_PER_PASS).max(1);
-                if self.done.is_multiple_of(every) || self.done == self.batches {
-                    let line = format!("{} {}/{} {msg}", self.prefix, self.done, self.batches);
-                    self.reporter.line(&line);
-                }
-            }
-            _ => {}
+        if let Some(bar) = &self.bar {
+            let rate = self.stats.samples() as f64 / self.start.elapsed().as_secs_f64().max(1e-9);
+            bar.set_message(format_running(&self.stats, rate));
+            bar.inc(1);
         }
     }
 
@@ -185,15 +166,29 @@ fn format_running(stats: &RunningStats, images_per_s: f64) -> String {
 }
 
 /// The one-line summary of an epoch, e.g.
-/// `epoch 3/10  train loss 0.4123 acc 87.50%  val loss 0.5012 acc 84.00%  lr 1.00e-3  12.3s  812 img/s`.
+/// `epoch 3/10  train loss 0.4123 acc 87.50%  val loss 0.5012 acc 84.00%  lr 1.00e-3  12.3s  812 img/s`;
+/// the phase's name follows the epoch when the metrics carry one (`epoch 3/10 stage2  ...`), and accuracies
+/// are left out for runs without labels.
 pub fn format_epoch_line(m: &EpochMetrics, epochs: usize) -> String {
+    let phase = m
+        .extra
+        .get("phase")
+        .and_then(|p| p.as_str())
+        .map_or(String::new(), |p| format!(" {p}"));
+    let acc = |v: f64| {
+        if v.is_nan() && m.train_acc.is_nan() && m.val_acc.is_nan() {
+            String::new()
+        } else {
+            format!(" acc {}", pct(v))
+        }
+    };
     format!(
-        "epoch {}/{epochs}  train loss {:.4} acc {}  val loss {:.4} acc {}  lr {:.2e}  {:.1}s  {:.0} img/s",
+        "epoch {}/{epochs}{phase}  train loss {:.4}{}  val loss {:.4}{}  lr {:.2e}  {:.1}s  {:.0} img/s",
         m.epoch,
         m.train_loss,
-        pct(m.train_acc),
+        acc(m.train_acc),
         m.val_loss,
-        pct(m.val_acc),
+        acc(m.val_acc),
         m.lr,
         m.seconds,
         m.images_per_s
@@ -280,9 +275,16 @@ mod tests {
     }
 
     #[test]
-    fn plain_lines_appear_a_few_times_per_pass_and_once_per_epoch() {
+    fn without_a_terminal_only_epoch_lines_are_printed() {
+        assert_eq!(Display::for_terminal(false, false), Display::EpochsOnly);
+        assert_eq!(Display::for_terminal(true, true), Display::EpochsOnly);
+        assert_eq!(Display::for_terminal(false, true), Display::Bar);
         let out = Captured::default();
-        let mut rep = Reporter::with_writer(Display::Lines, 10, Box::new(out.clone()));
+        let mut rep = Reporter::with_writer(
+            Display::for_terminal(false, false),
+            10,
+            Box::new(out.clone()),
+        );
         let mut pass = rep.pass("train", 3, 8);
         for _ in 0..8 {
             pass.batch(4, 0.5, 3);
@@ -292,13 +294,23 @@ mod tests {
         assert!((stats.accuracy() - 0.75).abs() < 1e-12);
         rep.epoch_done(&metrics(), true);
         let text = out.text();
-        let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), LINES_PER_PASS + 1, "{text}");
+        assert_eq!(text.lines().count(), 1, "{text}");
         assert!(
-            lines[0].starts_with("epoch 3/10 train 2/8 loss 0.5000 acc 75.00%"),
+            text.starts_with("epoch 3/10  train loss") && text.trim_end().ends_with("*best"),
             "{text}"
         );
-        assert!(lines[4].ends_with("*best"), "{text}");
+    }
+
+    #[test]
+    fn a_phase_is_named_and_missing_accuracies_are_left_out() {
+        let mut m = metrics();
+        m.train_acc = f64::NAN;
+        m.val_acc = f64::NAN;
+        m.extra.insert("phase".into(), serde_json::json!("stage2"));
+        assert_eq!(
+            format_epoch_line(&m, 10),
+            "epoch 3/10 stage2  train loss 0.4123  val loss 0.5012  lr 1.00e-3  12.3s  812 img/s"
+        );
     }
 
     #[test]
