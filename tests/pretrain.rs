@@ -472,3 +472,194 @@ fn a_stage_stopped_early_hands_its_best_epoch_to_the_next() {
         );
     }
 }
+
+/// The classes `predict --format json` gives each image, by file.
+fn predicted_classes(model: &Path, images: &[std::path::PathBuf]) -> BTreeMap<String, String> {
+    let mut args = vec![
+        "predict".to_string(),
+        "--model".into(),
+        model.display().to_string(),
+        "--format".into(),
+        "json".into(),
+        "--top-k".into(),
+        "1".into(),
+    ];
+    args.extend(images.iter().map(|p| p.display().to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    graft_ok(&args)
+        .lines()
+        .map(|l| {
+            let p: serde_json::Value = serde_json::from_str(l).unwrap();
+            (
+                p["path"].as_str().unwrap().to_string(),
+                p["top"][0]["class"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_from_a_pretraining_folder_exports_evaluates_and_predicts_after_the_folder_moved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["a", "b"], 8);
+    let d = data.to_str().unwrap();
+    let ae = tmp.path().join("ae");
+    graft_ok(&[
+        "pretrain",
+        "--arch",
+        "dense:64,16,8",
+        "--data",
+        d,
+        "--image-size",
+        "8",
+        "--batch-size",
+        "8",
+        "--stage-epochs",
+        "1",
+        "--finetune-epochs",
+        "0",
+        "--quiet",
+        "--run-dir",
+        ae.to_str().unwrap(),
+    ]);
+    let ft = tmp.path().join("ft");
+    let base = format!("ae:{}", ae.display());
+    graft_ok(&[
+        "finetune",
+        "--base",
+        &base,
+        "--data",
+        d,
+        "--batch-size",
+        "4",
+        "--freeze-epochs",
+        "1",
+        "--epochs",
+        "1",
+        "--quiet",
+        "--run-dir",
+        ft.to_str().unwrap(),
+    ]);
+    let images: Vec<_> = ["a", "b"]
+        .iter()
+        .flat_map(|c| std::fs::read_dir(data.join(c)).unwrap())
+        .map(|e| e.unwrap().path())
+        .collect();
+    let export = |name: &str| {
+        let out = tmp.path().join(name);
+        graft_ok(&[
+            "export",
+            ft.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        out
+    };
+    let eval = |model: &Path| -> serde_json::Value {
+        serde_json::from_str(&graft_ok(&[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            d,
+            "--json",
+        ]))
+        .unwrap()
+    };
+    let before = export("before.safetensors");
+    let (eval_before, predicted_before) = (eval(&before), predicted_classes(&before, &images));
+
+    // The pretraining folder moves away: the run's checkpoints carry the model as it was resolved.
+    std::fs::rename(&ae, tmp.path().join("ae-moved")).unwrap();
+    let after = export("after.safetensors");
+    let eval_after = eval(&after);
+    assert_eq!(eval_after["accuracy"], eval_before["accuracy"]);
+    assert_eq!(eval_after["loss"], eval_before["loss"]);
+    assert_eq!(predicted_classes(&after, &images), predicted_before);
+    let correct = predicted_before
+        .iter()
+        .filter(|(path, class)| Path::new(path).parent().unwrap().ends_with(class.as_str()))
+        .count();
+    let predict_acc = correct as f64 / images.len() as f64;
+    let eval_acc = eval_after["accuracy"].as_f64().unwrap();
+    assert!(
+        (predict_acc - eval_acc).abs() < 1e-9,
+        "predict {predict_acc} vs eval {eval_acc}"
+    );
+}
+
+#[test]
+fn a_run_with_its_output_piped_prints_one_line_per_epoch() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["a", "b"], 8);
+    let d = data.to_str().unwrap();
+    for (cmd, epochs) in [
+        (
+            vec![
+                "pretrain",
+                "--arch",
+                "dense:64,16,8",
+                "--image-size",
+                "8",
+                "--stage-epochs",
+                "2",
+                "--finetune-epochs",
+                "1",
+            ],
+            5,
+        ),
+        (
+            vec![
+                "finetune",
+                "--base",
+                "dense:64,16,8",
+                "--image-size",
+                "8",
+                "--freeze-epochs",
+                "1",
+                "--epochs",
+                "2",
+            ],
+            3,
+        ),
+    ] {
+        let run = tmp.path().join(cmd[0]);
+        let mut args = cmd.clone();
+        args.extend([
+            "--data",
+            d,
+            "--batch-size",
+            "2",
+            "--run-dir",
+            run.to_str().unwrap(),
+        ]);
+        // Not quiet: the test harness pipes stdout and stderr, as a log file or CI would.
+        let out = common::graft(&args, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let epoch_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("epoch ")).collect();
+        let per_epoch: Vec<&str> = epoch_lines
+            .iter()
+            .copied()
+            .filter(|l| l.contains("train loss"))
+            .collect();
+        assert_eq!(per_epoch.len(), epochs, "{}: {text}", cmd[0]);
+        for l in &epoch_lines {
+            assert!(
+                l.contains("train loss") || l.contains(": training"),
+                "{}: a per-batch line: {l}\n{text}",
+                cmd[0]
+            );
+        }
+    }
+}

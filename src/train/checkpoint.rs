@@ -834,4 +834,27 @@ mod tests {
             .to_string();
         assert!(err.contains("a-file"), "{err}");
     }
+
+    #[test]
+    fn a_checkpoint_of_an_older_run_format_is_refused_naming_both_versions() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("last.safetensors");
+        // What graft wrote before the one runner: no `format`, untyped parts.
+        let old = serde_json::json!({"epoch": 2, "step": 10, "data": {}, "optimizer": {}, "schedule": {},
+            "config": {}, "classes": ["a"], "rng": {}, "early_stop": null});
+        Checkpoint::new(&old).unwrap().save(&path).unwrap();
+        let ck = Checkpoint::load(&path, &Device::Cpu).unwrap();
+        let msg = TrainState::<serde_json::Value, serde_json::Value>::from_checkpoint(&ck, &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("run format 1")
+                && msg.contains("run format 2")
+                && msg.contains("last.safetensors"),
+            "{msg}"
+        );
+        Checkpoint::new(&state()).unwrap().save(&path).unwrap();
+        let ck = Checkpoint::load(&path, &Device::Cpu).unwrap();
+        assert_eq!(TrainState::from_checkpoint(&ck, &path).unwrap(), state());
+    }
 }

@@ -22,7 +22,7 @@ use crate::par::on_pool;
 use crate::rng::RngState;
 use crate::train::checkpoint::{Position, RunDir, TrainState, RUN_FORMAT};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
-use crate::train::metrics::{EpochMetrics, MetricsLog};
+use crate::train::metrics::{EpochMetrics, MetricsLog, RunningStats};
 use crate::train::progress::Reporter;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -407,20 +407,94 @@ fn train_epoch<T: Task>(
         p.opt = Some(o);
         p.plan = Some(plan);
     }
-    let spe = task.steps_per_epoch();
-    let phase_steps = task.phases()[phase].epochs * spe;
+    let phase_steps = task.phases()[phase].epochs * task.steps_per_epoch();
     let sched = task.schedule(phase, phase_steps);
     if p.plateau.is_none() {
         p.plateau = sched.plateau();
     }
     task.prepare(plan, reporter)?;
     let task: &T = task;
-    let name = &task.phases()[phase].name;
-    let mut pass = reporter.pass(name, epoch + 1, spe);
+    let pass = train_pass(task, run_dir, reporter, p, &sched, phase_steps)?;
+    let eval = task.evaluate(phase, epoch + 1, reporter)?;
+    p.epoch += 1;
+    p.pos.phase_epoch += 1;
     let policy = task.policy();
-    let opt = p.opt.as_mut().expect("optimizer built above");
-    let mut lr = 0.0;
-    let mut labelled = false;
+    let m = EpochMetrics {
+        epoch: p.epoch,
+        train_loss: pass.stats.loss(),
+        train_acc: if pass.labelled {
+            pass.stats.accuracy()
+        } else {
+            f64::NAN
+        },
+        val_loss: eval.map_or(f64::NAN, |e| e.loss),
+        val_acc: eval.map_or(f64::NAN, |e| e.acc),
+        lr: pass.lr,
+        seconds: t0.elapsed().as_secs_f64(),
+        images_per_s: pass.images_per_s,
+        extra: if policy.coupling == Coupling::Independent {
+            let name = &task.phases()[phase].name;
+            [("phase".to_string(), serde_json::json!(name))].into()
+        } else {
+            Default::default()
+        },
+    };
+    let decision = match eval {
+        Some(e) => {
+            if let Some(pl) = p.plateau.as_mut() {
+                pl.observe(e.loss);
+            }
+            let counted = match policy.coupling {
+                Coupling::Continuous => p.epoch,
+                Coupling::Independent => p.pos.phase_epoch,
+            };
+            p.early.observe(counted, policy.monitor.value(&m))
+        }
+        None => Decision::Continue { improved: false },
+    };
+    let improved = matches!(decision, Decision::Continue { improved: true });
+    let decision = match opts.on_epoch.as_ref().map(|f| (f.0)(p.epoch, &m)) {
+        Some(stop @ Decision::Stop { .. }) => stop,
+        _ => decision,
+    };
+    if matches!(decision, Decision::Stop { .. }) && policy.coupling == Coupling::Independent {
+        p.pos.phase_done = true;
+    }
+    p.history.push(m.clone());
+    save_epoch(task, run_dir, p, improved)?;
+    metrics_log.append(&m)?;
+    reporter.epoch_done(&m, improved);
+    Ok(decision)
+}
+
+/// What one training pass measured.
+struct Pass {
+    stats: RunningStats,
+    images_per_s: f64,
+    /// The learning rate of the last step.
+    lr: f64,
+    /// The task counts correct classifications.
+    labelled: bool,
+}
+
+/// The training pass over one epoch's batches: the schedule's rate and momentum, forward, backward, clipping
+/// and the update per batch; a step whose loss is not finite is skipped.
+fn train_pass<T: Task>(
+    task: &T,
+    run_dir: &RunDir,
+    reporter: &mut Reporter,
+    p: &mut Progress,
+    sched: &ScheduleConfig,
+    phase_steps: usize,
+) -> Result<Pass> {
+    let (phase, epoch, spe) = (p.pos.phase, p.epoch, task.steps_per_epoch());
+    let policy = task.policy();
+    let opt = p
+        .opt
+        .as_mut()
+        .expect("the optimizer is built before the pass");
+    let mut pass = reporter.pass(&task.phases()[phase].name, epoch + 1, spe);
+    let (mut lr, mut labelled) = (0.0, false);
     for item in task.batches(epoch) {
         let (i, batch) = item?;
         let at = StepAt {
@@ -456,58 +530,23 @@ fn train_epoch<T: Task>(
             }
             None => {
                 p.bad_steps += 1;
-                let note = bad_step(run_dir, policy, p.bad_steps, p.step, epoch)?;
-                pass.note(&note);
+                pass.note(&bad_step(run_dir, policy, p.bad_steps, p.step, epoch)?);
             }
         }
     }
-    let train_stats = pass.stats();
-    let images_per_s = pass.images_per_s();
+    let (stats, images_per_s) = (pass.stats(), pass.images_per_s());
     pass.finish();
-    let eval = task.evaluate(phase, epoch + 1, reporter)?;
-    p.epoch += 1;
-    p.pos.phase_epoch += 1;
-    let m = EpochMetrics {
-        epoch: p.epoch,
-        train_loss: train_stats.loss(),
-        train_acc: if labelled {
-            train_stats.accuracy()
-        } else {
-            f64::NAN
-        },
-        val_loss: eval.map_or(f64::NAN, |e| e.loss),
-        val_acc: eval.map_or(f64::NAN, |e| e.acc),
-        lr,
-        seconds: t0.elapsed().as_secs_f64(),
+    Ok(Pass {
+        stats,
         images_per_s,
-        extra: if policy.coupling == Coupling::Independent {
-            [("phase".to_string(), serde_json::json!(name))].into()
-        } else {
-            Default::default()
-        },
-    };
-    let decision = match eval {
-        Some(e) => {
-            if let Some(pl) = p.plateau.as_mut() {
-                pl.observe(e.loss);
-            }
-            let counted = match policy.coupling {
-                Coupling::Continuous => p.epoch,
-                Coupling::Independent => p.pos.phase_epoch,
-            };
-            p.early.observe(counted, policy.monitor.value(&m))
-        }
-        None => Decision::Continue { improved: false },
-    };
-    let improved = matches!(decision, Decision::Continue { improved: true });
-    let decision = match opts.on_epoch.as_ref().map(|f| (f.0)(p.epoch, &m)) {
-        Some(stop @ Decision::Stop { .. }) => stop,
-        _ => decision,
-    };
-    if matches!(decision, Decision::Stop { .. }) && policy.coupling == Coupling::Independent {
-        p.pos.phase_done = true;
-    }
-    p.history.push(m.clone());
+        lr,
+        labelled,
+    })
+}
+
+/// Writes the checkpoint of the epoch just ended: `best` when it improved, always `last` (the same contents).
+fn save_epoch<T: Task>(task: &T, run_dir: &RunDir, p: &Progress, improved: bool) -> Result<()> {
+    let opt = p.opt.as_ref().expect("an epoch trained with an optimizer");
     let state = TrainState {
         format: RUN_FORMAT,
         epoch: p.epoch,
@@ -532,9 +571,7 @@ fn train_epoch<T: Task>(
     crate::fsutil::kill_point("after_best");
     ck.save(run_dir.last_checkpoint())?;
     crate::fsutil::kill_point("after_last");
-    metrics_log.append(&m)?;
-    reporter.epoch_done(&m, improved);
-    Ok(decision)
+    Ok(())
 }
 
 /// The warning for a skipped step, or [`Error::Diverged`] once more than the allowed steps were skipped.
