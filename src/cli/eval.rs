@@ -68,7 +68,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let mut seen = 0usize;
     for batch in loader.epoch(0) {
         let batch = batch?;
-        let logits = crate::par::on_pool(|| model.predict(&batch.images))?;
+        let logits = crate::kernels::par::on_pool(|| model.predict(&batch.images))?;
         // NaN or infinite logits would count as some class and print `NaN` losses: refuse them instead.
         if let Some(&row) = crate::formats::finite::non_finite_rows(&logits)?.first() {
             let image = batch.indices.get(row).and_then(|&i| paths.get(i));

@@ -21,13 +21,13 @@ pub mod grid;
 pub mod model;
 
 use crate::data::{list_images, Loader, LoaderConfig, Sample};
+use crate::kernels::par::on_pool;
 use crate::models::base::{EncoderInfo, ENCODER_INFO, ENCODER_WEIGHTS};
 use crate::models::encoder::{EncoderActivation, EncoderConfig};
 use crate::models::Mode;
 use crate::optim::groups::{no_decay_groups, trainable_params};
 use crate::optim::schedule::ReduceOnPlateau;
 use crate::optim::{clip_grad_norm, OptimState, Optimizer};
-use crate::par::on_pool;
 use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
 use crate::train::metrics::{EpochMetrics, MetricsLog, RunningStats};

@@ -9,13 +9,13 @@
 
 use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig};
 use crate::formats::weights::LoadReport;
+use crate::kernels::par::on_pool;
 use crate::models::base;
 use crate::models::classifier::Classifier;
 use crate::models::Mode;
 use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
 use crate::optim::schedule::ReduceOnPlateau;
 use crate::optim::{clip_grad_norm, OptimState, Optimizer, ScheduleConfig};
-use crate::par::on_pool;
 use crate::rng::seeded;
 use crate::train::checkpoint::{Checkpoint, RunDir, TrainState};
 use crate::train::config::{classifier_spec, validate, FinetuneConfig, ScheduleKind};
