@@ -3,14 +3,15 @@
 //! at 128x128 (the stem's output, the first stage's maps, the last stage's).
 //!
 //! Run: `cargo bench --bench layer_ops` (optionally `-- bwd` or any substring of a line's name to pick
-//! lines; `GRAFT_SIMD=base` to compare against the baseline instruction set, see `graft::simd`).
+//! lines; `GRAFT_SIMD=base` to compare against the baseline instruction set, see `graft::kernels::simd`).
 //!
 //! A backward is timed as `loss.backward()` of `sum(op(x) * r)` for a fixed random `r`, so each includes
 //! the multiply's own backward: the `harness` line times that part alone.
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use graft::models::layers::{add_relu, batch_norm, max_pool2d, Activation};
+use graft::kernels::{add_relu, max_pool2d};
+use graft::models::layers::{batch_norm, Activation};
 use graft::models::Mode;
 use std::time::Instant;
 
@@ -44,7 +45,7 @@ fn main() -> candle_core::Result<()> {
         .filter(|a| a != "--bench")
         .collect();
     let dev = Device::Cpu;
-    println!("simd level: {:?}", graft::simd::level());
+    println!("simd level: {:?}", graft::kernels::simd::level());
     for (c, h) in [(64usize, 112usize), (64, 64), (64, 32), (512, 4)] {
         let shape = (16, c, h, h);
         let x = Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev)?)?;

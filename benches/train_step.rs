@@ -121,10 +121,10 @@ fn run_one(model: &str, size: usize, mode: &str, batch: usize, iters: usize) -> 
         }
         Ok(())
     };
-    // Each step on the thread pool, as `graft finetune` runs it (see `graft::par::on_pool`).
+    // Each step on the thread pool, as `graft finetune` runs it (see `graft::kernels::par::on_pool`).
     // On a GPU the ops only queue work: each timed step ends when the device has finished it.
     let mut step = || {
-        graft::par::on_pool(&mut step)?;
+        graft::kernels::par::on_pool(&mut step)?;
         Ok::<(), graft::Error>(dev.synchronize()?)
     };
     step()?; // warm-up

@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
-use graft::models::layers::{depthwise_conv2d, max_pool2d, max_pool2d_composed};
+use graft::kernels::{depthwise_conv2d, max_pool2d, max_pool2d_composed};
 use graft::models::resnet::{ResNet, ResNetConfig};
 use graft::models::Mode;
 use std::time::Instant;

@@ -1,6 +1,6 @@
 //! The CPU/CUDA switch. CUDA is a cargo feature (`--features cuda`); the CPU always works.
 //!
-//! graft's own kernels (the CPU custom ops under `models::layers` and the fused optimizer steps) run only
+//! graft's own kernels (the CPU custom ops under `kernels` and the fused optimizer steps) run only
 //! where [`custom_kernels_on`] says so; everywhere else the same layer is composed from candle's ops, which
 //! every candle device runs. That composed ("generic") path is what a GPU takes, and it can be forced on the
 //! CPU so that tests on a machine without a GPU check it against the kernels: [`with_generic_ops`] for one

@@ -12,13 +12,12 @@ pub mod error;
 pub mod export;
 pub mod formats;
 pub mod fsutil;
+pub mod kernels;
 pub mod models;
 pub mod optim;
-pub mod par;
 pub mod pretrain;
 pub mod rng;
 pub mod search;
-pub mod simd;
 pub mod sysmem;
 pub mod train;
 

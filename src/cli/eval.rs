@@ -67,7 +67,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         .epoch(0)
         .map(|batch| -> crate::Result<(Tensor, Tensor)> {
             let batch = batch?;
-            let logits = crate::par::on_pool(|| model.predict(&batch.images))?;
+            let logits = crate::kernels::par::on_pool(|| model.predict(&batch.images))?;
             if let Some(&row) = crate::formats::finite::non_finite_rows(&logits)?.first() {
                 let image = batch.indices.get(row).and_then(|&i| paths.get(i));
                 return Err(crate::Error::NonFiniteOutput {

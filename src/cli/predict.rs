@@ -150,7 +150,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
                     continue;
                 }
             };
-        let logits = crate::par::on_pool(|| model.logits(&image.unsqueeze(0)?))?;
+        let logits = crate::kernels::par::on_pool(|| model.logits(&image.unsqueeze(0)?))?;
         // NaN or infinite logits give `NaN%` scores; that is an error for this image, not a prediction.
         if !crate::formats::finite::non_finite_rows(&logits)?.is_empty() {
             let e = crate::Error::NonFiniteOutput {

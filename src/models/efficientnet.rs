@@ -21,9 +21,9 @@
 
 use super::layers::{
     self, batch_norm, conv2d, linear, Activation, BatchNorm, Conv2d, Conv2dConfig, Linear,
-    Padding2d,
 };
 use super::{Backbone, Mode};
+use crate::kernels::Padding2d;
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;

@@ -5,37 +5,17 @@
 //! `<prefix>.conv1.weight`). Every forward takes a [`Mode`]: weights go through [`Mode::weight`], so a layer
 //! run in [`Mode::Frozen`] builds no gradient graph.
 //!
-//! Ops that candle 0.11 lacks or runs slowly are CPU custom ops in submodules, used automatically (other
-//! devices fall back to candle's ops):
-//! - [`max_pool2d`]: padding, stride < kernel, and a backward pass (PyTorch's tie rule);
-//! - `depthwise`: depthwise convolution (`groups == in == out`), which candle runs as one convolution per
-//!   channel (about 50x slower, forward and backward);
-//! - `im2col`: dense convolutions as GEMMs over the whole batch (forward, filter and input gradients),
-//!   instead of candle's per-tile GEMMs forward and direct transposed convolution backward;
-//! - [`relu`], [`relu6`]: one-pass forward and backward (candle's backward takes three and about ten passes);
-//! - `bn_train`: training-mode BatchNorm with a hand-written backward (candle's autograd reduces over the
-//!   batch and spatial axes one element at a time), with a following ReLU / ReLU6 fused in
-//!   ([`conv_bn_act`]).
+//! How the ops run is [`crate::kernels`]' business: a [`Conv2d`] convolves through
+//! [`kernels::conv::conv2d`], which chooses the algorithm; a training [`BatchNorm`] on the CPU runs the
+//! kernels' training op, with a following ReLU / ReLU6 fused in ([`conv_bn_act`]).
 //!
 //! Outside training, [`conv_bn_act`] folds the BatchNorm into the filter; in [`Mode::Frozen`] the folded
 //! shift and the activation run inside the (dense or depthwise) convolution's last pass.
-//!
-//! `examples/bench_forward.rs` measures them against the candle ops they replace.
-
-mod activation;
-mod bn_train;
-mod depthwise;
-mod im2col;
-mod pool;
-mod shifted;
-mod winograd;
-
-pub use activation::{add_relu, relu, relu6};
-pub use depthwise::{depthwise_conv2d, depthwise_conv2d_padded, Padding2d};
-pub use pool::{max_pool2d, max_pool2d_composed};
 
 use super::Mode;
 use crate::device::custom_kernels_on;
+use crate::kernels::conv::ConvPadding;
+use crate::kernels::{self, relu, relu6, Epilogue, Padding2d};
 use crate::{Error, Result};
 use candle_core::{DType, Tensor, Var, D};
 use candle_nn::init::{FanInOut, Init, NonLinearity, NormalOrUniform};
@@ -65,15 +45,15 @@ impl Default for Conv2dConfig {
 
 /// A 2-D convolution over `[N, C, H, W]`, weights `[out, in / groups, k, k]` under `weight` (and `bias`).
 ///
-/// A depthwise convolution (`groups == in == out`) runs on [`depthwise_conv2d`] instead of candle's grouped
-/// convolution, which would launch one convolution per channel. Padding is the config's, symmetric,
-/// unless [`Conv2d::with_padding`] gave one per side (TensorFlow's "SAME" padding).
+/// It runs by the algorithm [`kernels::conv::algorithm`] picks: a depthwise convolution (`groups == in ==
+/// out`) on [`kernels::depthwise_conv2d`] instead of candle's grouped convolution, which would launch one
+/// convolution per channel. Padding is the config's, symmetric, unless [`Conv2d::with_padding`] gave one
+/// per side (TensorFlow's "SAME" padding).
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     cfg: Conv2dConfig,
-    depthwise: bool,
     /// Per-side padding replacing `cfg.padding`, when set.
     pad: Option<Padding2d>,
 }
@@ -122,12 +102,10 @@ pub fn conv2d(
     } else {
         None
     };
-    let depthwise = cfg.groups > 1 && cfg.groups == in_channels && cfg.groups == out_channels;
     Ok(Conv2d {
         weight,
         bias,
         cfg,
-        depthwise,
         pad: None,
     })
 }
@@ -142,22 +120,12 @@ impl Conv2d {
         }
     }
 
-    /// The padding per side: [`Conv2d::with_padding`]'s, else the config's on every side.
-    fn padding(&self) -> Padding2d {
-        self.pad.unwrap_or(Padding2d::symmetric(self.cfg.padding))
-    }
-
-    /// The input padded per side when [`Conv2d::with_padding`] asked for it, and the symmetric padding
-    /// left to apply.
-    fn padded_input(&self, x: &Tensor) -> Result<(Tensor, usize)> {
-        Ok(match self.pad {
-            None => (x.clone(), self.cfg.padding),
-            Some(p) => (
-                x.pad_with_zeros(2, p.top, p.bottom)?
-                    .pad_with_zeros(3, p.left, p.right)?,
-                0,
-            ),
-        })
+    /// The padding: [`Conv2d::with_padding`]'s per side, else the config's on every side.
+    fn padding(&self) -> ConvPadding {
+        match self.pad {
+            None => ConvPadding::Symmetric(self.cfg.padding),
+            Some(p) => ConvPadding::PerSide(p),
+        }
     }
 
     /// Convolves `x` (`[N, in, H, W]`) into `[N, out, H', W']`.
@@ -173,22 +141,8 @@ impl Conv2d {
     }
 
     /// The bias-free convolution of `x` with the filter `w` (this layer's geometry).
-    ///
-    /// Depthwise layers use [`depthwise_conv2d`] (the CPU kernel, elsewhere its composed form). On the CPU,
-    /// dense layers use `im2col::conv2d` (one GEMM over the batch, summing in candle's conv2d order); other
-    /// devices (see [`custom_kernels_on`]) and grouped layers use candle's conv2d.
     fn convolve(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
-        let s = self.cfg.stride;
-        if self.depthwise {
-            return depthwise_conv2d_padded(x, w, self.padding(), s);
-        }
-        let (x, p) = self.padded_input(x)?;
-        if self.cfg.groups == 1 && custom_kernels_on(x.device()) {
-            Ok(im2col::conv2d(&x, w, p, s)?)
-        } else {
-            let (x, padding) = self.backward_safe_input(&x, p)?;
-            Ok(x.conv2d(w, padding, self.cfg.stride, 1, self.cfg.groups)?)
-        }
+        kernels::conv::conv2d(x, w, self.padding(), self.cfg.stride, self.cfg.groups)
     }
 
     /// [`Conv2d::convolve`] with `e` applied by the CPU kernel itself, for inference (no gradient is
@@ -197,51 +151,10 @@ impl Conv2d {
         &self,
         x: &Tensor,
         w: &Tensor,
-        e: depthwise::Epilogue,
+        e: Epilogue,
     ) -> Result<Option<Tensor>> {
-        let s = self.cfg.stride;
-        Ok(if !custom_kernels_on(x.device()) {
-            None
-        } else if self.depthwise {
-            Some(depthwise::depthwise_conv2d_shift_clamp(
-                x,
-                w,
-                self.padding(),
-                s,
-                e,
-            )?)
-        } else if self.cfg.groups == 1 {
-            let (x, p) = self.padded_input(x)?;
-            Some(im2col::conv2d_shift_clamp(&x, w, p, s, e)?)
-        } else {
-            None
-        })
-    }
-
-    /// The input and padding to hand candle's conv2d: `(x, padding)` unchanged, unless the two axes leave a
-    /// different number of trailing rows/columns that no window reaches (a non-square input of mixed parity
-    /// under a stride). Then the zero padding is applied here and the unreached edge cut off, and the
-    /// convolution runs unpadded on exactly the extent its windows cover.
-    ///
-    /// The output is the same either way; the point is candle 0.11's conv2d backward, which rebuilds the
-    /// input gradient with a transposed convolution whose output padding it derives from the height alone,
-    /// so an input whose width leaves a different remainder gets a gradient of the wrong width (a shape
-    /// error). Square inputs, and any whose axes leave the same remainder, pass through untouched.
-    fn backward_safe_input(&self, x: &Tensor, p: usize) -> Result<(Tensor, usize)> {
-        let (_, _, h, w) = x.dims4()?;
-        let k = self.weight.dim(2)?;
-        let s = self.cfg.stride;
-        if h + 2 * p < k || w + 2 * p < k {
-            return Ok((x.clone(), p)); // let candle report the size error
-        }
-        // Padded extent the windows cover: (out - 1) * stride + k.
-        let reach = |i: usize| (i + 2 * p - k) / s * s + k;
-        let (rh, rw) = (reach(h), reach(w));
-        if h + 2 * p - rh == w + 2 * p - rw {
-            return Ok((x.clone(), p));
-        }
-        let padded = x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p)?;
-        Ok((padded.narrow(2, 0, rh)?.narrow(3, 0, rw)?, 0))
+        let (pad, stride, groups) = (self.padding(), self.cfg.stride, self.cfg.groups);
+        kernels::conv::conv2d_shift_clamp(x, w, pad, stride, groups, e)
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -307,7 +220,7 @@ pub fn conv_bn_act(
     // nothing.)
     if mode == Mode::Frozen && !x.track_op() && custom_kernels_on(x.device()) {
         // Nothing needs a gradient: the shift and the activation ride on the convolution's last pass.
-        let e = depthwise::Epilogue {
+        let e = Epilogue {
             shift: shift.to_dtype(DType::F64)?.to_vec1::<f64>()?,
             max: act.clamp_max(),
         };
@@ -326,9 +239,9 @@ pub fn conv_bn_act(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Activation {
     Identity,
-    /// `max(x, 0)`, see [`relu`].
+    /// `max(x, 0)`, see [`kernels::relu`].
     Relu,
-    /// `min(max(x, 0), 6)`, see [`relu6`].
+    /// `min(max(x, 0), 6)`, see [`kernels::relu6`].
     Relu6,
 }
 
@@ -434,14 +347,14 @@ impl BatchNorm {
         act: Activation,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let x3 = x3.contiguous()?;
-        let (mean, var) = bn_train::batch_stats(&x3)?;
+        let (mean, var) = kernels::batch_stats(&x3)?;
         let (c, dev) = (mean.len(), x3.device());
         let (mean_t, var_t) = (
             Tensor::from_vec(mean.clone(), c, dev)?,
             Tensor::from_vec(var.clone(), c, dev)?,
         );
         let (w, b) = (mode.weight(&self.weight), mode.weight(&self.bias));
-        let y = bn_train::batch_norm_train(&x3, &w, &b, mean, var, self.eps, act.clamp_max())?;
+        let y = kernels::batch_norm_train(&x3, &w, &b, mean, var, self.eps, act.clamp_max())?;
         Ok((y, mean_t, var_t))
     }
 
@@ -567,61 +480,10 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     Ok((x.reshape((n, c, h * w))?.sum(D::Minus1)? / (h * w) as f64)?)
 }
 
-/// Checks that `t` has a float dtype the CPU kernels in this module handle.
-fn check_float(t: &Tensor, op: &str) -> Result<()> {
-    match t.dtype() {
-        DType::F32 | DType::F64 | DType::F16 | DType::BF16 => Ok(()),
-        other => Err(Error::config(
-            format!("{op} input dtype"),
-            format!("{other:?} is not a float type"),
-        )),
-    }
-}
-
-/// What the kernel tests share: comparing our ops with candle's, values and gradients.
-#[cfg(test)]
-pub(crate) mod test_support {
-    use candle_core::{DType, Tensor, Var};
-
-    /// Largest absolute difference between two tensors of the same shape.
-    pub fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
-    /// For each of `vars`, the largest difference between its gradients through `ours` and through `theirs`,
-    /// both backpropagated from `sum(output * probe)` with the same `probe`.
-    pub fn gradient_gaps(
-        ours: &Tensor,
-        theirs: &Tensor,
-        probe: &Tensor,
-        vars: &[&Var],
-    ) -> Vec<f64> {
-        let backward = |t: &Tensor| (t * probe).unwrap().sum_all().unwrap().backward().unwrap();
-        let (g1, g2) = (backward(ours), backward(theirs));
-        vars.iter()
-            .map(|v| {
-                max_abs(
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                )
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_support::max_abs;
     use super::*;
+    use crate::kernels::test_support::max_abs;
     use candle_core::Device;
     use candle_nn::VarMap;
 
@@ -851,8 +713,11 @@ mod tests {
             bias: true,
         };
         let conv = conv2d(6, 6, 5, cfg, vb.pp("dw")).unwrap();
-        assert!(conv.depthwise);
         let x = Tensor::randn(0f32, 1., (2, 6, 9, 9), &Device::Cpu).unwrap();
+        assert_eq!(
+            kernels::conv::algorithm(&x, conv.weight(), conv.padding(), 2, 6).unwrap(),
+            kernels::conv::ConvAlgorithm::Depthwise
+        );
         let ours = conv.forward(&x, Mode::Eval).unwrap();
         let reference = x
             .conv2d(conv.weight(), 2, 2, 1, 6)

@@ -6,11 +6,10 @@
 //! classifier `fc` is not a group: it is a separate [`Linear`] that [`ResNet::classifier`] builds, so a new
 //! head of any width can take its place.
 
-use super::layers::{
-    add_relu, batch_norm, conv2d, conv_bn, conv_bn_act, linear, max_pool2d, Activation,
-};
+use super::layers::{batch_norm, conv2d, conv_bn, conv_bn_act, linear, Activation};
 use super::layers::{BatchNorm, Conv2d, Conv2dConfig, Linear};
 use super::{Backbone, Mode};
+use crate::kernels::{add_relu, max_pool2d};
 use crate::{Error, Result};
 use candle_core::Tensor;
 use candle_nn::VarBuilder;

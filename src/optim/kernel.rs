@@ -95,8 +95,8 @@ pub fn map_cpu<T: Real, const N: usize, const M: usize>(
         slices.push(&all[start..end]);
     }
     // One work item per chunk, holding that chunk of every output.
-    let outs = crate::par::par_zeroed_n::<T, M>(n, CHUNK, |i, mut outs| {
-        crate::simd::vectorized! {
+    let outs = crate::kernels::par::par_zeroed_n::<T, M>(n, CHUNK, |i, mut outs| {
+        crate::kernels::simd::vectorized! {
             let base = i * CHUNK;
             let len = outs.first().map_or(0, |c| c.len());
             // Every operand cut to the chunk's length up front, so that the loop below indexes

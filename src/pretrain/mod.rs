@@ -21,12 +21,12 @@ pub mod grid;
 pub mod model;
 
 use crate::data::{list_images, Loader, LoaderConfig, Sample};
+use crate::kernels::par::on_pool;
 use crate::models::base::{EncoderInfo, ENCODER_INFO, ENCODER_WEIGHTS};
 use crate::models::encoder::{EncoderActivation, EncoderConfig};
 use crate::models::Mode;
 use crate::optim::groups::{no_decay_groups, trainable_params};
 use crate::optim::{Optimizer, ScheduleConfig};
-use crate::par::on_pool;
 use crate::rng::mix;
 use crate::train::checkpoint::{Position, RunDir};
 use crate::train::early_stop::Monitor;

@@ -9,12 +9,12 @@
 
 use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig};
 use crate::formats::checkpoint::Checkpoint;
+use crate::kernels::par::on_pool;
 use crate::models::base::{self, Base};
 use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::models::Mode;
 use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
 use crate::optim::{Optimizer, ScheduleConfig};
-use crate::par::on_pool;
 use crate::rng::{seeded, RngState};
 use crate::train::checkpoint::{Position, RunDir, TrainState};
 use crate::train::config::{check_memory, classifier_spec, validate, FinetuneConfig, ScheduleKind};

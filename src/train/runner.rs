@@ -16,9 +16,9 @@
 //! and metrics of an uninterrupted one.
 
 use crate::formats::checkpoint::Checkpoint;
+use crate::kernels::par::on_pool;
 use crate::optim::schedule::ReduceOnPlateau;
 use crate::optim::{clip_grad_norm, OptimState, Optimizer, ScheduleConfig};
-use crate::par::on_pool;
 use crate::rng::RngState;
 use crate::train::checkpoint::{Position, RunDir, TrainState, RUN_FORMAT};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};

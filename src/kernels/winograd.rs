@@ -7,8 +7,8 @@
 //! independent GEMMs, one per position `xi` of the 4x4 array: `M[xi] = U[xi] [O, C] x V[xi] [C, tiles]`.
 //! That is 16 multiply-adds per tile and channel pair where direct convolution needs 4 x 9 = 36: 2.25x
 //! fewer. The transforms cost a few additions per value, and the transformed input and product are
-//! 4x the size of the input and output, so this wins where the products dominate: many channels
-//! ([`MIN_CHANNELS`]), ResNet's stages after the first.
+//! 4x the size of the input and output, so this wins where the products dominate: many channels,
+//! ResNet's stages after the first (where exactly, measured, is in [`super::conv::choose`]).
 //!
 //! Numerics: the transforms use only additions, subtractions and halvings (constants exact in binary);
 //! the few extra roundings they add are small for F(2x2, 3x3), unlike the larger tiles' transforms: the
@@ -24,46 +24,23 @@
 //! input channel), `M` `[16, O, tiles]` (one GEMM per `xi`), the output `[N, O, H, W]` (one task per plane).
 //! Tile `t = (b * TH + ty) * TW + tx` for image `b`, tile row `ty`, tile column `tx`.
 
-use super::depthwise::{Epilogue, Geom};
-use super::im2col::{gemm_into, transpose_into, View};
-use crate::par::{par_zeroed, par_zeroed_init};
-use crate::simd::vectorized;
+use super::common::{gemm_into, transpose_into, Epilogue, Geom, View};
+use super::par::{par_zeroed, par_zeroed_init};
+use super::simd::vectorized;
 use candle_core::{DType, WithDType};
 
 /// Positions of a transformed 4x4 tile.
 const XI: usize = 16;
 
-/// Channels, of the input and of the output, from which this beats the other paths on the forward and
-/// the input gradient. Per 3x3 layer of ResNet-18, batch 16, summed over a training step's calls (ms,
-/// other path -> Winograd; the two runs of each moved by about 10%): at 128x128, 128 channels at 16x16
-/// forward 22 -> 15-18, input gradient 24 -> 17-23; 256 at 8x8 22-25 -> 14-18 and 20-22 -> 16-18; 512 at
-/// 4x4 24-27 -> 22 and 23-25 -> 20-23. At 224x224: 128 at 28x28 63 -> 50-52, 256 at 14x14 61 -> 41,
-/// 512 at 7x7 60-65 -> 52-57. At 64 channels (32x32) the transforms cost more than they save: forward
-/// 29 -> 42.
-const MIN_CHANNELS: usize = 128;
-
-/// Whether the convolution can run here at all: a 3x3 filter, stride 1, padding 1, in a dtype the GEMM
-/// crate computes natively.
-fn applies<T: WithDType>(g: Geom) -> bool {
+/// Whether [`forward_with`], [`input_grad`] and [`filter_grad_with`] can compute the convolution at all: a
+/// 3x3 filter, stride 1, padding 1, in a dtype the GEMM crate computes natively. Where they are also the
+/// fastest is [`super::conv::choose`]'s to say.
+pub(super) fn can_run(g: Geom, dtype: DType) -> bool {
     g.kh == 3
         && g.kw == 3
         && g.stride == 1
         && g.padding == 1
-        && matches!(T::DTYPE, DType::F32 | DType::F64)
-}
-
-/// Whether [`forward_with`] and [`input_grad`] serve the convolution of `g` into `o` channels (see
-/// [`MIN_CHANNELS`]).
-pub(super) fn serves<T: WithDType>(g: Geom, o: usize) -> bool {
-    applies::<T>(g) && g.c.min(o) >= MIN_CHANNELS
-}
-
-/// Whether [`filter_grad`] does: as [`serves`], but only where the shifted GEMMs do not apply (few
-/// pixels per image). Its GEMMs write a `16 x O x C` product per call, and on maps of 256 pixels and
-/// more the shifted filter gradient stayed faster (128 channels at 28x28: 64 -> 73 ms); below, 256
-/// channels at 8x8 went 22 -> 18-19 and at 14x14 56 -> 42; 512 channels at 4x4 26-29 -> 22-25.
-pub(super) fn serves_filter_grad<T: WithDType>(g: Geom, o: usize) -> bool {
-    serves::<T>(g, o) && !super::shifted::applies::<T>(g)
+        && matches!(dtype, DType::F32 | DType::F64)
 }
 
 /// How the images of a batch are cut into 2x2 output tiles.

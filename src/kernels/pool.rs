@@ -6,12 +6,10 @@
 //! of its window in row-major order, which is the only input that receives its gradient. (Ties are common:
 //! the stem pools a ReLU output, whose windows are often all zero.)
 
-use super::check_float;
-use super::depthwise::{contiguous_slice, dispatch3};
-use crate::par::{par_zeroed, par_zeroed_init};
-use crate::simd::vectorized;
+use super::common::{check_float, dispatch1, dispatch3};
+use super::par::{par_zeroed, par_zeroed_init};
+use super::simd::vectorized;
 use crate::{Error, Result};
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, Layout, Shape, Tensor, WithDType};
 
 /// Max-pools `x` `[N, C, H, W]` with a square `kernel`, `stride` and implicit `-inf` `padding`
@@ -254,7 +252,7 @@ impl PoolGeom {
 struct MaxPool2d(PoolGeom);
 
 impl MaxPool2d {
-    fn fwd<T: WithDType>(&self, x: &[T], n: usize, c: usize) -> (CpuStorage, Shape) {
+    fn run<T: WithDType>(&self, x: &[T], n: usize, c: usize) -> (CpuStorage, Shape) {
         let g = self.0;
         let (oh, ow) = g.out_hw();
         let (pin, pout) = (g.h * g.w, oh * ow);
@@ -283,17 +281,7 @@ impl CustomOp1 for MaxPool2d {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, c, _, _) = l.shape().dims4()?;
-        match s {
-            CpuStorage::F32(_) => Ok(self.fwd(contiguous_slice::<f32>(s, l, self.name())?, n, c)),
-            CpuStorage::F64(_) => Ok(self.fwd(contiguous_slice::<f64>(s, l, self.name())?, n, c)),
-            CpuStorage::F16(_) => {
-                Ok(self.fwd(contiguous_slice::<half::f16>(s, l, self.name())?, n, c))
-            }
-            CpuStorage::BF16(_) => {
-                Ok(self.fwd(contiguous_slice::<half::bf16>(s, l, self.name())?, n, c))
-            }
-            _ => candle_core::bail!("{}: unsupported dtype {:?}", self.name(), s.dtype()),
-        }
+        dispatch1!(self, s, l, n, c)
     }
 
     fn bwd(

@@ -69,7 +69,7 @@ fn detected() -> Level {
 /// (helpers it calls per value should be `#[inline(always)]` too).
 macro_rules! vectorized {
     ($($body:tt)*) => {
-        $crate::simd::run(
+        $crate::kernels::simd::run(
             #[inline(always)]
             || { $($body)* },
         )
@@ -121,7 +121,7 @@ where
     T: candle_core::WithDType,
 {
     assert_eq!(a.len(), b.len(), "par_map: operands of different lengths");
-    crate::par::par_zeroed(a.len(), CHUNK, |i, o| {
+    super::par::par_zeroed(a.len(), CHUNK, |i, o| {
         let (a, b) = (&a[i * CHUNK..][..o.len()], &b[i * CHUNK..][..o.len()]);
         // A copy of `f` on this task's stack (see above).
         let kernel = f;

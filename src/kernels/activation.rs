@@ -5,10 +5,9 @@
 //! ten passes). Here the forward is one pass and the backward is one pass over the gradient and the saved
 //! output, with PyTorch's rule: the gradient flows where the output lies strictly inside `(0, max)`.
 
-use super::depthwise::{contiguous_slice, dispatch2};
+use super::common::{dispatch1, dispatch2};
+use super::simd::par_map;
 use crate::device::custom_kernels_on;
-use crate::simd::par_map;
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Shape, Tensor, WithDType};
 
 /// `max(x, 0)`, differentiable (PyTorch's rule: zero gradient where the output is 0). Runs candle's
@@ -118,15 +117,8 @@ impl CustomOp1 for Clamp {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let name = self.name();
         let shape = l.shape();
-        match s {
-            CpuStorage::F32(_) => Ok(self.run(contiguous_slice::<f32>(s, l, name)?, shape)),
-            CpuStorage::F64(_) => Ok(self.run(contiguous_slice::<f64>(s, l, name)?, shape)),
-            CpuStorage::F16(_) => Ok(self.run(contiguous_slice::<half::f16>(s, l, name)?, shape)),
-            CpuStorage::BF16(_) => Ok(self.run(contiguous_slice::<half::bf16>(s, l, name)?, shape)),
-            _ => candle_core::bail!("{name}: unsupported dtype {:?}", s.dtype()),
-        }
+        dispatch1!(self, s, l, shape)
     }
 
     fn bwd(&self, _x: &Tensor, y: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {

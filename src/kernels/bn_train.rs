@@ -6,16 +6,15 @@
 //! and the backward one pass for the two per-channel sums and one for the input gradient, all parallel
 //! over channels or planes. Sums accumulate in f64, as PyTorch's CPU kernel does for f32.
 
-use super::depthwise::{contiguous_slice, dispatch3};
-use crate::par::par_zeroed;
-use crate::simd::vectorized;
-use candle_core::backend::BackendStorage;
+use super::common::{dispatch1, dispatch2, dispatch3};
+use super::par::par_zeroed;
+use super::simd::vectorized;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 use std::sync::Arc;
 
 /// Batch statistics of `x` `[N, C, S]` (contiguous, CPU): per-channel mean and biased variance, in f64.
-pub(super) fn batch_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
+pub(crate) fn batch_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>)> {
     let (_, c, _) = x.dims3()?;
     let stats = x.apply_op1_no_bwd(&BnStats)?.to_vec2::<f64>()?;
     debug_assert_eq!(stats[0].len(), c);
@@ -28,7 +27,7 @@ pub(super) fn batch_stats(x: &Tensor) -> candle_core::Result<(Vec<f64>, Vec<f64>
 /// (the statistics' dependence on `x` included). The clamp's backward recomputes the pre-clamp value
 /// from `x` (the same expression, so the same bits) and passes the gradient where it lies strictly
 /// inside `(0, clamp)`, PyTorch's rule for ReLU and hardtanh.
-pub(super) fn batch_norm_train(
+pub(crate) fn batch_norm_train(
     x: &Tensor,
     w: &Tensor,
     b: &Tensor,
@@ -84,19 +83,6 @@ fn lane_sums<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> (f64, f64))
 
 fn dims3(l: &Layout) -> candle_core::Result<(usize, usize, usize)> {
     l.shape().dims3()
-}
-
-macro_rules! dispatch1 {
-    ($self:ident, $s:ident, $l:ident, $($extra:expr),*) => {{
-        let name = $self.name();
-        match $s {
-            CpuStorage::F32(_) => Ok($self.run(contiguous_slice::<f32>($s, $l, name)?, $($extra),*)),
-            CpuStorage::F64(_) => Ok($self.run(contiguous_slice::<f64>($s, $l, name)?, $($extra),*)),
-            CpuStorage::F16(_) => Ok($self.run(contiguous_slice::<half::f16>($s, $l, name)?, $($extra),*)),
-            CpuStorage::BF16(_) => Ok($self.run(contiguous_slice::<half::bf16>($s, $l, name)?, $($extra),*)),
-            _ => candle_core::bail!("{name}: unsupported dtype {:?}", $s.dtype()),
-        }
-    }};
 }
 
 /// `x [N, C, S] -> [2, C]` f64: mean and biased variance per channel (two passes).
@@ -369,6 +355,7 @@ impl BnGradInput {
     }
 }
 
+/// `impl CustomOp2` for a gradient op over `[N, C, S]` buffers: `run(x1, x2, c, s)`.
 macro_rules! impl_op2 {
     ($ty:ty, $name:literal) => {
         impl CustomOp2 for $ty {
@@ -384,34 +371,7 @@ macro_rules! impl_op2 {
                 l2: &Layout,
             ) -> candle_core::Result<(CpuStorage, Shape)> {
                 let (_, c, s) = dims3(l1)?;
-                let name = self.name();
-                match (s1, s2) {
-                    (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok(self.run(
-                        contiguous_slice::<f32>(s1, l1, name)?,
-                        contiguous_slice::<f32>(s2, l2, name)?,
-                        c,
-                        s,
-                    )),
-                    (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok(self.run(
-                        contiguous_slice::<f64>(s1, l1, name)?,
-                        contiguous_slice::<f64>(s2, l2, name)?,
-                        c,
-                        s,
-                    )),
-                    (CpuStorage::F16(_), CpuStorage::F16(_)) => Ok(self.run(
-                        contiguous_slice::<half::f16>(s1, l1, name)?,
-                        contiguous_slice::<half::f16>(s2, l2, name)?,
-                        c,
-                        s,
-                    )),
-                    (CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok(self.run(
-                        contiguous_slice::<half::bf16>(s1, l1, name)?,
-                        contiguous_slice::<half::bf16>(s2, l2, name)?,
-                        c,
-                        s,
-                    )),
-                    _ => candle_core::bail!("{name}: unsupported or mixed dtypes {:?}", s1.dtype()),
-                }
+                dispatch2!(self, s1, l1, s2, l2, c, s)
             }
         }
     };

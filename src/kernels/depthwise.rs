@@ -10,11 +10,10 @@
 //! filter row by row instead left runs of 4 to 16 values on EfficientNet's late maps, and strided
 //! reads for stride 2: scalar loops that were the largest item of its training step's profile.
 
-use super::check_float;
-use crate::par::par_zeroed_init;
-use crate::simd::vectorized;
+use super::common::{check_float, dispatch2, impl_forward_only_op2, Epilogue, Geom, Padding2d};
+use super::par::par_zeroed_init;
+use super::simd::vectorized;
 use crate::{Error, Result};
-use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp2, Layout, Shape, Tensor, WithDType};
 use rayon::prelude::*;
 
@@ -52,27 +51,6 @@ pub(super) fn depthwise_conv2d_shift_clamp(
     epilogue: Epilogue,
 ) -> Result<Tensor> {
     depthwise_with(x, weight, padding, stride, Some(epilogue))
-}
-
-/// Zero padding per side of a convolution's input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Padding2d {
-    pub top: usize,
-    pub bottom: usize,
-    pub left: usize,
-    pub right: usize,
-}
-
-impl Padding2d {
-    /// `p` on every side.
-    pub fn symmetric(p: usize) -> Self {
-        Self {
-            top: p,
-            bottom: p,
-            left: p,
-            right: p,
-        }
-    }
 }
 
 fn depthwise_with(
@@ -174,145 +152,6 @@ fn depthwise_composed(
         }
     }
     Ok(sum.expect("a kernel has at least one tap"))
-}
-
-/// What an inference convolution applies to each output value: `+ shift[channel]`, then a clamp to
-/// `[0, max]` when `max` is given (a folded BatchNorm and its ReLU / ReLU6).
-#[derive(Debug, Clone)]
-pub(super) struct Epilogue {
-    pub(super) shift: Vec<f64>,
-    pub(super) max: Option<f64>,
-}
-
-impl Epilogue {
-    /// The epilogue on a whole `[N, C, H, W]` output in candle ops (devices without the kernel).
-    fn apply_composed(&self, y: &Tensor) -> Result<Tensor> {
-        let c = self.shift.len();
-        let shift = Tensor::new(self.shift.as_slice(), y.device())?
-            .to_dtype(y.dtype())?
-            .reshape((1, c, 1, 1))?;
-        let y = y.broadcast_add(&shift)?;
-        Ok(match self.max {
-            None => y,
-            Some(max) if max.is_infinite() => y.relu()?,
-            Some(max) => y.clamp(0f64, max)?,
-        })
-    }
-
-    /// Applies the epilogue of channel `ch` to `plane` in place.
-    pub(super) fn apply<T: WithDType>(&self, ch: usize, plane: &mut [T]) {
-        let (zero, shift) = (T::from_f64(0.), T::from_f64(self.shift[ch]));
-        match self.max.map(T::from_f64) {
-            None => plane.iter_mut().for_each(|v| *v += shift),
-            Some(max) => plane.iter_mut().for_each(|v| {
-                let z = *v + shift;
-                *v = if z > zero {
-                    if z < max {
-                        z
-                    } else {
-                        max
-                    }
-                } else {
-                    zero
-                };
-            }),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Geom {
-    pub(super) c: usize,
-    pub(super) h: usize,
-    pub(super) w: usize,
-    pub(super) kh: usize,
-    pub(super) kw: usize,
-    pub(super) padding: usize,
-    pub(super) stride: usize,
-}
-
-impl Geom {
-    /// The geometry of `x` `[N, C, H, W]` under a filter `weight` `[_, _, KH, KW]`.
-    pub(super) fn of(
-        x: &Tensor,
-        weight: &Tensor,
-        padding: usize,
-        stride: usize,
-    ) -> candle_core::Result<Self> {
-        let (_, c, h, w) = x.dims4()?;
-        let (_, _, kh, kw) = weight.dims4()?;
-        Ok(Self {
-            c,
-            h,
-            w,
-            kh,
-            kw,
-            padding,
-            stride,
-        })
-    }
-
-    pub(super) fn out_hw(&self) -> (usize, usize) {
-        (
-            (self.h + 2 * self.padding - self.kh) / self.stride + 1,
-            (self.w + 2 * self.padding - self.kw) / self.stride + 1,
-        )
-    }
-
-    /// Input row of output row `oy` at filter row `ky`, if inside the image.
-    #[inline]
-    pub(super) fn in_row(&self, oy: usize, ky: usize) -> Option<usize> {
-        (oy * self.stride + ky)
-            .checked_sub(self.padding)
-            .filter(|&y| y < self.h)
-    }
-
-    /// Output columns `lo..hi` whose input column `ox * stride + kx - padding` is inside the image.
-    #[inline]
-    pub(super) fn col_range(&self, kx: usize, ow: usize) -> (usize, usize) {
-        let s = self.stride;
-        let lo = if self.padding > kx {
-            (self.padding - kx).div_ceil(s)
-        } else {
-            0
-        };
-        let hi = if self.w + self.padding > kx {
-            ((self.w - 1 + self.padding - kx) / s + 1).min(ow)
-        } else {
-            0
-        };
-        (lo, hi.max(lo))
-    }
-
-    /// Calls `f(run)` for every output row of one plane whose filter tap `tap` (`ky * kw + kx`) falls
-    /// inside the image.
-    #[inline(always)]
-    pub(super) fn for_each_run_of_tap(&self, tap: usize, mut f: impl FnMut(Run)) {
-        let (oh, ow) = self.out_hw();
-        let (ky, kx) = (tap / self.kw, tap % self.kw);
-        let (lo, hi) = self.col_range(kx, ow);
-        if lo >= hi {
-            return;
-        }
-        for oy in 0..oh {
-            if let Some(iy) = self.in_row(oy, ky) {
-                f(Run {
-                    out: oy * ow + lo,
-                    inp: iy * self.w + lo * self.stride + kx - self.padding,
-                    len: hi - lo,
-                });
-            }
-        }
-    }
-}
-
-/// A row segment of one filter tap: outputs `out..out + len` of a plane read inputs
-/// `inp + j * stride` (see [`Geom::for_each_run_of_tap`]).
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Run {
-    pub(super) out: usize,
-    pub(super) inp: usize,
-    pub(super) len: usize,
 }
 
 /// One plane's zero-padded input (`pad`, per side) split by stride phase: phase `(py, px)` holds the padded pixels
@@ -460,117 +299,6 @@ fn dot<T: WithDType>(a: &[T], b: &[T]) -> T {
     }
     acc
 }
-
-/// Input span of a run: from `inp`, `len` taps `stride` apart.
-#[inline]
-pub(super) fn span(r: Run, stride: usize) -> std::ops::Range<usize> {
-    r.inp..r.inp + (r.len - 1) * stride + 1
-}
-
-pub(super) fn contiguous_slice<'a, T: WithDType>(
-    s: &'a CpuStorage,
-    l: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&s.as_slice::<T>()?[a..b]),
-        None => candle_core::bail!("{op}: input must be contiguous"),
-    }
-}
-
-/// Dispatches a two-input kernel over the float dtypes.
-macro_rules! dispatch2 {
-    ($self:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident) => {{
-        let name = $self.name();
-        match ($s1, $s2) {
-            (CpuStorage::F32(_), CpuStorage::F32(_)) => Ok($self.run(
-                contiguous_slice::<f32>($s1, $l1, name)?,
-                contiguous_slice::<f32>($s2, $l2, name)?,
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_)) => Ok($self.run(
-                contiguous_slice::<f64>($s1, $l1, name)?,
-                contiguous_slice::<f64>($s2, $l2, name)?,
-            )),
-            (CpuStorage::F16(_), CpuStorage::F16(_)) => Ok($self.run(
-                contiguous_slice::<half::f16>($s1, $l1, name)?,
-                contiguous_slice::<half::f16>($s2, $l2, name)?,
-            )),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok($self.run(
-                contiguous_slice::<half::bf16>($s1, $l1, name)?,
-                contiguous_slice::<half::bf16>($s2, $l2, name)?,
-            )),
-            _ => candle_core::bail!(
-                "{name}: unsupported or mixed dtypes {:?}, {:?}",
-                $s1.dtype(),
-                $s2.dtype()
-            ),
-        }
-    }};
-}
-pub(super) use dispatch2;
-
-/// Dispatches a three-input kernel over the float dtypes: `run(x1, x2, x3, extra...)`.
-macro_rules! dispatch3 {
-    ($self:ident, $s1:ident, $l1:ident, $s2:ident, $l2:ident, $s3:ident, $l3:ident $(, $arg:expr)*) => {{
-        let name = $self.name();
-        match ($s1, $s2, $s3) {
-            (CpuStorage::F32(_), CpuStorage::F32(_), CpuStorage::F32(_)) => Ok($self.run(
-                contiguous_slice::<f32>($s1, $l1, name)?,
-                contiguous_slice::<f32>($s2, $l2, name)?,
-                contiguous_slice::<f32>($s3, $l3, name)?,
-                $($arg),*
-            )),
-            (CpuStorage::F64(_), CpuStorage::F64(_), CpuStorage::F64(_)) => Ok($self.run(
-                contiguous_slice::<f64>($s1, $l1, name)?,
-                contiguous_slice::<f64>($s2, $l2, name)?,
-                contiguous_slice::<f64>($s3, $l3, name)?,
-                $($arg),*
-            )),
-            (CpuStorage::F16(_), CpuStorage::F16(_), CpuStorage::F16(_)) => Ok($self.run(
-                contiguous_slice::<half::f16>($s1, $l1, name)?,
-                contiguous_slice::<half::f16>($s2, $l2, name)?,
-                contiguous_slice::<half::f16>($s3, $l3, name)?,
-                $($arg),*
-            )),
-            (CpuStorage::BF16(_), CpuStorage::BF16(_), CpuStorage::BF16(_)) => Ok($self.run(
-                contiguous_slice::<half::bf16>($s1, $l1, name)?,
-                contiguous_slice::<half::bf16>($s2, $l2, name)?,
-                contiguous_slice::<half::bf16>($s3, $l3, name)?,
-                $($arg),*
-            )),
-            _ => candle_core::bail!(
-                "{name}: unsupported or mixed dtypes {:?}, {:?}, {:?}",
-                $s1.dtype(),
-                $s2.dtype(),
-                $s3.dtype()
-            ),
-        }
-    }};
-}
-pub(super) use dispatch3;
-
-/// `impl CustomOp2` for an op with no backward of its own (a gradient op): its name, and `cpu_fwd`
-/// running its `run::<T>` through [`dispatch2!`].
-macro_rules! impl_forward_only_op2 {
-    ($ty:ty, $name:literal) => {
-        impl CustomOp2 for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-
-            fn cpu_fwd(
-                &self,
-                s1: &CpuStorage,
-                l1: &Layout,
-                s2: &CpuStorage,
-                l2: &Layout,
-            ) -> candle_core::Result<(CpuStorage, Shape)> {
-                dispatch2!(self, s1, l1, s2, l2)
-            }
-        }
-    };
-}
-pub(super) use impl_forward_only_op2;
 
 /// `(input, weight) -> output`, with an optional inference epilogue (then it has no backward).
 struct DepthwiseConv(Phases, Option<Epilogue>);
@@ -723,7 +451,7 @@ impl_forward_only_op2!(DepthwiseGradWeight, "graft-depthwise-conv2d-grad-weight"
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::layers::test_support::{gradient_gaps, max_abs};
+    use crate::kernels::test_support::{gradient_gaps, max_abs};
     use candle_core::{Device, Var};
 
     #[test]

@@ -16,33 +16,21 @@
 //! Against [`super::im2col`], this never writes and reads back a column matrix `K * K` times the size of
 //! the input, which on this 2-core machine cost more than the GEMM itself on ResNet's first stage. The
 //! price is the junk columns (`(WP - OW) / OW` more work) and packing the filter once per image and tap,
-//! both small only when the image is large: hence [`applies`]. Stand-alone timings of one 3x3 convolution
+//! both small only when the image is large: hence the thresholds in [`super::conv::choose`]. Stand-alone timings of one 3x3 convolution
 //! of ResNet-18, batch 16, 2 threads (ms, im2col -> shifted): 64 channels at 32x32, forward 27 -> 7,
 //! backward 27 -> 16; at 56x56, forward 70 -> 23, backward 134 -> 46; 128 channels at 16x16, about equal;
 //! 256 channels at 8x8, backward 16 -> 19; 512 channels at 4x4, backward 40 -> 55.
 
-use super::depthwise::{Epilogue, Geom};
-use super::im2col::{gemm_into, image_chunks, inner_parallelism, View};
-use crate::par::par_zeroed;
+use super::common::{gemm_into, image_chunks, inner_parallelism, Epilogue, Geom, View};
+use super::par::par_zeroed;
 use candle_core::{DType, WithDType};
 use rayon::prelude::*;
 
-/// Output pixels per image from which the shifted GEMMs beat im2col (see the module comment).
-const MIN_PIXELS: usize = 256;
-
-/// Input channels from which they do: each tap's GEMM reduces over the channels alone, and a reduction
-/// of a few (an RGB image) would run the GEMM far below its speed.
-const MIN_CHANNELS: usize = 16;
-
-/// Whether [`forward`], [`filter_grad`] and [`input_grad`] handle this convolution: stride 1, at least
-/// [`MIN_CHANNELS`] input channels and [`MIN_PIXELS`] output pixels per image, and a dtype the GEMM
-/// crate computes natively.
-pub(super) fn applies<T: WithDType>(g: Geom) -> bool {
-    let (oh, ow) = g.out_hw();
-    g.stride == 1
-        && g.c >= MIN_CHANNELS
-        && oh * ow >= MIN_PIXELS
-        && matches!(T::DTYPE, DType::F32 | DType::F64)
+/// Whether [`forward`], [`filter_grad`] and [`input_grad`] can compute this convolution at all: stride 1,
+/// in a dtype the GEMM crate computes natively. Where they are also the fastest is
+/// [`super::conv::choose`]'s to say.
+pub(super) fn can_run(g: Geom, dtype: DType) -> bool {
+    g.stride == 1 && matches!(dtype, DType::F32 | DType::F64)
 }
 
 /// The padded, pitched geometry of one image.
@@ -234,7 +222,7 @@ impl Plan {
 }
 
 /// `conv2d(x, w)` `[N, O, OH, OW]` for `x` `[N, C, H, W]`, `w` `[O, C, KH, KW]`, with the epilogue (if
-/// any) applied to each output plane. Requires [`applies`].
+/// any) applied to each output plane. Requires [`can_run`].
 pub(super) fn forward<T: WithDType>(
     g: Geom,
     x: &[T],
@@ -376,40 +364,4 @@ pub(super) fn input_grad<T: WithDType>(g: Geom, dy: &[T], w: &[T], o: usize) -> 
             }
         },
     )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::super::im2col::conv2d;
-    use super::*;
-    use crate::models::layers::test_support::{gradient_gaps, max_abs};
-    use candle_core::{Device, Tensor, Var};
-
-    /// One image (fewer images than threads: the GEMM threads itself), and an odd count split into
-    /// uneven chunks, against candle's conv2d in f64, forward and both gradients.
-    #[test]
-    fn any_batch_size_matches_candle_conv2d() {
-        let dev = Device::Cpu;
-        for n in [1, 5] {
-            let x = Var::randn(0f64, 1., (n, 16, 16, 16), &dev).unwrap();
-            let wt = Var::randn(0f64, 1., (8, 16, 3, 3), &dev).unwrap();
-            let g = Geom {
-                c: 16,
-                h: 16,
-                w: 16,
-                kh: 3,
-                kw: 3,
-                padding: 1,
-                stride: 1,
-            };
-            assert!(applies::<f64>(g));
-            let ours = conv2d(x.as_tensor(), wt.as_tensor(), 1, 1).unwrap();
-            let theirs = x.as_tensor().conv2d(wt.as_tensor(), 1, 1, 1, 1).unwrap();
-            assert!(max_abs(&ours, &theirs) < 1e-10, "forward, {n} images");
-            let probe = Tensor::randn(0f64, 1., ours.dims(), &dev).unwrap();
-            for gap in gradient_gaps(&ours, &theirs, &probe, &[&x, &wt]) {
-                assert!(gap < 1e-10, "gradient, {n} images");
-            }
-        }
-    }
 }
