@@ -505,24 +505,15 @@ fn a_run_from_a_pretraining_folder_exports_evaluates_and_predicts_after_the_fold
     make_folder(&data, &["a", "b"], 8);
     let d = data.to_str().unwrap();
     let ae = tmp.path().join("ae");
-    graft_ok(&[
-        "pretrain",
-        "--arch",
-        "dense:64,16,8",
-        "--data",
-        d,
-        "--image-size",
-        "8",
-        "--batch-size",
-        "8",
-        "--stage-epochs",
-        "1",
-        "--finetune-epochs",
-        "0",
-        "--quiet",
-        "--run-dir",
-        ae.to_str().unwrap(),
-    ]);
+    let mut cfg = config(&data, "dense:64,16,8");
+    cfg.finetune_epochs = 0;
+    pretrain(
+        &cfg,
+        &RunDir::create(Some(&ae)).unwrap(),
+        false,
+        &quiet(None),
+    )
+    .unwrap();
     let ft = tmp.path().join("ft");
     let base = format!("ae:{}", ae.display());
     graft_ok(&[

@@ -7,13 +7,11 @@
 //! encoder is then written as `encoder.safetensors` + `encoder.json`, which `graft finetune --base
 //! ae:RUN_DIR` starts a classifier from.
 //!
-//! The loop composes the project's training pieces rather than generalising the classification loop of
-//! [`crate::train::finetune`] (whose batches, losses and metrics are about labels): the same optimizers and
-//! schedules (one optimizer and one schedule per phase), the same early-stopping policy (per phase, on the
-//! validation reconstruction loss; a phase that stops early hands over to the next), the same run folder,
-//! checkpoint format, metrics log and progress bars. The checkpoint written after every epoch holds the
-//! weights, the optimizer state and the position (phase, epochs done in it), so `--resume` continues with
-//! the next epoch of the current phase. Noise and CD samples are drawn from generators seeded by (seed,
+//! It runs through the one runner ([`crate::train::runner`]) as a [`Task`] of independent phases (one per
+//! stage, then the end-to-end one): each phase has its own optimizer over its stage's parameters, its own
+//! schedule and early stopping on the validation reconstruction loss (a phase that stops early hands its best
+//! weights to the next). This module supplies only the losses (reconstruction, sparsity, CD-k), the
+//! evaluation and the reconstruction grids. Noise and CD samples are drawn from generators seeded by (seed,
 //! phase, epoch, batch), so a resumed run draws what an uninterrupted one would.
 
 pub mod config;
@@ -33,7 +31,7 @@ use crate::train::early_stop::Monitor;
 use crate::train::metrics::RunningStats;
 use crate::train::progress::Reporter;
 use crate::train::runner::{
-    self, BatchLoss, Coupling, Eval, PhasePlan, Policy, RunOptions, StepAt, Task,
+    self, BatchLoss, Coupling, Eval, Frame, PhasePlan, Policy, RunOptions, StepAt, Task,
 };
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -123,9 +121,7 @@ struct Session {
     val: Loader,
     /// A few images for the reconstruction grids.
     grid_images: Tensor,
-    steps_per_epoch: usize,
-    phases: Vec<PhasePlan>,
-    policy: Policy,
+    frame: Frame,
     /// What `graft finetune --base ae:RUN` reads (also the run's record in every checkpoint).
     info: EncoderInfo,
 }
@@ -213,26 +209,12 @@ impl Session {
             cfg.image_size,
             cfg.image_size
         ));
-        let steps_per_epoch = train.batches_per_epoch();
-        let stages = model.stages();
-        let phases = (0..cfg.phases(stages))
-            .map(|phase| PhasePlan {
-                name: phase_name(phase, stages),
-                epochs: cfg.phase_epochs(phase, stages),
-            })
-            .collect();
-        let policy = Policy {
-            coupling: Coupling::Independent,
-            monitor: Monitor::ValLoss,
-            patience: cfg.patience,
-            min_delta: cfg.min_delta,
-            // With early stopping, Keras's restore_best_weights per phase: the phase hands its best epoch
-            // (lowest validation loss) to the next. Without it, the phase ends with its last weights.
-            restore_best: cfg.patience.is_some(),
-            clip_grad_norm: cfg.clip_grad_norm,
-            max_bad_steps: 0,
-            max_bad_steps_flag: "(pretraining allows none)",
-        };
+        let frame = frame(
+            cfg,
+            model.stages(),
+            train.batches_per_epoch(),
+            device.clone(),
+        );
         let info = EncoderInfo {
             arch: model.config.arch(),
             preprocess: cfg.preprocess(),
@@ -248,9 +230,7 @@ impl Session {
             train,
             val,
             grid_images,
-            steps_per_epoch,
-            phases,
-            policy,
+            frame,
             info,
         })
     }
@@ -388,6 +368,32 @@ pub fn init_weights(model: &StackedAutoencoder, seed: u64) -> Result<()> {
     Ok(())
 }
 
+/// The phases (each greedy stage, then end-to-end fine-tuning) and the policies of a pretraining run.
+fn frame(cfg: &PretrainConfig, stages: usize, steps_per_epoch: usize, device: Device) -> Frame {
+    Frame {
+        phases: (0..cfg.phases(stages))
+            .map(|phase| PhasePlan {
+                name: phase_name(phase, stages),
+                epochs: cfg.phase_epochs(phase, stages),
+            })
+            .collect(),
+        policy: Policy {
+            coupling: Coupling::Independent,
+            monitor: Monitor::ValLoss,
+            patience: cfg.patience,
+            min_delta: cfg.min_delta,
+            // With early stopping, Keras's restore_best_weights per phase: the phase hands its best epoch
+            // (lowest validation loss) to the next. Without it, the phase ends with its last weights.
+            restore_best: cfg.patience.is_some(),
+            clip_grad_norm: cfg.clip_grad_norm,
+            max_bad_steps: 0,
+            max_bad_steps_flag: "(pretraining allows none)",
+        },
+        steps_per_epoch,
+        device,
+    }
+}
+
 /// The name of a phase: `stage1`, ... or `finetune`.
 fn phase_name(phase: usize, stages: usize) -> String {
     if phase < stages {
@@ -402,23 +408,14 @@ impl Task for Session {
     type Config = PretrainConfig;
     type Record = EncoderInfo;
 
+    fn frame(&self) -> &Frame {
+        &self.frame
+    }
     fn config(&self) -> &PretrainConfig {
         &self.cfg
     }
     fn record(&self) -> EncoderInfo {
         self.info.clone()
-    }
-    fn policy(&self) -> &Policy {
-        &self.policy
-    }
-    fn phases(&self) -> &[PhasePlan] {
-        &self.phases
-    }
-    fn steps_per_epoch(&self) -> usize {
-        self.steps_per_epoch
-    }
-    fn device(&self) -> &Device {
-        &self.device
     }
     fn varmap(&self) -> &candle_nn::VarMap {
         &self.model.varmap
@@ -468,7 +465,7 @@ impl Task for Session {
     fn schedule(&self, _phase: usize, steps: usize) -> ScheduleConfig {
         self.cfg
             .schedule
-            .build(self.cfg.lr, steps, self.steps_per_epoch)
+            .build(self.cfg.lr, steps, self.frame.steps_per_epoch)
     }
 
     fn prepare(&mut self, _plan: usize, _reporter: &mut Reporter) -> Result<()> {

@@ -22,7 +22,7 @@ use crate::train::loss::cross_entropy;
 use crate::train::metrics::{count_correct, ConfusionMatrix, RunningStats};
 use crate::train::progress::{format_summary, Reporter};
 use crate::train::runner::{
-    self, BatchLoss, Coupling, Eval, PhasePlan, Policy, RunOptions, StepAt, Task,
+    self, BatchLoss, Coupling, Eval, Frame, PhasePlan, Policy, RunOptions, StepAt, Task,
 };
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -100,7 +100,6 @@ fn phase_schedule(
 /// Everything a run needs at hand, built from its config.
 struct Session {
     cfg: FinetuneConfig,
-    device: Device,
     dataset: Dataset,
     model: Classifier,
     train: Loader,
@@ -109,9 +108,7 @@ struct Session {
     val: Loader,
     class_weights: Option<Tensor>,
     n_groups: usize,
-    steps_per_epoch: usize,
-    phases: Vec<PhasePlan>,
-    policy: Policy,
+    frame: Frame,
     /// Groups frozen in the epoch being trained (the plan [`Task::prepare`] was last given).
     frozen: usize,
     cache: Option<ActivationCache>,
@@ -147,40 +144,8 @@ impl Session {
                 reason: "early stopping (--patience) needs validation images: add a val/ folder or use --val-split > 0".into(),
             });
         }
-        let spec = match &source {
-            ModelSource::Base(base) => classifier_spec(cfg, base, dataset.classes.clone())?,
-            ModelSource::Checkpoint(spec) => {
-                if spec.classes != dataset.classes {
-                    return Err(Error::Dataset {
-                        path: cfg.data.clone(),
-                        reason: format!(
-                            "its classes ({}) are not the run's ({})",
-                            dataset.classes.join(", "),
-                            spec.classes.join(", ")
-                        ),
-                    });
-                }
-                spec.clone()
-            }
-        };
-        check_memory(cfg, &spec.preprocess)?;
-        let preprocess = spec.preprocess.clone();
-        let mut model = Classifier::new(spec, &device)?;
-        model.train_bn = cfg.train_bn;
-        if let ModelSource::Base(base) = &source {
-            model.head.reset_parameters(&mut seeded(cfg.seed))?;
-            let report = if cfg.pretrained {
-                base.read_weights(cfg.weights.as_deref(), &device)?
-                    .map(|file| model.load_backbone(&file))
-                    .transpose()?
-            } else {
-                None
-            };
-            match report {
-                Some(r) => reporter.line(&r.summary()),
-                None => base.seed_random_init(&model.varmap, cfg.seed)?,
-            }
-        }
+        let model = build_model(cfg, &source, &dataset.classes, &device, reporter)?;
+        let preprocess = model.spec.preprocess.clone();
         let n = dataset.classes.len();
         let batch_size = cfg.batch_size.min(dataset.train.len());
         let train_cfg = LoaderConfig {
@@ -213,30 +178,9 @@ impl Session {
             cfg.data.display()
         ));
         let n_groups = model.num_groups();
-        let steps_per_epoch = train.batches_per_epoch();
-        let phases = vec![
-            PhasePlan {
-                name: "frozen".into(),
-                epochs: cfg.freeze_epochs,
-            },
-            PhasePlan {
-                name: "train".into(),
-                epochs: cfg.epochs,
-            },
-        ];
-        let policy = Policy {
-            coupling: Coupling::Continuous,
-            monitor: cfg.monitor,
-            patience: cfg.patience,
-            min_delta: cfg.min_delta,
-            restore_best: true,
-            clip_grad_norm: cfg.clip_grad_norm,
-            max_bad_steps: cfg.max_bad_steps,
-            max_bad_steps_flag: "--max-bad-steps",
-        };
+        let frame = frame(cfg, train.batches_per_epoch(), device);
         Ok(Session {
             cfg: cfg.clone(),
-            device,
             dataset,
             model,
             train,
@@ -244,9 +188,7 @@ impl Session {
             val,
             class_weights,
             n_groups,
-            steps_per_epoch,
-            phases,
-            policy,
+            frame,
             frozen: usize::MAX,
             cache: None,
         })
@@ -352,28 +294,88 @@ impl Session {
     }
 }
 
+/// The classifier of a session: from the resolved base with its starting weights (a fresh run), or from the
+/// spec of the run's checkpoint (a resume; the weights then come from the checkpoint).
+fn build_model(
+    cfg: &FinetuneConfig,
+    source: &ModelSource,
+    classes: &[String],
+    device: &Device,
+    reporter: &mut Reporter,
+) -> Result<Classifier> {
+    let spec = match source {
+        ModelSource::Base(base) => classifier_spec(cfg, base, classes.to_vec())?,
+        ModelSource::Checkpoint(spec) if spec.classes != classes => {
+            return Err(Error::Dataset {
+                path: cfg.data.clone(),
+                reason: format!(
+                    "its classes ({}) are not the run's ({})",
+                    classes.join(", "),
+                    spec.classes.join(", ")
+                ),
+            })
+        }
+        ModelSource::Checkpoint(spec) => spec.clone(),
+    };
+    check_memory(cfg, &spec.preprocess)?;
+    let mut model = Classifier::new(spec, device)?;
+    model.train_bn = cfg.train_bn;
+    if let ModelSource::Base(base) = source {
+        model.head.reset_parameters(&mut seeded(cfg.seed))?;
+        let report = if cfg.pretrained {
+            base.read_weights(cfg.weights.as_deref(), device)?
+                .map(|file| model.load_backbone(&file))
+                .transpose()?
+        } else {
+            None
+        };
+        match report {
+            Some(r) => reporter.line(&r.summary()),
+            None => base.seed_random_init(&model.varmap, cfg.seed)?,
+        }
+    }
+    Ok(model)
+}
+
+/// Fine-tuning's two phases (the backbone frozen, then trained), which form one run, and its policies.
+fn frame(cfg: &FinetuneConfig, steps_per_epoch: usize, device: Device) -> Frame {
+    let phase = |name: &str, epochs| PhasePlan {
+        name: name.into(),
+        epochs,
+    };
+    Frame {
+        phases: vec![
+            phase("frozen", cfg.freeze_epochs),
+            phase("train", cfg.epochs),
+        ],
+        policy: Policy {
+            coupling: Coupling::Continuous,
+            monitor: cfg.monitor,
+            patience: cfg.patience,
+            min_delta: cfg.min_delta,
+            restore_best: true,
+            clip_grad_norm: cfg.clip_grad_norm,
+            max_bad_steps: cfg.max_bad_steps,
+            max_bad_steps_flag: "--max-bad-steps",
+        },
+        steps_per_epoch,
+        device,
+    }
+}
+
 impl Task for Session {
     type Batch = Batch;
     type Config = FinetuneConfig;
     type Record = ClassifierSpec;
 
+    fn frame(&self) -> &Frame {
+        &self.frame
+    }
     fn config(&self) -> &FinetuneConfig {
         &self.cfg
     }
     fn record(&self) -> ClassifierSpec {
         self.model.spec.clone()
-    }
-    fn policy(&self) -> &Policy {
-        &self.policy
-    }
-    fn phases(&self) -> &[PhasePlan] {
-        &self.phases
-    }
-    fn steps_per_epoch(&self) -> usize {
-        self.steps_per_epoch
-    }
-    fn device(&self) -> &Device {
-        &self.device
     }
     fn varmap(&self) -> &candle_nn::VarMap {
         &self.model.varmap
@@ -431,7 +433,7 @@ impl Task for Session {
 
     fn schedule(&self, phase: usize, steps: usize) -> ScheduleConfig {
         let first = phase == 0 || self.cfg.freeze_epochs == 0;
-        phase_schedule(&self.cfg, first, steps, self.steps_per_epoch)
+        phase_schedule(&self.cfg, first, steps, self.frame.steps_per_epoch)
     }
 
     /// Cached activations: the frozen prefix runs once, later epochs train only the rest.
@@ -463,7 +465,7 @@ impl Task for Session {
                     .chunks(self.train.config().batch_size)
                     .map(<[usize]>::to_vec)
                     .collect();
-                let device = &self.device;
+                let device = &self.frame.device;
                 Box::new(
                     order
                         .into_iter()

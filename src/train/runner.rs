@@ -121,6 +121,16 @@ pub struct Eval {
     pub acc: f64,
 }
 
+/// The fixed shape of a run, built by the command from its config: what the runner reads of a task that is
+/// data, not behaviour.
+#[derive(Debug)]
+pub struct Frame {
+    pub policy: Policy,
+    pub phases: Vec<PhasePlan>,
+    pub steps_per_epoch: usize,
+    pub device: Device,
+}
+
 /// What a command supplies: only what differs between commands.
 pub trait Task: Sync {
     /// One batch as the task's loss takes it.
@@ -131,14 +141,23 @@ pub trait Task: Sync {
     /// what reads the run later (export, eval) never resolves the base again.
     type Record: Serialize + DeserializeOwned;
 
+    fn frame(&self) -> &Frame;
     fn config(&self) -> &Self::Config;
     fn record(&self) -> Self::Record;
-    fn policy(&self) -> &Policy;
-    fn phases(&self) -> &[PhasePlan];
-    fn steps_per_epoch(&self) -> usize;
-    fn device(&self) -> &Device;
     /// Every variable of the model (saved under `model.`).
     fn varmap(&self) -> &VarMap;
+    fn policy(&self) -> &Policy {
+        &self.frame().policy
+    }
+    fn phases(&self) -> &[PhasePlan] {
+        &self.frame().phases
+    }
+    fn steps_per_epoch(&self) -> usize {
+        self.frame().steps_per_epoch
+    }
+    fn device(&self) -> &Device {
+        &self.frame().device
+    }
 
     /// The plan of `epoch` in `phase`: which parameters train. A plan that differs from the last epoch's
     /// rebuilds the optimizer (and, for [`Task::prepare`], the cache).
