@@ -8,7 +8,7 @@ use crate::cli::shared::{set, shared_fields, TrainArgs};
 use crate::models::base;
 use crate::models::head::{Activation, Init};
 use crate::train::checkpoint::RunDir;
-use crate::train::config::{read_config_file, FinetuneConfig};
+use crate::train::config::FinetuneConfig;
 use crate::train::early_stop::Monitor;
 use crate::train::finetune::{finetune, finetune_new, RunOptions};
 
@@ -127,10 +127,7 @@ fn group_index(names: &[String], name: &str, flag: &str) -> anyhow::Result<usize
 /// the base is filled in only where neither the file nor a flag says it: the head's dropout (the model card's)
 /// and init (He for a ReLU hidden layer, Xavier otherwise). Not validated here: the run validates it, once.
 pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
-    let (mut cfg, file) = match &args.train.config {
-        Some(path) => read_config_file::<FinetuneConfig>(path)?,
-        None => (FinetuneConfig::default(), serde_json::Value::Null),
-    };
+    let (mut cfg, file) = args.train.start::<FinetuneConfig>()?;
     set(&mut cfg.base, args.base.clone());
     set(&mut cfg.data, args.data.clone());
     if cfg.base.is_empty() {

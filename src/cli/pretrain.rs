@@ -10,7 +10,6 @@ use crate::optim::OptimizerConfig;
 use crate::pretrain::config::{Method, Noise, PretrainConfig, Sparsity};
 use crate::pretrain::{pretrain, RunOptions};
 use crate::train::checkpoint::RunDir;
-use crate::train::config::read_config_file;
 
 #[derive(Debug, Args)]
 pub struct PretrainArgs {
@@ -120,10 +119,7 @@ fn input_shape(enc: &EncoderConfig, size: Option<usize>) -> anyhow::Result<(usiz
 /// the file nor a flag says it: the rate and optimizer of an RBM, the input size and channels the arch
 /// implies. RBMs are always tied. Not validated here: the caller validates it, once.
 pub fn config_from_args(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
-    let (mut cfg, file) = match &args.train.config {
-        Some(path) => read_config_file::<PretrainConfig>(path)?,
-        None => (PretrainConfig::default(), serde_json::Value::Null),
-    };
+    let (mut cfg, file) = args.train.start::<PretrainConfig>()?;
     set(&mut cfg.arch, args.arch.clone());
     set(&mut cfg.data, args.data.clone());
     if cfg.arch.is_empty() {

@@ -13,7 +13,8 @@ use std::sync::LazyLock;
 
 use crate::optim::config::KINDS;
 use crate::optim::OptimizerConfig;
-use crate::train::config::ScheduleKind;
+use crate::train::config::{read_config_file, ScheduleKind};
+use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone, Args)]
 pub struct TrainArgs {
@@ -105,6 +106,15 @@ macro_rules! shared_fields {
 pub(crate) use shared_fields;
 
 impl TrainArgs {
+    /// The config to start from, `--config FILE` or `T::default()`, and the file's own tree, which tells
+    /// what the file set (`Null` without a file).
+    pub fn start<T: Default + DeserializeOwned>(&self) -> anyhow::Result<(T, serde_json::Value)> {
+        Ok(match &self.config {
+            Some(path) => read_config_file(path)?,
+            None => (T::default(), serde_json::Value::Null),
+        })
+    }
+
     /// Sets the fields whose flags were given. `--optimizer` replaces the optimizer by that kind with its
     /// defaults; `--weight-decay` and `--momentum` then set its hyperparameters (beta1 for the Adam family).
     pub fn apply(&self, to: SharedFields<'_>) -> anyhow::Result<()> {
