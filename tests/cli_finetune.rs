@@ -421,3 +421,99 @@ fn cached_activations_of_a_frozen_prefix_train_exactly_like_the_whole_network() 
     }
     assert!(moved > 5, "layer3 did not train ({moved} tensors moved)");
 }
+
+/// A metrics record without its wall-clock fields.
+fn without_timing(mut m: serde_json::Value) -> serde_json::Value {
+    let obj = m.as_object_mut().unwrap();
+    obj.remove("seconds");
+    obj.remove("images_per_s");
+    m
+}
+
+#[test]
+fn a_run_config_reproduces_the_run_and_flags_given_override_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["blue", "red"], 6);
+    let run = tmp.path().join("run");
+    // A dense encoder from seeded random init: the cheapest whole run, with non-default head and optimizer.
+    graft_ok(&[
+        "finetune",
+        "--base",
+        "dense:256,16",
+        "--image-size",
+        "16",
+        "--data",
+        data.to_str().unwrap(),
+        "--freeze-epochs",
+        "1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--hidden",
+        "8",
+        "--optimizer",
+        "momentum",
+        "--momentum",
+        "0.8",
+        "--seed",
+        "5",
+        "--quiet",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+    let config = run.join("config.json");
+    let again = tmp.path().join("again");
+    graft_ok(&[
+        "finetune",
+        "--config",
+        config.to_str().unwrap(),
+        "--quiet",
+        "--run-dir",
+        again.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(&config).unwrap(),
+        std::fs::read_to_string(again.join("config.json")).unwrap()
+    );
+    let (a, b) = (metrics(&run), metrics(&again));
+    assert_eq!(a.len(), 3);
+    let strip = |m: Vec<serde_json::Value>| m.into_iter().map(without_timing).collect::<Vec<_>>();
+    assert_eq!(strip(a.clone()), strip(b));
+    for file in ["last.safetensors", "best.safetensors"] {
+        assert_eq!(
+            model_tensors(&run.join(file)),
+            model_tensors(&again.join(file)),
+            "{file}"
+        );
+    }
+
+    // A flag given on the command line wins over the file.
+    let shorter = tmp.path().join("shorter");
+    graft_ok(&[
+        "finetune",
+        "--config",
+        config.to_str().unwrap(),
+        "--epochs",
+        "1",
+        "--lr",
+        "1e-2",
+        "--quiet",
+        "--run-dir",
+        shorter.to_str().unwrap(),
+    ]);
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(shorter.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        (cfg["epochs"].as_u64(), cfg["lr"].as_f64()),
+        (Some(1), Some(1e-2))
+    );
+    assert_eq!(
+        cfg["optimizer"]["momentum"].as_f64(),
+        Some(0.8),
+        "the rest is the file's"
+    );
+    assert_eq!(metrics(&shorter).len(), 2);
+}

@@ -20,27 +20,14 @@ use std::path::Path;
 fn config(data: &Path, arch: &str) -> PretrainConfig {
     PretrainConfig {
         arch: EncoderConfig::parse(arch).unwrap().arch(),
-        method: Method::Autoencoder,
         data: data.to_path_buf(),
-        max_images: None,
         val_split: 0.25,
         image_size: 8,
-        channels: 1,
         batch_size: 8,
         stage_epochs: 1,
-        finetune_epochs: 0,
         lr: 1e-2,
-        optimizer: graft::optim::OptimizerConfig::from_kind("adam").unwrap(),
-        schedule: ScheduleKind::Constant,
-        clip_grad_norm: None,
-        tied: false,
-        noise: None,
-        sparsity: None,
-        cd_k: 1,
-        patience: None,
-        min_delta: 0.0,
         seed: 3,
-        device: "cpu".into(),
+        ..PretrainConfig::default()
     }
 }
 

@@ -1,14 +1,14 @@
 //! `graft finetune`: flags in, a validated [`FinetuneConfig`] out, then the one training loop.
 
 use anyhow::{bail, Context};
-use clap::Args;
+use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
+use crate::cli::shared::{set, shared_fields, TrainArgs};
 use crate::models::base;
-use crate::models::head::{Activation, HeadConfig, Init};
-use crate::optim::OptimizerConfig;
+use crate::models::head::{Activation, Init};
 use crate::train::checkpoint::RunDir;
-use crate::train::config::{FinetuneConfig, ScheduleKind};
+use crate::train::config::FinetuneConfig;
 use crate::train::early_stop::Monitor;
 use crate::train::finetune::{finetune, finetune_new};
 use crate::train::runner::RunOptions;
@@ -17,7 +17,8 @@ use crate::train::runner::RunOptions;
 pub struct FinetuneArgs {
     /// Base model (models/*.json): resnet18, resnet34, resnet50, efficientnet_lite0; an encoder from random
     /// initialisation, dense:784,300,150 or conv:32,64,128; or a pretraining run's encoder, ae:RUN_DIR.
-    #[arg(long)]
+    /// Required unless --config gives it.
+    #[arg(long, conflicts_with = "resume")]
     pub base: Option<String>,
     /// Local pretrained weights instead of the hub/cache lookup.
     #[arg(long)]
@@ -25,12 +26,10 @@ pub struct FinetuneArgs {
     /// Start from random initialisation instead of pretrained weights (same architecture).
     #[arg(long)]
     pub random_init: bool,
-    /// Image folder: DIR/<class>/*.jpg, or DIR/train, DIR/val (or valid), DIR/test.
-    #[arg(long)]
+    /// Image folder: DIR/<class>/*.jpg, or DIR/train, DIR/val (or valid), DIR/test. Required unless --config
+    /// gives it.
+    #[arg(long, conflicts_with = "resume")]
     pub data: Option<PathBuf>,
-    /// Fraction of the training images held out for validation when there is no val/ folder.
-    #[arg(long, default_value_t = 0.2)]
-    pub val_split: f64,
     /// Square input size (default: the model card's).
     #[arg(long)]
     pub image_size: Option<usize>,
@@ -38,37 +37,17 @@ pub struct FinetuneArgs {
     /// 1.0 feeds images that already have the input size unchanged).
     #[arg(long)]
     pub crop_pct: Option<f64>,
-    #[arg(long, default_value_t = 32)]
-    pub batch_size: usize,
     /// Epochs with the whole backbone frozen (only the head trains), first.
-    #[arg(long, default_value_t = 1)]
-    pub freeze_epochs: usize,
+    #[arg(long)]
+    pub freeze_epochs: Option<usize>,
     /// Epochs after the frozen ones, with the backbone unfrozen (`--freeze-epochs K --epochs 0`: linear probe).
-    #[arg(long, default_value_t = 5)]
-    pub epochs: usize,
-    /// Peak learning rate of the head; earlier groups get geometrically less, down to lr/lr-mult at the
-    /// stem. With the one-cycle schedule and both phases, the unfrozen phase peaks at lr/2 (fastai's
-    /// fine_tune, whose base_lr 2e-3 is the default).
-    #[arg(long, default_value_t = 2e-3)]
-    pub lr: f64,
+    #[arg(long)]
+    pub epochs: Option<usize>,
     /// Ratio of the head's learning rate to the stem's once unfrozen (1: one rate for every group).
-    #[arg(long, default_value_t = 100.0)]
-    pub lr_mult: f64,
-    /// sgd|momentum|nesterov|adagrad|rmsprop|adam|adamw|nadam
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
-    /// Weight decay (decoupled for adamw, L2 for the others); not applied to biases and BatchNorm.
     #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// Momentum for momentum/nesterov/rmsprop (beta1 for the Adam family).
-    #[arg(long)]
-    pub momentum: Option<f64>,
-    /// constant|step|exponential|cosine|onecycle|plateau
-    #[arg(long, default_value = "onecycle")]
-    pub schedule: String,
-    /// Clip gradients to this global L2 norm.
-    #[arg(long)]
-    pub clip_grad_norm: Option<f64>,
+    pub lr_mult: Option<f64>,
+    #[command(flatten)]
+    pub train: TrainArgs,
     /// Hidden layer width of the head (default: a single linear layer).
     #[arg(long)]
     pub hidden: Option<usize>,
@@ -76,33 +55,26 @@ pub struct FinetuneArgs {
     /// EfficientNet-Lite as in its original training, 0 for ResNet).
     #[arg(long)]
     pub dropout: Option<f32>,
-    /// he|xavier|torch (default: He for a ReLU hidden layer, Xavier otherwise; torch: nn.Linear's own).
+    /// The head's init (default: He for a ReLU hidden layer, Xavier otherwise; torch: nn.Linear's own).
+    #[arg(long, value_enum, ignore_case = true)]
+    pub init: Option<Init>,
+    /// Activation of the hidden layer.
+    #[arg(long, value_enum)]
+    pub activation: Option<Activation>,
     #[arg(long)]
-    pub init: Option<String>,
-    /// Activation of the hidden layer: relu|tanh|sigmoid.
-    #[arg(long, default_value = "relu")]
-    pub activation: String,
-    #[arg(long, default_value_t = 0.0)]
-    pub label_smoothing: f64,
+    pub label_smoothing: Option<f64>,
     /// `auto`: weight the loss by inverse class frequency; `none`.
-    #[arg(long, default_value = "none")]
-    pub class_weights: String,
+    #[arg(long, value_enum)]
+    pub class_weights: Option<ClassWeights>,
     /// Class-balanced sampling of training batches (with replacement).
     #[arg(long)]
     pub balanced: bool,
     /// Random resized crops and horizontal flips while training.
     #[arg(long)]
     pub augment: bool,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Stop after this many epochs without improvement of --monitor, restoring the best weights.
-    #[arg(long)]
-    pub patience: Option<usize>,
-    #[arg(long, default_value_t = 0.0)]
-    pub min_delta: f64,
-    /// val_loss|val_acc
-    #[arg(long, default_value = "val_loss")]
-    pub monitor: String,
+    /// The validation number --patience watches and the best epoch is chosen by.
+    #[arg(long, value_enum)]
+    pub monitor: Option<Monitor>,
     /// Groups kept frozen throughout, a prefix of the backbone's groups, e.g. `stem,layer1`.
     #[arg(long, value_delimiter = ',')]
     pub freeze: Vec<String>,
@@ -119,27 +91,29 @@ pub struct FinetuneArgs {
     pub train_bn: bool,
     /// Memory budget (MiB) for computing a frozen prefix once: while the first groups are frozen and
     /// --augment is off, their outputs are cached and later epochs run only the rest (0: never cache).
-    #[arg(long, default_value_t = 2048)]
-    pub cache_mb: usize,
+    #[arg(long)]
+    pub cache_mb: Option<usize>,
     /// Steps whose loss is not finite (inf, NaN) that are skipped, without an update, before the run stops with
     /// an error; the last good checkpoint is kept.
-    #[arg(long, default_value_t = 3)]
-    pub max_bad_steps: usize,
-    /// cpu, cuda or cuda:N.
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// The run folder (default: a fresh runs/YYYYmmdd-HHMMSS).
     #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    /// Continue an interrupted run from its last checkpoint (other flags are taken from the run).
-    #[arg(long, conflicts_with_all = ["base", "data"])]
-    pub resume: Option<PathBuf>,
-    /// Epoch lines only, no progress bars.
-    #[arg(long)]
-    pub quiet: bool,
-    /// Stop after N epochs of this invocation, as an interruption would (resume continues).
-    #[arg(long, hide = true)]
-    pub stop_after: Option<usize>,
+    pub max_bad_steps: Option<usize>,
+}
+
+/// `--class-weights`: the flag's names for [`FinetuneConfig::class_weights`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClassWeights {
+    Auto,
+    None,
+}
+
+/// What `--help` shows as the defaults: [`FinetuneConfig::default`], under the flags' names.
+pub fn help_defaults() -> serde_json::Value {
+    let d = FinetuneConfig::default();
+    let mut v = serde_json::to_value(&d).expect("a config serialises");
+    v["optimizer"] = d.optimizer.kind().into();
+    v["activation"] = serde_json::to_value(d.head.activation).expect("an enum serialises");
+    v["class_weights"] = if d.class_weights { "auto" } else { "none" }.into();
+    v
 }
 
 fn group_index(names: &[String], name: &str, flag: &str) -> anyhow::Result<usize> {
@@ -149,44 +123,51 @@ fn group_index(names: &[String], name: &str, flag: &str) -> anyhow::Result<usize
         .with_context(|| format!("{flag}: no group `{name}`; groups are {}", names.join(", ")))
 }
 
-/// Optimizer kind plus the hyperparameters given as flags, PyTorch's defaults for the rest.
-fn optimizer_config(args: &FinetuneArgs) -> anyhow::Result<OptimizerConfig> {
-    let base = OptimizerConfig::from_kind(&args.optimizer)?;
-    let mut v = serde_json::to_value(&base)?;
-    let obj = v.as_object_mut().expect("an optimizer config is an object");
-    if let Some(wd) = args.weight_decay {
-        obj.insert("weight_decay".into(), wd.into());
-    }
-    if let Some(m) = args.momentum {
-        if obj.contains_key("momentum") {
-            obj.insert("momentum".into(), m.into());
-        } else if let Some(betas) = obj.get_mut("betas") {
-            betas[0] = m.into();
-        } else {
-            bail!("--momentum: optimizer `{}` has no momentum", args.optimizer);
-        }
-    }
-    let cfg: OptimizerConfig = serde_json::from_value(v)?;
-    cfg.validate().with_context(|| {
-        format!(
-            "--optimizer {} with --momentum/--weight-decay as given",
-            args.optimizer
-        )
-    })?;
-    Ok(cfg)
-}
-
-/// Turns the flags into a validated config; group names are checked against the base's architecture.
+/// The config `graft finetune` runs: the `--config` file (or [`FinetuneConfig::default`]) with the flags given
+/// on the command line over it. Group names are turned into counts against the base's groups. What depends on
+/// the base is filled in only where neither the file nor a flag says it: the head's dropout (the model card's)
+/// and init (He for a ReLU hidden layer, Xavier otherwise). Not validated here: the run validates it, once.
 pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
-    let Some(base) = args.base.clone() else {
-        bail!("--base NAME is required (e.g. --base resnet18), or --resume RUN_DIR");
-    };
-    let Some(data) = args.data.clone() else {
-        bail!("--data DIR is required: a folder with one subfolder of images per class");
-    };
-    let resolved = base::resolve(&base)?;
+    let (mut cfg, file) = args.train.start::<FinetuneConfig>()?;
+    set(&mut cfg.base, args.base.clone());
+    set(&mut cfg.data, args.data.clone());
+    if cfg.base.is_empty() {
+        bail!("--base NAME is required (e.g. --base resnet18), unless --config FILE gives it, or --resume RUN_DIR");
+    }
+    if cfg.data.as_os_str().is_empty() {
+        bail!("--data DIR is required (a folder with one subfolder of images per class), unless --config FILE gives it");
+    }
+    if args.weights.is_some() {
+        cfg.weights = args.weights.clone();
+    }
+    cfg.pretrained &= !args.random_init;
+    if args.image_size.is_some() {
+        cfg.image_size = args.image_size;
+    }
+    if args.crop_pct.is_some() {
+        cfg.crop_pct = args.crop_pct;
+    }
+    set(&mut cfg.freeze_epochs, args.freeze_epochs);
+    set(&mut cfg.epochs, args.epochs);
+    set(&mut cfg.lr_mult, args.lr_mult);
+    set(&mut cfg.label_smoothing, args.label_smoothing);
+    set(
+        &mut cfg.class_weights,
+        args.class_weights.map(|c| c == ClassWeights::Auto),
+    );
+    cfg.balanced |= args.balanced;
+    cfg.augment |= args.augment;
+    cfg.train_bn |= args.train_bn;
+    set(&mut cfg.monitor, args.monitor);
+    set(&mut cfg.cache_mb, args.cache_mb);
+    set(&mut cfg.max_bad_steps, args.max_bad_steps);
+    args.train.apply(shared_fields!(cfg))?;
+
+    let resolved = base::resolve(&cfg.base)?;
     let groups = resolved.group_names()?;
-    let mut frozen_prefix = 0;
+    if !args.freeze.is_empty() || args.train_from.is_some() {
+        cfg.frozen_prefix = 0;
+    }
     for (i, name) in args.freeze.iter().enumerate() {
         let idx = group_index(&groups, name, "--freeze")?;
         if idx != i && !args.freeze.iter().any(|n| groups.get(i) == Some(n)) {
@@ -195,12 +176,16 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
                 groups.join(",")
             );
         }
-        frozen_prefix = frozen_prefix.max(idx + 1);
+        cfg.frozen_prefix = cfg.frozen_prefix.max(idx + 1);
     }
     if let Some(g) = &args.train_from {
-        frozen_prefix = frozen_prefix.max(group_index(&groups, g, "--train-from")?);
+        cfg.frozen_prefix = cfg
+            .frozen_prefix
+            .max(group_index(&groups, g, "--train-from")?);
     }
-    let mut unfreeze_at = Vec::new();
+    if !args.unfreeze_at.is_empty() {
+        cfg.unfreeze_at.clear();
+    }
     for item in &args.unfreeze_at {
         let (epoch, group) = item
             .split_once(':')
@@ -208,89 +193,37 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
         let epoch: usize = epoch
             .parse()
             .with_context(|| format!("--unfreeze-at: `{epoch}` is not an epoch number"))?;
-        unfreeze_at.push((epoch, group_index(&groups, group, "--unfreeze-at")?));
+        cfg.unfreeze_at
+            .push((epoch, group_index(&groups, group, "--unfreeze-at")?));
     }
-    let activation = match args.activation.as_str() {
-        "relu" => Activation::Relu,
-        "tanh" => Activation::Tanh,
-        "sigmoid" => Activation::Sigmoid,
-        other => bail!("--activation: `{other}` is not relu|tanh|sigmoid"),
-    };
-    let dropout = args.dropout.unwrap_or(resolved.head_dropout);
-    let mut head = match args.hidden {
-        Some(h) => HeadConfig::with_hidden(h, dropout, activation),
-        None => HeadConfig {
-            dropout,
-            ..HeadConfig::default()
-        },
-    };
-    if let Some(init) = &args.init {
-        head.init = init
-            .parse::<Init>()
-            .map_err(|e| anyhow::anyhow!("--init: {e}"))?;
+
+    let head = &mut cfg.head;
+    if args.hidden.is_some() {
+        head.hidden = args.hidden;
     }
-    let schedule: ScheduleKind =
-        serde_json::from_value(serde_json::json!(args.schedule)).map_err(|_| {
-            anyhow::anyhow!(
-                "--schedule: `{}` is not constant|step|exponential|cosine|onecycle|plateau",
-                args.schedule
-            )
-        })?;
-    let monitor: Monitor = args
-        .monitor
-        .parse()
-        .map_err(|e| anyhow::anyhow!("--monitor: {e}"))?;
-    let class_weights = match args.class_weights.as_str() {
-        "auto" => true,
-        "none" => false,
-        other => bail!("--class-weights: `{other}` is not auto|none"),
-    };
-    if let Some(c) = args.crop_pct {
-        if !(c > 0.0 && c <= 1.0) {
-            bail!("--crop-pct: must be in (0, 1], got {c}");
+    set(&mut head.activation, args.activation);
+    match args.dropout {
+        Some(d) => head.dropout = d,
+        None if file.pointer("/head/dropout").is_none() => head.dropout = resolved.head_dropout,
+        None => {}
+    }
+    match args.init {
+        Some(i) => head.init = i,
+        None if file.pointer("/head/init").is_none() => {
+            head.init = Init::default_for(head.hidden, head.activation)
         }
+        None => {}
     }
-    Ok(FinetuneConfig {
-        base,
-        weights: args.weights.clone(),
-        pretrained: !args.random_init,
-        data,
-        val_split: args.val_split,
-        image_size: args.image_size,
-        crop_pct: args.crop_pct,
-        batch_size: args.batch_size,
-        freeze_epochs: args.freeze_epochs,
-        epochs: args.epochs,
-        lr: args.lr,
-        lr_mult: args.lr_mult,
-        optimizer: optimizer_config(args)?,
-        schedule,
-        clip_grad_norm: args.clip_grad_norm,
-        head,
-        label_smoothing: args.label_smoothing,
-        class_weights,
-        balanced: args.balanced,
-        augment: args.augment,
-        seed: args.seed,
-        patience: args.patience,
-        min_delta: args.min_delta,
-        monitor,
-        frozen_prefix,
-        unfreeze_at,
-        train_bn: args.train_bn,
-        cache_mb: args.cache_mb,
-        max_bad_steps: args.max_bad_steps,
-        device: args.device.clone(),
-    })
+    Ok(cfg)
 }
 
 pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
-        quiet: args.quiet,
-        stop_after: args.stop_after,
+        quiet: args.train.quiet,
+        stop_after: args.train.stop_after,
         on_epoch: None,
     };
-    let outcome = if let Some(dir) = &args.resume {
+    let outcome = if let Some(dir) = &args.train.resume {
         let ignored: Vec<String> = crate::cli::flags_given("finetune")
             .into_iter()
             .filter(|f| !["--resume", "--quiet", "--stop-after"].contains(&f.as_str()))
@@ -316,7 +249,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         finetune(&cfg, &run_dir, true, &opts)?
     } else {
         let cfg = config_from_args(&args)?;
-        finetune_new(&cfg, args.run_dir.as_deref(), &opts)?
+        finetune_new(&cfg, args.train.run_dir.as_deref(), &opts)?
     };
     println!("{}", final_line(&outcome));
     Ok(())
@@ -339,5 +272,114 @@ fn final_line(o: &crate::train::finetune::Outcome) -> String {
             "val accuracy {:.2}% (last epoch), run folder {folder}",
             o.val_acc * 100.0
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use crate::models::head::HeadConfig;
+    use crate::optim::OptimizerConfig;
+    use clap::Parser;
+
+    fn parse(flags: &[&str]) -> anyhow::Result<FinetuneConfig> {
+        let mut argv = vec!["graft", "finetune"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Finetune(a) => config_from_args(&a),
+            _ => unreachable!("parsed a finetune command"),
+        }
+    }
+
+    #[test]
+    fn only_base_and_data_give_the_default_config() {
+        // A dense encoder has no card, so nothing about its head depends on the base.
+        let cfg = parse(&["--base", "dense:256,16", "--data", "d"]).unwrap();
+        let expected = FinetuneConfig {
+            base: "dense:256,16".into(),
+            data: "d".into(),
+            ..FinetuneConfig::default()
+        };
+        assert_eq!(cfg, expected);
+    }
+
+    #[test]
+    fn the_cards_head_dropout_fills_in_unless_a_flag_or_the_file_sets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let lite = ["--base", "efficientnet_lite0", "--data", "d"];
+        assert_eq!(parse(&lite).unwrap().head.dropout, 0.2);
+        let file = dir.path().join("c.json");
+        std::fs::write(&file, r#"{"head": {"dropout": 0.0}}"#).unwrap();
+        let with_file = [&lite[..], &["--config", file.to_str().unwrap()]].concat();
+        assert_eq!(parse(&with_file).unwrap().head.dropout, 0.0);
+        let flag = [&with_file[..], &["--dropout", "0.4"]].concat();
+        assert_eq!(parse(&flag).unwrap().head.dropout, 0.4);
+    }
+
+    #[test]
+    fn a_config_file_is_the_start_and_flags_given_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.json");
+        let start = FinetuneConfig {
+            base: "dense:256,16".into(),
+            data: "d".into(),
+            lr: 0.05,
+            epochs: 2,
+            optimizer: OptimizerConfig::from_kind("sgd").unwrap(),
+            head: HeadConfig::with_hidden(8, 0.1, Activation::Tanh),
+            ..FinetuneConfig::default()
+        };
+        std::fs::write(&file, serde_json::to_string(&start).unwrap()).unwrap();
+        let path = file.to_str().unwrap();
+        assert_eq!(parse(&["--config", path]).unwrap(), start);
+        let cfg = parse(&["--config", path, "--epochs", "7", "--momentum", "0.5"]);
+        assert!(
+            cfg.unwrap_err().to_string().contains("--momentum"),
+            "sgd has no momentum"
+        );
+        let cfg = parse(&["--config", path, "--epochs", "7", "--optimizer", "adam"]).unwrap();
+        assert_eq!((cfg.epochs, cfg.lr), (7, 0.05));
+        assert_eq!(cfg.optimizer, OptimizerConfig::from_kind("adam").unwrap());
+        assert_eq!(cfg.head, start.head);
+    }
+
+    #[test]
+    fn base_and_data_are_required_unless_the_file_gives_them() {
+        let err = parse(&["--data", "d"]).unwrap_err().to_string();
+        assert!(err.contains("--base") && err.contains("--config"), "{err}");
+        let err = parse(&["--base", "resnet18"]).unwrap_err().to_string();
+        assert!(err.contains("--data"), "{err}");
+    }
+
+    #[test]
+    fn enumerated_flags_take_todays_spellings_and_list_the_valid_ones() {
+        let cfg = parse(&[
+            "--base",
+            "dense:256,16",
+            "--data",
+            "d",
+            "--init",
+            "Kaiming",
+            "--monitor",
+            "val_acc",
+            "--class-weights",
+            "auto",
+            "--schedule",
+            "plateau",
+            "--optimizer",
+            "nadam",
+        ])
+        .unwrap();
+        assert_eq!(cfg.head.init, Init::He);
+        assert_eq!(cfg.monitor, Monitor::ValAcc);
+        assert!(cfg.class_weights);
+        let err = parse(&["--optimizer", "lion"]).unwrap_err().to_string();
+        assert!(
+            err.contains("lion") && err.contains("adamw") && err.contains("nadam"),
+            "{err}"
+        );
+        let err = parse(&["--activation", "linear"]).unwrap_err().to_string();
+        assert!(err.contains("relu, tanh, sigmoid"), "{err}");
     }
 }

@@ -9,12 +9,17 @@ mod inspect;
 mod predict;
 mod pretrain;
 mod search;
+pub mod shared;
 
 use clap::{Args, Parser, Subcommand};
 
 /// graft: fine-tune pretrained image classifiers on your own folders of images.
 #[derive(Debug, Parser)]
 #[command(name = "graft", version, about, long_about = None)]
+#[command(
+    mut_subcommand("finetune", |c| shared::show_defaults(c, &finetune::help_defaults())),
+    mut_subcommand("pretrain", |c| shared::show_defaults(c, &pretrain::help_defaults()))
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,

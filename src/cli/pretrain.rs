@@ -4,56 +4,42 @@ use anyhow::{bail, Context};
 use clap::Args;
 use std::path::PathBuf;
 
+use crate::cli::shared::{set, shared_fields, TrainArgs};
 use crate::models::encoder::EncoderConfig;
 use crate::optim::OptimizerConfig;
 use crate::pretrain::config::{Method, Noise, PretrainConfig, Sparsity};
-use crate::pretrain::pretrain;
+use crate::pretrain::{pretrain, pretrain_new};
 use crate::train::checkpoint::RunDir;
-use crate::train::config::ScheduleKind;
 use crate::train::runner::RunOptions;
 
 #[derive(Debug, Args)]
 pub struct PretrainArgs {
     /// Encoder: dense:IN,UNITS,...[:selu|relu|sigmoid|tanh] (e.g. dense:784,300,150) or
     /// conv:FILTERS,...[:ACT][:rgb] (e.g. conv:32,64,128: stride-2 convolutions, grey unless :rgb).
-    #[arg(long)]
+    /// Required unless --config gives it.
+    #[arg(long, conflicts_with = "resume")]
     pub arch: Option<String>,
-    /// autoencoder|rbm (RBM: Bernoulli-Bernoulli, CD-k; dense sigmoid stacks).
-    #[arg(long, default_value = "autoencoder")]
-    pub method: String,
-    /// A folder of images, with or without class subfolders (labels are ignored).
-    #[arg(long)]
+    /// How the stages train (RBM: Bernoulli-Bernoulli, CD-k; dense sigmoid stacks).
+    #[arg(long, value_enum)]
+    pub method: Option<Method>,
+    /// A folder of images, with or without class subfolders (labels are ignored). Required unless --config
+    /// gives it.
+    #[arg(long, conflicts_with = "resume")]
     pub data: Option<PathBuf>,
     /// Use at most N images (a seeded random subset).
     #[arg(long)]
     pub max_images: Option<usize>,
-    /// Fraction held out to measure the reconstruction loss.
-    #[arg(long, default_value_t = 0.1)]
-    pub val_split: f64,
     /// Square input size (default: what a dense arch implies, else 28).
     #[arg(long)]
     pub image_size: Option<usize>,
-    #[arg(long, default_value_t = 128)]
-    pub batch_size: usize,
     /// Epochs of each greedy stage.
-    #[arg(long, default_value_t = 5)]
-    pub stage_epochs: usize,
+    #[arg(long)]
+    pub stage_epochs: Option<usize>,
     /// Epochs of end-to-end fine-tuning of the whole stack afterwards (0: none).
-    #[arg(long, default_value_t = 0)]
-    pub finetune_epochs: usize,
-    /// Learning rate (default: 1e-3 for autoencoders, 0.05 for RBMs).
     #[arg(long)]
-    pub lr: Option<f64>,
-    /// sgd|momentum|nesterov|adagrad|rmsprop|adam|adamw|nadam (default: adam; momentum for RBMs).
-    #[arg(long)]
-    pub optimizer: Option<String>,
-    #[arg(long)]
-    pub weight_decay: Option<f64>,
-    /// constant|step|exponential|cosine|onecycle|plateau (one schedule per phase).
-    #[arg(long, default_value = "constant")]
-    pub schedule: String,
-    #[arg(long)]
-    pub clip_grad_norm: Option<f64>,
+    pub finetune_epochs: Option<usize>,
+    #[command(flatten)]
+    pub train: TrainArgs,
     /// Tie decoder weights to the encoder's (transposed). RBMs are always tied.
     #[arg(long)]
     pub tied: bool,
@@ -64,28 +50,19 @@ pub struct PretrainArgs {
     #[arg(long)]
     pub sparsity: Option<String>,
     /// Gibbs steps of contrastive divergence (RBMs).
-    #[arg(long, default_value_t = 1)]
-    pub cd_k: usize,
-    /// Stop a phase after this many epochs without validation improvement.
     #[arg(long)]
-    pub patience: Option<usize>,
-    #[arg(long, default_value_t = 0.0)]
-    pub min_delta: f64,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
-    /// The run folder (default: a fresh runs/YYYYmmdd-HHMMSS).
-    #[arg(long)]
-    pub run_dir: Option<PathBuf>,
-    /// Continue an interrupted run at the next epoch of its current stage.
-    #[arg(long, conflicts_with_all = ["arch", "data"])]
-    pub resume: Option<PathBuf>,
-    #[arg(long)]
-    pub quiet: bool,
-    /// Stop after N epochs of this invocation, as an interruption would (resume continues).
-    #[arg(long, hide = true)]
-    pub stop_after: Option<usize>,
+    pub cd_k: Option<usize>,
+}
+
+/// What `--help` shows as the defaults: [`PretrainConfig::default`], under the flags' names, less what
+/// depends on the method or the arch (the flags' help says it).
+pub fn help_defaults() -> serde_json::Value {
+    let mut v = serde_json::to_value(PretrainConfig::default()).expect("a config serialises");
+    let obj = v.as_object_mut().expect("a config is an object");
+    for derived in ["lr", "optimizer", "image_size"] {
+        obj.remove(derived);
+    }
+    v
 }
 
 fn parse_f64(s: &str, flag: &str) -> anyhow::Result<f64> {
@@ -119,21 +96,9 @@ fn parse_sparsity(s: &str) -> anyhow::Result<Sparsity> {
     }
 }
 
-/// Turns the flags into a validated config.
-pub fn config_from_args(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
-    let Some(arch) = args.arch.clone() else {
-        bail!("--arch is required (e.g. --arch dense:784,300,150), or --resume RUN_DIR");
-    };
-    let Some(data) = args.data.clone() else {
-        bail!("--data DIR is required: a folder of images (class subfolders optional)");
-    };
-    let enc = EncoderConfig::parse(&arch)?;
-    let method = match args.method.as_str() {
-        "autoencoder" | "ae" => Method::Autoencoder,
-        "rbm" => Method::Rbm,
-        other => bail!("--method: `{other}` is not autoencoder|rbm"),
-    };
-    let (channels, size) = match (enc.implied_input(), args.image_size) {
+/// The square size and channels of the images `enc` reads, `size` given or not.
+fn input_shape(enc: &EncoderConfig, size: Option<usize>) -> anyhow::Result<(usize, usize)> {
+    Ok(match (enc.implied_input(), size) {
         (_, Some(s)) if enc.is_dense() => {
             let n = enc.widths()[0];
             let c = if n == s * s { 1 } else { 3 };
@@ -142,64 +107,70 @@ pub fn config_from_args(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
         (Some(input), None) => input,
         (_, Some(s)) => (enc.widths()[0], s),
         (None, None) if enc.is_dense() => bail!(
-            "--arch {arch}: {} input values are no square grey or RGB image; give --image-size",
+            "--arch {}: {} input values are no square grey or RGB image; give --image-size",
+            enc.arch(),
             enc.widths()[0]
         ),
         (None, None) => (enc.widths()[0], 28),
-    };
-    let rbm = method == Method::Rbm;
-    let kind = args
-        .optimizer
-        .clone()
-        .unwrap_or_else(|| if rbm { "momentum" } else { "adam" }.into());
-    let mut optimizer = OptimizerConfig::from_kind(&kind)?;
-    if let Some(wd) = args.weight_decay {
-        let mut v = serde_json::to_value(&optimizer)?;
-        v["weight_decay"] = wd.into();
-        optimizer = serde_json::from_value(v)?;
+    })
+}
+
+/// The config `graft pretrain` runs: the `--config` file (or [`PretrainConfig::default`]) with the flags
+/// given on the command line over it. What depends on the method or the arch is filled in only where neither
+/// the file nor a flag says it: the rate and optimizer of an RBM, the input size and channels the arch
+/// implies. RBMs are always tied. Not validated here: the caller validates it, once.
+pub fn config_from_args(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
+    let (mut cfg, file) = args.train.start::<PretrainConfig>()?;
+    set(&mut cfg.arch, args.arch.clone());
+    set(&mut cfg.data, args.data.clone());
+    if cfg.arch.is_empty() {
+        bail!("--arch is required (e.g. --arch dense:784,300,150), unless --config FILE gives it, or --resume RUN_DIR");
     }
-    let schedule: ScheduleKind =
-        serde_json::from_value(serde_json::json!(args.schedule)).map_err(|_| {
-            anyhow::anyhow!(
-                "--schedule: `{}` is not constant|step|exponential|cosine|onecycle|plateau",
-                args.schedule
-            )
-        })?;
-    let cfg = PretrainConfig {
-        arch: enc.arch(),
-        method,
-        data,
-        max_images: args.max_images,
-        val_split: args.val_split,
-        image_size: size,
-        channels,
-        batch_size: args.batch_size,
-        stage_epochs: args.stage_epochs,
-        finetune_epochs: args.finetune_epochs,
-        lr: args.lr.unwrap_or(if rbm { 0.05 } else { 1e-3 }),
-        optimizer,
-        schedule,
-        clip_grad_norm: args.clip_grad_norm,
-        tied: args.tied || rbm,
-        noise: args.noise.as_deref().map(parse_noise).transpose()?,
-        sparsity: args.sparsity.as_deref().map(parse_sparsity).transpose()?,
-        cd_k: args.cd_k,
-        patience: args.patience,
-        min_delta: args.min_delta,
-        seed: args.seed,
-        device: args.device.clone(),
-    };
-    cfg.validate()?;
+    if cfg.data.as_os_str().is_empty() {
+        bail!("--data DIR is required (a folder of images, class subfolders optional), unless --config FILE gives it");
+    }
+    let enc = EncoderConfig::parse(&cfg.arch)?;
+    cfg.arch = enc.arch();
+    set(&mut cfg.method, args.method);
+    if args.max_images.is_some() {
+        cfg.max_images = args.max_images;
+    }
+    set(&mut cfg.stage_epochs, args.stage_epochs);
+    set(&mut cfg.finetune_epochs, args.finetune_epochs);
+    set(&mut cfg.cd_k, args.cd_k);
+    if let Some(n) = &args.noise {
+        cfg.noise = Some(parse_noise(n)?);
+    }
+    if let Some(s) = &args.sparsity {
+        cfg.sparsity = Some(parse_sparsity(s)?);
+    }
+    let rbm = cfg.method == Method::Rbm;
+    cfg.tied |= args.tied || rbm;
+    let file_sets = |field: &str| file.get(field).is_some();
+    if !file_sets("lr") {
+        cfg.lr = cfg.method.default_lr();
+    }
+    if !file_sets("optimizer") {
+        cfg.optimizer = OptimizerConfig::from_kind(cfg.method.default_optimizer())?;
+    }
+    let shape_given = args.arch.is_some() || args.image_size.is_some();
+    if shape_given || !file_sets("image_size") || !file_sets("channels") {
+        let size = args
+            .image_size
+            .or_else(|| file_sets("image_size").then_some(cfg.image_size));
+        (cfg.channels, cfg.image_size) = input_shape(&enc, size)?;
+    }
+    args.train.apply(shared_fields!(cfg))?;
     Ok(cfg)
 }
 
 pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
     let opts = RunOptions {
-        quiet: args.quiet,
-        stop_after: args.stop_after,
+        quiet: args.train.quiet,
+        stop_after: args.train.stop_after,
         ..RunOptions::default()
     };
-    let outcome = if let Some(dir) = &args.resume {
+    let outcome = if let Some(dir) = &args.train.resume {
         let run_dir = RunDir::open_to_resume(dir)?;
         let cfg: PretrainConfig = run_dir
             .read_config()
@@ -207,9 +178,7 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
         pretrain(&cfg, &run_dir, true, &opts)?
     } else {
         let cfg = config_from_args(&args)?;
-        let run_dir = RunDir::create(args.run_dir.as_deref())?;
-        eprintln!("run folder: {}", run_dir.path().display());
-        pretrain(&cfg, &run_dir, false, &opts)?
+        pretrain_new(&cfg, args.train.run_dir.as_deref(), &opts)?
     };
     match &outcome.encoder {
         None => println!(
@@ -225,4 +194,72 @@ pub fn run(args: PretrainArgs) -> anyhow::Result<()> {
         ),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{Cli, Command};
+    use clap::Parser;
+
+    fn parse(flags: &[&str]) -> anyhow::Result<PretrainConfig> {
+        let mut argv = vec!["graft", "pretrain"];
+        argv.extend_from_slice(flags);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Pretrain(a) => config_from_args(&a),
+            _ => unreachable!("parsed a pretrain command"),
+        }
+    }
+
+    #[test]
+    fn only_arch_and_data_give_the_default_config() {
+        // 784 inputs imply 28x28 grey, the default's input.
+        let cfg = parse(&["--arch", "dense:784,300,150", "--data", "d"]).unwrap();
+        let expected = PretrainConfig {
+            arch: "dense:784,300,150:selu".into(),
+            data: "d".into(),
+            ..PretrainConfig::default()
+        };
+        assert_eq!(cfg, expected);
+    }
+
+    #[test]
+    fn an_rbm_takes_its_own_rate_and_optimizer_unless_told_otherwise() {
+        let rbm = [
+            "--arch",
+            "dense:784,64:sigmoid",
+            "--data",
+            "d",
+            "--method",
+            "rbm",
+        ];
+        let cfg = parse(&rbm).unwrap();
+        assert_eq!(
+            (cfg.lr, cfg.optimizer.kind(), cfg.tied),
+            (0.05, "momentum", true)
+        );
+        let cfg = parse(&[&rbm[..], &["--lr", "0.1", "--optimizer", "sgd"]].concat()).unwrap();
+        assert_eq!((cfg.lr, cfg.optimizer.kind()), (0.1, "sgd"));
+    }
+
+    #[test]
+    fn a_config_file_is_the_start_and_flags_given_override_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(
+            &file,
+            "arch = \"dense:256,16\"\ndata = \"d\"\nimage_size = 16\nchannels = 1\nlr = 0.01\n",
+        )
+        .unwrap();
+        let path = file.to_str().unwrap();
+        let cfg = parse(&["--config", path]).unwrap();
+        assert_eq!(
+            (cfg.arch.as_str(), cfg.image_size, cfg.lr),
+            ("dense:256,16:selu", 16, 0.01)
+        );
+        let cfg = parse(&["--config", path, "--batch-size", "4", "--method", "ae"]).unwrap();
+        assert_eq!((cfg.batch_size, cfg.lr), (4, 0.01));
+        let err = parse(&["--data", "d"]).unwrap_err().to_string();
+        assert!(err.contains("--arch") && err.contains("--config"), "{err}");
+    }
 }

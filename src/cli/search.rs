@@ -93,7 +93,18 @@ fn finetune_options() -> Vec<String> {
         .expect("finetune is a subcommand");
     ft.get_arguments()
         .filter_map(|a| a.get_long())
-        .filter(|l| !["run-dir", "resume", "quiet", "stop-after", "data", "help"].contains(l))
+        .filter(|l| {
+            ![
+                "run-dir",
+                "resume",
+                "quiet",
+                "stop-after",
+                "data",
+                "config",
+                "help",
+            ]
+            .contains(l)
+        })
         .map(|l| l.replace('-', "_"))
         .collect()
 }
@@ -129,6 +140,8 @@ fn trial_argv(fixed: &[String], params: &crate::search::Params, run_dir: &Path) 
     argv
 }
 
+/// The config of a trial, through `graft finetune`'s own flag mapping; validated by the run, like any
+/// other finetune config.
 fn trial_config(
     fixed: &[String],
     params: &crate::search::Params,
@@ -140,9 +153,7 @@ fn trial_config(
     let crate::cli::Command::Finetune(args) = cli.command else {
         unreachable!("the command line starts with finetune")
     };
-    let cfg = crate::cli::finetune::config_from_args(&args)?;
-    crate::train::config::validate(&cfg)?;
-    Ok(cfg)
+    crate::cli::finetune::config_from_args(&args)
 }
 
 /// What one worker needs besides its own study connection.
@@ -326,9 +337,11 @@ fn search(a: RunArgs) -> anyhow::Result<()> {
     };
     let sampler: SamplerConfig = a.sampler.parse()?;
     let pruner = PrunerConfig::from_name(&a.pruner)?;
-    // The first trial's config is checked before anything is written, so a bad fixed flag fails now.
+    // A sampled config is checked before anything is written, so a bad fixed flag fails now (it is never
+    // run: each trial's own config is validated by its run).
     let probe = crate::search::sampler::random_params(&space, a.seed, 0);
     trial_config(&fixed, &probe, &a.study.join("trials/probe"))
+        .and_then(|cfg| Ok(crate::train::config::validate(&cfg)?))
         .context("checking the finetune flags of a first trial")?;
     std::fs::create_dir_all(&a.study).with_context(|| format!("creating {}", a.study.display()))?;
     let spec = StudySpec {

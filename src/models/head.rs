@@ -22,16 +22,19 @@ use std::str::FromStr;
 use std::sync::Mutex;
 
 /// How the head's weights are drawn; biases start at zero except under [`Init::Torch`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Init {
     /// He/Kaiming normal: `N(0, 2 / fan_in)` (gain `sqrt(2)`), made for ReLU layers.
+    #[value(alias = "kaiming")]
     He,
     /// Xavier/Glorot uniform: `U(-b, b)` with `b = sqrt(6 / (fan_in + fan_out))` (gain 1), made for linear,
     /// tanh and sigmoid layers.
+    #[value(alias = "glorot")]
     Xavier,
     /// PyTorch's `nn.Linear` default: weights and biases `U(-b, b)` with `b = 1 / sqrt(fan_in)`
     /// (Kaiming uniform with `a = sqrt(5)`), for runs that should start where a PyTorch script starts.
+    #[value(alias = "pytorch")]
     Torch,
 }
 
@@ -102,13 +105,14 @@ impl FromStr for Init {
 }
 
 /// The non-linearity after the hidden layer (unused by a plain linear head).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Activation {
     Relu,
     Tanh,
     Sigmoid,
-    /// No non-linearity.
+    /// No non-linearity (config files only; `--activation` offers the other three).
+    #[value(skip)]
     Linear,
 }
 
@@ -142,7 +146,7 @@ impl FromStr for Activation {
 /// The head's shape and training behaviour, as saved in the run config. Missing fields take the values of
 /// [`HeadConfig::default`].
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct HeadConfig {
     /// Width of the optional hidden layer.
     pub hidden: Option<usize>,

@@ -41,7 +41,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -538,13 +538,43 @@ pub fn pretrain(
     resume: bool,
     opts: &RunOptions,
 ) -> Result<Outcome> {
+    let (s, reporter) = session(cfg, opts)?;
+    run_session(s, reporter, run_dir, resume, opts)
+}
+
+/// Runs a fresh pretraining run in a new run folder (`dir`, or a dated one under `runs/`), created only once
+/// the config and the data have been checked: a bad flag or folder leaves nothing behind.
+pub fn pretrain_new(
+    cfg: &PretrainConfig,
+    dir: Option<&Path>,
+    opts: &RunOptions,
+) -> Result<Outcome> {
+    let (s, reporter) = session(cfg, opts)?;
+    let run_dir = RunDir::create(dir)?;
+    eprintln!("run folder: {}", run_dir.path().display());
+    run_session(s, reporter, &run_dir, false, opts)
+}
+
+/// The config validated (once) and the session built from it.
+fn session(cfg: &PretrainConfig, opts: &RunOptions) -> Result<(Session, Reporter)> {
     let enc = cfg.validate()?;
     let stages = enc.stages();
     let total_epochs: usize = (0..cfg.phases(stages))
         .map(|p| cfg.phase_epochs(p, stages))
         .sum();
     let mut reporter = Reporter::new(opts.quiet, total_epochs);
-    let mut s = Session::build(cfg, enc, &mut reporter)?;
+    let s = Session::build(cfg, enc, &mut reporter)?;
+    Ok((s, reporter))
+}
+
+fn run_session(
+    mut s: Session,
+    mut reporter: Reporter,
+    run_dir: &RunDir,
+    resume: bool,
+    opts: &RunOptions,
+) -> Result<Outcome> {
+    let stages = s.stages();
     let end = runner::run(&mut s, run_dir, resume, opts, &mut reporter)?;
     if end.interrupted {
         return Ok(Outcome {

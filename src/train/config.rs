@@ -8,11 +8,12 @@ use crate::models::head::HeadConfig;
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::train::early_stop::Monitor;
 use crate::{Error, Result};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Which learning-rate schedule each phase follows; built into a [`ScheduleConfig`] at the phase's rate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum ScheduleKind {
     Constant,
@@ -59,8 +60,10 @@ impl ScheduleKind {
     }
 }
 
-/// Everything that defines a fine-tuning run; saved as the run's config and in every checkpoint.
+/// Everything that defines a fine-tuning run; saved as the run's config and in every checkpoint. A file
+/// that leaves fields out gets [`FinetuneConfig::default`]'s values for them; an unknown field is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FinetuneConfig {
     /// Base: a model card name (`resnet18`, ...), an encoder arch (`dense:784,300,150`) or `ae:RUN_DIR`
     /// (see [`crate::models::base::resolve`]).
@@ -105,24 +108,68 @@ pub struct FinetuneConfig {
     /// Gradual unfreezing: (1-based epoch, number of frozen groups from that epoch on).
     pub unfreeze_at: Vec<(usize, usize)>,
     /// BatchNorm scales and shifts of frozen groups still train (their running statistics do not move).
-    #[serde(default)]
     pub train_bn: bool,
     pub device: String,
     /// Memory budget in MiB for the cached outputs of a frozen prefix (0: never cache).
-    #[serde(default = "cache_mb_default")]
     pub cache_mb: usize,
     /// Steps whose loss is not finite that are skipped (no update) before the run stops with
     /// [`Error::Diverged`], over the whole run.
-    #[serde(default = "max_bad_steps_default")]
     pub max_bad_steps: usize,
 }
 
-fn cache_mb_default() -> usize {
-    2048
+impl Default for FinetuneConfig {
+    /// The documented defaults (`graft finetune --help` shows them): fastai's `fine_tune` recipe, one frozen
+    /// epoch then five unfrozen at a peak rate of 2e-3 with AdamW and the one-cycle schedule. `base` and
+    /// `data` are empty (a run needs both); the head is a plain linear layer without dropout. The CLI fills in
+    /// what depends on the base when neither a flag nor a config file says it: the model card's head dropout.
+    fn default() -> Self {
+        FinetuneConfig {
+            base: String::new(),
+            weights: None,
+            pretrained: true,
+            data: PathBuf::new(),
+            val_split: 0.2,
+            image_size: None,
+            crop_pct: None,
+            batch_size: 32,
+            freeze_epochs: 1,
+            epochs: 5,
+            lr: 2e-3,
+            lr_mult: 100.0,
+            optimizer: OptimizerConfig::from_kind("adamw").expect("adamw is a kind"),
+            schedule: ScheduleKind::Onecycle,
+            clip_grad_norm: None,
+            head: HeadConfig::default(),
+            label_smoothing: 0.0,
+            class_weights: false,
+            balanced: false,
+            augment: false,
+            seed: 0,
+            patience: None,
+            min_delta: 0.0,
+            monitor: Monitor::ValLoss,
+            frozen_prefix: 0,
+            unfreeze_at: Vec::new(),
+            train_bn: false,
+            device: "cpu".into(),
+            cache_mb: 2048,
+            max_bad_steps: 3,
+        }
+    }
 }
 
-fn max_bad_steps_default() -> usize {
-    3
+/// Reads a config file: JSON (such as a run's `config.json`), or TOML when the name ends in `.toml`. Returns
+/// the config and the file's own tree, which tells what the file set (the rest took the config's defaults).
+/// An unknown field or a value of the wrong type is a [`Error::BadFile`] naming the file and the field.
+pub fn read_config_file<T: DeserializeOwned>(path: &Path) -> Result<(T, serde_json::Value)> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let tree: serde_json::Value = if path.extension().is_some_and(|e| e == "toml") {
+        toml::from_str(&text).map_err(|e| Error::bad_file(path, e.message().to_string()))?
+    } else {
+        serde_json::from_str(&text).map_err(|e| Error::bad_file(path, e.to_string()))?
+    };
+    let cfg = T::deserialize(&tree).map_err(|e| Error::bad_file(path, e.to_string()))?;
+    Ok((cfg, tree))
 }
 
 /// Validates a config's values before anything is read or written (what depends on the base, the image size
@@ -180,7 +227,7 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
             format!("epochs are 1-based, got {epoch}"),
         ));
     }
-    cfg.optimizer.validate()?;
+    validate_optimizer(&cfg.optimizer)?;
     cfg.head.validate()?;
     Ok(())
 }
@@ -194,6 +241,19 @@ pub fn check_memory(cfg: &FinetuneConfig, p: &Preprocess) -> Result<()> {
         ),
         crate::sysmem::training_step_bytes(cfg.batch_size, p.channels, p.input_size),
     )
+}
+
+/// Checks an optimizer's hyperparameters, naming the flags that set them.
+pub fn validate_optimizer(optimizer: &OptimizerConfig) -> Result<()> {
+    optimizer.validate().map_err(|e| {
+        Error::config(
+            format!(
+                "--optimizer {} with --momentum/--weight-decay",
+                optimizer.kind()
+            ),
+            e.to_string(),
+        )
+    })
 }
 
 /// The evaluation preprocessing of `base` at the config's image size and crop, checked against it.
@@ -218,6 +278,12 @@ pub fn preprocess_for(cfg: &FinetuneConfig, base: &Base) -> Result<Preprocess> {
         p.input_size = s;
     }
     if let Some(c) = cfg.crop_pct {
+        if !(c > 0.0 && c <= 1.0) {
+            return Err(Error::config(
+                "--crop-pct",
+                format!("must be in (0, 1], got {c}"),
+            ));
+        }
         p.crop_pct = c;
     }
     p.validate()?;
@@ -239,4 +305,113 @@ pub fn classifier_spec(
         preprocess: preprocess_for(cfg, base)?,
         bn_folded: false,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::head::{Activation, Init};
+
+    fn round_trip(cfg: &FinetuneConfig) -> FinetuneConfig {
+        serde_json::from_str(&serde_json::to_string(cfg).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn default_and_non_default_configs_round_trip_through_json() {
+        let d = FinetuneConfig::default();
+        assert_eq!(round_trip(&d), d);
+        let cfg = FinetuneConfig {
+            base: "resnet18".into(),
+            weights: Some("w.safetensors".into()),
+            data: "data".into(),
+            image_size: Some(64),
+            crop_pct: Some(0.9),
+            lr: 1e-2,
+            optimizer: OptimizerConfig::from_kind("nesterov").unwrap(),
+            schedule: ScheduleKind::Cosine,
+            clip_grad_norm: Some(1.0),
+            head: HeadConfig::with_hidden(32, 0.3, Activation::Tanh),
+            class_weights: true,
+            patience: Some(3),
+            monitor: Monitor::ValAcc,
+            frozen_prefix: 2,
+            unfreeze_at: vec![(3, 1)],
+            train_bn: true,
+            cache_mb: 0,
+            ..d
+        };
+        assert_eq!(round_trip(&cfg), cfg);
+    }
+
+    #[test]
+    fn a_run_config_written_before_defaults_existed_still_loads() {
+        // Written by `graft finetune --base dense:256,16 --image-size 16 --freeze-epochs 0 --epochs 1
+        // --batch-size 2 --hidden 8` at 1c8b46f (data path shortened).
+        let text = include_str!("../../tests/fixtures/finetune-config-before-defaults.json");
+        let cfg: FinetuneConfig = serde_json::from_str(text).unwrap();
+        let expected = FinetuneConfig {
+            base: "dense:256,16".into(),
+            data: "data".into(),
+            image_size: Some(16),
+            batch_size: 2,
+            freeze_epochs: 0,
+            epochs: 1,
+            head: HeadConfig::with_hidden(8, 0.0, Activation::Relu),
+            ..FinetuneConfig::default()
+        };
+        assert_eq!(cfg, expected);
+        assert_eq!(cfg.head.init, Init::He);
+    }
+
+    #[test]
+    fn a_partial_file_takes_the_defaults_for_the_rest_json_or_toml() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("c.json");
+        std::fs::write(
+            &json,
+            r#"{"base": "resnet18", "lr": 0.01, "head": {"hidden": 4}}"#,
+        )
+        .unwrap();
+        let toml = dir.path().join("c.toml");
+        std::fs::write(
+            &toml,
+            "base = \"resnet18\"\nlr = 0.01\n[head]\nhidden = 4\n",
+        )
+        .unwrap();
+        let expected = FinetuneConfig {
+            base: "resnet18".into(),
+            lr: 0.01,
+            head: HeadConfig {
+                hidden: Some(4),
+                ..HeadConfig::default()
+            },
+            ..FinetuneConfig::default()
+        };
+        for path in [json, toml] {
+            let (cfg, tree) = read_config_file::<FinetuneConfig>(&path).unwrap();
+            assert_eq!(cfg, expected, "{}", path.display());
+            assert!(tree.pointer("/head/hidden").is_some() && tree.get("epochs").is_none());
+        }
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_naming_the_field_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in [
+            ("top.json", r#"{"base": "resnet18", "learning_rate": 0.1}"#),
+            ("head.json", r#"{"head": {"hiden": 4}}"#),
+        ] {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            let err = read_config_file::<FinetuneConfig>(&path)
+                .unwrap_err()
+                .to_string();
+            let field = if name == "top.json" {
+                "learning_rate"
+            } else {
+                "hiden"
+            };
+            assert!(err.contains(field) && err.contains(name), "{err}");
+        }
+    }
 }

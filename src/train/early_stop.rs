@@ -11,12 +11,14 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The validation number to watch.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Monitor {
     /// Lower is better.
+    #[value(name = "val_loss")]
     ValLoss,
     /// Higher is better.
+    #[value(name = "val_acc")]
     ValAcc,
 }
 

@@ -724,22 +724,19 @@ fn run_session(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::{Cli, Command};
-    use clap::Parser;
 
-    /// The config the CLI builds from `flags` (after `graft finetune --base resnet18 --data d`).
-    fn config(flags: &[&str]) -> FinetuneConfig {
-        let mut argv = vec!["graft", "finetune", "--base", "resnet18", "--data", "d"];
-        argv.extend_from_slice(flags);
-        match Cli::try_parse_from(argv).unwrap().command {
-            Command::Finetune(a) => crate::cli::finetune::config_from_args(&a).unwrap(),
-            _ => unreachable!("parsed a finetune command"),
+    /// The default config for `resnet18` on folder `d`.
+    fn config() -> FinetuneConfig {
+        FinetuneConfig {
+            base: "resnet18".into(),
+            data: "d".into(),
+            ..Default::default()
         }
     }
 
     #[test]
     fn the_default_recipe_is_fastai_fine_tune() {
-        let cfg = config(&[]);
+        let cfg = config();
         assert_eq!((cfg.freeze_epochs, cfg.epochs, cfg.lr), (1, 5, 2e-3));
         let (steps, spe) = (100, 100);
         let frozen = phase_schedule(&cfg, true, steps, spe);
@@ -756,19 +753,33 @@ mod tests {
 
     #[test]
     fn a_single_phase_or_another_schedule_runs_at_the_given_rate() {
-        let probe = config(&["--freeze-epochs", "4", "--epochs", "0", "--lr", "1e-2"]);
+        let probe = FinetuneConfig {
+            freeze_epochs: 4,
+            epochs: 0,
+            lr: 1e-2,
+            ..config()
+        };
         let s = phase_schedule(&probe, true, 40, 10);
         assert!(
             (s.lr_at(10, 40) - 1e-2).abs() < 1e-12,
             "plain fit_one_cycle peaks at 25%"
         );
-        let constant = config(&["--schedule", "constant", "--lr", "1e-3"]);
+        let constant = FinetuneConfig {
+            schedule: ScheduleKind::Constant,
+            lr: 1e-3,
+            ..config()
+        };
         assert_eq!(phase_schedule(&constant, false, 40, 10).lr_at(7, 40), 1e-3);
     }
 
     #[test]
     fn frozen_groups_follow_freeze_epochs_prefix_and_gradual_unfreezing() {
-        let cfg = config(&["--freeze-epochs", "2", "--unfreeze-at", "4:layer4,6:layer2"]);
+        // `--freeze-epochs 2 --unfreeze-at 4:layer4,6:layer2` on ResNet's groups (stem, layer1..layer4).
+        let cfg = FinetuneConfig {
+            freeze_epochs: 2,
+            unfreeze_at: vec![(4, 4), (6, 2)],
+            ..config()
+        };
         let frozen: Vec<usize> = (0..7).map(|e| frozen_at(&cfg, e, 5)).collect();
         assert_eq!(frozen, [5, 5, 5, 4, 4, 2, 2]);
     }
