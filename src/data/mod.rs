@@ -32,6 +32,5 @@ pub use folder::{
     class_counts, class_weights, class_weights_of, list_images, Dataset, ImageFolder, Sample,
 };
 pub use loader::{Batch, Epoch, Loader, LoaderConfig};
-pub use transform::{
-    eval_tensor, load_eval_tensor, Augment, ColorJitter, Interpolation, Preprocess,
-};
+pub use resample::Interpolation;
+pub use transform::{eval_tensor, load_eval_tensor, Augment, ColorJitter, Preprocess};

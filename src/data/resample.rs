@@ -9,8 +9,18 @@
 //! are accumulated in `i32` and rounded to 8 bits after each pass, all exactly as Pillow's
 //! `Resample.c` does, so the pixels are Pillow's to the bit.
 
-use super::transform::Interpolation;
 use image::RgbImage;
+use serde::{Deserialize, Serialize};
+
+/// How pixels are resampled when an image is resized (Pillow's filters of the same names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpolation {
+    #[default]
+    Bilinear,
+    Bicubic,
+    Nearest,
+}
 
 /// Resizes `image` to `width` x `height` with `interpolation`.
 pub fn resize(image: &RgbImage, width: u32, height: u32, interpolation: Interpolation) -> RgbImage {

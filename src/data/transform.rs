@@ -7,23 +7,13 @@
 //! `ColorJitter`, with the same parameter draws.
 
 use super::decode::load_rgb;
-use super::resample::resize;
+use super::resample::{resize, Interpolation};
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
 use image::{DynamicImage, RgbImage};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-
-/// How pixels are resampled when an image is resized (Pillow's filters of the same names).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Interpolation {
-    #[default]
-    Bilinear,
-    Bicubic,
-    Nearest,
-}
 
 /// What a pretrained model expects of its input, as its model card states it (timm's `pretrained_cfg`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
