@@ -73,6 +73,11 @@ pub enum Error {
     #[error("invalid {what}: {reason}")]
     Config { what: String, reason: String },
 
+    /// Saved training state (optimizer state, a generator's position) that does not make sense: a damaged or
+    /// foreign checkpoint. Whoever read it from a file names the file ([`Error::BadFile`]).
+    #[error("saved {what} {reason}")]
+    State { what: String, reason: String },
+
     /// Weights could not be fetched from the Hugging Face hub or found in its cache.
     #[error("hub {repo}/{file}: {reason}")]
     Hub {
@@ -119,6 +124,14 @@ impl Error {
         Error::Io {
             path: path.into(),
             source,
+        }
+    }
+
+    /// A `State` error about `what`.
+    pub fn state(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::State {
+            what: what.into(),
+            reason: reason.into(),
         }
     }
 

@@ -48,7 +48,7 @@ impl RngState {
 
     /// A generator that continues exactly where the captured one stood.
     pub fn restore(&self) -> Result<ChaCha8Rng> {
-        let bad = |reason: &str| Error::config("rng state", reason.to_string());
+        let bad = |reason: &str| Error::state("rng state", reason.to_string());
         if self.seed.len() != 64 || !self.seed.is_ascii() {
             return Err(bad("seed must be 64 hex digits"));
         }

@@ -43,7 +43,7 @@ impl OptimState {
         metadata: &HashMap<String, String>,
     ) -> Result<Self> {
         let rule = metadata.get(RULE_KEY).cloned().ok_or_else(|| {
-            Error::config(
+            Error::state(
                 "optimizer state",
                 format!("no `{RULE_KEY}` in the metadata"),
             )
@@ -52,7 +52,7 @@ impl OptimState {
         for (k, v) in metadata {
             if let Some(name) = k.strip_prefix(SCALAR_PREFIX) {
                 let x: f64 = v.parse().map_err(|_| {
-                    Error::config(
+                    Error::state(
                         format!("optimizer state scalar `{name}`"),
                         format!("`{v}` is not a number"),
                     )
@@ -134,7 +134,7 @@ impl SlotReader<'_> {
             return Ok(None);
         };
         if t.dims() != self.like.dims() {
-            return Err(Error::config(
+            return Err(Error::state(
                 format!("optimizer state `{key}`"),
                 format!(
                     "has shape {:?}, the parameter has {:?}",
@@ -169,7 +169,7 @@ impl SlotReader<'_> {
         match self.scalar("step") {
             None => Ok(None),
             Some(s) if s >= 0.0 && s.fract() == 0.0 => Ok(Some(s as u64)),
-            Some(s) => Err(Error::config(
+            Some(s) => Err(Error::state(
                 format!("optimizer state `{}`", self.key("step")),
                 format!("{s} is not a step count"),
             )),
@@ -177,7 +177,7 @@ impl SlotReader<'_> {
     }
 
     fn missing(&self, slot: &str) -> Error {
-        Error::config(
+        Error::state(
             format!("optimizer state of `{}`", self.param),
             format!("has a step count but no `{}`", self.key(slot)),
         )

@@ -353,8 +353,9 @@ fn restore<T: Task>(
     let ck = Checkpoint::load(&path, task.device())?;
     let state: TrainState<serde_json::Value, serde_json::Value> =
         TrainState::from_checkpoint(&ck, &path)?;
+    let damaged = |e: Error| Error::bad_file(&path, e.to_string());
     ck.restore_varmap("model", task.varmap())?;
-    task.restore_rngs(&state.rng)?;
+    task.restore_rngs(&state.rng).map_err(damaged)?;
     let pos = state.position;
     let mut p = Progress {
         pos,
@@ -387,7 +388,8 @@ fn restore<T: Task>(
         let mut o = task.optimizer(plan)?;
         let tensors = ck.with_prefix("optim").into_iter().collect();
         let metadata = state.optimizer.clone().into_iter().collect();
-        o.load_state(&OptimState::from_metadata(tensors, &metadata)?)?;
+        let saved = OptimState::from_metadata(tensors, &metadata).map_err(damaged)?;
+        o.load_state(&saved).map_err(damaged)?;
         p.opt = Some(o);
         p.plan = Some(plan);
     }
