@@ -593,8 +593,6 @@ fn a_run_with_its_output_piped_prints_one_line_per_epoch() {
                 "finetune",
                 "--base",
                 "dense:64,16,8",
-                "--image-size",
-                "8",
                 "--freeze-epochs",
                 "1",
                 "--epochs",
