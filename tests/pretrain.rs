@@ -249,6 +249,28 @@ fn a_folder_without_class_subfolders_pretrains_and_rgb_conv_works() {
     assert!(out.encoder.unwrap().is_file());
 }
 
+/// `graft finetune --base ae:AE` on `data` into `run`: one frozen epoch (head only), then `epochs` unfrozen.
+fn finetune_from(ae: &Path, data: &Path, epochs: usize, run: &Path) {
+    let base = format!("ae:{}", ae.display());
+    let epochs = epochs.to_string();
+    graft_ok(&[
+        "finetune",
+        "--base",
+        &base,
+        "--data",
+        data.to_str().unwrap(),
+        "--batch-size",
+        "4",
+        "--freeze-epochs",
+        "1",
+        "--epochs",
+        &epochs,
+        "--quiet",
+        "--run-dir",
+        run.to_str().unwrap(),
+    ]);
+}
+
 #[test]
 fn the_exported_encoder_starts_a_classifier_in_finetune() {
     let tmp = tempfile::tempdir().unwrap();
@@ -280,23 +302,7 @@ fn the_exported_encoder_starts_a_classifier_in_finetune() {
     ]);
     // Head only (the encoder stays frozen), so the classifier's encoder must be the pretrained one exactly.
     let ft = tmp.path().join("ft");
-    let base = format!("ae:{r}");
-    graft_ok(&[
-        "finetune",
-        "--base",
-        &base,
-        "--data",
-        d,
-        "--batch-size",
-        "4",
-        "--freeze-epochs",
-        "1",
-        "--epochs",
-        "0",
-        "--quiet",
-        "--run-dir",
-        ft.to_str().unwrap(),
-    ]);
+    finetune_from(&run, &data, 0, &ft);
     let model = tmp.path().join("model.safetensors");
     graft_ok(&[
         "export",
@@ -502,23 +508,7 @@ fn a_run_from_a_pretraining_folder_exports_evaluates_and_predicts_after_the_fold
     )
     .unwrap();
     let ft = tmp.path().join("ft");
-    let base = format!("ae:{}", ae.display());
-    graft_ok(&[
-        "finetune",
-        "--base",
-        &base,
-        "--data",
-        d,
-        "--batch-size",
-        "4",
-        "--freeze-epochs",
-        "1",
-        "--epochs",
-        "1",
-        "--quiet",
-        "--run-dir",
-        ft.to_str().unwrap(),
-    ]);
+    finetune_from(&ae, &data, 1, &ft);
     let images: Vec<_> = ["a", "b"]
         .iter()
         .flat_map(|c| std::fs::read_dir(data.join(c)).unwrap())

@@ -35,6 +35,7 @@ use crate::train::runner::{
 };
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
 use config::{Method, Noise, PretrainConfig, Sparsity};
 use model::StackedAutoencoder;
 use rand::seq::SliceRandom;
@@ -209,11 +210,13 @@ impl Session {
             cfg.image_size,
             cfg.image_size
         ));
+        let steps = train.batches_per_epoch();
         let frame = frame(
             cfg,
             model.stages(),
-            train.batches_per_epoch(),
+            steps,
             device.clone(),
+            model.varmap.clone(),
         );
         let info = EncoderInfo {
             arch: model.config.arch(),
@@ -369,7 +372,13 @@ pub fn init_weights(model: &StackedAutoencoder, seed: u64) -> Result<()> {
 }
 
 /// The phases (each greedy stage, then end-to-end fine-tuning) and the policies of a pretraining run.
-fn frame(cfg: &PretrainConfig, stages: usize, steps_per_epoch: usize, device: Device) -> Frame {
+fn frame(
+    cfg: &PretrainConfig,
+    stages: usize,
+    steps_per_epoch: usize,
+    device: Device,
+    varmap: VarMap,
+) -> Frame {
     Frame {
         phases: (0..cfg.phases(stages))
             .map(|phase| PhasePlan {
@@ -391,6 +400,7 @@ fn frame(cfg: &PretrainConfig, stages: usize, steps_per_epoch: usize, device: De
         },
         steps_per_epoch,
         device,
+        varmap,
     }
 }
 
@@ -416,9 +426,6 @@ impl Task for Session {
     }
     fn record(&self) -> EncoderInfo {
         self.info.clone()
-    }
-    fn varmap(&self) -> &candle_nn::VarMap {
-        &self.model.varmap
     }
 
     /// Each phase trains its own parameters.

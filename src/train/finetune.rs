@@ -26,6 +26,7 @@ use crate::train::runner::{
 };
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -178,7 +179,7 @@ impl Session {
             cfg.data.display()
         ));
         let n_groups = model.num_groups();
-        let frame = frame(cfg, train.batches_per_epoch(), device);
+        let frame = frame(cfg, train.batches_per_epoch(), device, model.varmap.clone());
         Ok(Session {
             cfg: cfg.clone(),
             dataset,
@@ -338,7 +339,7 @@ fn build_model(
 }
 
 /// Fine-tuning's two phases (the backbone frozen, then trained), which form one run, and its policies.
-fn frame(cfg: &FinetuneConfig, steps_per_epoch: usize, device: Device) -> Frame {
+fn frame(cfg: &FinetuneConfig, steps_per_epoch: usize, device: Device, varmap: VarMap) -> Frame {
     let phase = |name: &str, epochs| PhasePlan {
         name: name.into(),
         epochs,
@@ -360,6 +361,7 @@ fn frame(cfg: &FinetuneConfig, steps_per_epoch: usize, device: Device) -> Frame 
         },
         steps_per_epoch,
         device,
+        varmap,
     }
 }
 
@@ -376,9 +378,6 @@ impl Task for Session {
     }
     fn record(&self) -> ClassifierSpec {
         self.model.spec.clone()
-    }
-    fn varmap(&self) -> &candle_nn::VarMap {
-        &self.model.varmap
     }
 
     fn plan(&self, epoch: usize, _phase: usize) -> usize {

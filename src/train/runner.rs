@@ -123,8 +123,9 @@ pub struct Eval {
 
 /// The fixed shape of a run, built by the command from its config: what the runner reads of a task that is
 /// data, not behaviour.
-#[derive(Debug)]
 pub struct Frame {
+    /// Every variable of the model (saved under `model.`; a `VarMap` clone shares its variables).
+    pub varmap: VarMap,
     pub policy: Policy,
     pub phases: Vec<PhasePlan>,
     pub steps_per_epoch: usize,
@@ -144,8 +145,9 @@ pub trait Task: Sync {
     fn frame(&self) -> &Frame;
     fn config(&self) -> &Self::Config;
     fn record(&self) -> Self::Record;
-    /// Every variable of the model (saved under `model.`).
-    fn varmap(&self) -> &VarMap;
+    fn varmap(&self) -> &VarMap {
+        &self.frame().varmap
+    }
     fn policy(&self) -> &Policy {
         &self.frame().policy
     }
