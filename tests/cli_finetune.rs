@@ -349,7 +349,8 @@ fn cached_activations_of_a_frozen_prefix_train_exactly_like_the_whole_network() 
     let weights = resnet18_weights();
     let run = |name: &str, cache_mb: &str| {
         let dir = tmp.path().join(name);
-        let out = graft_ok(&[
+        let store = tmp.path().join("store");
+        let mut args = vec![
             "finetune",
             "--base",
             "resnet18",
@@ -374,8 +375,11 @@ fn cached_activations_of_a_frozen_prefix_train_exactly_like_the_whole_network() 
             "--quiet",
             "--run-dir",
             dir.to_str().unwrap(),
-        ]);
-        (dir, out)
+        ];
+        if name.starts_with("stored") {
+            args.extend(["--feature-store", store.to_str().unwrap()]);
+        }
+        (dir.clone(), graft_ok(&args))
     };
     let (cached, log) = run("cached", "64");
     assert!(
@@ -420,6 +424,22 @@ fn cached_activations_of_a_frozen_prefix_train_exactly_like_the_whole_network() 
         }
     }
     assert!(moved > 5, "layer3 did not train ({moved} tensors moved)");
+
+    // A feature store: the first run computes the prefix and keeps it, the second reads it; both end with
+    // the cached run's metrics and weights exactly.
+    let (first, log) = run("stored-1", "64");
+    assert!(log.contains("layer2 computed once"), "{log}");
+    let (second, log) = run("stored-2", "64");
+    assert!(log.contains("layer2 read from the feature store"), "{log}");
+    for dir in [&first, &second] {
+        let strip =
+            |v: Vec<serde_json::Value>| v.into_iter().map(without_timing).collect::<Vec<_>>();
+        assert_eq!(strip(metrics(dir)), strip(metrics(&cached)));
+        assert_eq!(
+            model_tensors(&dir.join("last.safetensors")),
+            model_tensors(&cached.join("last.safetensors"))
+        );
+    }
 }
 
 /// A metrics record without its wall-clock fields.

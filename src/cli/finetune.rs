@@ -93,6 +93,10 @@ pub struct FinetuneArgs {
     /// --augment is off, their outputs are cached and later epochs run only the rest (0: never cache).
     #[arg(long)]
     pub cache_mb: Option<usize>,
+    /// Keep those computed outputs in DIR and reuse them in later runs on the same images, base and size
+    /// (`graft search` gives its trials one per study). Results are the same with or without it.
+    #[arg(long, value_name = "DIR")]
+    pub feature_store: Option<PathBuf>,
     /// Steps whose loss is not finite (inf, NaN) that are skipped, without an update, before the run stops with
     /// an error; the last good checkpoint is kept.
     #[arg(long)]
@@ -222,6 +226,7 @@ pub fn run(args: FinetuneArgs) -> anyhow::Result<()> {
         quiet: args.train.quiet,
         stop_after: args.train.stop_after,
         on_epoch: None,
+        feature_store: args.feature_store.clone(),
     };
     let outcome = if let Some(dir) = &args.train.resume {
         let ignored: Vec<String> = crate::cli::flags_given("finetune")

@@ -255,6 +255,8 @@ fn run_finetune(
                 Decision::Continue { improved: false }
             }
         }))),
+        // Trials that keep a prefix frozen without augmentation compute its outputs once per study.
+        feature_store: Some(search.dir.join("features")),
         ..RunOptions::default()
     };
     let outcome = std::thread::scope(|scope| {

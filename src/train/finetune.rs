@@ -18,6 +18,7 @@ use crate::optim::{Optimizer, ScheduleConfig};
 use crate::rng::{seeded, RngState};
 use crate::train::checkpoint::{Position, RunDir, TrainState};
 use crate::train::config::{check_memory, classifier_spec, validate, FinetuneConfig, ScheduleKind};
+use crate::train::feature_store::{FeatureStore, Key, Stored};
 use crate::train::loss::cross_entropy;
 use crate::train::metrics::{count_correct, ConfusionMatrix, RunningStats};
 use crate::train::progress::{format_summary, Reporter};
@@ -113,6 +114,10 @@ struct Session {
     /// Groups frozen in the epoch being trained (the plan [`Task::prepare`] was last given).
     frozen: usize,
     cache: Option<ActivationCache>,
+    /// Where computed prefix outputs are shared with other runs ([`RunOptions::feature_store`]).
+    store: Option<PathBuf>,
+    /// Images the feature store's entries say could not be decoded (for the final count).
+    stored_skips: std::sync::Mutex<std::collections::BTreeSet<PathBuf>>,
 }
 
 /// Where the model of a session comes from.
@@ -192,12 +197,34 @@ impl Session {
             frame,
             frozen: usize::MAX,
             cache: None,
+            store: None,
+            stored_skips: Default::default(),
         })
     }
 
     /// What the frozen prefix of `level` groups makes of `loader`'s samples, in order, with their labels
-    /// (see [`Classifier::frozen_prefix`]), or `None` once they would take more than `budget` bytes.
+    /// (see [`Classifier::frozen_prefix`]), or `None` once they would take more than `budget` bytes. Read
+    /// from the feature store when it has them, and kept there when it has not.
     fn prefix_outputs(&self, loader: &Loader, level: usize, budget: f64) -> Result<Option<Cached>> {
+        let store = self.store.as_ref().map(FeatureStore::new);
+        if let Some(store) = &store {
+            if let Some(stored) = store.load(self.prefix_key(loader, level)?, &self.frame.device)? {
+                if (stored.features.elem_count() * 4) as f64 > budget {
+                    return Ok(None);
+                }
+                for (path, reason) in &stored.skipped {
+                    data::decode::warn_skipped(path, reason);
+                }
+                let mut skips = self.stored_skips.lock().unwrap_or_else(|e| e.into_inner());
+                skips.extend(stored.skipped.iter().map(|(p, _)| p.clone()));
+                return Ok(Some(Cached {
+                    features: stored.features,
+                    labels: stored.labels,
+                    rows: stored.rows,
+                    stored: true,
+                }));
+            }
+        }
         let n = loader.samples().len() as f64;
         let mut outs = Vec::new();
         let mut labels = Vec::new();
@@ -224,11 +251,45 @@ impl Session {
                 reason: "no image of this split could be decoded".into(),
             });
         }
-        Ok(Some(Cached {
+        let cached = Cached {
             features: Tensor::cat(&outs, 0)?,
             labels: Tensor::cat(&labels, 0)?,
             rows,
-        }))
+            stored: false,
+        };
+        if let Some(store) = &store {
+            let stored = Stored {
+                features: cached.features.clone(),
+                labels: cached.labels.clone(),
+                rows: cached.rows.clone(),
+                skipped: loader.skipped(),
+            };
+            store.save(self.prefix_key(loader, level)?, &stored)?;
+        }
+        Ok(Some(cached))
+    }
+
+    /// The feature-store key of the outputs of the frozen prefix of `level` groups on `loader`'s samples.
+    fn prefix_key(&self, loader: &Loader, level: usize) -> Result<Key> {
+        let mut key = Key::new();
+        key.part("arch", self.model.spec.arch.as_bytes());
+        key.part("level", &(level as u64).to_le_bytes());
+        let preprocess = serde_json::to_vec(&self.model.spec.preprocess)
+            .map_err(|e| Error::config("preprocessing", e.to_string()))?;
+        key.part("preprocess", &preprocess);
+        let vars = self.model.varmap.data().lock().expect("varmap lock");
+        let mut names: Vec<&String> = vars
+            .keys()
+            .filter(|name| self.model.group_of(name).is_some_and(|g| g < level))
+            .collect();
+        names.sort();
+        for name in names {
+            key.tensor(name, vars[name].as_tensor())?;
+        }
+        for sample in loader.samples() {
+            key.image(&sample.path, sample.label);
+        }
+        Ok(key)
     }
 
     /// The number of frozen groups whose outputs can be computed once for the epochs ahead: the frozen
@@ -245,7 +306,12 @@ impl Session {
         let loaders = [&self.train, &self.train_eval, &self.val]
             .into_iter()
             .flat_map(|l| l.skipped().into_iter().map(|(p, _)| p));
-        scanned.chain(loaders).collect()
+        let stored = self
+            .stored_skips
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        scanned.chain(loaders).chain(stored).collect()
     }
 
     /// Whether there are validation images (without them: no early stopping, the last weights are kept).
@@ -564,6 +630,8 @@ struct Cached {
     features: Tensor,
     labels: Tensor,
     rows: Vec<Option<u32>>,
+    /// Read from the feature store rather than computed.
+    stored: bool,
 }
 
 impl Cached {
@@ -618,8 +686,13 @@ impl ActivationCache {
         };
         let bytes =
             (train.features.elem_count() + val.as_ref().map_or(0, |v| v.features.elem_count())) * 4;
+        let how = if train.stored && val.as_ref().is_none_or(|v| v.stored) {
+            "read from the feature store"
+        } else {
+            "computed once"
+        };
         reporter.line(&format!(
-            "frozen prefix, no augmentation: {what} computed once ({:.1} MiB)",
+            "frozen prefix, no augmentation: {what} {how} ({:.1} MiB)",
             bytes as f64 / (1u64 << 20) as f64
         ));
         Ok(Some(ActivationCache { level, train, val }))
@@ -672,6 +745,7 @@ fn run_session(
     resume: bool,
     opts: &RunOptions,
 ) -> Result<Outcome> {
+    s.store = opts.feature_store.clone();
     let end = runner::run(&mut s, run_dir, resume, opts, &mut reporter)?;
     let best = end.best;
     let last = end.history.last();

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod early_stop;
 pub mod evaluate;
+pub mod feature_store;
 pub mod finetune;
 mod font;
 pub mod loss;

@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub stop_after: Option<usize>,
     /// Consulted after each epoch, where early stopping is; its `Stop` ends the run (e.g. a search's pruner).
     pub on_epoch: Option<EpochCallback>,
+    /// A folder where outputs of a frozen prefix are kept and shared with other runs on the same data and
+    /// base (a search's trials); see [`crate::train::feature_store`]. Results do not depend on it.
+    pub feature_store: Option<std::path::PathBuf>,
 }
 
 /// The function behind an [`EpochCallback`].
