@@ -95,6 +95,7 @@ fn a_search_runs_its_trials_shows_them_and_survives_a_killed_worker() {
         "best (lowest val_loss) first: {values:?}"
     );
     assert!(study.join("best-config.json").is_file());
+    assert!(study.join("history.png").is_file() && study.join("params.png").is_file());
     assert!(common::graft_ok(&["search", "show", study.to_str().unwrap()]).contains("complete"));
 
     // Kill -9 a search while a trial runs, rerun it: exactly 5 trials, numbered 0..5, all finished.

@@ -120,7 +120,8 @@ fn trial_dir(study: &Path, number: u64) -> PathBuf {
 /// The finetune command line of a trial: fixed flags, then the sampled values.
 fn trial_argv(fixed: &[String], params: &crate::search::Params, run_dir: &Path) -> Vec<String> {
     let mut argv = vec!["graft".to_string(), "finetune".to_string()];
-    argv.extend(fixed.iter().cloned());
+    // Trials are always quiet (their progress is the search's): a `--quiet` among the fixed flags is implied.
+    argv.extend(fixed.iter().filter(|f| *f != "--quiet").cloned());
     for (name, v) in params {
         let flag = format!("--{}", name.replace('_', "-"));
         match v {
@@ -483,6 +484,12 @@ fn show(s: &ShowArgs) -> anyhow::Result<()> {
             best.number,
             dst.display()
         );
+    }
+    let metric = spec.extra["metric"].as_str().unwrap_or("value");
+    let plots = crate::search::plots::plot_study(&spec.space, d, metric, &trials, &s.study)?;
+    if !plots.is_empty() {
+        let names: Vec<String> = plots.iter().map(|p| p.display().to_string()).collect();
+        eprintln!("plots: {}", names.join(", "));
     }
     Ok(())
 }

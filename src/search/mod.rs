@@ -5,6 +5,7 @@
 //! ordinary fine-tuning run.
 
 pub mod gp;
+pub mod plots;
 pub mod pruner;
 pub mod sampler;
 pub mod space;

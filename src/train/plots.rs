@@ -13,18 +13,18 @@ use std::path::Path;
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
 const BLACK: Rgb<u8> = Rgb([20, 20, 20]);
 const GRID: Rgb<u8> = Rgb([225, 225, 225]);
-const TRAIN: Rgb<u8> = Rgb([31, 119, 180]);
-const VAL: Rgb<u8> = Rgb([255, 127, 14]);
+pub(crate) const TRAIN: Rgb<u8> = Rgb([31, 119, 180]);
+pub(crate) const VAL: Rgb<u8> = Rgb([255, 127, 14]);
 /// Darkest heatmap colour (a full row on one cell).
 const HEAT: [f64; 3] = [8.0, 48.0, 107.0];
 
 /// An RGB image with the few drawing operations the plots need.
-struct Canvas {
+pub(crate) struct Canvas {
     img: RgbImage,
 }
 
 impl Canvas {
-    fn new(w: u32, h: u32) -> Self {
+    pub(crate) fn new(w: u32, h: u32) -> Self {
         Canvas {
             img: RgbImage::from_pixel(w, h, WHITE),
         }
@@ -103,7 +103,7 @@ impl Canvas {
         self.text(cx - text_width(s, scale) as i64 / 2, y, s, scale, c);
     }
 
-    fn save(&self, path: &Path) -> Result<()> {
+    pub(crate) fn save(&self, path: &Path) -> Result<()> {
         let mut bytes = Vec::new();
         self.img
             .write_to(
@@ -156,21 +156,42 @@ fn tick_label(v: f64, step: f64, percent: bool) -> String {
     }
 }
 
-/// One line of a chart: a name, a colour and a value per epoch (non-finite values leave a gap).
-struct Series<'a> {
-    name: &'a str,
-    color: Rgb<u8>,
-    points: Vec<(f64, f64)>,
+/// One line of a chart: a name, a colour and its (x, y) points (non-finite values leave a gap); `lines: false`
+/// draws the points alone (a scatter).
+pub(crate) struct Series<'a> {
+    pub name: &'a str,
+    pub color: Rgb<u8>,
+    pub points: Vec<(f64, f64)>,
+    pub lines: bool,
 }
 
-/// Draws a line chart of `series` against the epoch into the `w x h` panel at `(x0, y0)`.
-fn line_panel(
+/// The axes of a panel: its title, the x axis's label and whether x takes only whole values (epochs,
+/// trial numbers); `percent`: y is a fraction shown in percent.
+pub(crate) struct Axes<'a> {
+    pub title: &'a str,
+    pub x_label: &'a str,
+    pub integer_x: bool,
+    pub percent: bool,
+}
+
+/// The axes of a curve against the epoch.
+fn per_epoch(title: &str, percent: bool) -> Axes<'_> {
+    Axes {
+        title,
+        x_label: "epoch",
+        integer_x: true,
+        percent,
+    }
+}
+
+/// Draws a chart of `series` into the `w x h` panel at `(x0, y0)`.
+pub(crate) fn line_panel(
     cv: &mut Canvas,
     (x0, y0, w, h): (i64, i64, i64, i64),
-    title: &str,
+    axes: &Axes,
     series: &[Series],
-    percent: bool,
 ) {
+    let (title, percent) = (axes.title, axes.percent);
     const S: u32 = 2;
     let (left, right, top, bottom) = (90, 30, 44, 64);
     let (px, py, pw, ph) = (x0 + left, y0 + top, w - left - right, h - top - bottom);
@@ -193,8 +214,11 @@ fn line_panel(
         });
     let (xmin, xmax) = if finite.is_empty() {
         (1.0, 2.0)
-    } else {
+    } else if axes.integer_x {
         (xmin, xmax.max(xmin + 1.0))
+    } else {
+        let pad = ((xmax - xmin) * 0.05).max(1e-9);
+        (xmin - pad, xmax + pad)
     };
     let (ymin, ymax) = if finite.is_empty() {
         (0.0, 1.0)
@@ -235,16 +259,23 @@ fn line_panel(
     }
     let xt: Vec<f64> = nice_ticks(xmin, xmax)
         .into_iter()
-        .filter(|v| v.fract() == 0.0)
+        .filter(|v| !axes.integer_x || v.fract() == 0.0)
+        .filter(|v| (xmin..=xmax).contains(v))
         .collect();
+    let xstep = if xt.len() > 1 { xt[1] - xt[0] } else { 1.0 };
     for &v in &xt {
         let (x, _) = to_px(v, ymin);
         cv.line((x, py), (x, py + ph), 1, GRID);
-        cv.text_centered(x, py + ph + 10, &format!("{v:.0}"), S, BLACK);
+        let label = if axes.integer_x {
+            format!("{v:.0}")
+        } else {
+            tick_label(v, xstep, false)
+        };
+        cv.text_centered(x, py + ph + 10, &label, S, BLACK);
     }
     cv.line((px, py), (px, py + ph), 2, BLACK);
     cv.line((px, py + ph), (px + pw, py + ph), 2, BLACK);
-    cv.text_centered(px + pw / 2, py + ph + 36, "epoch", S, BLACK);
+    cv.text_centered(px + pw / 2, py + ph + 36, axes.x_label, S, BLACK);
 
     for s in series {
         let mut prev: Option<(i64, i64)> = None;
@@ -254,7 +285,7 @@ fn line_panel(
                 continue;
             }
             let p = to_px(x, y.clamp(ymin, ymax));
-            if let Some(q) = prev {
+            if let (Some(q), true) = (prev, s.lines) {
                 cv.line(q, p, 3, s.color);
             }
             cv.rect(p.0 - 3, p.1 - 3, 7, 7, s.color);
@@ -283,11 +314,13 @@ pub fn plot_curves(metrics: &[EpochMetrics], path: impl AsRef<Path>) -> Result<(
             name: "train",
             color: TRAIN,
             points: points(|m| m.train_loss),
+            lines: true,
         },
         Series {
             name: "val",
             color: VAL,
             points: points(|m| m.val_loss),
+            lines: true,
         },
     ];
     let acc = [
@@ -295,15 +328,17 @@ pub fn plot_curves(metrics: &[EpochMetrics], path: impl AsRef<Path>) -> Result<(
             name: "train",
             color: TRAIN,
             points: points(|m| m.train_acc),
+            lines: true,
         },
         Series {
             name: "val",
             color: VAL,
             points: points(|m| m.val_acc),
+            lines: true,
         },
     ];
-    line_panel(&mut cv, (0, 0, w, h), "loss", &loss, false);
-    line_panel(&mut cv, (w, 0, w, h), "accuracy", &acc, true);
+    line_panel(&mut cv, (0, 0, w, h), &per_epoch("loss", false), &loss);
+    line_panel(&mut cv, (w, 0, w, h), &per_epoch("accuracy", true), &acc);
     cv.save(path.as_ref())
 }
 
@@ -324,14 +359,16 @@ pub fn plot_loss_curves(
             name: "train",
             color: TRAIN,
             points: points(|m| m.train_loss),
+            lines: true,
         },
         Series {
             name: "val",
             color: VAL,
             points: points(|m| m.val_loss),
+            lines: true,
         },
     ];
-    line_panel(&mut cv, (0, 0, w, h), title, &loss, false);
+    line_panel(&mut cv, (0, 0, w, h), &per_epoch(title, false), &loss);
     cv.save(path.as_ref())
 }
 
