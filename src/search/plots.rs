@@ -1,13 +1,18 @@
 //! Pictures of a study, as PNG files in its folder (drawn like the run plots, [`crate::train::plots`]):
 //! `history.png`, each finished trial's value by trial number with the best so far, and `params.png`, each
-//! parameter against the value (log parameters on a log axis, choices by their index in the space).
+//! parameter against the value (log parameters on a log axis, choices by their index in the space), and,
+//! from [`IMPORTANCE_TRIALS`] complete trials on, `importance.png`: which parameters mattered
+//! ([`crate::search::sampler::importances`]).
 
 use crate::search::space::{Domain, Space, Value};
 use crate::search::storage::{TrialRecord, TrialState};
 use crate::search::study::Direction;
-use crate::train::plots::{line_panel, Axes, Canvas, Series, TRAIN, VAL};
+use crate::train::plots::{line_panel, Axes, Canvas, Series, BLACK, TRAIN, VAL};
 use crate::Result;
 use std::path::{Path, PathBuf};
+
+/// Complete trials needed before the importance picture is drawn.
+pub const IMPORTANCE_TRIALS: usize = 8;
 
 /// Panel size of one chart.
 const W: i64 = 720;
@@ -42,6 +47,11 @@ pub fn plot_study(
     let mut written = vec![history];
     if plot_params(space, &done, metric, &params)? {
         written.push(params);
+    }
+    if let Some(imp) = crate::search::sampler::importances(space, trials, IMPORTANCE_TRIALS) {
+        let path = dir.join("importance.png");
+        plot_importance(&imp, &path)?;
+        written.push(path);
     }
     Ok(written)
 }
@@ -148,6 +158,30 @@ fn plot_params(space: &Space, done: &[&TrialRecord], metric: &str, path: &Path) 
     }
     cv.save(path)?;
     Ok(true)
+}
+
+/// Horizontal bars, most important first, with each share in percent.
+fn plot_importance(imp: &[(String, f64)], path: &Path) -> Result<()> {
+    const S: u32 = 2;
+    let (row, left, top) = (40i64, 220i64, 60i64);
+    let bar_w = W - left - 90;
+    let mut cv = Canvas::new(W as u32, (top + row * imp.len() as i64 + 30) as u32);
+    cv.text_centered(W / 2, 10, "importance (GP relevance)", S, BLACK);
+    for (i, (name, share)) in imp.iter().enumerate() {
+        let y = top + i as i64 * row;
+        let name: String = name.chars().take(16).collect();
+        cv.text(10, y + 6, &name, S, BLACK);
+        let len = (share * bar_w as f64).round() as i64;
+        cv.rect(left, y, len.max(1), row - 12, TRAIN);
+        cv.text(
+            left + len + 8,
+            y + 6,
+            &format!("{:.0}%", share * 100.0),
+            S,
+            BLACK,
+        );
+    }
+    cv.save(path)
 }
 
 #[cfg(test)]

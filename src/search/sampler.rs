@@ -172,6 +172,59 @@ fn features(space: &Space, p: &Params) -> Vec<f64> {
     f
 }
 
+/// How much each varied option matters to the objective, from the complete trials: a GP of the kind the
+/// Bayesian sampler fits, with one length scale per input, whose inverse squared length scales (ARD
+/// relevance; a choice sums its one-hot inputs) are normalised to sum to 1. `None` with fewer than
+/// `min_trials` complete trials, or nothing varied.
+pub fn importances(
+    space: &Space,
+    trials: &[TrialRecord],
+    min_trials: usize,
+) -> Option<Vec<(String, f64)>> {
+    let done: Vec<&TrialRecord> = trials
+        .iter()
+        .filter(|t| t.state == TrialState::Complete && t.value.is_some_and(f64::is_finite))
+        .collect();
+    if done.len() < min_trials.max(2) {
+        return None;
+    }
+    // Which option each GP input belongs to, in the order `features` writes them.
+    let mut owner = Vec::new();
+    for (i, q) in space.params.iter().enumerate() {
+        match &q.domain {
+            Domain::Fixed(_) => {}
+            Domain::Choice(vs) if vs.len() == 1 => {}
+            Domain::Choice(vs) => owner.extend(std::iter::repeat_n(i, vs.len())),
+            _ => owner.push(i),
+        }
+    }
+    if owner.is_empty() {
+        return None;
+    }
+    let ys: Vec<f64> = done.iter().map(|t| t.value.unwrap_or(0.0)).collect();
+    let mean = ys.iter().sum::<f64>() / ys.len() as f64;
+    let sd = (ys.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / ys.len() as f64)
+        .sqrt()
+        .max(1e-12);
+    let y = ys.iter().map(|v| (v - mean) / sd).collect();
+    let x = done.iter().map(|t| features(space, &t.params)).collect();
+    let gp = Gp::fit(x, y, None, 4, &mut trial_rng(0, 0));
+    let mut relevance = vec![0.0; space.params.len()];
+    for (j, &i) in owner.iter().enumerate() {
+        relevance[i] += (-2.0 * gp.hyper.log_params[j]).exp();
+    }
+    let total: f64 = relevance.iter().sum::<f64>().max(1e-300);
+    let mut out: Vec<(String, f64)> = owner
+        .iter()
+        .copied()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .map(|i| (space.params[i].name.clone(), relevance[i] / total))
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Some(out)
+}
+
 /// The unit-cube coordinates of a point (one per option; the centre of a choice's share).
 fn unit_coords(space: &Space, p: &Params) -> Vec<f64> {
     space
@@ -366,5 +419,39 @@ mod tests {
             .map_while(|k| g.sample(&s, 2, k, &[]).unwrap())
             .collect();
         assert_ne!(points, other, "the seed shuffles the order");
+    }
+
+    #[test]
+    fn the_option_the_objective_depends_on_is_the_important_one() {
+        let s = Space::from_toml(
+            "[x]\nfloat = [0.0, 1.0]\n[z]\nfloat = [0.0, 1.0]\n[c]\nchoice = [\"a\", \"b\"]",
+            &[],
+        )
+        .unwrap();
+        let trials: Vec<TrialRecord> = (0..16)
+            .map(|k| {
+                let params = random_params(&s, 5, k);
+                let x = params["x"].as_f64().unwrap();
+                TrialRecord {
+                    number: k,
+                    state: TrialState::Complete,
+                    params,
+                    // Only x matters.
+                    value: Some((x - 0.3).powi(2) * 10.0),
+                    intermediate: Default::default(),
+                    message: None,
+                    started: 0.0,
+                    finished: None,
+                    heartbeat: 0.0,
+                    worker: "w".into(),
+                }
+            })
+            .collect();
+        assert!(importances(&s, &trials[..5], 8).is_none(), "too few trials");
+        let imp = importances(&s, &trials, 8).unwrap();
+        assert_eq!(imp.len(), 3);
+        assert_eq!(imp[0].0, "x", "{imp:?}");
+        assert!(imp[0].1 > 0.8, "{imp:?}");
+        assert!((imp.iter().map(|p| p.1).sum::<f64>() - 1.0).abs() < 1e-9);
     }
 }

@@ -11,7 +11,7 @@ use image::{Rgb, RgbImage};
 use std::path::Path;
 
 const WHITE: Rgb<u8> = Rgb([255, 255, 255]);
-const BLACK: Rgb<u8> = Rgb([20, 20, 20]);
+pub(crate) const BLACK: Rgb<u8> = Rgb([20, 20, 20]);
 const GRID: Rgb<u8> = Rgb([225, 225, 225]);
 pub(crate) const TRAIN: Rgb<u8> = Rgb([31, 119, 180]);
 pub(crate) const VAL: Rgb<u8> = Rgb([255, 127, 14]);
@@ -36,7 +36,7 @@ impl Canvas {
         }
     }
 
-    fn rect(&mut self, x: i64, y: i64, w: i64, h: i64, c: Rgb<u8>) {
+    pub(crate) fn rect(&mut self, x: i64, y: i64, w: i64, h: i64, c: Rgb<u8>) {
         for yy in y..y + h {
             for xx in x..x + w {
                 self.put(xx, yy, c);
@@ -68,7 +68,7 @@ impl Canvas {
     }
 
     /// Text with its top-left corner at `(x, y)`.
-    fn text(&mut self, x: i64, y: i64, s: &str, scale: u32, c: Rgb<u8>) {
+    pub(crate) fn text(&mut self, x: i64, y: i64, s: &str, scale: u32, c: Rgb<u8>) {
         let k = scale as i64;
         for (i, ch) in s.chars().enumerate() {
             let ox = x + i as i64 * ADVANCE as i64 * k;
@@ -99,7 +99,7 @@ impl Canvas {
     }
 
     /// Text centred horizontally on `cx`.
-    fn text_centered(&mut self, cx: i64, y: i64, s: &str, scale: u32, c: Rgb<u8>) {
+    pub(crate) fn text_centered(&mut self, cx: i64, y: i64, s: &str, scale: u32, c: Rgb<u8>) {
         self.text(cx - text_width(s, scale) as i64 / 2, y, s, scale, c);
     }
 
