@@ -5,9 +5,11 @@
 //! ordinary fine-tuning run.
 
 pub mod gp;
+pub mod postgres;
 pub mod pruner;
 pub mod sampler;
 pub mod space;
+pub mod sql;
 pub mod sqlite;
 pub mod storage;
 pub mod study;
