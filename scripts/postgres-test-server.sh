@@ -4,6 +4,7 @@
 #   eval "$(scripts/postgres-test-server.sh)"     # start (or find running); prints an export line
 #   cargo test --test search_workers              # the tests read GRAFT_TEST_POSTGRES_URL
 #   scripts/postgres-test-server.sh stop
+#   scripts/postgres-test-server.sh status        # exit status 0 when running
 #
 # `start` (the default) is idempotent: a server already running in the data folder is reused. The server
 # is Debian's `postgresql` package (installed with apt-get when pg_ctl is missing and we are root; otherwise
@@ -103,9 +104,10 @@ stop() {
 case ${1:-start} in
 start) start ;;
 stop) stop ;;
+status) find_bin && running ;;
 url) echo "$url" ;;
 *)
-    echo "usage: $0 [start|stop|url]" >&2
+    echo "usage: $0 [start|stop|status|url]" >&2
     exit 2
     ;;
 esac
