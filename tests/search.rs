@@ -59,14 +59,22 @@ fn trials(study: &Path) -> Vec<graft::search::TrialRecord> {
         .unwrap()
 }
 
-#[test]
-fn a_search_runs_its_trials_shows_them_and_survives_a_killed_worker() {
+/// A temporary folder holding `data/` (two classes of `per_class` images) and `space.toml` (`space`); the
+/// folder and the two paths as strings.
+fn setup(space: &str, per_class: usize) -> (tempfile::TempDir, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    common::make_folder(&data, &["a", "b"], 8);
-    let space = dir.path().join("space.toml");
-    std::fs::write(&space, SPACE).unwrap();
-    let (space, data_s) = (space.to_str().unwrap(), data.to_str().unwrap());
+    common::make_folder(&data, &["a", "b"], per_class);
+    let space_file = dir.path().join("space.toml");
+    std::fs::write(&space_file, space).unwrap();
+    let (data, space_file) = (data.display().to_string(), space_file.display().to_string());
+    (dir, data, space_file)
+}
+
+#[test]
+fn a_search_runs_its_trials_shows_them_and_survives_a_killed_worker() {
+    let (dir, data_s, space) = setup(SPACE, 8);
+    let (space, data_s) = (space.as_str(), data_s.as_str());
 
     let study = dir.path().join("study");
     common::graft_ok(&search_args(space, data_s, study.to_str().unwrap(), "3"));
@@ -220,14 +228,10 @@ fn assert_shared_cleanly(rows: &[serde_json::Value], n: u64, stderrs: &[String])
 
 #[test]
 fn two_worker_processes_share_one_sqlite_study_without_duplicates_or_lock_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    common::make_folder(&data, &["a", "b"], 8);
-    let space = dir.path().join("space.toml");
-    std::fs::write(&space, SPACE).unwrap();
+    let (dir, data, space) = setup(SPACE, 8);
     let study = dir.path().join("study");
     let study = study.to_str().unwrap();
-    let args = search_args(space.to_str().unwrap(), data.to_str().unwrap(), study, "6");
+    let args = search_args(&space, &data, study, "6");
     let stderrs = run_workers(&args, &[vec![], vec![]]);
     assert_shared_cleanly(&show_json(study, &[]), 6, &stderrs);
 }
@@ -238,11 +242,7 @@ fn two_worker_processes_share_one_postgres_study_without_duplicates() {
         eprintln!("SKIPPED: set GRAFT_TEST_POSTGRES_URL (scripts/postgres-test-server.sh)");
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    common::make_folder(&data, &["a", "b"], 8);
-    let space = dir.path().join("space.toml");
-    std::fs::write(&space, SPACE).unwrap();
+    let (dir, data, space) = setup(SPACE, 8);
     // A study name of its own per run, so reruns against one server never meet an old study.
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -250,7 +250,7 @@ fn two_worker_processes_share_one_postgres_study_without_duplicates() {
         .as_nanos();
     let sep = if server.contains('?') { '&' } else { '?' };
     let url = format!("{server}{sep}study=workers-{}-{nanos}", std::process::id());
-    let args = search_args(space.to_str().unwrap(), data.to_str().unwrap(), &url, "6");
+    let args = search_args(&space, &data, &url, "6");
     // Each worker keeps its trial runs in its own folder, as on two machines.
     let folders = ["machine-a", "machine-b"].map(|m| dir.path().join(m));
     let per_worker: Vec<Vec<String>> = folders
@@ -280,19 +280,10 @@ fn a_trial_clearly_worse_at_its_first_epoch_is_pruned_with_its_last_value() {
     let seed = (0..1000u64)
         .find(|&s| lr(s, 0) == Some(0.01) && lr(s, 1) == Some(1.0))
         .expect("a seed whose trial 0 is good and trial 1 bad");
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    common::make_folder(&data, &["a", "b"], 16);
-    let space_file = dir.path().join("space.toml");
-    std::fs::write(&space_file, space_text).unwrap();
+    let (dir, data, space_file) = setup(space_text, 16);
     let study = dir.path().join("study");
     let seed = seed.to_string();
-    let mut args = search_args(
-        space_file.to_str().unwrap(),
-        data.to_str().unwrap(),
-        study.to_str().unwrap(),
-        "2",
-    );
+    let mut args = search_args(&space_file, &data, study.to_str().unwrap(), "2");
     let at = args.iter().position(|a| *a == "--seed").unwrap();
     args[at + 1] = &seed;
     args.splice(at..at, ["--pruner", "asha"]);

@@ -103,6 +103,16 @@ fn describe(e: &postgres::Error) -> String {
     s
 }
 
+/// A connection to the server of `url` (10 s to connect unless the URL says otherwise).
+fn connect(url: &StudyUrl) -> Result<Client> {
+    let err = |e: postgres::Error| Error::study(url.shown.clone(), describe(&e));
+    let mut config = postgres::Config::from_str(&url.connect).map_err(err)?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(10));
+    }
+    config.connect(NoTls).map_err(err)
+}
+
 /// See the module doc. One connection per `PostgresStorage`; open one per worker.
 pub struct PostgresStorage {
     url: StudyUrl,
@@ -114,11 +124,7 @@ impl PostgresStorage {
     pub fn open(url: &str) -> Result<PostgresStorage> {
         let url = StudyUrl::parse(url)?;
         let err = |e: postgres::Error| Error::study(url.shown.clone(), describe(&e));
-        let mut config = postgres::Config::from_str(&url.connect).map_err(err)?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(Duration::from_secs(10));
-        }
-        let mut client = config.connect(NoTls).map_err(err)?;
+        let mut client = connect(&url)?;
         let mut tx = client.transaction().map_err(err)?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
             .map_err(err)?;
@@ -288,16 +294,10 @@ impl Storage for PostgresStorage {
 /// Whether the server of `url` holds its study (without creating anything).
 pub fn exists(url: &str) -> Result<bool> {
     let parsed = StudyUrl::parse(url)?;
-    let err = |e: postgres::Error| Error::study(parsed.shown.clone(), describe(&e));
-    let mut config = postgres::Config::from_str(&parsed.connect).map_err(err)?;
-    if config.get_connect_timeout().is_none() {
-        config.connect_timeout(Duration::from_secs(10));
-    }
-    let mut client = config.connect(NoTls).map_err(err)?;
-    match client.query_opt(sql::SELECT_SPEC, &[&parsed.study]) {
+    match connect(&parsed)?.query_opt(sql::SELECT_SPEC, &[&parsed.study]) {
         Ok(row) => Ok(row.is_some()),
         Err(e) if e.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) => Ok(false),
-        Err(e) => Err(err(e)),
+        Err(e) => Err(Error::study(parsed.shown, describe(&e))),
     }
 }
 
