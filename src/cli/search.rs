@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::search::sqlite::SqliteStorage;
+use crate::search::postgres::{self, PostgresStorage};
+use crate::search::sqlite::{self, SqliteStorage};
 use crate::search::{
-    Direction, PrunerConfig, SamplerConfig, Space, Study, StudySpec, Trial, TrialRecord,
+    Direction, PrunerConfig, SamplerConfig, Space, Storage, Study, StudySpec, Trial, TrialRecord,
     TrialState, Value,
 };
 use crate::train::checkpoint::RunDir;
@@ -59,9 +60,13 @@ pub struct RunArgs {
     /// The objective: val_loss (minimised) or val_acc (maximised), of each trial's final (best) weights.
     #[arg(long, default_value = "val_loss")]
     pub metric: String,
-    /// The study folder (DIR/study.sqlite, trials in DIR/trials/NNNN); rerunning continues it.
+    /// The study: a folder (DIR/study.sqlite, trials in DIR/trials/NNNN), or a PostgreSQL URL
+    /// `postgres://user@host:port/db?study=NAME` shared by workers on many machines; rerunning continues it.
     #[arg(long, default_value = "search")]
-    pub study: PathBuf,
+    pub study: String,
+    /// With a PostgreSQL study: this machine's folder for the trial runs (default ./search-NAME).
+    #[arg(long)]
+    pub study_dir: Option<PathBuf>,
     /// Trials run at once (threads, each with its own connection to the study).
     #[arg(long, default_value_t = 1)]
     pub workers: usize,
@@ -77,8 +82,11 @@ pub struct RunArgs {
 
 #[derive(Debug, Args)]
 pub struct ShowArgs {
-    /// The study folder.
-    pub study: PathBuf,
+    /// The study folder, or its PostgreSQL URL.
+    pub study: String,
+    /// With a PostgreSQL study: this machine's folder of trial runs (default ./search-NAME).
+    #[arg(long)]
+    pub study_dir: Option<PathBuf>,
     /// table|json
     #[arg(long, default_value = "table")]
     pub format: String,
@@ -109,8 +117,64 @@ fn finetune_options() -> Vec<String> {
         .collect()
 }
 
-fn study_file(dir: &Path) -> PathBuf {
-    dir.join("study.sqlite")
+/// Where a study is stored and where this machine keeps its trial runs.
+enum StudyAt {
+    /// `DIR/study.sqlite`, trial runs in `DIR/trials`.
+    Folder(PathBuf),
+    /// On a PostgreSQL server; trial runs in `dir/trials` on each machine.
+    Postgres { url: String, dir: PathBuf },
+}
+
+impl StudyAt {
+    fn new(study: &str, study_dir: Option<&Path>) -> anyhow::Result<StudyAt> {
+        if !postgres::is_url(study) {
+            if study_dir.is_some() {
+                bail!(
+                    "--study-dir is for PostgreSQL studies; a study folder keeps its trials in it"
+                );
+            }
+            return Ok(StudyAt::Folder(PathBuf::from(study)));
+        }
+        let name = postgres::StudyUrl::parse(study)?.study;
+        Ok(StudyAt::Postgres {
+            url: study.to_string(),
+            dir: study_dir.map_or_else(
+                || PathBuf::from(format!("search-{name}")),
+                Path::to_path_buf,
+            ),
+        })
+    }
+
+    fn dir(&self) -> &Path {
+        match self {
+            StudyAt::Folder(dir) | StudyAt::Postgres { dir, .. } => dir,
+        }
+    }
+
+    /// For messages (a URL without its password).
+    fn shown(&self) -> String {
+        match self {
+            StudyAt::Folder(dir) => dir.join("study.sqlite").display().to_string(),
+            StudyAt::Postgres { url, .. } => postgres::redact(url),
+        }
+    }
+
+    /// A new connection to the study (one per worker).
+    fn storage(&self) -> anyhow::Result<Box<dyn Storage>> {
+        Ok(match self {
+            StudyAt::Folder(dir) => {
+                Box::new(SqliteStorage::open(dir.join("study.sqlite"), "default")?)
+            }
+            StudyAt::Postgres { url, .. } => Box::new(PostgresStorage::open(url)?),
+        })
+    }
+
+    fn exists(&self) -> anyhow::Result<bool> {
+        Ok(match self {
+            StudyAt::Folder(dir) => sqlite::exists(&dir.join("study.sqlite"), "default")?,
+            StudyAt::Postgres { url, .. } => postgres::exists(url)?,
+        })
+    }
 }
 
 fn trial_dir(study: &Path, number: u64) -> PathBuf {
@@ -305,12 +369,7 @@ fn search(a: RunArgs) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(space_path)
         .with_context(|| format!("reading {}", space_path.display()))?;
     let space = Space::from_toml(&text, &finetune_options())?;
-    if a.study.to_string_lossy().starts_with("postgres") {
-        bail!(
-            "--study {}: PostgreSQL storage is not built yet; use a folder (SQLite)",
-            a.study.display()
-        );
-    }
+    let at = StudyAt::new(&a.study, a.study_dir.as_deref())?;
     let mut fixed = Vec::new();
     if let Some(b) = &a.base {
         fixed.extend(["--base".to_string(), b.clone()]);
@@ -343,10 +402,11 @@ fn search(a: RunArgs) -> anyhow::Result<()> {
     // A sampled config is checked before anything is written, so a bad fixed flag fails now (it is never
     // run: each trial's own config is validated by its run).
     let probe = crate::search::sampler::random_params(&space, a.seed, 0);
-    trial_config(&fixed, &probe, &a.study.join("trials/probe"))
+    trial_config(&fixed, &probe, &at.dir().join("trials/probe"))
         .and_then(|cfg| Ok(crate::train::config::validate(&cfg)?))
         .context("checking the finetune flags of a first trial")?;
-    std::fs::create_dir_all(&a.study).with_context(|| format!("creating {}", a.study.display()))?;
+    std::fs::create_dir_all(at.dir())
+        .with_context(|| format!("creating {}", at.dir().display()))?;
     let spec = StudySpec {
         space,
         sampler,
@@ -355,26 +415,24 @@ fn search(a: RunArgs) -> anyhow::Result<()> {
         extra: serde_json::json!({ "fixed": fixed, "metric": a.metric, "pruner": pruner }),
     };
     let search = Search {
-        dir: a.study.clone(),
+        dir: at.dir().to_path_buf(),
         fixed,
         pruner,
         metric,
         trials: a.trials,
     };
-    let file = study_file(&a.study);
     eprintln!(
         "study {} ({} trials, {} workers)",
-        file.display(),
+        at.shown(),
         a.trials,
         a.workers
     );
     let results: Vec<anyhow::Result<()>> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..a.workers.max(1))
             .map(|_| {
-                let (spec, file, search) = (spec.clone(), file.clone(), &search);
+                let (spec, at, search) = (spec.clone(), &at, &search);
                 scope.spawn(move || -> anyhow::Result<()> {
-                    let mut study =
-                        Study::open(Box::new(SqliteStorage::open(&file, "default")?), spec)?;
+                    let mut study = Study::open(at.storage()?, spec)?;
                     study.stale_after = Duration::from_secs(a.stale_after);
                     while let Some(trial) = study.ask(Some(search.trials))? {
                         eprintln!(
@@ -402,6 +460,7 @@ fn search(a: RunArgs) -> anyhow::Result<()> {
     }
     show(&ShowArgs {
         study: a.study.clone(),
+        study_dir: a.study_dir.clone(),
         format: "table".into(),
     })
 }
@@ -414,18 +473,13 @@ fn format_params(p: &crate::search::Params) -> String {
 }
 
 fn show(s: &ShowArgs) -> anyhow::Result<()> {
-    let file = study_file(&s.study);
-    if !crate::search::sqlite::exists(&file, "default")? {
-        bail!(
-            "{}: no study there (expected {})",
-            s.study.display(),
-            file.display()
-        );
+    let at = StudyAt::new(&s.study, s.study_dir.as_deref())?;
+    if !at.exists()? {
+        bail!("{}: no study there", at.shown());
     }
-    let storage = SqliteStorage::open(&file, "default")?;
-    let spec: StudySpec =
-        serde_json::from_str(&crate::search::Storage::open_study(&storage, "{}")?)?;
-    let mut trials = crate::search::Storage::trials(&storage)?;
+    let storage = at.storage()?;
+    let spec: StudySpec = serde_json::from_str(&storage.open_study("{}")?)?;
+    let mut trials = storage.trials()?;
     let d = spec.direction;
     let rank = |t: &TrialRecord| match t.state {
         TrialState::Complete => 0,
@@ -475,18 +529,30 @@ fn show(s: &ShowArgs) -> anyhow::Result<()> {
         other => bail!("--format: `{other}` is not table|json"),
     }
     if let Some(best) = trials.first().filter(|t| t.state == TrialState::Complete) {
-        let src = trial_dir(&s.study, best.number).join("config.json");
-        let dst = s.study.join("best-config.json");
-        std::fs::copy(&src, &dst)
-            .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-        eprintln!(
-            "best trial {}: config written to {}",
-            best.number,
-            dst.display()
-        );
+        let src = trial_dir(at.dir(), best.number).join("config.json");
+        let dst = at.dir().join("best-config.json");
+        if matches!(at, StudyAt::Postgres { .. }) && !src.is_file() {
+            eprintln!(
+                "best trial {}: ran on another machine (worker {}); its config.json is in that \
+                 machine's {}",
+                best.number,
+                best.worker,
+                trial_dir(at.dir(), best.number).display()
+            );
+        } else {
+            std::fs::copy(&src, &dst)
+                .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+            eprintln!(
+                "best trial {}: config written to {}",
+                best.number,
+                dst.display()
+            );
+        }
     }
     let metric = spec.extra["metric"].as_str().unwrap_or("value");
-    let plots = crate::search::plots::plot_study(&spec.space, d, metric, &trials, &s.study)?;
+    std::fs::create_dir_all(at.dir())
+        .with_context(|| format!("creating {}", at.dir().display()))?;
+    let plots = crate::search::plots::plot_study(&spec.space, d, metric, &trials, at.dir())?;
     if !plots.is_empty() {
         let names: Vec<String> = plots.iter().map(|p| p.display().to_string()).collect();
         eprintln!("plots: {}", names.join(", "));

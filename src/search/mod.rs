@@ -6,9 +6,11 @@
 
 pub mod gp;
 pub mod plots;
+pub mod postgres;
 pub mod pruner;
 pub mod sampler;
 pub mod space;
+pub mod sql;
 pub mod sqlite;
 pub mod storage;
 pub mod study;

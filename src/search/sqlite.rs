@@ -2,26 +2,13 @@
 //! writer), a busy timeout instead of "database is locked" errors, and `ask` inside `BEGIN IMMEDIATE`, which
 //! takes the write lock before reading, so two workers can never number or pick the same trial.
 
-use crate::search::space::Params;
+use crate::search::sql;
 use crate::search::storage::{next_trial, now, Asked, Propose, Storage, TrialRecord, TrialState};
 use crate::{Error, Result};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
-
-/// The tables (the PostgreSQL storage uses the same layout).
-pub const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS studies (name TEXT PRIMARY KEY, spec TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS trials (
-    study TEXT NOT NULL, number BIGINT NOT NULL, state TEXT NOT NULL, params TEXT NOT NULL,
-    value DOUBLE PRECISION, message TEXT, started DOUBLE PRECISION NOT NULL, finished DOUBLE PRECISION,
-    heartbeat DOUBLE PRECISION NOT NULL, worker TEXT NOT NULL, PRIMARY KEY (study, number));
-CREATE TABLE IF NOT EXISTS intermediate (
-    study TEXT NOT NULL, number BIGINT NOT NULL, epoch BIGINT NOT NULL, value DOUBLE PRECISION NOT NULL,
-    PRIMARY KEY (study, number, epoch));
-";
 
 /// See the module doc. One connection per `SqliteStorage`; open one per worker.
 pub struct SqliteStorage {
@@ -41,7 +28,7 @@ impl SqliteStorage {
             .map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(err)?;
-        conn.execute_batch(SCHEMA).map_err(err)?;
+        conn.execute_batch(sql::SCHEMA).map_err(err)?;
         Ok(SqliteStorage {
             path,
             name: name.to_string(),
@@ -58,80 +45,44 @@ impl SqliteStorage {
     }
 
     fn load(&self, conn: &Connection) -> Result<Vec<TrialRecord>> {
-        let mut inter: BTreeMap<u64, BTreeMap<usize, f64>> = BTreeMap::new();
-        let mut q = conn
-            .prepare_cached("SELECT number, epoch, value FROM intermediate WHERE study = ?1")
-            .map_err(|e| self.err(e))?;
-        let rows = q
+        let err = |e: rusqlite::Error| self.err(e);
+        let intermediate = conn
+            .prepare_cached(sql::SELECT_INTERMEDIATE)
+            .map_err(err)?
+            .query_map([&self.name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .map_err(err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(err)?;
+        let trials = conn
+            .prepare_cached(sql::SELECT_TRIALS)
+            .map_err(err)?
             .query_map([&self.name], |r| {
                 Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, f64>(2)?,
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                    r.get(8)?,
                 ))
             })
-            .map_err(|e| self.err(e))?;
-        for row in rows {
-            let (n, e, v) = row.map_err(|e| self.err(e))?;
-            inter.entry(n as u64).or_default().insert(e as usize, v);
-        }
-        let mut q = conn
-            .prepare_cached(
-                "SELECT number, state, params, value, message, started, finished, heartbeat, worker
-                 FROM trials WHERE study = ?1 ORDER BY number",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = q
-            .query_map([&self.name], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, Option<f64>>(3)?,
-                    r.get::<_, Option<String>>(4)?,
-                    r.get::<_, f64>(5)?,
-                    r.get::<_, Option<f64>>(6)?,
-                    r.get::<_, f64>(7)?,
-                    r.get::<_, String>(8)?,
-                ))
-            })
-            .map_err(|e| self.err(e))?;
-        let mut out = Vec::new();
-        for row in rows {
-            let (number, state, params, value, message, started, finished, heartbeat, worker) =
-                row.map_err(|e| self.err(e))?;
-            let params: Params = serde_json::from_str(&params).map_err(|e| self.err(e))?;
-            out.push(TrialRecord {
-                number: number as u64,
-                state: TrialState::parse(&state)?,
-                params,
-                value,
-                intermediate: inter.remove(&(number as u64)).unwrap_or_default(),
-                message,
-                started,
-                finished,
-                heartbeat,
-                worker,
-            });
-        }
-        Ok(out)
+            .map_err(err)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(err)?;
+        sql::records(trials, intermediate, |e| self.err(e))
     }
 }
 
 impl Storage for SqliteStorage {
     fn open_study(&self, spec: &str) -> Result<String> {
         let conn = self.conn();
-        conn.execute(
-            "INSERT INTO studies (name, spec) VALUES (?1, ?2) ON CONFLICT (name) DO NOTHING",
-            params![self.name, spec],
-        )
-        .map_err(|e| self.err(e))?;
-        conn.query_row(
-            "SELECT spec FROM studies WHERE name = ?1",
-            [&self.name],
-            |r| r.get(0),
-        )
-        .map_err(|e| self.err(e))
+        conn.execute(sql::INSERT_STUDY, params![self.name, spec])
+            .map_err(|e| self.err(e))?;
+        conn.query_row(sql::SELECT_SPEC, [&self.name], |r| r.get(0))
+            .map_err(|e| self.err(e))
     }
 
     fn ask(
@@ -150,10 +101,16 @@ impl Storage for SqliteStorage {
             let t = &a.trial;
             let params = serde_json::to_string(&t.params).map_err(|e| self.err(e))?;
             tx.execute(
-                "INSERT INTO trials (study, number, state, params, started, heartbeat, worker)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (study, number) DO UPDATE SET heartbeat = excluded.heartbeat, worker = excluded.worker",
-                params![self.name, t.number as i64, t.state.as_str(), params, t.started, t.heartbeat, t.worker],
+                sql::UPSERT_ASKED,
+                params![
+                    self.name,
+                    t.number as i64,
+                    t.state.as_str(),
+                    params,
+                    t.started,
+                    t.heartbeat,
+                    t.worker
+                ],
             )
             .map_err(|e| self.err(e))?;
         }
@@ -170,9 +127,15 @@ impl Storage for SqliteStorage {
     ) -> Result<()> {
         self.conn()
             .execute(
-                "UPDATE trials SET state = ?1, value = ?2, message = ?3, finished = ?4, heartbeat = ?4
-                 WHERE study = ?5 AND number = ?6",
-                params![state.as_str(), value, message, now(), self.name, number as i64],
+                sql::TELL,
+                params![
+                    state.as_str(),
+                    value,
+                    message,
+                    now(),
+                    self.name,
+                    number as i64
+                ],
             )
             .map_err(|e| self.err(e))?;
         Ok(())
@@ -182,25 +145,18 @@ impl Storage for SqliteStorage {
         let mut conn = self.conn();
         let tx = conn.transaction().map_err(|e| self.err(e))?;
         tx.execute(
-            "INSERT INTO intermediate (study, number, epoch, value) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (study, number, epoch) DO UPDATE SET value = excluded.value",
+            sql::REPORT,
             params![self.name, number as i64, epoch as i64, value],
         )
         .map_err(|e| self.err(e))?;
-        tx.execute(
-            "UPDATE trials SET heartbeat = ?1 WHERE study = ?2 AND number = ?3",
-            params![now(), self.name, number as i64],
-        )
-        .map_err(|e| self.err(e))?;
+        tx.execute(sql::HEARTBEAT, params![now(), self.name, number as i64])
+            .map_err(|e| self.err(e))?;
         tx.commit().map_err(|e| self.err(e))
     }
 
     fn heartbeat(&self, number: u64) -> Result<()> {
         self.conn()
-            .execute(
-                "UPDATE trials SET heartbeat = ?1 WHERE study = ?2 AND number = ?3",
-                params![now(), self.name, number as i64],
-            )
+            .execute(sql::HEARTBEAT, params![now(), self.name, number as i64])
             .map_err(|e| self.err(e))?;
         Ok(())
     }
@@ -217,7 +173,7 @@ pub fn exists(path: &Path, name: &str) -> Result<bool> {
         return Ok(false);
     }
     let conn = Connection::open(path).map_err(|e| Error::study(path.display().to_string(), e))?;
-    conn.query_row("SELECT 1 FROM studies WHERE name = ?1", [name], |_| Ok(()))
+    conn.query_row(sql::SELECT_SPEC, [name], |_| Ok(()))
         .optional()
         .map(|r| r.is_some())
         .map_err(|e| Error::study(path.display().to_string(), e))
