@@ -21,13 +21,15 @@ trap cleanup EXIT
 if [[ ${GRAFT_SKIP_POSTGRES:-} != 1 ]]; then
     # A server someone started by hand is used and left running.
     scripts/postgres-test-server.sh status 2>/dev/null || pg_started=1
-    pg_env=$(scripts/postgres-test-server.sh start) || {
-        echo "test.sh: could not start the PostgreSQL test server (see above; GRAFT_SKIP_POSTGRES=1 skips it)" >&2
-        exit 1
-    }
-    eval "$pg_env"
-    export GRAFT_TEST_POSTGRES_URL
-    echo "PostgreSQL test server: $GRAFT_TEST_POSTGRES_URL"
+    if pg_env=$(scripts/postgres-test-server.sh start); then
+        eval "$pg_env"
+        export GRAFT_TEST_POSTGRES_URL
+        echo "PostgreSQL test server: $GRAFT_TEST_POSTGRES_URL"
+    else
+        # Loud, but the rest of the suite still runs: the PostgreSQL tests then print SKIPPED.
+        echo "test.sh: WARNING: could not start the PostgreSQL test server (see above): the PostgreSQL tests will be SKIPPED" >&2
+        pg_started=
+    fi
 fi
 # The conversion runs in the test profile (dependencies optimised), so no separate release build is needed.
 GRAFT_FETCH_CARGO_ARGS= scripts/fetch-efficientnet-lite0.sh
