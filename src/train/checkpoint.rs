@@ -122,6 +122,9 @@ impl PartialEq for RunDir {
 }
 impl Eq for RunDir {}
 
+/// The folder of a run's TensorBoard event files (`tensorboard --logdir RUN` or `--logdir runs/` reads it).
+pub const TENSORBOARD_DIR: &str = "tensorboard";
+
 /// Files of a run that are only results of its checkpoints: a run folder with no `last.safetensors` holds
 /// nothing that cannot be made again, so reusing it removes these.
 const RESULT_FILES: &[&str] = &[
@@ -185,6 +188,10 @@ impl RunDir {
                 if f.exists() {
                     fs::remove_file(&f).map_err(|e| Error::io(&f, e))?;
                 }
+            }
+            let events = path.join(TENSORBOARD_DIR);
+            if events.is_dir() {
+                fs::remove_dir_all(&events).map_err(|e| Error::io(&events, e))?;
             }
             remove_stale_temporaries(path)?;
             return Self::init_locked(path.to_path_buf(), now, lock);

@@ -17,3 +17,4 @@ pub mod metrics;
 pub mod plots;
 pub mod progress;
 pub mod runner;
+pub mod tensorboard;

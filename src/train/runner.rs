@@ -5,7 +5,8 @@
 //! and how to evaluate. The runner owns everything they share: resume from the last checkpoint, the
 //! optimizer per plan, the schedule and `ReduceLROnPlateau`, the step on the thread pool with clipping and
 //! the skipping of non-finite losses, the saved [`TrainState`], best and last checkpoints with the same
-//! contents, the metrics log, progress and the per-epoch line, `--stop-after`, and the summary file.
+//! contents, the metrics log and TensorBoard event files (per-step loss and learning rate, per-epoch
+//! metrics, in `RUN/tensorboard`), progress and the per-epoch line, `--stop-after`, and the summary file.
 //!
 //! Policies return decisions and the runner acts on them: early stopping and any outside policy (a search's
 //! pruner, [`RunOptions::on_epoch`]) speak through the same [`Decision`]; the freezing plan is the task's
@@ -20,10 +21,11 @@ use crate::kernels::par::on_pool;
 use crate::optim::schedule::ReduceOnPlateau;
 use crate::optim::{clip_grad_norm, OptimState, Optimizer, ScheduleConfig};
 use crate::rng::RngState;
-use crate::train::checkpoint::{Position, RunDir, TrainState, RUN_FORMAT};
+use crate::train::checkpoint::{Position, RunDir, TrainState, RUN_FORMAT, TENSORBOARD_DIR};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
 use crate::train::metrics::{EpochMetrics, MetricsLog, RunningStats};
 use crate::train::progress::Reporter;
+use crate::train::tensorboard::EventWriter;
 use crate::{Error, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
@@ -230,6 +232,8 @@ struct Progress {
     opt: Option<Optimizer>,
     plan: Option<usize>,
     history: Vec<EpochMetrics>,
+    /// This invocation's TensorBoard event file.
+    events: EventWriter,
 }
 
 fn new_early(p: &Policy) -> Result<EarlyStopping> {
@@ -267,6 +271,7 @@ pub fn run<T: Task>(
             opt: None,
             plan: None,
             history: Vec::new(),
+            events: EventWriter::create(&run_dir.path().join(TENSORBOARD_DIR))?,
         };
         (p, MetricsLog::create(run_dir.metrics_path())?)
     };
@@ -375,6 +380,7 @@ fn restore<T: Task>(
         opt: None,
         plan: None,
         history: state.history.clone(),
+        events: EventWriter::create(&run_dir.path().join(TENSORBOARD_DIR))?,
     };
     // The optimizer state continues: within the phase, and for continuous phases into the next one (built for
     // the plan of the epoch that comes next).
@@ -489,6 +495,17 @@ fn train_epoch<T: Task>(
     p.history.push(m.clone());
     save_epoch(task, run_dir, p, improved)?;
     metrics_log.append(&m)?;
+    p.events.scalars(
+        p.epoch as u64,
+        &[
+            ("epoch/train_loss", m.train_loss),
+            ("epoch/val_loss", m.val_loss),
+            ("epoch/train_acc", m.train_acc),
+            ("epoch/val_acc", m.val_acc),
+            ("epoch/lr", m.lr),
+        ],
+    )?;
+    p.events.flush()?;
     reporter.epoch_done(&m, improved);
     Ok(decision)
 }
@@ -553,6 +570,8 @@ fn train_pass<T: Task>(
                 labelled |= correct.is_some();
                 let shown = task.shown_loss(&batch, at, loss_v)?;
                 pass.batch(images, shown, correct.unwrap_or(0));
+                p.events
+                    .scalars(p.step, &[("train/loss", shown), ("train/lr", lr)])?;
             }
             None => {
                 p.bad_steps += 1;
