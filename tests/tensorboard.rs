@@ -24,7 +24,7 @@ fn crc32c(bytes: &[u8]) -> u32 {
 
 fn masked(bytes: &[u8]) -> u32 {
     let c = crc32c(bytes);
-    ((c >> 15) | (c << 17)).wrapping_add(0xA282_EAD8)
+    c.rotate_right(15).wrapping_add(0xA282_EAD8)
 }
 
 fn varint(b: &[u8], i: &mut usize) -> u64 {
