@@ -475,10 +475,6 @@ impl Task for Session {
             .build(self.cfg.lr, steps, self.frame.steps_per_epoch)
     }
 
-    fn prepare(&mut self, _plan: usize, _reporter: &mut Reporter) -> Result<()> {
-        Ok(())
-    }
-
     fn batches(&self, epoch: usize) -> Box<dyn Iterator<Item = Result<(usize, Tensor)>> + '_> {
         Box::new(
             self.train

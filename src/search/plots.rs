@@ -95,26 +95,30 @@ fn plot_history(done: &[&TrialRecord], d: Direction, metric: &str, path: &Path) 
     cv.save(path)
 }
 
-/// Where a parameter's value sits on its panel's x axis, and the axis's label.
-fn x_of(domain: &Domain, name: &str, v: &Value) -> (Option<f64>, String) {
+/// Where a parameter's value sits on its panel's x axis.
+fn x_of(domain: &Domain, v: &Value) -> Option<f64> {
     match domain {
-        Domain::Float { log: true, .. } | Domain::Int { log: true, .. } => (
-            v.as_f64().filter(|x| *x > 0.0).map(f64::log10),
-            format!("log10 {name}"),
-        ),
-        Domain::Choice(choices) => (
-            choices.iter().position(|c| c == v).map(|i| i as f64),
-            format!(
-                "{name} ({})",
-                choices
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("{i}={c}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ),
-        ),
-        _ => (v.as_f64(), name.to_string()),
+        Domain::Float { log: true, .. } | Domain::Int { log: true, .. } => {
+            v.as_f64().filter(|x| *x > 0.0).map(f64::log10)
+        }
+        Domain::Choice(choices) => choices.iter().position(|c| c == v).map(|i| i as f64),
+        _ => v.as_f64(),
+    }
+}
+
+/// The label of a parameter's x axis.
+fn x_label(domain: &Domain, name: &str) -> String {
+    match domain {
+        Domain::Float { log: true, .. } | Domain::Int { log: true, .. } => format!("log10 {name}"),
+        Domain::Choice(choices) => {
+            let index: Vec<String> = choices
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{i}={c}"))
+                .collect();
+            format!("{name} ({})", index.join(" "))
+        }
+        _ => name.to_string(),
     }
 }
 
@@ -132,14 +136,10 @@ fn plot_params(space: &Space, done: &[&TrialRecord], metric: &str, path: &Path) 
     let rows = varying.len().div_ceil(2) as i64;
     let mut cv = Canvas::new((cols * W) as u32, (rows * H) as u32);
     for (i, p) in varying.iter().enumerate() {
-        let mut label = p.name.clone();
+        let label = x_label(&p.domain, &p.name);
         let points = done
             .iter()
-            .filter_map(|t| {
-                let (x, l) = x_of(&p.domain, &p.name, t.params.get(&p.name)?);
-                label = l;
-                Some((x?, t.value?))
-            })
+            .filter_map(|t| Some((x_of(&p.domain, t.params.get(&p.name)?)?, t.value?)))
             .collect();
         let series = [Series {
             name: metric,

@@ -172,6 +172,26 @@ fn features(space: &Space, p: &Params) -> Vec<f64> {
     f
 }
 
+/// The complete trials with a finite value: what a GP learns from.
+fn complete(trials: &[TrialRecord]) -> Vec<&TrialRecord> {
+    trials
+        .iter()
+        .filter(|t| t.state == TrialState::Complete && t.value.is_some_and(f64::is_finite))
+        .collect()
+}
+
+/// A GP's training data from complete trials: their features and their values standardised (mean 0, sd 1).
+fn gp_data(space: &Space, done: &[&TrialRecord]) -> (Vec<Vec<f64>>, Vec<f64>) {
+    let ys: Vec<f64> = done.iter().map(|t| t.value.unwrap_or(0.0)).collect();
+    let mean = ys.iter().sum::<f64>() / ys.len() as f64;
+    let sd = (ys.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / ys.len() as f64)
+        .sqrt()
+        .max(1e-12);
+    let y = ys.iter().map(|v| (v - mean) / sd).collect();
+    let x = done.iter().map(|t| features(space, &t.params)).collect();
+    (x, y)
+}
+
 /// How much each varied option matters to the objective, from the complete trials: a GP of the kind the
 /// Bayesian sampler fits, with one length scale per input, whose inverse squared length scales (ARD
 /// relevance; a choice sums its one-hot inputs) are normalised to sum to 1. `None` with fewer than
@@ -181,10 +201,7 @@ pub fn importances(
     trials: &[TrialRecord],
     min_trials: usize,
 ) -> Option<Vec<(String, f64)>> {
-    let done: Vec<&TrialRecord> = trials
-        .iter()
-        .filter(|t| t.state == TrialState::Complete && t.value.is_some_and(f64::is_finite))
-        .collect();
+    let done = complete(trials);
     if done.len() < min_trials.max(2) {
         return None;
     }
@@ -201,13 +218,7 @@ pub fn importances(
     if owner.is_empty() {
         return None;
     }
-    let ys: Vec<f64> = done.iter().map(|t| t.value.unwrap_or(0.0)).collect();
-    let mean = ys.iter().sum::<f64>() / ys.len() as f64;
-    let sd = (ys.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / ys.len() as f64)
-        .sqrt()
-        .max(1e-12);
-    let y = ys.iter().map(|v| (v - mean) / sd).collect();
-    let x = done.iter().map(|t| features(space, &t.params)).collect();
+    let (x, y) = gp_data(space, &done);
     let gp = Gp::fit(x, y, None, 4, &mut trial_rng(0, 0));
     let mut relevance = vec![0.0; space.params.len()];
     for (j, &i) in owner.iter().enumerate() {
@@ -273,23 +284,14 @@ impl Sampler for BayesSampler {
         number: u64,
         trials: &[TrialRecord],
     ) -> Result<Option<Params>> {
-        let done: Vec<&TrialRecord> = trials
-            .iter()
-            .filter(|t| t.state == TrialState::Complete && t.value.is_some_and(f64::is_finite))
-            .collect();
+        let done = complete(trials);
         if done.len() < self.config.startup_trials.max(2)
             || features(space, &done[0].params).is_empty()
         {
             return Ok(Some(random_params(space, seed, number)));
         }
         let mut rng = trial_rng(seed, number);
-        let ys: Vec<f64> = done.iter().map(|t| t.value.unwrap_or(0.0)).collect();
-        let mean = ys.iter().sum::<f64>() / ys.len() as f64;
-        let sd = (ys.iter().map(|y| (y - mean).powi(2)).sum::<f64>() / ys.len() as f64)
-            .sqrt()
-            .max(1e-12);
-        let y: Vec<f64> = ys.iter().map(|v| (v - mean) / sd).collect();
-        let x: Vec<Vec<f64>> = done.iter().map(|t| features(space, &t.params)).collect();
+        let (x, y) = gp_data(space, &done);
         let warm = self.last_fit.lock().ok().and_then(|g| g.clone());
         let fitted = Gp::fit(
             x.clone(),

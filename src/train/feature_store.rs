@@ -74,8 +74,9 @@ impl Key {
         bytes.extend(mtime.to_le_bytes());
         self.part(&path.to_string_lossy(), &bytes);
     }
-    fn hex(self) -> String {
+    fn hex(&self) -> String {
         self.0
+            .clone()
             .finalize()
             .iter()
             .map(|b| format!("{b:02x}"))
@@ -99,12 +100,12 @@ impl FeatureStore {
         FeatureStore { dir: dir.into() }
     }
 
-    fn path(&self, key: Key) -> PathBuf {
+    fn path(&self, key: &Key) -> PathBuf {
         self.dir.join(format!("{}.safetensors", key.hex()))
     }
 
     /// The entry for `key`, or `None` (also for a damaged entry, which is reported).
-    pub fn load(&self, key: Key, device: &Device) -> Result<Option<Stored>> {
+    pub fn load(&self, key: &Key, device: &Device) -> Result<Option<Stored>> {
         let path = self.path(key);
         if !path.is_file() {
             return Ok(None);
@@ -143,7 +144,7 @@ impl FeatureStore {
     }
 
     /// Writes the entry for `key` atomically.
-    pub fn save(&self, key: Key, s: &Stored) -> Result<()> {
+    pub fn save(&self, key: &Key, s: &Stored) -> Result<()> {
         std::fs::create_dir_all(&self.dir).map_err(|e| Error::io(&self.dir, e))?;
         let meta = Meta {
             format: STORE_FORMAT.into(),

@@ -206,9 +206,12 @@ impl Session {
     /// (see [`Classifier::frozen_prefix`]), or `None` once they would take more than `budget` bytes. Read
     /// from the feature store when it has them, and kept there when it has not.
     fn prefix_outputs(&self, loader: &Loader, level: usize, budget: f64) -> Result<Option<Cached>> {
-        let store = self.store.as_ref().map(FeatureStore::new);
-        if let Some(store) = &store {
-            if let Some(stored) = store.load(self.prefix_key(loader, level)?, &self.frame.device)? {
+        let store = match &self.store {
+            Some(dir) => Some((FeatureStore::new(dir), self.prefix_key(loader, level)?)),
+            None => None,
+        };
+        if let Some((store, key)) = &store {
+            if let Some(stored) = store.load(key, &self.frame.device)? {
                 if (stored.features.elem_count() * 4) as f64 > budget {
                     return Ok(None);
                 }
@@ -257,14 +260,14 @@ impl Session {
             rows,
             stored: false,
         };
-        if let Some(store) = &store {
+        if let Some((store, key)) = &store {
             let stored = Stored {
                 features: cached.features.clone(),
                 labels: cached.labels.clone(),
                 rows: cached.rows.clone(),
                 skipped: loader.skipped(),
             };
-            store.save(self.prefix_key(loader, level)?, &stored)?;
+            store.save(key, &stored)?;
         }
         Ok(Some(cached))
     }

@@ -175,11 +175,12 @@ pub fn format_epoch_line(m: &EpochMetrics, epochs: usize) -> String {
         .get("phase")
         .and_then(|p| p.as_str())
         .map_or(String::new(), |p| format!(" {p}"));
+    let labelled = !(m.train_acc.is_nan() && m.val_acc.is_nan());
     let acc = |v: f64| {
-        if v.is_nan() && m.train_acc.is_nan() && m.val_acc.is_nan() {
-            String::new()
-        } else {
+        if labelled {
             format!(" acc {}", pct(v))
+        } else {
+            String::new()
         }
     };
     format!(

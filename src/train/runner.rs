@@ -181,7 +181,9 @@ pub trait Task: Sync {
     /// The schedule of `phase`, `steps` optimizer steps long.
     fn schedule(&self, phase: usize, steps: usize) -> ScheduleConfig;
     /// Called before each epoch's training pass, with its plan (e.g. to compute a frozen prefix once).
-    fn prepare(&mut self, plan: usize, reporter: &mut Reporter) -> Result<()>;
+    fn prepare(&mut self, _plan: usize, _reporter: &mut Reporter) -> Result<()> {
+        Ok(())
+    }
     /// The batches of `epoch`, each with its position in the epoch; a batch the task cannot train on is left
     /// out (its position is not reused).
     fn batches(&self, epoch: usize) -> Box<dyn Iterator<Item = Result<(usize, Self::Batch)>> + '_>;
@@ -301,8 +303,8 @@ pub fn run<T: Task>(
         epochs_this_run += 1;
         if let Decision::Stop { reason, .. } = decision {
             if independent {
+                // `train_epoch` marked the phase done; the next turn of the loop ends it.
                 reporter.line(&format!("{}: {reason}", task.phases()[p.pos.phase].name));
-                p.pos.phase_done = true;
             } else {
                 reporter.line(&reason);
                 stop_reason = Some(reason);
