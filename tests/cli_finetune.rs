@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::Device;
-use common::{graft_ok, make_folder, resnet18_weights};
+use common::{graft_ok, make_folder, model_tensors, resnet18_weights};
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -42,21 +42,6 @@ fn run_flags<'a>(data: &'a str, weights: &'a str, run: &'a str) -> Vec<&'a str> 
         "--run-dir",
         run,
     ]
-}
-
-fn model_tensors(path: &Path) -> BTreeMap<String, Vec<f32>> {
-    let t = candle_core::safetensors::load(path, &Device::Cpu).unwrap();
-    t.into_iter()
-        .filter(|(k, _)| k.starts_with("model."))
-        .map(|(k, v)| {
-            let v = v
-                .flatten_all()
-                .unwrap()
-                .to_dtype(candle_core::DType::F32)
-                .unwrap();
-            (k, v.to_vec1::<f32>().unwrap())
-        })
-        .collect()
 }
 
 fn metrics(run: &Path) -> Vec<serde_json::Value> {

@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 
-use crate::cli::shared::{set, shared_fields, TrainArgs};
+use crate::cli::shared::{set, shared_fields, LrFlag, TrainArgs};
 use crate::models::base;
 use crate::models::head::{Activation, Init};
 use crate::train::checkpoint::RunDir;
@@ -166,6 +166,12 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     set(&mut cfg.cache_mb, args.cache_mb);
     set(&mut cfg.max_bad_steps, args.max_bad_steps);
     args.train.apply(shared_fields!(cfg))?;
+    if args.train.lr == Some(LrFlag::Auto) {
+        cfg.lr_find = Some(crate::train::lr_find::Suggestion::Valley);
+        cfg.lr_found = None;
+    } else if args.train.lr.is_some() {
+        cfg.lr_find = None;
+    }
 
     let resolved = base::resolve(&cfg.base)?;
     let groups = resolved.group_names()?;

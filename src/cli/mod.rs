@@ -6,6 +6,7 @@ mod eval;
 mod export;
 pub mod finetune;
 mod inspect;
+mod lr_find;
 mod predict;
 mod pretrain;
 mod search;
@@ -33,6 +34,9 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Fine-tune a pretrained base on a folder of labelled images.
     Finetune(Box<finetune::FinetuneArgs>),
+    /// fastai's learning-rate finder: a short mock training over exponentially growing rates, then the
+    /// suggested rate (valley, slide, minimum, steep) and a plot; the weights are left as they were.
+    LrFind(Box<lr_find::LrFindArgs>),
     /// Write a run's best weights and their metadata as one deployment safetensors file.
     Export(export::ExportArgs),
     /// Accuracy, confusion matrix and per-class scores of an exported model on an image folder.
@@ -87,6 +91,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Convert(a) => convert::run(a),
         Command::Finetune(a) => finetune::run(*a),
         Command::Export(a) => export::run(a),
+        Command::LrFind(a) => lr_find::run(*a),
         Command::Eval(a) => eval::run(a),
         Command::Pretrain(a) => pretrain::run(*a),
         Command::Search(a) => search::run(*a),

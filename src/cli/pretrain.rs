@@ -121,6 +121,9 @@ fn input_shape(enc: &EncoderConfig, size: Option<usize>) -> anyhow::Result<(usiz
 /// implies. RBMs are always tied. Not validated here: the caller validates it, once.
 pub fn config_from_args(args: &PretrainArgs) -> anyhow::Result<PretrainConfig> {
     let (mut cfg, file) = args.train.start::<PretrainConfig>()?;
+    if args.train.lr == Some(crate::cli::shared::LrFlag::Auto) {
+        bail!("--lr auto is for finetune; pretrain takes a number (its default: 1e-3 for autoencoders, 0.05 for RBMs)");
+    }
     set(&mut cfg.arch, args.arch.clone());
     set(&mut cfg.data, args.data.clone());
     if cfg.arch.is_empty() {

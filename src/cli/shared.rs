@@ -30,8 +30,10 @@ pub struct TrainArgs {
     /// Peak learning rate. Finetune: of the head, earlier groups get geometrically less, down to lr/lr-mult
     /// at the stem; with the one-cycle schedule and both phases the unfrozen phase peaks at lr/2 (fastai's
     /// fine_tune, whose base_lr 2e-3 is the default). Pretrain: 1e-3 for autoencoders, 0.05 for RBMs.
-    #[arg(long)]
-    pub lr: Option<f64>,
+    /// Finetune also takes `auto`: the learning-rate finder's valley suggestion for the first phase (see
+    /// `graft lr-find`), recorded in the run's config.
+    #[arg(long, value_parser = parse_lr)]
+    pub lr: Option<LrFlag>,
     /// The optimizer, with PyTorch's defaults for its hyperparameters (pretrain: adam, momentum for RBMs).
     #[arg(long, value_enum)]
     pub optimizer: Option<OptimizerKind>,
@@ -70,6 +72,22 @@ pub struct TrainArgs {
     /// Stop after N epochs of this invocation, as an interruption would (resume continues).
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
+}
+
+/// `--lr`: a rate, or `auto` (found by the learning-rate finder before training).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum LrFlag {
+    Value(f64),
+    Auto,
+}
+
+fn parse_lr(s: &str) -> Result<LrFlag, String> {
+    if s.eq_ignore_ascii_case("auto") {
+        return Ok(LrFlag::Auto);
+    }
+    s.parse()
+        .map(LrFlag::Value)
+        .map_err(|_| format!("`{s}` is neither a number nor `auto`"))
 }
 
 /// Mutable views of the fields both configs have; build one with [`shared_fields!`].
@@ -120,7 +138,9 @@ impl TrainArgs {
     pub fn apply(&self, to: SharedFields<'_>) -> anyhow::Result<()> {
         set(to.val_split, self.val_split);
         set(to.batch_size, self.batch_size);
-        set(to.lr, self.lr);
+        if let Some(LrFlag::Value(lr)) = self.lr {
+            *to.lr = lr;
+        }
         set(to.schedule, self.schedule);
         set(to.seed, self.seed);
         set(to.device, self.device.clone());

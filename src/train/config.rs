@@ -7,6 +7,7 @@ use crate::models::classifier::ClassifierSpec;
 use crate::models::head::HeadConfig;
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::train::early_stop::Monitor;
+use crate::train::lr_find::Suggestion;
 use crate::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -60,6 +61,15 @@ impl ScheduleKind {
     }
 }
 
+/// The rate the learning-rate finder chose for a run, and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LrFound {
+    pub rule: Suggestion,
+    pub lr: f64,
+    /// The phase whose plan it was found for (`frozen`: the head only).
+    pub phase: String,
+}
+
 /// Everything that defines a fine-tuning run; saved as the run's config and in every checkpoint. A file
 /// that leaves fields out gets [`FinetuneConfig::default`]'s values for them; an unknown field is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -85,6 +95,12 @@ pub struct FinetuneConfig {
     pub epochs: usize,
     /// Learning rate of the head (and of the last group); earlier groups get geometrically less.
     pub lr: f64,
+    /// Find `lr` before training with the learning-rate finder and this rule (`--lr auto`: valley), for the
+    /// first phase's plan. A run records the rate found in `lr`, this field as `None` and the finding in
+    /// `lr_found`, so its config.json reruns the same run without searching again.
+    pub lr_find: Option<Suggestion>,
+    /// What the finder chose for this run (a record: it changes nothing by itself).
+    pub lr_found: Option<LrFound>,
     /// Ratio of the head's learning rate to the stem's in the unfrozen phase (1: one rate for all).
     pub lr_mult: f64,
     pub optimizer: OptimizerConfig,
@@ -135,6 +151,8 @@ impl Default for FinetuneConfig {
             freeze_epochs: 1,
             epochs: 5,
             lr: 2e-3,
+            lr_find: None,
+            lr_found: None,
             lr_mult: 100.0,
             optimizer: OptimizerConfig::from_kind("adamw").expect("adamw is a kind"),
             schedule: ScheduleKind::Onecycle,

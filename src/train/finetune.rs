@@ -17,9 +17,12 @@ use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
 use crate::optim::{Optimizer, ScheduleConfig};
 use crate::rng::{seeded, RngState};
 use crate::train::checkpoint::{Position, RunDir, TrainState};
-use crate::train::config::{check_memory, classifier_spec, validate, FinetuneConfig, ScheduleKind};
+use crate::train::config::{
+    check_memory, classifier_spec, validate, FinetuneConfig, LrFound, ScheduleKind,
+};
 use crate::train::feature_store::{FeatureStore, Key, Stored};
 use crate::train::loss::cross_entropy;
+use crate::train::lr_find::{self, LrFindConfig, LrFinding};
 use crate::train::metrics::{count_correct, ConfusionMatrix, RunningStats};
 use crate::train::progress::{format_summary, Reporter};
 use crate::train::runner::{
@@ -735,10 +738,68 @@ pub fn finetune_new(
     validate(cfg)?;
     let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
     let base = base::resolve(&cfg.base)?;
-    let s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
+    let mut s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
     let run_dir = RunDir::create(dir)?;
     eprintln!("run folder: {}", run_dir.path().display());
+    if let Some(rule) = cfg.lr_find {
+        s.store = opts.feature_store.clone();
+        let (finding, phase) = find_on(&mut s, &LrFindConfig::default(), &mut reporter)?;
+        finding.plot(
+            LrFindConfig::default().num_it,
+            &run_dir.path().join(LR_FIND_PNG),
+        )?;
+        let lr = finding.suggested(rule)?;
+        reporter.line(&format!(
+            "learning-rate finder ({}, {phase} phase): --lr {lr:.3e}",
+            rule.name()
+        ));
+        s.cfg.lr = lr;
+        s.cfg.lr_find = None;
+        s.cfg.lr_found = Some(LrFound {
+            rule,
+            lr,
+            phase: phase.to_string(),
+        });
+    }
     run_session(s, reporter, &run_dir, false, opts)
+}
+
+/// The file the learning-rate finder's curve is drawn to, in a run folder.
+pub const LR_FIND_PNG: &str = "lr_find.png";
+
+/// The learning-rate finder on a session, for the plan of its first phase that trains; returns the finding
+/// and that phase's name. The session's weights and generators are as before.
+fn find_on(
+    s: &mut Session,
+    finder: &LrFindConfig,
+    reporter: &mut Reporter,
+) -> Result<(LrFinding, String)> {
+    let phase = s
+        .frame
+        .phases
+        .iter()
+        .position(|p| p.epochs > 0)
+        .unwrap_or(0);
+    let name = s.frame.phases[phase].name.clone();
+    Ok((lr_find::find(s, phase, finder, reporter)?, name))
+}
+
+/// `graft lr-find`: the learning-rate finder on the run `cfg` describes (its first phase's plan: the head
+/// alone when `freeze_epochs > 0`), without training it. Writes the curve to `plot`.
+pub fn find_lr(
+    cfg: &FinetuneConfig,
+    finder: &LrFindConfig,
+    plot: &Path,
+    quiet: bool,
+) -> Result<(LrFinding, String)> {
+    validate(cfg)?;
+    finder.validate()?;
+    let mut reporter = Reporter::new(quiet, 1);
+    let base = base::resolve(&cfg.base)?;
+    let mut s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
+    let (finding, phase) = find_on(&mut s, finder, &mut reporter)?;
+    finding.plot(finder.num_it, plot)?;
+    Ok((finding, phase))
 }
 
 fn run_session(

@@ -13,6 +13,7 @@ pub mod feature_store;
 pub mod finetune;
 mod font;
 pub mod loss;
+pub mod lr_find;
 pub mod metrics;
 pub mod plots;
 pub mod progress;

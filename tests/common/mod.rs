@@ -146,3 +146,19 @@ impl TestDevice {
         t.to_device(&self.device).unwrap()
     }
 }
+
+/// The `model.*` tensors of a checkpoint, as f32 values (checkpoints also hold timings, so their bytes differ).
+pub fn model_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
+    let t = candle_core::safetensors::load(path, &candle_core::Device::Cpu).unwrap();
+    t.into_iter()
+        .filter(|(k, _)| k.starts_with("model."))
+        .map(|(k, v)| {
+            let v = v
+                .flatten_all()
+                .unwrap()
+                .to_dtype(candle_core::DType::F32)
+                .unwrap();
+            (k, v.to_vec1::<f32>().unwrap())
+        })
+        .collect()
+}
