@@ -4,7 +4,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use std::path::{Path, PathBuf};
 
-use crate::data::{Dataset, ImageFolder, Loader, LoaderConfig, Sample};
+use crate::data::{Dataset, ImageFolder, Loader, LoaderConfig, Sample, Tta};
 use candle_core::Tensor;
 
 #[derive(Debug, Args)]
@@ -20,8 +20,13 @@ pub struct EvalArgs {
     /// without `train/` (only `test/`, say) is read split by split: `test` is never taken for a class.
     #[arg(long)]
     pub split: Option<String>,
+    /// Images per forward pass; with `--tta` each brings its views, so a pass holds up to
+    /// batch size x views inputs.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
+    /// Test-time augmentation: classify each image from the mean softmax probabilities of its views.
+    #[arg(long, value_enum, default_value_t = Tta::None)]
+    pub tta: Tta,
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Print one JSON object instead of tables.
@@ -59,7 +64,10 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         samples,
         classes.len(),
         model.spec.preprocess.clone(),
-        LoaderConfig::eval(args.batch_size),
+        LoaderConfig {
+            tta: args.tta,
+            ..LoaderConfig::eval(args.batch_size)
+        },
         &device,
     )?;
     // NaN or infinite logits would count as some class and print `NaN` losses: refuse them instead.
@@ -69,7 +77,8 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             let batch = batch?;
             let logits = crate::kernels::par::on_pool(|| model.predict(&batch.images))?;
             if let Some(&row) = crate::formats::finite::non_finite_rows(&logits)?.first() {
-                let image = batch.indices.get(row).and_then(|&i| paths.get(i));
+                let sample = batch.indices.get(row / args.tta.views());
+                let image = sample.and_then(|&i| paths.get(i));
                 return Err(crate::Error::NonFiniteOutput {
                     model: args.model.clone(),
                     input: image.map_or_else(
@@ -78,7 +87,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
                     ),
                 });
             }
-            Ok((logits, batch.labels))
+            Ok((args.tta.scores(&logits)?, batch.labels))
         });
     let (stats, cm) = crate::train::evaluate::classification(classes.len(), batches, |_, _, _| {})?;
     let seen = stats.samples() as usize;
@@ -96,13 +105,17 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
             .collect();
         println!(
             "{}",
-            serde_json::json!({"split": split, "images": seen, "skipped": skipped.len(), "accuracy": cm.accuracy(), "loss": loss, "per_class": per_class})
+            serde_json::json!({"split": split, "tta": args.tta, "images": seen, "skipped": skipped.len(), "accuracy": cm.accuracy(), "loss": loss, "per_class": per_class})
         );
     } else {
         println!(
-            "{} images ({split}) of {}: accuracy {:.2}%, loss {:.4}{}",
+            "{} images ({split}) of {}{}: accuracy {:.2}%, loss {:.4}{}",
             seen,
             args.data.display(),
+            match args.tta {
+                Tta::None => String::new(),
+                tta => format!(" with --tta {}", tta.name()),
+            },
             cm.accuracy() * 100.0,
             loss,
             if skipped.is_empty() {

@@ -1,10 +1,11 @@
 //! `graft predict`: top-k classes for each image.
 
 use super::BaseArgs;
+use crate::data::Tta;
 use crate::models::card;
 use crate::models::pretrained::Pretrained;
 use anyhow::{bail, Context};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -19,6 +20,9 @@ pub struct PredictArgs {
     /// How many classes to show per image.
     #[arg(long, default_value_t = 5)]
     pub top_k: usize,
+    /// Test-time augmentation: classify each image from the mean softmax probabilities of its views.
+    #[arg(long, value_enum, default_value_t = Tta::None)]
+    pub tta: Tta,
     /// Output format: human-readable text, or one JSON object per image.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -45,12 +49,13 @@ pub struct Top {
 #[derive(Debug, Serialize)]
 pub struct Prediction {
     pub path: String,
+    /// The test-time augmentation the probabilities average over.
+    pub tta: Tta,
     pub top: Vec<Top>,
 }
 
-/// The `k` most likely classes of each row of `logits`.
-pub fn top_k(logits: &Tensor, classes: &[String], k: usize) -> anyhow::Result<Vec<Vec<Top>>> {
-    let probs = candle_nn::ops::softmax(&logits.to_dtype(candle_core::DType::F32)?, D::Minus1)?;
+/// The `k` most likely classes of each row of `probs` (`[N, K]` `f32` probabilities).
+pub fn top_k(probs: &Tensor, classes: &[String], k: usize) -> anyhow::Result<Vec<Vec<Top>>> {
     let rows: Vec<Vec<f32>> = probs.to_vec2()?;
     Ok(rows
         .into_iter()
@@ -75,7 +80,10 @@ pub fn print_predictions(preds: &[Prediction], format: Format) -> anyhow::Result
         match format {
             Format::Json => println!("{}", serde_json::to_string(p)?),
             Format::Text => {
-                println!("{}", p.path);
+                match p.tta {
+                    Tta::None => println!("{}", p.path),
+                    tta => println!("{}  (--tta {})", p.path, tta.name()),
+                }
                 for t in &p.top {
                     println!("  {:>6.2}%  {:>4}  {}", t.prob * 100.0, t.index, t.class);
                 }
@@ -141,16 +149,16 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
     let mut preds = Vec::new();
     let (mut failed, mut non_finite) = (0, 0);
     for path in &args.images {
-        let image =
-            match crate::data::transform::load_eval_tensor(path, model.preprocess(), &device) {
-                Ok(t) => t,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    failed += 1;
-                    continue;
-                }
-            };
-        let logits = crate::kernels::par::on_pool(|| model.logits(&image.unsqueeze(0)?))?;
+        let views = match crate::data::load_tta_tensor(path, model.preprocess(), args.tta, &device)
+        {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("error: {e}");
+                failed += 1;
+                continue;
+            }
+        };
+        let logits = crate::kernels::par::on_pool(|| model.logits(&views))?;
         // NaN or infinite logits give `NaN%` scores; that is an error for this image, not a prediction.
         if !crate::formats::finite::non_finite_rows(&logits)?.is_empty() {
             let e = crate::Error::NonFiniteOutput {
@@ -161,9 +169,11 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
             non_finite += 1;
             continue;
         }
-        let top = top_k(&logits, model.classes(), args.top_k)?.remove(0);
+        let probs = args.tta.mean_probs(&logits)?;
+        let top = top_k(&probs, model.classes(), args.top_k)?.remove(0);
         preds.push(Prediction {
             path: path.display().to_string(),
+            tta: args.tta,
             top,
         });
     }

@@ -13,9 +13,7 @@
 use super::cache::{CacheConfig, CacheStats, ImageCache};
 use super::decode::load_rgb;
 use super::folder::{class_counts, Sample};
-use super::transform::{
-    augment_into, eval_pixels, normalize_into, resize_short_side, Augment, Preprocess,
-};
+use super::transform::{augment_into, resize_short_side, Augment, Preprocess, Tta};
 use crate::rng::mix;
 use crate::{Error, Result};
 use candle_core::{Device, Tensor};
@@ -48,6 +46,9 @@ pub struct LoaderConfig {
     pub balanced: bool,
     /// Training augmentation; `None` applies the evaluation transform.
     pub augment: Option<Augment>,
+    /// Test-time augmentation (evaluation only: refused with `augment`): each sample becomes
+    /// [`Tta::views`] consecutive images of its batch.
+    pub tta: Tta,
     pub cache: CacheConfig,
     /// With augmentation, the short side of the working copy that is cached and cropped from; default
     /// the evaluation resize size (256 for 224 at crop 0.875). Larger keeps more detail for small crops.
@@ -65,6 +66,7 @@ impl Default for LoaderConfig {
             seed: 0,
             balanced: false,
             augment: None,
+            tta: Tta::None,
             cache: CacheConfig::default(),
             work_size: None,
             prefetch: 1,
@@ -94,8 +96,9 @@ impl LoaderConfig {
     }
 }
 
-/// A batch: `images` `[N, C, S, S]` `f32` (C the preprocessing's channels), `labels` `[N]` `u32`, and the indices of its samples in the
-/// loader's sample list.
+/// A batch: `images` `[N * V, C, S, S]` `f32` (C the preprocessing's channels, V the [`LoaderConfig::tta`]
+/// views, 1 without; the views of sample `k` are rows `k * V .. (k + 1) * V`), `labels` `[N]` `u32`, and the
+/// indices of its samples in the loader's sample list.
 #[derive(Debug, Clone)]
 pub struct Batch {
     pub images: Tensor,
@@ -137,6 +140,12 @@ impl Loader {
         }
         if let Some(aug) = &config.augment {
             aug.validate()?;
+            if config.tta != Tta::None {
+                return Err(Error::config(
+                    "tta",
+                    "test-time augmentation applies to the evaluation transform, not with training augmentation",
+                ));
+            }
         }
         if let Some(bad) = samples.iter().find(|s| s.label >= num_classes) {
             return Err(Error::config(
@@ -161,6 +170,12 @@ impl Loader {
         let work_size = config.work_size.unwrap_or_else(|| preprocess.resize_size());
         let transform_key = match &config.augment {
             Some(_) => format!("work short side {work_size} {:?}", preprocess.interpolation),
+            // `none` and `flip` cut their views from the same evaluation crop.
+            None if config.tta == Tta::Crops => format!(
+                "ten-crop short side {} {:?}",
+                config.tta.crops_short_side(&preprocess),
+                preprocess.interpolation
+            ),
             None => format!(
                 "eval {} crop {} {:?}",
                 preprocess.input_size, preprocess.crop_pct, preprocess.interpolation
@@ -318,8 +333,9 @@ impl Inner {
         order
     }
 
-    /// The decoded pixels of sample `index` as cached: the evaluation crop, or with augmentation the
-    /// working copy (short side at most `work_size`, never enlarged).
+    /// The decoded pixels of sample `index` as cached: what the test-time views are cut from
+    /// ([`Tta::base_pixels`], the evaluation crop without TTA), or with augmentation the working copy
+    /// (short side at most `work_size`, never enlarged).
     fn pixels(&self, index: usize) -> Result<Arc<RgbImage>> {
         let path = &self.samples[index].path;
         if let Some(img) = self.cache.get(index, path) {
@@ -336,12 +352,13 @@ impl Inner {
                     rgb
                 }
             }
-            None => eval_pixels(&rgb, p),
+            None => self.config.tta.base_pixels(&rgb, p),
         };
         Ok(self.cache.put(index, path, base))
     }
 
-    /// Fills `out` with sample `index` at epoch position `position`; `false` when it is skipped.
+    /// Fills `out` with sample `index` (its TTA views, one after the other) at epoch position `position`;
+    /// `false` when it is skipped.
     fn prepare(&self, epoch: u64, position: usize, index: usize, out: &mut [f32]) -> bool {
         if self
             .skipped
@@ -372,7 +389,7 @@ impl Inner {
                 let mut rng = ChaCha8Rng::seed_from_u64(seed);
                 augment_into(&pixels, &self.preprocess, aug, &mut rng, out);
             }
-            None => normalize_into(&pixels, &self.preprocess, false, out),
+            None => self.config.tta.views_into(&pixels, &self.preprocess, out),
         }
         true
     }
@@ -380,7 +397,8 @@ impl Inner {
     /// The batch of samples `indices`, which start at position `start` of the epoch; `None` when every
     /// one of them was skipped.
     fn batch(&self, epoch: u64, start: usize, indices: &[usize]) -> Result<Option<Batch>> {
-        let len = self.preprocess.tensor_len();
+        let views = self.config.tta.views();
+        let len = self.preprocess.tensor_len() * views;
         let mut data = vec![0f32; indices.len() * len];
         let ok: Vec<bool> = data
             .par_chunks_mut(len)
@@ -409,7 +427,7 @@ impl Inner {
         let labels: Vec<u32> = kept.iter().map(|&i| self.samples[i].label as u32).collect();
         let images = Tensor::from_vec(
             data,
-            (kept.len(), self.preprocess.channels, s, s),
+            (kept.len() * views, self.preprocess.channels, s, s),
             &self.device,
         )?;
         let labels = Tensor::from_vec(labels, kept.len(), &self.device)?;

@@ -33,4 +33,7 @@ pub use folder::{
 };
 pub use loader::{Batch, Epoch, Loader, LoaderConfig};
 pub use resample::Interpolation;
-pub use transform::{eval_tensor, load_eval_tensor, Augment, ColorJitter, Preprocess};
+pub use transform::{
+    eval_tensor, load_eval_tensor, load_tta_tensor, tta_tensor, Augment, ColorJitter, Preprocess,
+    Tta,
+};

@@ -9,7 +9,7 @@
 use super::decode::load_rgb;
 use super::resample::{resize, Interpolation};
 use crate::{Error, Result};
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor, D};
 use image::{DynamicImage, RgbImage};
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -184,21 +184,173 @@ pub fn normalize_into(image: &RgbImage, p: &Preprocess, flip: bool, out: &mut [f
 
 /// The evaluation transform of a decoded image as a `[channels, input_size, input_size]` `f32` tensor.
 pub fn eval_tensor(image: &DynamicImage, p: &Preprocess, device: &Device) -> Result<Tensor> {
-    let rgb = match image {
-        DynamicImage::ImageRgb8(rgb) => eval_pixels(rgb, p),
-        other => eval_pixels(&other.to_rgb8(), p),
-    };
-    let mut data = vec![0f32; p.tensor_len()];
-    normalize_into(&rgb, p, false, &mut data);
-    let s = p.input_size;
-    Ok(Tensor::from_vec(data, (p.channels, s, s), device)?)
+    Ok(tta_tensor(image, p, Tta::None, device)?.squeeze(0)?)
 }
 
-/// Loads the image at `path` and applies the evaluation transform: what `graft predict` feeds a model.
+/// Loads the image at `path` and applies the evaluation transform.
 /// A file that cannot be decoded is an [`Error::Image`] naming it.
 pub fn load_eval_tensor(path: &Path, p: &Preprocess, device: &Device) -> Result<Tensor> {
     let rgb = load_rgb(path)?;
     eval_tensor(&DynamicImage::ImageRgb8(rgb), p, device)
+}
+
+/// Test-time augmentation (`--tta` of `graft eval` and `graft predict`): the views of each image a model
+/// classifies; the prediction is the mean of the views' softmax probabilities ([`Tta::mean_probs`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Tta {
+    /// One view: the evaluation transform's centre crop.
+    #[default]
+    None,
+    /// Two views: the centre crop and its horizontal mirror.
+    Flip,
+    /// Ten views, torchvision's `TenCrop`: the four corner and the centre `input_size` crops of the image
+    /// resized to the short side `floor(input_size / crop_pct)`, then the same five of its mirror image. With
+    /// `crop_pct` 1 (no margin) the short side is `floor(input_size / 0.875)`, so that the corners differ.
+    Crops,
+}
+
+/// The `crop_pct` [`Tta::Crops`] cuts its crops at when the preprocessing's is 1: timm's default.
+pub const TEN_CROP_FALLBACK_CROP_PCT: f64 = 0.875;
+
+impl Tta {
+    /// Views per image: 1, 2 or 10.
+    pub fn views(self) -> usize {
+        match self {
+            Tta::None => 1,
+            Tta::Flip => 2,
+            Tta::Crops => 10,
+        }
+    }
+
+    /// The name `--tta` takes and JSON outputs print.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tta::None => "none",
+            Tta::Flip => "flip",
+            Tta::Crops => "crops",
+        }
+    }
+
+    /// The pixels the views are cut from, which is what a loader caches: the evaluation crop
+    /// ([`eval_pixels`]) for `none` and `flip`; for `crops` the whole image resized to the short side
+    /// [`Tta::crops_short_side`].
+    pub fn base_pixels(self, image: &RgbImage, p: &Preprocess) -> RgbImage {
+        match self {
+            Tta::None | Tta::Flip => eval_pixels(image, p),
+            Tta::Crops => {
+                resize_short_side(image, self.crops_short_side(p) as u32, p.interpolation)
+            }
+        }
+    }
+
+    /// The short side [`Tta::Crops`] resizes to: [`Preprocess::resize_size`], or with `crop_pct` 1 that of
+    /// [`TEN_CROP_FALLBACK_CROP_PCT`].
+    pub fn crops_short_side(self, p: &Preprocess) -> usize {
+        if p.crop_pct < 1.0 {
+            p.resize_size()
+        } else {
+            Preprocess {
+                crop_pct: TEN_CROP_FALLBACK_CROP_PCT,
+                ..p.clone()
+            }
+            .resize_size()
+        }
+    }
+
+    /// Writes the views of `base` (from [`Tta::base_pixels`]) into `out`, one normalised CHW image of
+    /// [`Preprocess::tensor_len`] values after the other, in the order the variants' docs give (for
+    /// `crops` torchvision's: top-left, top-right, bottom-left, bottom-right, centre, then the same of the
+    /// mirror image).
+    pub fn views_into(self, base: &RgbImage, p: &Preprocess, out: &mut [f32]) {
+        let len = p.tensor_len();
+        assert_eq!(
+            out.len(),
+            self.views() * len,
+            "output holds {self:?}'s views"
+        );
+        let outs = out.chunks_exact_mut(len);
+        match self {
+            Tta::None | Tta::Flip => {
+                for (flip, o) in [false, true].into_iter().zip(outs) {
+                    normalize_into(base, p, flip, o);
+                }
+            }
+            Tta::Crops => {
+                let s = p.input_size as u32;
+                let mirror = image::imageops::flip_horizontal(base);
+                let crops = five_crop(base, s).into_iter().chain(five_crop(&mirror, s));
+                for (crop, o) in crops.zip(outs) {
+                    normalize_into(&crop, p, false, o);
+                }
+            }
+        }
+    }
+
+    /// The mean softmax probabilities `[N, K]` of logits `[N * views, K]` whose rows hold the views of
+    /// each image together (as [`Tta::views_into`] and the loader lay them out). For `none` this is the
+    /// softmax of the logits, bit for bit.
+    pub fn mean_probs(self, logits: &Tensor) -> Result<Tensor> {
+        let (rows, classes) = logits.dims2()?;
+        let probs = candle_nn::ops::softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+        let n = rows / self.views();
+        Ok(probs.reshape((n, self.views(), classes))?.mean(1)?)
+    }
+
+    /// What evaluation metrics are computed from: the logits themselves for `none` (results exactly as
+    /// without TTA); otherwise the log of [`Tta::mean_probs`], clamped below at [`MIN_TTA_PROB`], whose
+    /// softmax is those probabilities and whose cross-entropy is their negative log-likelihood.
+    pub fn scores(self, logits: &Tensor) -> Result<Tensor> {
+        if self == Tta::None {
+            return Ok(logits.clone());
+        }
+        Ok(self.mean_probs(logits)?.clamp(MIN_TTA_PROB, 1.0)?.log()?)
+    }
+}
+
+/// The smallest averaged probability [`Tta::scores`] takes the log of, so a confident miss costs a finite
+/// loss.
+pub const MIN_TTA_PROB: f32 = 1e-12;
+
+/// torchvision's `five_crop`: the `size` squares at the top-left, top-right, bottom-left and bottom-right
+/// corners and the centre ([`center_crop`]). `image` must be at least `size` on both sides.
+pub fn five_crop(image: &RgbImage, size: u32) -> [RgbImage; 5] {
+    let (w, h) = image.dimensions();
+    let crop = |left, top| image::imageops::crop_imm(image, left, top, size, size).to_image();
+    [
+        crop(0, 0),
+        crop(w - size, 0),
+        crop(0, h - size),
+        crop(w - size, h - size),
+        center_crop(image, size),
+    ]
+}
+
+/// The [`Tta`] views of a decoded image as a `[views, channels, input_size, input_size]` `f32` tensor.
+pub fn tta_tensor(
+    image: &DynamicImage,
+    p: &Preprocess,
+    tta: Tta,
+    device: &Device,
+) -> Result<Tensor> {
+    let base = match image {
+        DynamicImage::ImageRgb8(rgb) => tta.base_pixels(rgb, p),
+        other => tta.base_pixels(&other.to_rgb8(), p),
+    };
+    let mut data = vec![0f32; tta.views() * p.tensor_len()];
+    tta.views_into(&base, p, &mut data);
+    let s = p.input_size;
+    Ok(Tensor::from_vec(
+        data,
+        (tta.views(), p.channels, s, s),
+        device,
+    )?)
+}
+
+/// Loads the image at `path` and makes its [`Tta`] views: what `graft predict` feeds a model. A file that
+/// cannot be decoded is an [`Error::Image`] naming it.
+pub fn load_tta_tensor(path: &Path, p: &Preprocess, tta: Tta, device: &Device) -> Result<Tensor> {
+    tta_tensor(&DynamicImage::ImageRgb8(load_rgb(path)?), p, tta, device)
 }
 
 /// Training augmentation, timm's defaults: a random resized crop covering `scale` of the area with an
