@@ -5,7 +5,6 @@ mod common;
 
 use candle_core::Device;
 use common::{graft_ok, make_folder, model_tensors, resnet18_weights};
-use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The flags of one small, fast run: ResNet-18 (golden weights) at 32x32, one frozen epoch then up to

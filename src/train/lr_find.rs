@@ -439,20 +439,6 @@ fn restore<T: Task>(task: &T, saved: &[(String, Tensor)]) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn curve() -> (Vec<f64>, Vec<f64>) {
-        let cfg = LrFindConfig::default();
-        let lrs: Vec<f64> = (0..80).map(|i| cfg.lr_at(i)).collect();
-        // A loss that falls from 2.3 to a floor near lr 1e-2, then rises.
-        let losses = lrs
-            .iter()
-            .map(|&lr: &f64| {
-                let x = lr.log10() + 2.0;
-                1.0 + 1.3 / (1.0 + (2.0 * (x + 2.5)).exp()) + 0.3 * x.max(0.0).powi(2)
-            })
-            .collect();
-        (lrs, losses)
-    }
-
     #[test]
     fn the_rate_grows_as_fastai_sched_exp() {
         let cfg = LrFindConfig::default();
