@@ -63,6 +63,13 @@ pub struct FinetuneArgs {
     pub activation: Option<Activation>,
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// Mixup with this Beta alpha (timm's 0.8): each batch blended with its mirror, labels alike (0: off).
+    #[arg(long)]
+    pub mixup: Option<f64>,
+    /// CutMix with this Beta alpha (timm's 1.0): a box pasted from the mirror image, labels weighed by its
+    /// area (0: off). With --mixup too, each batch is one or the other.
+    #[arg(long)]
+    pub cutmix: Option<f64>,
     /// `auto`: weight the loss by inverse class frequency; `none`.
     #[arg(long, value_enum)]
     pub class_weights: Option<ClassWeights>,
@@ -155,6 +162,8 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     set(&mut cfg.epochs, args.epochs);
     set(&mut cfg.lr_mult, args.lr_mult);
     set(&mut cfg.label_smoothing, args.label_smoothing);
+    set(&mut cfg.mixup, args.mixup);
+    set(&mut cfg.cutmix, args.cutmix);
     set(
         &mut cfg.class_weights,
         args.class_weights.map(|c| c == ClassWeights::Auto),

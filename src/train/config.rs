@@ -8,6 +8,7 @@ use crate::models::head::HeadConfig;
 use crate::optim::{OptimizerConfig, ScheduleConfig};
 use crate::train::early_stop::Monitor;
 use crate::train::lr_find::Suggestion;
+use crate::train::mixing::MixConfig;
 use crate::{Error, Result};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,10 @@ pub struct FinetuneConfig {
     pub clip_grad_norm: Option<f64>,
     pub head: HeadConfig,
     pub label_smoothing: f64,
+    /// Mixup's Beta alpha (0: off; timm's 0.8 when on): each batch blended with its mirror, the loss alike.
+    pub mixup: f64,
+    /// CutMix's Beta alpha (0: off; timm's 1.0 when on); with mixup on too, each batch is one or the other.
+    pub cutmix: f64,
     /// Weight the loss by inverse class frequency.
     pub class_weights: bool,
     /// Draw each batch class-balanced (with replacement).
@@ -159,6 +164,8 @@ impl Default for FinetuneConfig {
             clip_grad_norm: None,
             head: HeadConfig::default(),
             label_smoothing: 0.0,
+            mixup: 0.0,
+            cutmix: 0.0,
             class_weights: false,
             balanced: false,
             augment: false,
@@ -172,6 +179,16 @@ impl Default for FinetuneConfig {
             device: "cpu".into(),
             cache_mb: 2048,
             max_bad_steps: 3,
+        }
+    }
+}
+
+impl FinetuneConfig {
+    /// The batch mixing the config asks for.
+    pub fn mixing(&self) -> MixConfig {
+        MixConfig {
+            mixup_alpha: self.mixup,
+            cutmix_alpha: self.cutmix,
         }
     }
 }
@@ -202,6 +219,7 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     if cfg.batch_size == 0 {
         return Err(Error::config("--batch-size", "must be at least 1"));
     }
+    cfg.mixing().validate()?;
     if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
         return Err(Error::config(
             "--lr",

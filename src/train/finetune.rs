@@ -24,6 +24,7 @@ use crate::train::feature_store::{FeatureStore, Key, Stored};
 use crate::train::loss::cross_entropy;
 use crate::train::lr_find::{self, LrFindConfig, LrFinding};
 use crate::train::metrics::{count_correct, ConfusionMatrix, RunningStats};
+use crate::train::mixing::Mixing;
 use crate::train::progress::{format_summary, Reporter};
 use crate::train::runner::{
     self, BatchLoss, Coupling, Eval, Frame, PhasePlan, Policy, RunOptions, StepAt, Task,
@@ -301,7 +302,8 @@ impl Session {
     /// The number of frozen groups whose outputs can be computed once for the epochs ahead: the frozen
     /// prefix, when no random augmentation changes the inputs and no BatchNorm inside it trains.
     fn cache_level(&self, frozen: usize) -> Option<usize> {
-        (frozen > 0 && !self.cfg.augment && !self.cfg.train_bn && self.cfg.cache_mb > 0)
+        let random_inputs = self.cfg.augment || self.cfg.mixing().is_on();
+        (frozen > 0 && !random_inputs && !self.cfg.train_bn && self.cfg.cache_mb > 0)
             .then_some(frozen.min(self.n_groups))
     }
 
@@ -574,21 +576,32 @@ impl Task for Session {
         }
     }
 
-    fn loss(&self, b: &Batch, _at: StepAt) -> Result<BatchLoss> {
-        let logits = match b.level {
-            Some(level) => self.model.forward_from(&b.x, level, Mode::Train)?,
-            None => self.model.forward(&b.x, Mode::Train, self.frozen)?,
+    fn loss(&self, b: &Batch, at: StepAt) -> Result<BatchLoss> {
+        let mixing = match (b.level, b.x.dims()) {
+            (None, &[_, _, h, w]) => {
+                self.cfg
+                    .mixing()
+                    .draw(self.cfg.seed, at.epoch, at.batch, h, w)
+            }
+            _ => Mixing::None,
         };
-        let loss = cross_entropy(
-            &logits,
-            &b.labels,
-            self.cfg.label_smoothing,
-            self.class_weights.as_ref(),
-        )?;
+        let x = mixing.images(&b.x)?;
+        let logits = match b.level {
+            Some(level) => self.model.forward_from(&x, level, Mode::Train)?,
+            None => self.model.forward(&x, Mode::Train, self.frozen)?,
+        };
+        let loss = mixing.loss(&b.labels, |labels| {
+            cross_entropy(
+                &logits,
+                labels,
+                self.cfg.label_smoothing,
+                self.class_weights.as_ref(),
+            )
+        })?;
         Ok(BatchLoss {
             loss,
             images: b.labels.dim(0)?,
-            correct: Some(count_correct(&logits, &b.labels)?),
+            correct: Some(count_correct(&logits, &mixing.dominant_labels(&b.labels)?)?),
         })
     }
 

@@ -15,6 +15,7 @@ mod font;
 pub mod loss;
 pub mod lr_find;
 pub mod metrics;
+pub mod mixing;
 pub mod plots;
 pub mod progress;
 pub mod runner;
