@@ -8,7 +8,7 @@ use crate::cli::shared::{set, shared_fields, TrainArgs};
 use crate::models::base;
 use crate::models::head::{Activation, Init};
 use crate::train::checkpoint::RunDir;
-use crate::train::config::FinetuneConfig;
+use crate::train::config::{AutoAugmentKind, FinetuneConfig};
 use crate::train::early_stop::Monitor;
 use crate::train::finetune::{finetune, finetune_new};
 use crate::train::runner::RunOptions;
@@ -72,6 +72,14 @@ pub struct FinetuneArgs {
     /// Random resized crops and horizontal flips while training.
     #[arg(long)]
     pub augment: bool,
+    /// An automatic augmentation policy after the crop and flip, as torchvision has it on PIL images:
+    /// `trivial` (TrivialAugmentWide) or `rand` (RandAugment, 2 ops at magnitude 9); implies --augment.
+    #[arg(long, value_enum)]
+    pub auto_augment: Option<AutoAugmentKind>,
+    /// Probability of erasing a random box of each normalised training image with noise (timm's
+    /// RandomErasing, mode pixel); above 0 implies --augment.
+    #[arg(long, value_name = "P")]
+    pub random_erasing: Option<f64>,
     /// The validation number --patience watches and the best epoch is chosen by.
     #[arg(long, value_enum)]
     pub monitor: Option<Monitor>,
@@ -90,7 +98,7 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub train_bn: bool,
     /// Memory budget (MiB) for computing a frozen prefix once: while the first groups are frozen and
-    /// --augment is off, their outputs are cached and later epochs run only the rest (0: never cache).
+    /// no augmentation is on (--augment, --auto-augment, --random-erasing), their outputs are cached and later epochs run only the rest (0: never cache).
     #[arg(long)]
     pub cache_mb: Option<usize>,
     /// Keep those computed outputs in DIR and reuse them in later runs on the same images, base and size
@@ -161,6 +169,8 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     );
     cfg.balanced |= args.balanced;
     cfg.augment |= args.augment;
+    set(&mut cfg.auto_augment, args.auto_augment);
+    set(&mut cfg.random_erasing, args.random_erasing);
     cfg.train_bn |= args.train_bn;
     set(&mut cfg.monitor, args.monitor);
     set(&mut cfg.cache_mb, args.cache_mb);

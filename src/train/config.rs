@@ -1,7 +1,7 @@
 //! The config of a fine-tuning run: data with documented defaults, saved as the run's `config.json` and in
 //! every checkpoint, validated once ([`validate`]) before anything is written.
 
-use crate::data::Preprocess;
+use crate::data::{Augment, AutoAugment, Preprocess};
 use crate::models::base::Base;
 use crate::models::classifier::ClassifierSpec;
 use crate::models::head::HeadConfig;
@@ -60,6 +60,31 @@ impl ScheduleKind {
     }
 }
 
+/// `--auto-augment`: which automatic augmentation policy training images get (after the random resized crop
+/// and flip, before normalisation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoAugmentKind {
+    /// No policy.
+    #[default]
+    None,
+    /// torchvision's `TrivialAugmentWide()`.
+    Trivial,
+    /// torchvision's `RandAugment()`: two ops at magnitude 9 of 31.
+    Rand,
+}
+
+impl AutoAugmentKind {
+    /// The policy, `None` for `none`.
+    pub fn policy(self) -> Option<AutoAugment> {
+        match self {
+            AutoAugmentKind::None => None,
+            AutoAugmentKind::Trivial => Some(AutoAugment::TrivialWide),
+            AutoAugmentKind::Rand => Some(AutoAugment::rand()),
+        }
+    }
+}
+
 /// Everything that defines a fine-tuning run; saved as the run's config and in every checkpoint. A file
 /// that leaves fields out gets [`FinetuneConfig::default`]'s values for them; an unknown field is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +123,10 @@ pub struct FinetuneConfig {
     pub balanced: bool,
     /// Random resized crops and flips for training (off: the evaluation transform).
     pub augment: bool,
+    /// An automatic augmentation policy for training images; any but `none` implies `augment`.
+    pub auto_augment: AutoAugmentKind,
+    /// Probability of random erasing of each normalised training image (0: off); above 0 implies `augment`.
+    pub random_erasing: f64,
     pub seed: u64,
     /// Early stopping patience in epochs (`None`: never stop early, but still keep the best weights).
     pub patience: Option<usize>,
@@ -144,6 +173,8 @@ impl Default for FinetuneConfig {
             class_weights: false,
             balanced: false,
             augment: false,
+            auto_augment: AutoAugmentKind::None,
+            random_erasing: 0.0,
             seed: 0,
             patience: None,
             min_delta: 0.0,
@@ -155,6 +186,20 @@ impl Default for FinetuneConfig {
             cache_mb: 2048,
             max_bad_steps: 3,
         }
+    }
+}
+
+impl FinetuneConfig {
+    /// The training loader's augmentation: `None` (the evaluation transform) unless `augment` is on, an
+    /// automatic policy is chosen or random erasing is above 0; any of them brings the random resized crop
+    /// and flip, as in timm. While it is `Some`, inputs change every epoch, so no feature cache is used.
+    pub fn augmentation(&self) -> Option<Augment> {
+        let auto = self.auto_augment.policy();
+        (self.augment || auto.is_some() || self.random_erasing > 0.0).then(|| Augment {
+            auto,
+            erasing: self.random_erasing,
+            ..Augment::default()
+        })
     }
 }
 
@@ -225,6 +270,15 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
         return Err(Error::config(
             "--unfreeze-at",
             format!("epochs are 1-based, got {epoch}"),
+        ));
+    }
+    if !(0.0..=1.0).contains(&cfg.random_erasing) {
+        return Err(Error::config(
+            "--random-erasing",
+            format!(
+                "must be a probability in [0, 1], got {}",
+                cfg.random_erasing
+            ),
         ));
     }
     validate_optimizer(&cfg.optimizer)?;
