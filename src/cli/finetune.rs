@@ -397,4 +397,37 @@ mod tests {
         let err = parse(&["--activation", "linear"]).unwrap_err().to_string();
         assert!(err.contains("relu, tanh, sigmoid"), "{err}");
     }
+
+    #[test]
+    fn augmentation_flags_set_the_policy_and_erasing_and_imply_augment() {
+        let base = ["--base", "dense:256,16", "--data", "d"];
+        let cfg = parse(
+            &[
+                &base[..],
+                &["--auto-augment", "trivial", "--random-erasing", "0.25"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(cfg.auto_augment, AutoAugmentKind::Trivial);
+        assert_eq!(cfg.random_erasing, 0.25);
+        assert!(
+            !cfg.augment,
+            "the config keeps what was asked; augmentation() implies the crop"
+        );
+        let aug = cfg.augmentation().unwrap();
+        assert_eq!(
+            (aug.auto, aug.erasing),
+            (Some(crate::data::AutoAugment::TrivialWide), 0.25)
+        );
+        let err = parse(&[&base[..], &["--auto-augment", "auto"]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("none, trivial, rand"), "{err}");
+        let cfg = parse(&[&base[..], &["--random-erasing", "1.5"]].concat()).unwrap();
+        let err = crate::train::config::validate(&cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--random-erasing"), "{err}");
+    }
 }

@@ -366,8 +366,9 @@ pub fn rotate(image: &RgbImage, angle: f64) -> RgbImage {
         0.0,
     ];
     let (cx, cy) = (w as f64 / 2.0, h as f64 / 2.0);
-    m[2] = m[0] * -cx + m[1] * -cy + m[2];
-    m[5] = m[3] * -cx + m[4] * -cy + m[5];
+    // Pillow: m[2], m[5] = transform(-cx, -cy, m) = a x + b y + c (float addition commutes, so this is exact)
+    m[2] += m[0] * -cx + m[1] * -cy;
+    m[5] += m[3] * -cx + m[4] * -cy;
     m[2] += cx;
     m[5] += cy;
     affine_nearest(image, m)

@@ -695,6 +695,35 @@ mod tests {
     }
 
     #[test]
+    fn an_augment_written_before_policies_existed_reads_with_them_off() {
+        let json = r#"{"scale":[0.08,1.0],"ratio":[0.75,1.3333333333333333],"hflip":0.5,"color_jitter":null}"#;
+        let a: Augment = serde_json::from_str(json).unwrap();
+        assert_eq!(a, Augment::default());
+        assert_eq!((a.auto, a.erasing), (None, 0.0));
+        let bad = Augment {
+            erasing: 2.0,
+            ..Augment::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("augment.erasing"));
+        let bad_rand = Augment {
+            auto: Some(AutoAugment::Rand {
+                num_ops: 2,
+                magnitude: 40,
+            }),
+            ..Augment::default()
+        };
+        assert!(bad_rand
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("magnitude"));
+    }
+
+    #[test]
     fn preprocess_round_trips_through_json_with_lowercase_interpolation() {
         let p = Preprocess {
             interpolation: Interpolation::Bicubic,

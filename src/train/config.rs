@@ -415,6 +415,51 @@ mod tests {
         };
         assert_eq!(cfg, expected);
         assert_eq!(cfg.head.init, Init::He);
+        assert_eq!(
+            cfg.augmentation(),
+            None,
+            "old runs stay without augmentation"
+        );
+    }
+
+    #[test]
+    fn any_augmentation_flag_brings_the_crop_and_flip_and_the_policy_it_names() {
+        let d = FinetuneConfig::default();
+        assert_eq!(d.augmentation(), None);
+        let plain = FinetuneConfig {
+            augment: true,
+            ..d.clone()
+        };
+        assert_eq!(plain.augmentation(), Some(Augment::default()));
+        let trivial = FinetuneConfig {
+            auto_augment: AutoAugmentKind::Trivial,
+            ..d.clone()
+        };
+        let aug = trivial.augmentation().unwrap();
+        assert_eq!(aug.auto, Some(AutoAugment::TrivialWide));
+        assert_eq!((aug.scale, aug.hflip), ([0.08, 1.0], 0.5));
+        let erase = FinetuneConfig {
+            auto_augment: AutoAugmentKind::Rand,
+            random_erasing: 0.25,
+            ..d.clone()
+        };
+        let aug = erase.augmentation().unwrap();
+        assert_eq!((aug.auto, aug.erasing), (Some(AutoAugment::rand()), 0.25));
+        assert_eq!(round_trip(&erase), erase);
+        let json = serde_json::to_string(&erase).unwrap();
+        assert!(json.contains(r#""auto_augment":"rand""#), "{json}");
+    }
+
+    #[test]
+    fn random_erasing_outside_zero_to_one_names_the_flag() {
+        for p in [-0.1, 1.5, f64::NAN] {
+            let cfg = FinetuneConfig {
+                random_erasing: p,
+                ..FinetuneConfig::default()
+            };
+            let err = validate(&cfg).unwrap_err().to_string();
+            assert!(err.contains("--random-erasing"), "{err}");
+        }
     }
 
     #[test]
