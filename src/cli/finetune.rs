@@ -8,7 +8,7 @@ use crate::cli::shared::{set, shared_fields, LrFlag, TrainArgs};
 use crate::models::base;
 use crate::models::head::{Activation, Init};
 use crate::train::checkpoint::RunDir;
-use crate::train::config::FinetuneConfig;
+use crate::train::config::{AutoAugmentKind, FinetuneConfig};
 use crate::train::early_stop::Monitor;
 use crate::train::finetune::{finetune, finetune_new};
 use crate::train::runner::RunOptions;
@@ -79,6 +79,14 @@ pub struct FinetuneArgs {
     /// Random resized crops and horizontal flips while training.
     #[arg(long)]
     pub augment: bool,
+    /// An automatic augmentation policy after the crop and flip, as torchvision has it on PIL images:
+    /// `trivial` (TrivialAugmentWide) or `rand` (RandAugment, 2 ops at magnitude 9); implies --augment.
+    #[arg(long, value_enum)]
+    pub auto_augment: Option<AutoAugmentKind>,
+    /// Probability of erasing a random box of each normalised training image with noise (timm's
+    /// RandomErasing, mode pixel); above 0 implies --augment.
+    #[arg(long, value_name = "P")]
+    pub random_erasing: Option<f64>,
     /// The validation number --patience watches and the best epoch is chosen by.
     #[arg(long, value_enum)]
     pub monitor: Option<Monitor>,
@@ -97,7 +105,7 @@ pub struct FinetuneArgs {
     #[arg(long)]
     pub train_bn: bool,
     /// Memory budget (MiB) for computing a frozen prefix once: while the first groups are frozen and
-    /// --augment is off, their outputs are cached and later epochs run only the rest (0: never cache).
+    /// no augmentation is on (--augment, --auto-augment, --random-erasing), their outputs are cached and later epochs run only the rest (0: never cache).
     #[arg(long)]
     pub cache_mb: Option<usize>,
     /// Keep those computed outputs in DIR and reuse them in later runs on the same images, base and size
@@ -170,6 +178,8 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     );
     cfg.balanced |= args.balanced;
     cfg.augment |= args.augment;
+    set(&mut cfg.auto_augment, args.auto_augment);
+    set(&mut cfg.random_erasing, args.random_erasing);
     cfg.train_bn |= args.train_bn;
     set(&mut cfg.monitor, args.monitor);
     set(&mut cfg.cache_mb, args.cache_mb);
@@ -401,5 +411,38 @@ mod tests {
         );
         let err = parse(&["--activation", "linear"]).unwrap_err().to_string();
         assert!(err.contains("relu, tanh, sigmoid"), "{err}");
+    }
+
+    #[test]
+    fn augmentation_flags_set_the_policy_and_erasing_and_imply_augment() {
+        let base = ["--base", "dense:256,16", "--data", "d"];
+        let cfg = parse(
+            &[
+                &base[..],
+                &["--auto-augment", "trivial", "--random-erasing", "0.25"],
+            ]
+            .concat(),
+        )
+        .unwrap();
+        assert_eq!(cfg.auto_augment, AutoAugmentKind::Trivial);
+        assert_eq!(cfg.random_erasing, 0.25);
+        assert!(
+            !cfg.augment,
+            "the config keeps what was asked; augmentation() implies the crop"
+        );
+        let aug = cfg.augmentation().unwrap();
+        assert_eq!(
+            (aug.auto, aug.erasing),
+            (Some(crate::data::AutoAugment::TrivialWide), 0.25)
+        );
+        let err = parse(&[&base[..], &["--auto-augment", "auto"]].concat())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("none, trivial, rand"), "{err}");
+        let cfg = parse(&[&base[..], &["--random-erasing", "1.5"]].concat()).unwrap();
+        let err = crate::train::config::validate(&cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--random-erasing"), "{err}");
     }
 }

@@ -15,9 +15,11 @@
 //! - [`decode`]: any common image file to 8-bit RGB;
 //! - [`resample`] and [`transform`]: Pillow-compatible resizing, the model card's evaluation transform,
 //!   training augmentation;
+//! - [`autoaugment`]: torchvision's TrivialAugmentWide and RandAugment ops, byte for byte as on PIL images;
 //! - [`loader`] and [`cache`]: parallel, prefetched, seeded batches with decoded images cached;
 //! - [`idx`]: MNIST-style IDX files (Fashion-MNIST) and writing them as an image folder.
 
+pub mod autoaugment;
 pub mod cache;
 pub mod decode;
 pub mod folder;
@@ -26,6 +28,7 @@ pub mod loader;
 pub mod resample;
 pub mod transform;
 
+pub use autoaugment::AutoAugment;
 pub use cache::{CacheConfig, CacheStats};
 pub use decode::{decode_image, is_image_path, load_rgb, IMAGE_EXTENSIONS};
 pub use folder::{

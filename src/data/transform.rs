@@ -3,9 +3,12 @@
 //!
 //! The evaluation transform is timm's: resize the short side to `floor(input_size / crop_pct)`, then take
 //! the centre `input_size` square (torchvision's `Resize(int)` + `CenterCrop`, rounding as they do).
-//! Training augmentation is torchvision's `RandomResizedCrop` + `RandomHorizontalFlip` + optional
-//! `ColorJitter`, with the same parameter draws.
+//! Training augmentation is torchvision's `RandomResizedCrop` + `RandomHorizontalFlip`, then optionally an
+//! automatic policy (TrivialAugmentWide or RandAugment, [`super::autoaugment`]) and `ColorJitter` on the
+//! 8-bit pixels, then normalisation, then optionally timm's `RandomErasing` on the normalised tensor: timm's
+//! order, with the same parameter draws.
 
+use super::autoaugment::AutoAugment;
 use super::decode::load_rgb;
 use super::resample::{resize, Interpolation};
 use crate::{Error, Result};
@@ -354,8 +357,10 @@ pub fn load_tta_tensor(path: &Path, p: &Preprocess, tta: Tta, device: &Device) -
 }
 
 /// Training augmentation, timm's defaults: a random resized crop covering `scale` of the area with an
-/// aspect ratio in `ratio` (drawn log-uniformly), a horizontal flip with probability `hflip`, and an
-/// optional colour jitter.
+/// aspect ratio in `ratio` (drawn log-uniformly), a horizontal flip with probability `hflip`, an optional
+/// automatic policy and colour jitter (in that order) on the pixels, and random erasing of the normalised
+/// tensor with probability `erasing`. Every field has a default, so files written before a field existed
+/// still read.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct Augment {
@@ -363,6 +368,10 @@ pub struct Augment {
     pub ratio: [f64; 2],
     pub hflip: f64,
     pub color_jitter: Option<ColorJitter>,
+    /// TrivialAugmentWide or RandAugment after the crop and flip; `None`: off.
+    pub auto: Option<AutoAugment>,
+    /// Probability of timm's `RandomErasing` (mode `pixel`) on the normalised tensor; 0: off.
+    pub erasing: f64,
 }
 
 impl Default for Augment {
@@ -372,12 +381,15 @@ impl Default for Augment {
             ratio: [3.0 / 4.0, 4.0 / 3.0],
             hflip: 0.5,
             color_jitter: None,
+            auto: None,
+            erasing: 0.0,
         }
     }
 }
 
 impl Augment {
-    /// Checks ranges: `0 < scale.0 <= scale.1 <= 1`, `0 < ratio.0 <= ratio.1`, `hflip` a probability.
+    /// Checks ranges: `0 < scale.0 <= scale.1 <= 1`, `0 < ratio.0 <= ratio.1`, `hflip` and `erasing`
+    /// probabilities, a RandAugment magnitude below 31.
     pub fn validate(&self) -> Result<()> {
         let [s0, s1] = self.scale;
         if !(s0 > 0.0 && s0 <= s1 && s1 <= 1.0) {
@@ -399,8 +411,17 @@ impl Augment {
                 format!("{} is not a probability", self.hflip),
             ));
         }
+        if !(0.0..=1.0).contains(&self.erasing) {
+            return Err(Error::config(
+                "augment.erasing",
+                format!("{} is not a probability", self.erasing),
+            ));
+        }
         if let Some(j) = &self.color_jitter {
             j.validate()?;
+        }
+        if let Some(a) = &self.auto {
+            a.validate()?;
         }
         Ok(())
     }
@@ -508,8 +529,10 @@ fn uniform(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
     }
 }
 
-/// One augmented training image: random resized crop to `input_size`, maybe flipped, maybe jittered,
-/// normalised into `out` (CHW).
+/// One augmented training image: random resized crop to `input_size`, maybe flipped, then the automatic
+/// policy and the colour jitter when set, normalised into `out` (CHW), then maybe erased. Every draw comes
+/// from `rng`, in that order; parts that are off draw nothing, so an `Augment` without `auto`, jitter and
+/// erasing gives the same output for the same rng as before those existed.
 pub fn augment_into(
     image: &RgbImage,
     p: &Preprocess,
@@ -521,24 +544,90 @@ pub fn augment_into(
     let b = random_resized_crop_box(w, h, aug.scale, aug.ratio, rng);
     let crop = image::imageops::crop_imm(image, b.left, b.top, b.width, b.height).to_image();
     let s = p.input_size as u32;
-    let resized = resize(&crop, s, s, p.interpolation);
-    let flip = rng.random::<f64>() < aug.hflip;
-    match &aug.color_jitter {
-        None => normalize_into(&resized, p, flip, out),
-        Some(j) => {
-            let mut pixels: Vec<[f32; 3]> = resized
-                .pixels()
-                .map(|px| px.0.map(|v| v as f32 / 255.0))
-                .collect();
-            jitter(&mut pixels, j, rng);
-            let jittered = RgbImage::from_fn(s, s, |x, y| {
-                image::Rgb(
-                    pixels[(y * s + x) as usize].map(|v| (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8),
-                )
+    let mut pixels = resize(&crop, s, s, p.interpolation);
+    let mut flip = rng.random::<f64>() < aug.hflip;
+    if let Some(auto) = &aug.auto {
+        // The policy's geometric ops see the flipped image, as in torchvision's pipeline.
+        if flip {
+            image::imageops::flip_horizontal_in_place(&mut pixels);
+            flip = false;
+        }
+        pixels = auto.apply(&pixels, rng);
+    }
+    if let Some(j) = &aug.color_jitter {
+        let mut values: Vec<[f32; 3]> = pixels
+            .pixels()
+            .map(|px| px.0.map(|v| v as f32 / 255.0))
+            .collect();
+        jitter(&mut values, j, rng);
+        pixels = RgbImage::from_fn(s, s, |x, y| {
+            image::Rgb(
+                values[(y * s + x) as usize].map(|v| (v * 255.0 + 0.5).clamp(0.0, 255.0) as u8),
+            )
+        });
+    }
+    normalize_into(&pixels, p, flip, out);
+    if aug.erasing > 0.0 {
+        random_erasing(out, p.channels, s as usize, aug.erasing, rng);
+    }
+}
+
+/// A box of a CHW tensor, in pixels: rows `top..top + height`, columns `left..left + width`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EraseBox {
+    pub top: usize,
+    pub left: usize,
+    pub height: usize,
+    pub width: usize,
+}
+
+/// timm's `RandomErasing(probability, mode='pixel')` with its defaults (area 2% to 1/3 of the image, aspect
+/// ratio log-uniform in [0.3, 1/0.3], one box, up to 10 tries) on one normalised `[channels, size, size]`
+/// tensor: with probability `probability`, a box of every channel is replaced by standard normal values.
+/// Returns the box erased, if any. Draws as timm does: the probability, then per try the area and aspect,
+/// then the top and left of a box that fits, then the values channel by channel, row by row.
+pub fn random_erasing(
+    out: &mut [f32],
+    channels: usize,
+    size: usize,
+    probability: f64,
+    rng: &mut impl Rng,
+) -> Option<EraseBox> {
+    assert_eq!(
+        out.len(),
+        channels * size * size,
+        "a {channels}x{size}x{size} tensor"
+    );
+    if rng.random::<f64>() > probability {
+        return None;
+    }
+    let area = (size * size) as f64;
+    let (log_lo, log_hi) = (0.3f64.ln(), (1.0 / 0.3f64).ln());
+    for _ in 0..10 {
+        let target_area = uniform(rng, 0.02, 1.0 / 3.0) * area;
+        let aspect = uniform(rng, log_lo, log_hi).exp();
+        let height = round_half_even((target_area * aspect).sqrt()) as usize;
+        let width = round_half_even((target_area / aspect).sqrt()) as usize;
+        if width < size && height < size {
+            let top = rng.random_range(0..=size - height);
+            let left = rng.random_range(0..=size - width);
+            for c in 0..channels {
+                for y in top..top + height {
+                    let row = c * size * size + y * size;
+                    for v in &mut out[row + left..row + left + width] {
+                        *v = crate::rng::standard_normal(rng) as f32;
+                    }
+                }
+            }
+            return Some(EraseBox {
+                top,
+                left,
+                height,
+                width,
             });
-            normalize_into(&jittered, p, flip, out);
         }
     }
+    None
 }
 
 fn luma(p: &[f32; 3]) -> f32 {
@@ -755,6 +844,35 @@ mod tests {
             ..Preprocess::imagenet(8)
         };
         assert!(bad.validate().unwrap_err().to_string().contains("channels"));
+    }
+
+    #[test]
+    fn an_augment_written_before_policies_existed_reads_with_them_off() {
+        let json = r#"{"scale":[0.08,1.0],"ratio":[0.75,1.3333333333333333],"hflip":0.5,"color_jitter":null}"#;
+        let a: Augment = serde_json::from_str(json).unwrap();
+        assert_eq!(a, Augment::default());
+        assert_eq!((a.auto, a.erasing), (None, 0.0));
+        let bad = Augment {
+            erasing: 2.0,
+            ..Augment::default()
+        };
+        assert!(bad
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("augment.erasing"));
+        let bad_rand = Augment {
+            auto: Some(AutoAugment::Rand {
+                num_ops: 2,
+                magnitude: 40,
+            }),
+            ..Augment::default()
+        };
+        assert!(bad_rand
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("magnitude"));
     }
 
     #[test]

@@ -77,7 +77,7 @@ impl Init {
         let std = self.std(fan_in, fan_out);
         match self {
             Init::He => (0..n)
-                .map(|_| (std * standard_normal(rng)) as f32)
+                .map(|_| (std * crate::rng::standard_normal(rng)) as f32)
                 .collect(),
             Init::Xavier | Init::Torch => {
                 let bound = 3f64.sqrt() * std;
@@ -362,14 +362,6 @@ fn set_variable(t: &Tensor, value: &Tensor) -> Result<()> {
     }
     candle_core::Var::from_tensor(t)?.set(&value.to_dtype(t.dtype())?)?;
     Ok(())
-}
-
-/// A standard normal sample by the Box-Muller transform (rand_distr is not a dependency).
-fn standard_normal(rng: &mut ChaCha8Rng) -> f64 {
-    // 1 - u lies in (0, 1], so the log is finite.
-    let u1: f64 = 1.0 - rng.random::<f64>();
-    let u2: f64 = rng.random::<f64>();
-    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
 }
 
 #[cfg(test)]

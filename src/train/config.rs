@@ -1,7 +1,7 @@
 //! The config of a fine-tuning run: data with documented defaults, saved as the run's `config.json` and in
 //! every checkpoint, validated once ([`validate`]) before anything is written.
 
-use crate::data::Preprocess;
+use crate::data::{Augment, AutoAugment, Preprocess};
 use crate::models::base::Base;
 use crate::models::classifier::ClassifierSpec;
 use crate::models::head::HeadConfig;
@@ -71,6 +71,31 @@ pub struct LrFound {
     pub phase: String,
 }
 
+/// `--auto-augment`: which automatic augmentation policy training images get (after the random resized crop
+/// and flip, before normalisation).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoAugmentKind {
+    /// No policy.
+    #[default]
+    None,
+    /// torchvision's `TrivialAugmentWide()`.
+    Trivial,
+    /// torchvision's `RandAugment()`: two ops at magnitude 9 of 31.
+    Rand,
+}
+
+impl AutoAugmentKind {
+    /// The policy, `None` for `none`.
+    pub fn policy(self) -> Option<AutoAugment> {
+        match self {
+            AutoAugmentKind::None => None,
+            AutoAugmentKind::Trivial => Some(AutoAugment::TrivialWide),
+            AutoAugmentKind::Rand => Some(AutoAugment::rand()),
+        }
+    }
+}
+
 /// Everything that defines a fine-tuning run; saved as the run's config and in every checkpoint. A file
 /// that leaves fields out gets [`FinetuneConfig::default`]'s values for them; an unknown field is an error.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -119,6 +144,10 @@ pub struct FinetuneConfig {
     pub balanced: bool,
     /// Random resized crops and flips for training (off: the evaluation transform).
     pub augment: bool,
+    /// An automatic augmentation policy for training images; any but `none` implies `augment`.
+    pub auto_augment: AutoAugmentKind,
+    /// Probability of random erasing of each normalised training image (0: off); above 0 implies `augment`.
+    pub random_erasing: f64,
     pub seed: u64,
     /// Early stopping patience in epochs (`None`: never stop early, but still keep the best weights).
     pub patience: Option<usize>,
@@ -169,6 +198,8 @@ impl Default for FinetuneConfig {
             class_weights: false,
             balanced: false,
             augment: false,
+            auto_augment: AutoAugmentKind::None,
+            random_erasing: 0.0,
             seed: 0,
             patience: None,
             min_delta: 0.0,
@@ -190,6 +221,18 @@ impl FinetuneConfig {
             mixup_alpha: self.mixup,
             cutmix_alpha: self.cutmix,
         }
+    }
+
+    /// The training loader's augmentation: `None` (the evaluation transform) unless `augment` is on, an
+    /// automatic policy is chosen or random erasing is above 0; any of them brings the random resized crop
+    /// and flip, as in timm. While it is `Some`, inputs change every epoch, so no feature cache is used.
+    pub fn augmentation(&self) -> Option<Augment> {
+        let auto = self.auto_augment.policy();
+        (self.augment || auto.is_some() || self.random_erasing > 0.0).then(|| Augment {
+            auto,
+            erasing: self.random_erasing,
+            ..Augment::default()
+        })
     }
 }
 
@@ -261,6 +304,15 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
         return Err(Error::config(
             "--unfreeze-at",
             format!("epochs are 1-based, got {epoch}"),
+        ));
+    }
+    if !(0.0..=1.0).contains(&cfg.random_erasing) {
+        return Err(Error::config(
+            "--random-erasing",
+            format!(
+                "must be a probability in [0, 1], got {}",
+                cfg.random_erasing
+            ),
         ));
     }
     validate_optimizer(&cfg.optimizer)?;
@@ -397,6 +449,51 @@ mod tests {
         };
         assert_eq!(cfg, expected);
         assert_eq!(cfg.head.init, Init::He);
+        assert_eq!(
+            cfg.augmentation(),
+            None,
+            "old runs stay without augmentation"
+        );
+    }
+
+    #[test]
+    fn any_augmentation_flag_brings_the_crop_and_flip_and_the_policy_it_names() {
+        let d = FinetuneConfig::default();
+        assert_eq!(d.augmentation(), None);
+        let plain = FinetuneConfig {
+            augment: true,
+            ..d.clone()
+        };
+        assert_eq!(plain.augmentation(), Some(Augment::default()));
+        let trivial = FinetuneConfig {
+            auto_augment: AutoAugmentKind::Trivial,
+            ..d.clone()
+        };
+        let aug = trivial.augmentation().unwrap();
+        assert_eq!(aug.auto, Some(AutoAugment::TrivialWide));
+        assert_eq!((aug.scale, aug.hflip), ([0.08, 1.0], 0.5));
+        let erase = FinetuneConfig {
+            auto_augment: AutoAugmentKind::Rand,
+            random_erasing: 0.25,
+            ..d.clone()
+        };
+        let aug = erase.augmentation().unwrap();
+        assert_eq!((aug.auto, aug.erasing), (Some(AutoAugment::rand()), 0.25));
+        assert_eq!(round_trip(&erase), erase);
+        let json = serde_json::to_string(&erase).unwrap();
+        assert!(json.contains(r#""auto_augment":"rand""#), "{json}");
+    }
+
+    #[test]
+    fn random_erasing_outside_zero_to_one_names_the_flag() {
+        for p in [-0.1, 1.5, f64::NAN] {
+            let cfg = FinetuneConfig {
+                random_erasing: p,
+                ..FinetuneConfig::default()
+            };
+            let err = validate(&cfg).unwrap_err().to_string();
+            assert!(err.contains("--random-erasing"), "{err}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@
 //! activation cache of a frozen prefix. The base is resolved once, at the start of a fresh run, into a
 //! [`ClassifierSpec`] that every checkpoint carries; a resume builds the model from that spec.
 
-use crate::data::{self, Augment, Dataset, ImageFolder, Loader, LoaderConfig};
+use crate::data::{self, Dataset, ImageFolder, Loader, LoaderConfig};
 use crate::formats::checkpoint::Checkpoint;
 use crate::kernels::par::on_pool;
 use crate::models::base::{self, Base};
@@ -166,7 +166,7 @@ impl Session {
             drop_last: dataset.train.len() % batch_size == 1,
             seed: cfg.seed,
             balanced: cfg.balanced,
-            augment: cfg.augment.then(Augment::default),
+            augment: cfg.augmentation(),
             ..Default::default()
         };
         let loader = |samples: &Vec<data::Sample>, c: LoaderConfig| {
@@ -302,7 +302,7 @@ impl Session {
     /// The number of frozen groups whose outputs can be computed once for the epochs ahead: the frozen
     /// prefix, when no random augmentation changes the inputs and no BatchNorm inside it trains.
     fn cache_level(&self, frozen: usize) -> Option<usize> {
-        let random_inputs = self.cfg.augment || self.cfg.mixing().is_on();
+        let random_inputs = self.cfg.augmentation().is_some() || self.cfg.mixing().is_on();
         (frozen > 0 && !random_inputs && !self.cfg.train_bn && self.cfg.cache_mb > 0)
             .then_some(frozen.min(self.n_groups))
     }
