@@ -70,7 +70,9 @@ pub fn export_run(run: &RunDir, out: &Path, opts: ExportOptions) -> Result<Expor
     let state: TrainState<FinetuneConfig, ClassifierSpec> =
         TrainState::from_checkpoint(&ck, &source)?;
     let spec = state.model;
-    let tensors: HashMap<_, _> = ck.with_prefix("model").into_iter().collect();
+    // The weights the run ended with: the moving average when it kept one.
+    let prefix = crate::train::runner::model_prefix(&ck);
+    let tensors: HashMap<_, _> = ck.with_prefix(prefix).into_iter().collect();
     if tensors.is_empty() {
         return Err(Error::bad_file(
             &source,
@@ -80,7 +82,11 @@ pub fn export_run(run: &RunDir, out: &Path, opts: ExportOptions) -> Result<Expor
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     for name in names {
-        crate::formats::finite::ensure_finite(&format!("model.{name}"), &tensors[name], &source)?;
+        crate::formats::finite::ensure_finite(
+            &format!("{prefix}.{name}"),
+            &tensors[name],
+            &source,
+        )?;
     }
     // Check that the weights really build the spec's model before anything is written.
     let model = Classifier::new(spec.clone(), &Device::Cpu)?;

@@ -70,6 +70,10 @@ pub struct FinetuneArgs {
     /// area (0: off). With --mixup too, each batch is one or the other.
     #[arg(long)]
     pub cutmix: Option<f64>,
+    /// Keep an exponential moving average of the weights with this decay (e.g. 0.999; warmed up as
+    /// min(decay, (1+n)/(10+n))): validation, the best checkpoint and the export use the average.
+    #[arg(long)]
+    pub ema: Option<f64>,
     /// `auto`: weight the loss by inverse class frequency; `none`.
     #[arg(long, value_enum)]
     pub class_weights: Option<ClassWeights>,
@@ -172,6 +176,9 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     set(&mut cfg.label_smoothing, args.label_smoothing);
     set(&mut cfg.mixup, args.mixup);
     set(&mut cfg.cutmix, args.cutmix);
+    if args.ema.is_some() {
+        cfg.ema = args.ema;
+    }
     set(
         &mut cfg.class_weights,
         args.class_weights.map(|c| c == ClassWeights::Auto),

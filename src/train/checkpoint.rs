@@ -68,6 +68,9 @@ pub struct TrainState<C = serde_json::Value, R = serde_json::Value> {
     pub history: Vec<EpochMetrics>,
     /// Optimizer steps skipped so far because their loss was not finite.
     pub bad_steps: u64,
+    /// Updates of the weights' moving average (its tensors live under `ema.`); 0 without one.
+    #[serde(default)]
+    pub ema_updates: u64,
 }
 
 impl<C: DeserializeOwned, R: DeserializeOwned> TrainState<C, R> {
@@ -464,6 +467,7 @@ mod tests {
             model: serde_json::json!({"arch": "resnet18", "classes": ["cat", "dog"]}),
             history: Vec::new(),
             bad_steps: 0,
+            ema_updates: 0,
         }
     }
 

@@ -138,6 +138,9 @@ pub struct FinetuneConfig {
     pub mixup: f64,
     /// CutMix's Beta alpha (0: off; timm's 1.0 when on); with mixup on too, each batch is one or the other.
     pub cutmix: f64,
+    /// Keep an exponential moving average of the weights with this decay (timm's `ModelEmaV2`, warmed up):
+    /// validation, the best checkpoint and the export use the average.
+    pub ema: Option<f64>,
     /// Weight the loss by inverse class frequency.
     pub class_weights: bool,
     /// Draw each batch class-balanced (with replacement).
@@ -195,6 +198,7 @@ impl Default for FinetuneConfig {
             label_smoothing: 0.0,
             mixup: 0.0,
             cutmix: 0.0,
+            ema: None,
             class_weights: false,
             balanced: false,
             augment: false,
@@ -263,6 +267,14 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
         return Err(Error::config("--batch-size", "must be at least 1"));
     }
     cfg.mixing().validate()?;
+    if let Some(d) = cfg.ema {
+        if !(0.0..1.0).contains(&d) {
+            return Err(Error::config(
+                "--ema",
+                format!("the decay must be in [0, 1), got {d}"),
+            ));
+        }
+    }
     if !(cfg.lr > 0.0 && cfg.lr.is_finite()) {
         return Err(Error::config(
             "--lr",

@@ -432,6 +432,7 @@ fn frame(cfg: &FinetuneConfig, steps_per_epoch: usize, device: Device, varmap: V
             clip_grad_norm: cfg.clip_grad_norm,
             max_bad_steps: cfg.max_bad_steps,
             max_bad_steps_flag: "--max-bad-steps",
+            ema: cfg.ema,
         },
         steps_per_epoch,
         device,

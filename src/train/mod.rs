@@ -8,6 +8,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod early_stop;
+pub mod ema;
 pub mod evaluate;
 pub mod feature_store;
 pub mod finetune;

@@ -23,6 +23,7 @@ use crate::optim::{clip_grad_norm, OptimState, Optimizer, ScheduleConfig};
 use crate::rng::RngState;
 use crate::train::checkpoint::{Position, RunDir, TrainState, RUN_FORMAT, TENSORBOARD_DIR};
 use crate::train::early_stop::{Decision, EarlyStopping, Monitor};
+use crate::train::ema::{Ema, EMA_PREFIX};
 use crate::train::metrics::{EpochMetrics, MetricsLog, RunningStats};
 use crate::train::progress::Reporter;
 use crate::train::tensorboard::EventWriter;
@@ -88,6 +89,9 @@ pub struct Policy {
     pub max_bad_steps: usize,
     /// The flag to name in the divergence error.
     pub max_bad_steps_flag: &'static str,
+    /// Keep an exponential moving average of the weights with this decay ([`Ema`]): evaluated, kept as best
+    /// and ended with instead of the live weights.
+    pub ema: Option<f64>,
 }
 
 /// One phase of a run.
@@ -236,6 +240,7 @@ struct Progress {
     history: Vec<EpochMetrics>,
     /// This invocation's TensorBoard event file.
     events: EventWriter,
+    ema: Option<Ema>,
 }
 
 fn new_early(p: &Policy) -> Result<EarlyStopping> {
@@ -274,6 +279,11 @@ pub fn run<T: Task>(
             plan: None,
             history: Vec::new(),
             events: EventWriter::create(&run_dir.path().join(TENSORBOARD_DIR))?,
+            ema: task
+                .policy()
+                .ema
+                .map(|d| Ema::new(d, task.varmap()))
+                .transpose()?,
         };
         (p, MetricsLog::create(run_dir.metrics_path())?)
     };
@@ -315,6 +325,8 @@ pub fn run<T: Task>(
     let best = p.early.best();
     if !independent && task.policy().restore_best && best.is_some() {
         restore_best(task, run_dir)?;
+    } else if let Some(ema) = &p.ema {
+        ema.apply_to(task.varmap())?;
     }
     Ok(RunEnd {
         history: p.history,
@@ -325,13 +337,24 @@ pub fn run<T: Task>(
     })
 }
 
-/// Loads the weights of the best checkpoint, if one was written.
+/// Loads the weights of the best checkpoint, if one was written: its moving average when it has one.
 fn restore_best<T: Task>(task: &T, run_dir: &RunDir) -> Result<()> {
     if run_dir.best_checkpoint().is_file() {
-        Checkpoint::load(run_dir.best_checkpoint(), task.device())?
-            .restore_varmap("model", task.varmap())?;
+        let ck = Checkpoint::load(run_dir.best_checkpoint(), task.device())?;
+        ck.restore_varmap(model_prefix(&ck), task.varmap())?;
     }
     Ok(())
+}
+
+/// The prefix of the weights a checkpoint's run ended with, or would end with: the moving average (`ema`)
+/// when the run kept one, else the live weights (`model`).
+pub fn model_prefix(ck: &Checkpoint) -> &'static str {
+    let ema = format!("{EMA_PREFIX}.");
+    if ck.tensors().keys().any(|k| k.starts_with(&ema)) {
+        EMA_PREFIX
+    } else {
+        "model"
+    }
 }
 
 /// Ends the current phase and moves to the next; an independent phase hands over its best weights.
@@ -383,6 +406,15 @@ fn restore<T: Task>(
         plan: None,
         history: state.history.clone(),
         events: EventWriter::create(&run_dir.path().join(TENSORBOARD_DIR))?,
+        ema: match task.policy().ema {
+            Some(d) => Some(Ema::restored(
+                d,
+                state.ema_updates,
+                ck.with_prefix(EMA_PREFIX),
+                task.varmap(),
+            )?),
+            None => None,
+        },
     };
     // The optimizer state continues: within the phase, and for continuous phases into the next one (built for
     // the plan of the epoch that comes next).
@@ -449,7 +481,12 @@ fn train_epoch<T: Task>(
     task.prepare(plan, reporter)?;
     let task: &T = task;
     let pass = train_pass(task, run_dir, reporter, p, &sched, phase_steps)?;
-    let eval = task.evaluate(phase, epoch + 1, reporter)?;
+    let eval = match &p.ema {
+        Some(ema) => {
+            ema.with_average(task.varmap(), || task.evaluate(phase, epoch + 1, reporter))?
+        }
+        None => task.evaluate(phase, epoch + 1, reporter)?,
+    };
     p.epoch += 1;
     p.pos.phase_epoch += 1;
     let policy = task.policy();
@@ -569,6 +606,9 @@ fn train_pass<T: Task>(
         p.step += 1;
         match outcome {
             Some((loss_v, images, correct)) => {
+                if let Some(ema) = p.ema.as_mut() {
+                    ema.update(task.varmap())?;
+                }
                 labelled |= correct.is_some();
                 let shown = task.shown_loss(&batch, at, loss_v)?;
                 pass.batch(images, shown, correct.unwrap_or(0));
@@ -607,10 +647,14 @@ fn save_epoch<T: Task>(task: &T, run_dir: &RunDir, p: &Progress, improved: bool)
         model: task.record(),
         history: p.history.clone(),
         bad_steps: p.bad_steps,
+        ema_updates: p.ema.as_ref().map_or(0, Ema::updates),
     };
     let mut ck = Checkpoint::new(&state)?;
     ck.insert_varmap("model", task.varmap())?;
     ck.insert_prefixed("optim", opt.state().tensors);
+    if let Some(ema) = &p.ema {
+        ck.insert_prefixed(EMA_PREFIX, ema.tensors().clone());
+    }
     crate::fsutil::kill_point("epoch_end");
     if improved {
         ck.save(run_dir.best_checkpoint())?;

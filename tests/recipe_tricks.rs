@@ -1,0 +1,119 @@
+//! The training tricks of the default recipe's toolbox, end to end: the weights' moving average (`--ema`)
+//! and batch mixing (`--mixup`, `--cutmix`) resume exactly, and the average is what is evaluated and exported.
+
+mod common;
+use common::{graft_ok, make_folder};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut m: serde_json::Value = serde_json::from_str(l).unwrap();
+            let obj = m.as_object_mut().unwrap();
+            obj.remove("seconds");
+            obj.remove("images_per_s");
+            m
+        })
+        .collect()
+}
+
+fn tensors(path: &Path, prefix: &str) -> BTreeMap<String, Vec<f32>> {
+    candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(k, v)| {
+            let k = k.strip_prefix(prefix)?.to_string();
+            let v = v
+                .flatten_all()
+                .ok()?
+                .to_dtype(candle_core::DType::F32)
+                .ok()?;
+            Some((k, v.to_vec1::<f32>().unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn ema_and_mixing_resume_exactly_and_the_average_is_exported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["blue", "green", "red"], 8);
+    let d = data.to_str().unwrap();
+    let flags = [
+        "--base",
+        "dense:256,16",
+        "--image-size",
+        "16",
+        "--data",
+        d,
+        "--freeze-epochs",
+        "1",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "4",
+        "--seed",
+        "9",
+        "--ema",
+        "0.9",
+        "--mixup",
+        "0.4",
+        "--cutmix",
+        "1.0",
+        "--quiet",
+    ];
+    let run = |dir: &Path, extra: &[&str]| {
+        let mut args = vec!["finetune", "--run-dir", dir.to_str().unwrap()];
+        args.extend(flags);
+        args.extend(extra);
+        graft_ok(&args);
+    };
+    let whole = tmp.path().join("whole");
+    run(&whole, &[]);
+    let split = tmp.path().join("split");
+    run(&split, &["--stop-after", "1"]);
+    graft_ok(&["finetune", "--resume", split.to_str().unwrap(), "--quiet"]);
+    assert_eq!(
+        metrics_without_timing(&whole),
+        metrics_without_timing(&split)
+    );
+    let last = |r: &Path| r.join("last.safetensors");
+    for prefix in ["model.", "ema."] {
+        let (a, b) = (
+            tensors(&last(&whole), prefix),
+            tensors(&last(&split), prefix),
+        );
+        assert!(!a.is_empty(), "no {prefix} tensors");
+        assert_eq!(a, b, "{prefix}");
+    }
+    assert_ne!(
+        tensors(&last(&whole), "model."),
+        tensors(&last(&whole), "ema."),
+        "the average differs from the live weights"
+    );
+
+    let out = tmp.path().join("model.safetensors");
+    graft_ok(&[
+        "export",
+        whole.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let best = if whole.join("best.safetensors").is_file() {
+        whole.join("best.safetensors")
+    } else {
+        last(&whole)
+    };
+    let ema = tensors(&best, "ema.");
+    let exported = tensors(&out, "");
+    for (k, v) in &ema {
+        let e = exported
+            .get(k)
+            .or_else(|| exported.get(&format!("model.{k}")))
+            .unwrap_or_else(|| panic!("{k} not exported"));
+        assert_eq!(e, v, "{k}");
+    }
+}
