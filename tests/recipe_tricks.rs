@@ -117,3 +117,65 @@ fn ema_and_mixing_resume_exactly_and_the_average_is_exported() {
         assert_eq!(e, v, "{k}");
     }
 }
+
+/// Without BatchNorm or dropout, batches of 2 accumulated in pairs train as batches of 4: the same samples
+/// per step, the mean of two means, the same schedule.
+#[test]
+fn accumulating_two_batches_of_two_steps_as_one_batch_of_four() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    make_folder(&data, &["blue", "red"], 8);
+    let d = data.to_str().unwrap();
+    let run = |name: &str, extra: &[&str]| {
+        let dir = tmp.path().join(name);
+        let mut args = vec![
+            "finetune",
+            "--base",
+            "dense:256,16",
+            "--image-size",
+            "16",
+            "--data",
+            d,
+            "--val-split",
+            "0",
+            "--freeze-epochs",
+            "0",
+            "--epochs",
+            "2",
+            "--dropout",
+            "0",
+            "--seed",
+            "4",
+            "--quiet",
+            "--run-dir",
+            dir.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        graft_ok(&args);
+        let t = tensors(&dir.join("last.safetensors"), "model.");
+        let state =
+            candle_core::safetensors::load(dir.join("last.safetensors"), &candle_core::Device::Cpu);
+        assert!(state.is_ok());
+        t
+    };
+    let four = run("four", &["--batch-size", "4"]);
+    let pairs = run("pairs", &["--batch-size", "2", "--accumulate", "2"]);
+    let start = run("none", &["--batch-size", "4", "--lr", "1e-12"]);
+    for (k, a) in &four {
+        let b = &pairs[k];
+        let moved = a
+            .iter()
+            .zip(&start[k])
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        let diff = a
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= 1e-4 * moved.max(1e-3) + 1e-6,
+            "{k}: differs by {diff}, moved {moved}"
+        );
+    }
+}

@@ -74,6 +74,9 @@ pub struct FinetuneArgs {
     /// min(decay, (1+n)/(10+n))): validation, the best checkpoint and the export use the average.
     #[arg(long)]
     pub ema: Option<f64>,
+    /// Gradient accumulation: average the gradients of N batches into each optimizer step.
+    #[arg(long)]
+    pub accumulate: Option<usize>,
     /// `auto`: weight the loss by inverse class frequency; `none`.
     #[arg(long, value_enum)]
     pub class_weights: Option<ClassWeights>,
@@ -176,6 +179,7 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     set(&mut cfg.label_smoothing, args.label_smoothing);
     set(&mut cfg.mixup, args.mixup);
     set(&mut cfg.cutmix, args.cutmix);
+    set(&mut cfg.accumulate, args.accumulate);
     if args.ema.is_some() {
         cfg.ema = args.ema;
     }

@@ -397,6 +397,7 @@ fn frame(
             clip_grad_norm: cfg.clip_grad_norm,
             max_bad_steps: 0,
             max_bad_steps_flag: "(pretraining allows none)",
+            accumulate: 1,
             ema: None,
         },
         steps_per_epoch,

@@ -141,6 +141,9 @@ pub struct FinetuneConfig {
     /// Keep an exponential moving average of the weights with this decay (timm's `ModelEmaV2`, warmed up):
     /// validation, the best checkpoint and the export use the average.
     pub ema: Option<f64>,
+    /// Batches per optimizer step (gradient accumulation): their gradients are averaged, so the step sees
+    /// `batch_size * accumulate` images; BatchNorm still normalises each batch on its own.
+    pub accumulate: usize,
     /// Weight the loss by inverse class frequency.
     pub class_weights: bool,
     /// Draw each batch class-balanced (with replacement).
@@ -199,6 +202,7 @@ impl Default for FinetuneConfig {
             mixup: 0.0,
             cutmix: 0.0,
             ema: None,
+            accumulate: 1,
             class_weights: false,
             balanced: false,
             augment: false,
@@ -267,6 +271,9 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
         return Err(Error::config("--batch-size", "must be at least 1"));
     }
     cfg.mixing().validate()?;
+    if cfg.accumulate == 0 {
+        return Err(Error::config("--accumulate", "must be at least 1"));
+    }
     if let Some(d) = cfg.ema {
         if !(0.0..1.0).contains(&d) {
             return Err(Error::config(

@@ -188,7 +188,8 @@ impl Session {
             cfg.data.display()
         ));
         let n_groups = model.num_groups();
-        let frame = frame(cfg, train.batches_per_epoch(), device, model.varmap.clone());
+        let steps = train.batches_per_epoch().div_ceil(cfg.accumulate.max(1));
+        let frame = frame(cfg, steps, device, model.varmap.clone());
         Ok(Session {
             cfg: cfg.clone(),
             dataset,
@@ -432,6 +433,7 @@ fn frame(cfg: &FinetuneConfig, steps_per_epoch: usize, device: Device, varmap: V
             clip_grad_norm: cfg.clip_grad_norm,
             max_bad_steps: cfg.max_bad_steps,
             max_bad_steps_flag: "--max-bad-steps",
+            accumulate: cfg.accumulate,
             ema: cfg.ema,
         },
         steps_per_epoch,

@@ -28,6 +28,7 @@ use crate::train::metrics::{EpochMetrics, MetricsLog, RunningStats};
 use crate::train::progress::Reporter;
 use crate::train::tensorboard::EventWriter;
 use crate::{Error, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::de::DeserializeOwned;
@@ -89,6 +90,9 @@ pub struct Policy {
     pub max_bad_steps: usize,
     /// The flag to name in the divergence error.
     pub max_bad_steps_flag: &'static str,
+    /// Batches whose gradients are summed into one optimizer step (gradient accumulation; 1: every batch
+    /// steps). [`Frame::steps_per_epoch`] counts optimizer steps.
+    pub accumulate: usize,
     /// Keep an exponential moving average of the weights with this decay ([`Ema`]): evaluated, kept as best
     /// and ended with instead of the live weights.
     pub ema: Option<f64>,
@@ -560,7 +564,9 @@ struct Pass {
 }
 
 /// The training pass over one epoch's batches: the schedule's rate and momentum, forward, backward, clipping
-/// and the update per batch; a step whose loss is not finite is skipped.
+/// and the update per optimizer step; a batch whose loss is not finite adds nothing. With
+/// [`Policy::accumulate`] `N > 1`, the batches at positions `N k .. N k + N` form optimizer step `k`: their
+/// gradients are summed, divided by how many there were, clipped and applied once.
 fn train_pass<T: Task>(
     task: &T,
     run_dir: &RunDir,
@@ -571,13 +577,16 @@ fn train_pass<T: Task>(
 ) -> Result<Pass> {
     let (phase, epoch, spe) = (p.pos.phase, p.epoch, task.steps_per_epoch());
     let policy = task.policy();
+    let acc = policy.accumulate.max(1);
     let opt = p
         .opt
         .as_mut()
         .expect("the optimizer is built before the pass");
-    let mut pass = reporter.pass(&task.phases()[phase].name, epoch + 1, spe);
+    let mut pass = reporter.pass(&task.phases()[phase].name, epoch + 1, spe * acc);
     let (mut lr, mut labelled) = (0.0, false);
-    for item in task.batches(epoch) {
+    let mut pending: Option<(GradStore, usize)> = None;
+    let mut batches = task.batches(epoch).peekable();
+    while let Some(item) = batches.next() {
         let (i, batch) = item?;
         let at = StepAt {
             epoch,
@@ -585,30 +594,57 @@ fn train_pass<T: Task>(
             phase_epoch: p.pos.phase_epoch,
             batch: i,
         };
-        let k = p.pos.phase_epoch * spe + i;
+        // The last batch of its optimizer step (the next one belongs to another, or there is none).
+        let closes = !matches!(batches.peek(), Some(Ok((j, _))) if j / acc == i / acc);
+        let k = p.pos.phase_epoch * spe + i / acc;
         lr = sched.lr_at(k, phase_steps) * p.plateau.as_ref().map_or(1.0, |pl| pl.factor());
         opt.follow_momentum(sched.momentum_at(k, phase_steps))?;
         // Forward, backward and update on the thread pool (see `on_pool`); the batch was fetched outside it.
-        // A step whose loss is not finite changes nothing (`None`).
-        let outcome = on_pool(|| -> Result<Option<(f64, usize, Option<usize>)>> {
+        // A batch whose loss is not finite contributes nothing (`None`).
+        let (outcome, stepped) = on_pool(|| -> Result<(Option<BatchOut>, bool)> {
             let out = task.loss(&batch, at)?;
             let loss_v = out.loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_v.is_finite() {
-                return Ok(None);
+            let finite = loss_v.is_finite();
+            let fresh = if finite {
+                Some(out.loss.backward()?)
+            } else {
+                None
+            };
+            let merged = match (pending.take(), fresh) {
+                (Some((mut g, n)), Some(f)) => {
+                    g.extend(f)?;
+                    Some((g, n + 1))
+                }
+                (Some(g), None) => Some(g),
+                (None, f) => f.map(|f| (f, 1)),
+            };
+            let mut stepped = false;
+            match merged {
+                Some((mut grads, n)) if closes => {
+                    if n > 1 {
+                        scale_grads(&mut grads, opt.vars().iter(), 1.0 / n as f64)?;
+                    }
+                    if let Some(max) = policy.clip_grad_norm {
+                        clip_grad_norm(&mut grads, opt.vars().iter(), max)?;
+                    }
+                    opt.step(&grads, lr)?;
+                    stepped = true;
+                }
+                merged => pending = merged,
             }
-            let mut grads = out.loss.backward()?;
-            if let Some(max) = policy.clip_grad_norm {
-                clip_grad_norm(&mut grads, opt.vars().iter(), max)?;
-            }
-            opt.step(&grads, lr)?;
-            Ok(Some((loss_v, out.images, out.correct)))
+            let out = finite.then_some((loss_v, out.images, out.correct));
+            Ok((out, stepped))
         })?;
-        p.step += 1;
+        if acc == 1 || closes {
+            p.step += 1;
+        }
+        if stepped {
+            if let Some(ema) = p.ema.as_mut() {
+                ema.update(task.varmap())?;
+            }
+        }
         match outcome {
             Some((loss_v, images, correct)) => {
-                if let Some(ema) = p.ema.as_mut() {
-                    ema.update(task.varmap())?;
-                }
                 labelled |= correct.is_some();
                 let shown = task.shown_loss(&batch, at, loss_v)?;
                 pass.batch(images, shown, correct.unwrap_or(0));
@@ -629,6 +665,24 @@ fn train_pass<T: Task>(
         lr,
         labelled,
     })
+}
+
+/// A batch's loss, images and correct classifications.
+type BatchOut = (f64, usize, Option<usize>);
+
+/// Multiplies the gradients of `vars` by `factor`.
+fn scale_grads<'a>(
+    grads: &mut GradStore,
+    vars: impl Iterator<Item = &'a candle_core::Var>,
+    factor: f64,
+) -> Result<()> {
+    for v in vars {
+        if let Some(g) = grads.get(v.as_tensor()) {
+            let scaled = (g * factor)?;
+            grads.insert(v.as_tensor(), scaled);
+        }
+    }
+    Ok(())
 }
 
 /// Writes the checkpoint of the epoch just ended: `best` when it improved, always `last` (the same contents).
