@@ -152,15 +152,15 @@ fn accumulating_two_batches_of_two_steps_as_one_batch_of_four() {
         ];
         args.extend(extra);
         graft_ok(&args);
-        let t = tensors(&dir.join("last.safetensors"), "model.");
-        let state =
-            candle_core::safetensors::load(dir.join("last.safetensors"), &candle_core::Device::Cpu);
-        assert!(state.is_ok());
-        t
+        tensors(&dir.join("last.safetensors"), "model.")
     };
-    let four = run("four", &["--batch-size", "4"]);
-    let pairs = run("pairs", &["--batch-size", "2", "--accumulate", "2"]);
+    let four = run("four", &["--batch-size", "4", "--lr", "0.05"]);
+    let pairs = run(
+        "pairs",
+        &["--batch-size", "2", "--accumulate", "2", "--lr", "0.05"],
+    );
     let start = run("none", &["--batch-size", "4", "--lr", "1e-12"]);
+    let mut most = 0f32;
     for (k, a) in &four {
         let b = &pairs[k];
         let moved = a
@@ -177,5 +177,7 @@ fn accumulating_two_batches_of_two_steps_as_one_batch_of_four() {
             diff <= 1e-4 * moved.max(1e-3) + 1e-6,
             "{k}: differs by {diff}, moved {moved}"
         );
+        most = most.max(moved);
     }
+    assert!(most > 1e-2, "training moved the weights ({most})");
 }
