@@ -55,7 +55,8 @@ pub struct FinetuneArgs {
     /// EfficientNet-Lite as in its original training, 0 for ResNet).
     #[arg(long)]
     pub dropout: Option<f32>,
-    /// The head's init (default: He for a ReLU hidden layer, Xavier otherwise; torch: nn.Linear's own).
+    /// The head's init (default: torch, nn.Linear's own, for a linear head; He for a ReLU hidden layer, Xavier for
+    /// other hidden layers).
     #[arg(long, value_enum, ignore_case = true)]
     pub init: Option<Init>,
     /// Activation of the hidden layer.
@@ -152,7 +153,7 @@ fn group_index(names: &[String], name: &str, flag: &str) -> anyhow::Result<usize
 /// The config `graft finetune` runs: the `--config` file (or [`FinetuneConfig::default`]) with the flags given
 /// on the command line over it. Group names are turned into counts against the base's groups. What depends on
 /// the base is filled in only where neither the file nor a flag says it: the head's dropout (the model card's)
-/// and init (He for a ReLU hidden layer, Xavier otherwise). Not validated here: the run validates it, once.
+/// and init ([`Init::default_for`]: torch for a linear head, He for a ReLU hidden layer, Xavier otherwise). Not validated here: the run validates it, once.
 pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     let (mut cfg, file) = args.train.start::<FinetuneConfig>()?;
     set(&mut cfg.base, args.base.clone());

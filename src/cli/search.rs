@@ -218,8 +218,17 @@ fn trial_config(
     let crate::cli::Command::Finetune(args) = cli.command else {
         unreachable!("the command line starts with finetune")
     };
-    crate::cli::finetune::config_from_args(&args)
+    let mut cfg = crate::cli::finetune::config_from_args(&args)?;
+    // A trial is judged on validation images: finetune's default trains on all of them (val split 0), so a
+    // search holds out a fifth unless told otherwise (a val/ folder is used as it is either way).
+    if !argv.iter().any(|a| a == "--val-split" || a == "--config") {
+        cfg.val_split = SEARCH_VAL_SPLIT;
+    }
+    Ok(cfg)
 }
+
+/// The validation split of a trial when neither the search's flags nor its space set one.
+pub const SEARCH_VAL_SPLIT: f64 = 0.2;
 
 /// What one worker needs besides its own study connection.
 struct Search {

@@ -174,26 +174,29 @@ pub struct FinetuneConfig {
 }
 
 impl Default for FinetuneConfig {
-    /// The documented defaults (`graft finetune --help` shows them): fastai's `fine_tune` recipe, one frozen
-    /// epoch then five unfrozen at a peak rate of 2e-3 with AdamW and the one-cycle schedule. `base` and
-    /// `data` are empty (a run needs both); the head is a plain linear layer without dropout. The CLI fills in
-    /// what depends on the base when neither a flag nor a config file says it: the model card's head dropout.
+    /// The documented defaults (`graft finetune --help` shows them), chosen by measurement (README "Choosing
+    /// the defaults"): every training image trains (no validation split, Keras's default; `--val-split 0.2`
+    /// or a val/ folder gives validation, early stopping and a best epoch); fastai's `fine_tune` schedule,
+    /// one frozen epoch then ten unfrozen at a peak rate of 2e-3 with AdamW and one-cycle; one rate for every
+    /// group (`lr_mult` 1); PyTorch's init for the linear head. `base` and `data` are empty (a run needs
+    /// both); the head is a plain linear layer without dropout. The CLI fills in what depends on the base
+    /// when neither a flag nor a config file says it: the model card's head dropout.
     fn default() -> Self {
         FinetuneConfig {
             base: String::new(),
             weights: None,
             pretrained: true,
             data: PathBuf::new(),
-            val_split: 0.2,
+            val_split: 0.0,
             image_size: None,
             crop_pct: None,
             batch_size: 32,
             freeze_epochs: 1,
-            epochs: 5,
+            epochs: 10,
             lr: 2e-3,
             lr_find: None,
             lr_found: None,
-            lr_mult: 100.0,
+            lr_mult: 1.0,
             optimizer: OptimizerConfig::from_kind("adamw").expect("adamw is a kind"),
             schedule: ScheduleKind::Onecycle,
             clip_grad_norm: None,
@@ -464,6 +467,8 @@ mod tests {
             freeze_epochs: 0,
             epochs: 1,
             head: HeadConfig::with_hidden(8, 0.0, Activation::Relu),
+            // The file has every field of its day; lr_mult's default was 100 then.
+            lr_mult: 100.0,
             ..FinetuneConfig::default()
         };
         assert_eq!(cfg, expected);

@@ -890,7 +890,7 @@ mod tests {
     #[test]
     fn the_default_recipe_is_fastai_fine_tune() {
         let cfg = config();
-        assert_eq!((cfg.freeze_epochs, cfg.epochs, cfg.lr), (1, 5, 2e-3));
+        assert_eq!((cfg.freeze_epochs, cfg.epochs, cfg.lr), (1, 10, 2e-3));
         let (steps, spe) = (100, 100);
         let frozen = phase_schedule(&cfg, true, steps, spe);
         // Warm-up over 99% of the frozen phase from lr/25 to lr.
