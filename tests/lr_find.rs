@@ -116,6 +116,8 @@ fn lr_auto_records_the_found_rate_and_leaves_the_run_as_it_was() {
         "--seed",
         "3",
         "--quiet",
+        "--val-split",
+        "0.2",
     ];
     let run = tmp.path().join("auto");
     let mut args = vec![

@@ -33,6 +33,8 @@ fn flags(data: &Path, run: &Path, epochs: &str) -> Vec<String> {
         epochs,
         "--seed",
         "3",
+        "--val-split",
+        "0.2",
         "--quiet",
         "--run-dir",
         run.to_str().unwrap(),

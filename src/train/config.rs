@@ -467,8 +467,9 @@ mod tests {
             freeze_epochs: 0,
             epochs: 1,
             head: HeadConfig::with_hidden(8, 0.0, Activation::Relu),
-            // The file has every field of its day; lr_mult's default was 100 then.
+            // The file has every field of its day; lr_mult's default was 100 then, val_split's 0.2.
             lr_mult: 100.0,
+            val_split: 0.2,
             ..FinetuneConfig::default()
         };
         assert_eq!(cfg, expected);

@@ -168,7 +168,7 @@ fn format_running(stats: &RunningStats, images_per_s: f64) -> String {
 /// The one-line summary of an epoch, e.g.
 /// `epoch 3/10  train loss 0.4123 acc 87.50%  val loss 0.5012 acc 84.00%  lr 1.00e-3  12.3s  812 img/s`;
 /// the phase's name follows the epoch when the metrics carry one (`epoch 3/10 stage2  ...`), and accuracies
-/// are left out for runs without labels.
+/// are left out for runs without labels, the validation column for runs without validation images.
 pub fn format_epoch_line(m: &EpochMetrics, epochs: usize) -> String {
     let phase = m
         .extra
@@ -183,13 +183,17 @@ pub fn format_epoch_line(m: &EpochMetrics, epochs: usize) -> String {
             String::new()
         }
     };
+    // A run without validation images (finetune's default) shows no val column.
+    let val = if m.val_loss.is_nan() && m.val_acc.is_nan() {
+        String::new()
+    } else {
+        format!("  val loss {:.4}{}", m.val_loss, acc(m.val_acc))
+    };
     format!(
-        "epoch {}/{epochs}{phase}  train loss {:.4}{}  val loss {:.4}{}  lr {:.2e}  {:.1}s  {:.0} img/s",
+        "epoch {}/{epochs}{phase}  train loss {:.4}{}{val}  lr {:.2e}  {:.1}s  {:.0} img/s",
         m.epoch,
         m.train_loss,
         acc(m.train_acc),
-        m.val_loss,
-        acc(m.val_acc),
         m.lr,
         m.seconds,
         m.images_per_s
