@@ -315,8 +315,9 @@ impl LrFinding {
             .collect();
         let mut series = vec![curve];
         series.extend(marks);
+        // No title: the legend (the curve and four rules) takes the header's width.
         let axes = Axes {
-            title: "learning-rate finder",
+            title: "",
             x_label: "learning rate (log10)",
             integer_x: false,
             percent: false,
