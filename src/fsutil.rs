@@ -9,7 +9,19 @@ use std::path::{Path, PathBuf};
 /// over `path`, then the folder is fsynced. A crash or Ctrl-C at any point leaves either the old file or the
 /// new one, never half of one; a failed write removes its temporary file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
+    write_atomic_via(path, &tmp_path(path), bytes)
+}
+
+/// [`write_atomic`] for a file that several processes may write at once (a study's plots, written by every
+/// worker): each writes its own `NAME.PID.tmp`, so one's rename never takes away the other's file.
+pub fn write_atomic_shared(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".{}.tmp", std::process::id()));
+    write_atomic_via(path, &path.with_file_name(name), bytes)
+}
+
+fn write_atomic_via(path: &Path, tmp: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp.to_path_buf();
     let written = File::create(&tmp).and_then(|mut file| {
         file.write_all(bytes)?;
         file.sync_all()

@@ -114,7 +114,8 @@ impl Canvas {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-        super::checkpoint::write_atomic(path, &bytes)
+        // Plots of a shared study folder are written by every worker (see `write_atomic_shared`).
+        crate::fsutil::write_atomic_shared(path, &bytes)
     }
 }
 
