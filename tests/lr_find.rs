@@ -72,22 +72,7 @@ fn every_suggestion_matches_fastai() {
 }
 
 mod common;
-use common::{graft_ok, make_folder, model_tensors};
-use std::path::Path;
-
-fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut m: serde_json::Value = serde_json::from_str(l).unwrap();
-            let obj = m.as_object_mut().unwrap();
-            obj.remove("seconds");
-            obj.remove("images_per_s");
-            m
-        })
-        .collect()
-}
+use common::{graft_ok, make_folder, metrics_without_timing, model_tensors};
 
 /// `--lr auto` records the finder's rate in the run's config; that config reruns the same run without the
 /// finder (so the finder left weights, optimizer and generators as they were), and `graft lr-find` on the

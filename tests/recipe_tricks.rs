@@ -2,23 +2,9 @@
 //! and batch mixing (`--mixup`, `--cutmix`) resume exactly, and the average is what is evaluated and exported.
 
 mod common;
-use common::{graft_ok, make_folder};
+use common::{graft_ok, make_folder, metrics_without_timing};
 use std::collections::BTreeMap;
 use std::path::Path;
-
-fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut m: serde_json::Value = serde_json::from_str(l).unwrap();
-            let obj = m.as_object_mut().unwrap();
-            obj.remove("seconds");
-            obj.remove("images_per_s");
-            m
-        })
-        .collect()
-}
 
 fn tensors(path: &Path, prefix: &str) -> BTreeMap<String, Vec<f32>> {
     candle_core::safetensors::load(path, &candle_core::Device::Cpu)

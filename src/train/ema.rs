@@ -96,14 +96,15 @@ impl Ema {
 }
 
 /// Copies of every variable's value.
-fn values(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
+pub(crate) fn values(varmap: &VarMap) -> Result<BTreeMap<String, Tensor>> {
     let vars = varmap.data().lock().expect("varmap lock");
     vars.iter()
         .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
         .collect()
 }
 
-fn set_all(varmap: &VarMap, values: &BTreeMap<String, Tensor>) -> Result<()> {
+/// Sets each variable of `varmap` named in `values` to its value there.
+pub(crate) fn set_all(varmap: &VarMap, values: &BTreeMap<String, Tensor>) -> Result<()> {
     let vars = varmap.data().lock().expect("varmap lock");
     for (k, t) in values {
         if let Some(v) = vars.get(k) {

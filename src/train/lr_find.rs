@@ -11,11 +11,12 @@
 
 use crate::kernels::par::on_pool;
 use crate::optim::clip_grad_norm;
+use crate::train::ema;
 use crate::train::plots::{line_panel, Axes, Canvas, Series, BLACK, TRAIN};
 use crate::train::progress::Reporter;
 use crate::train::runner::{StepAt, Task};
 use crate::{Error, Result};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -349,10 +350,10 @@ pub fn find<T: Task>(
     let first_epoch: usize = task.phases()[..phase].iter().map(|p| p.epochs).sum();
     let plan = task.plan(first_epoch, phase);
     task.prepare(plan, reporter)?;
-    let saved = snapshot(task)?;
+    let saved = ema::values(task.varmap())?;
     let rngs = task.rng_states();
     let result = mock_training(task, phase, plan, cfg, reporter);
-    restore(task, &saved)?;
+    ema::set_all(task.varmap(), &saved)?;
     task.restore_rngs(&rngs)?;
     let (lrs, losses) = result?;
     Ok(LrFinding::from_curve(lrs, losses, cfg.num_it))
@@ -416,24 +417,6 @@ fn mock_training<T: Task>(
     }
     pass.finish();
     Ok((lrs, losses))
-}
-
-/// A copy of every variable's value.
-fn snapshot<T: Task>(task: &T) -> Result<Vec<(String, Tensor)>> {
-    let vars = task.varmap().data().lock().expect("varmap lock");
-    vars.iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_tensor().copy()?)))
-        .collect()
-}
-
-fn restore<T: Task>(task: &T, saved: &[(String, Tensor)]) -> Result<()> {
-    let vars = task.varmap().data().lock().expect("varmap lock");
-    for (k, t) in saved {
-        if let Some(v) = vars.get(k) {
-            v.set(t)?;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

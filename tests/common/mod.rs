@@ -172,3 +172,18 @@ pub fn model_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f32>
         })
         .collect()
 }
+
+/// A run's `metrics.jsonl`, without the wall-clock fields (`seconds`, `images_per_s`).
+pub fn metrics_without_timing(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut m: serde_json::Value = serde_json::from_str(l).unwrap();
+            let obj = m.as_object_mut().unwrap();
+            obj.remove("seconds");
+            obj.remove("images_per_s");
+            m
+        })
+        .collect()
+}
