@@ -14,6 +14,9 @@ repeats fixed), written independently of graft's Rust code. Weights load strictl
 (`torch.load`, not graft's converter). Preprocessing is TensorFlow's eval transform: centre crop of
 size/(size+32) of the short side, bicubic resize (PIL) to the model's size, mean = std = 0.5.
 For each model and photograph: the top-5 indices and probabilities, and all 1000 logits (float32 run).
+Also writes efficientnet_lite_io.safetensors beside the JSON: one random input `input` [1,3,66,66]
+(torch.manual_seed(0); even sizes take TensorFlow SAME's asymmetric stride-2 padding) and each model's
+float64 eval logits `NAME.logits` for it, so the network is checked without any resize in between.
 """
 import argparse
 import json
@@ -85,6 +88,9 @@ def main():
     torch.set_num_threads(2)
     out = {"about": "scripts/efficientnet-lite-reference.py: PyTorch float32, TF eval crop size/(size+32), "
                     "bicubic (PIL), mean=std=0.5", "torch": torch.__version__, "models": {}}
+    torch.manual_seed(0)
+    probe = torch.randn(1, 3, 66, 66)
+    io = {"input": probe}
     for name, (width, depth, size) in PARAMS.items():
         model = Lite(width, depth).eval()
         sd = torch.load(os.path.join(args.cache, FILES[name]), map_location="cpu", weights_only=True)
@@ -101,6 +107,10 @@ def main():
                                     "logits": [round(v, 5) for v in logits.tolist()]}
             print(name, img, top.indices.tolist(), [round(v, 3) for v in top.values.tolist()])
         out["models"][name] = entry
+        with torch.inference_mode():
+            io[f"{name}.logits"] = model.double()(probe.double()).contiguous()
+    from safetensors.torch import save_file
+    save_file(io, os.path.join(os.path.dirname(args.out), "efficientnet_lite_io.safetensors"))
     with open(args.out + ".tmp", "w") as f:
         json.dump(out, f)
     os.replace(args.out + ".tmp", args.out)

@@ -2,7 +2,7 @@
 //!
 //! Expected values come from ../shared/golden/models/efficientnet_lite0/reference_io.safetensors, made
 //! with torch 2.15 on CPU by shared/golden/reference/efficientnet_lite0.py from the same checkpoint
-//! (see the golden README). The weights are not in the repository: scripts/fetch-efficientnet-lite0.sh
+//! (see the golden README). The weights are not in the repository: scripts/fetch-weights.sh
 //! downloads the original .pth and converts it with graft's own reader into graft's cache; these tests
 //! fail (not skip) when it has not been run.
 //!
@@ -37,7 +37,7 @@ fn cached_weights(file: &str) -> PathBuf {
     let path = cache.join("weights").join(file);
     assert!(
         path.is_file(),
-        "{} is missing: run scripts/fetch-efficientnet-lite0.sh first",
+        "{} is missing: run scripts/fetch-weights.sh first",
         path.display()
     );
     path
@@ -189,4 +189,41 @@ fn the_legacy_pth_holds_exactly_the_model_tensors_with_their_shapes() {
         vars.len(),
         "every model tensor is in the checkpoint"
     );
+}
+
+/// Lite0, Lite1 and Lite2 with their real weights on one random input, against PyTorch's float64 run of the
+/// same checkpoints (tests/fixtures/efficientnet_lite_io.safetensors, scripts/efficientnet-lite-reference.py):
+/// the scaled stage tables, the 21-block networks and SAME padding at every size they meet.
+#[test]
+fn pretrained_lite0_1_2_match_pytorch_on_a_random_input() {
+    let td = TestDevice::from_env();
+    let io = candle_core::safetensors::load(
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/efficientnet_lite_io.safetensors"
+        ),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let x = td.put(&io["input"]);
+    td.run(|| {
+        for n in 0..3 {
+            let name = format!("efficientnet_lite{n}");
+            let mut varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &td.device);
+            let cfg = EfficientNetLiteConfig::from_arch(&name).unwrap();
+            let net = EfficientNetLite::with_classifier(cfg, 1000, vb).unwrap();
+            varmap
+                .load(cached_weights(&format!("{name}.safetensors")))
+                .unwrap();
+            let logits = net.forward_logits(&x, Mode::Eval, 0).unwrap();
+            let reference = io[&format!("{name}.logits")].to_dtype(DType::F32).unwrap();
+            let (diff, scale) = max_abs_diff(&logits, &reference);
+            println!("{name}: max |logit - PyTorch f64| = {diff:.2e} (max |logit| {scale:.1})");
+            assert!(
+                diff < td.tolerance(1e-3) as f32,
+                "{name}: logits differ from PyTorch by {diff}"
+            );
+        }
+    });
 }
