@@ -1,5 +1,5 @@
-//! CPU throughput and peak memory of the three things fine-tuning does, for ResNet-18 and
-//! EfficientNet-Lite0, as JSON lines that `scripts/bench-pytorch.py` prints the same way for PyTorch
+//! CPU throughput and peak memory of the three things fine-tuning does, for ResNet-18,
+//! EfficientNet-Lite0, ConvNeXt-Atto and ConvNeXt-Tiny, as JSON lines that `scripts/bench-pytorch.py` prints the same way for PyTorch
 //! (`scripts/bench.sh` runs both and prints the ratio table).
 //!
 //! ```text
@@ -20,8 +20,9 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use graft::models::efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
+use graft::models::layers::{linear, Linear};
 use graft::models::resnet::{ResNet, ResNetConfig};
-use graft::models::{Backbone, Mode};
+use graft::models::{build_backbone, Backbone, Mode};
 use graft::optim::{groups, OptimizerConfig};
 use std::process::Command;
 use std::time::Instant;
@@ -31,27 +32,42 @@ use std::time::Instant;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const MODELS: [&str; 2] = ["resnet18", "efficientnet_lite0"];
+const MODELS: [&str; 4] = [
+    "resnet18",
+    "efficientnet_lite0",
+    "convnext_atto",
+    "convnext_tiny",
+];
 const SIZES: [usize; 2] = [128, 224];
 const MODES: [&str; 3] = ["forward", "train", "frozen"];
 const CLASSES: usize = 1000;
 
 /// A network with a classifier, behind one call: logits in `mode` with `frozen` groups frozen.
 enum Net {
-    ResNet(Box<ResNet>),
-    EfficientNet(Box<EfficientNetLite>),
+    Residual(Box<ResNet>),
+    Lite(Box<EfficientNetLite>),
+    /// Any other backbone of `graft::models::build_backbone`, with a linear classifier on its features.
+    Other(Box<dyn Backbone>, Linear),
 }
 
 impl Net {
     fn build(model: &str, vb: VarBuilder) -> graft::Result<Net> {
-        Ok(if model.starts_with("resnet") {
-            Net::ResNet(Box::new(ResNet::with_classifier(
+        Ok(if model.starts_with("convnext") {
+            let backbone = build_backbone(model, vb.clone())?;
+            let fc = linear(
+                backbone.feature_dim(),
+                CLASSES,
+                vb.pp(backbone.classifier_prefix()),
+            )?;
+            Net::Other(backbone, fc)
+        } else if model.starts_with("resnet") {
+            Net::Residual(Box::new(ResNet::with_classifier(
                 ResNetConfig::from_arch(model)?,
                 CLASSES,
                 vb,
             )?))
         } else {
-            Net::EfficientNet(Box::new(EfficientNetLite::with_classifier(
+            Net::Lite(Box::new(EfficientNetLite::with_classifier(
                 EfficientNetLiteConfig::from_arch(model)?,
                 CLASSES,
                 vb,
@@ -61,15 +77,17 @@ impl Net {
 
     fn groups(&self) -> usize {
         match self {
-            Net::ResNet(n) => n.group_names().len(),
-            Net::EfficientNet(n) => n.group_names().len(),
+            Net::Residual(n) => n.group_names().len(),
+            Net::Lite(n) => n.group_names().len(),
+            Net::Other(n, _) => n.group_names().len(),
         }
     }
 
     fn logits(&self, x: &Tensor, mode: Mode, frozen: usize) -> graft::Result<Tensor> {
         match self {
-            Net::ResNet(n) => n.forward_logits(x, mode, frozen),
-            Net::EfficientNet(n) => n.forward_logits(x, mode, frozen),
+            Net::Residual(n) => n.forward_logits(x, mode, frozen),
+            Net::Lite(n) => n.forward_logits(x, mode, frozen),
+            Net::Other(n, fc) => fc.forward(&n.forward_features(x, mode, frozen)?, mode),
         }
     }
 }

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-MODELS = ["resnet18", "efficientnet_lite0"]
+MODELS = ["resnet18", "efficientnet_lite0", "convnext_atto", "convnext_tiny"]
 SIZES = [128, 224]
 MODES = ["forward", "train", "frozen"]
 CLASSES = 1000
@@ -130,6 +130,12 @@ def build(model):
         def forward(self, x):
             return self.fc(self.dropout(self.features(x)))
 
+    if model.startswith("convnext"):
+        import timm  # timm's own model, random init (the weights do not change the speed)
+
+        net = timm.create_model(model, pretrained=False, num_classes=CLASSES)
+        net.fc = net.get_classifier()  # the head `frozen` mode trains
+        return net
     return ResNet18() if model == "resnet18" else EfficientNetLite0()
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # graft beside PyTorch on this machine's CPU, in one run: images/s and peak memory of inference forward,
-# full training step and frozen-backbone step, ResNet-18 and EfficientNet-Lite0 at 128 and 224, batch 16.
+# full training step and frozen-backbone step, ResNet-18, EfficientNet-Lite0, ConvNeXt-Atto and ConvNeXt-Tiny
+# (timm's model on the PyTorch side; needs timm beside torch) at 128 and 224, batch 16.
 #
 #   scripts/bench.sh                 # everything; JSON lines to bench-results.jsonl, then the table
 #   scripts/bench.sh resnet18 224    # filters, as for `cargo bench --bench train_step`
@@ -29,7 +30,7 @@ for l in sys.stdin:
         print(m["executable"])')
 echo "# $(uptime)" >&2
 filters=("$@")
-for model in resnet18 efficientnet_lite0; do
+for model in resnet18 efficientnet_lite0 convnext_atto convnext_tiny; do
   for size in 128 224; do
     for mode in forward train frozen; do
       # A configuration runs when every filter names one of its model, size or mode.

@@ -65,7 +65,13 @@ fn lists_every_card_with_its_size_and_where_its_weights_are() {
     std::fs::create_dir_all(&weights).unwrap();
     std::fs::write(weights.join("efficientnet_lite1.safetensors"), b"x").unwrap();
     let rows = list(dir.path());
-    let lite1 = rows.iter().find(|r| r["name"] == "efficientnet_lite1").unwrap();
+    let lite1 = rows
+        .iter()
+        .find(|r| r["name"] == "efficientnet_lite1")
+        .unwrap();
     assert_eq!(lite1["available"], true, "{lite1}");
-    assert!(lite1["location"].as_str().unwrap().contains("graft's cache"));
+    assert!(lite1["location"]
+        .as_str()
+        .unwrap()
+        .contains("graft's cache"));
 }

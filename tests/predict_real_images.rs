@@ -81,7 +81,10 @@ fn predicts_as_pytorch(name: &str) -> Vec<Value> {
         }
         assert_eq!(top[0], want_top[0], "{name} {image}: {pred}");
         for (i, t) in pred["top"].as_array().unwrap().iter().enumerate() {
-            let (p, q) = (t["prob"].as_f64().unwrap(), want["probs"][i].as_f64().unwrap());
+            let (p, q) = (
+                t["prob"].as_f64().unwrap(),
+                want["probs"][i].as_f64().unwrap(),
+            );
             assert!(
                 (p - q).abs() < 0.03,
                 "{name} {image} rank {i}: probability {p}, PyTorch {q}"

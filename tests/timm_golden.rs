@@ -26,7 +26,11 @@ fn fixtures() -> PathBuf {
 
 /// ||ours - reference|| / ||reference||, in f64.
 fn rel_l2(ours: &Tensor, reference: &Tensor) -> f64 {
-    let a = ours.to_device(&Device::Cpu).unwrap().to_dtype(DType::F64).unwrap();
+    let a = ours
+        .to_device(&Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F64)
+        .unwrap();
     let b = reference.to_dtype(DType::F64).unwrap();
     assert_eq!(a.dims(), b.dims(), "shape");
     let num = (&a - &b).unwrap().sqr().unwrap().sum_all().unwrap();
@@ -51,9 +55,11 @@ fn check_case(name: &str, dev: &TestDevice) {
         &std::fs::read_to_string(fixtures().join(format!("{name}.json"))).unwrap(),
     )
     .unwrap();
-    let tensors: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fixtures().join(format!("{name}.safetensors")), &Device::Cpu)
-            .unwrap();
+    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(
+        fixtures().join(format!("{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     let tol = |what: &str| -> f64 {
         dev.tolerance(
             json["tolerance_max_rel_l2"][what]
@@ -83,7 +89,11 @@ fn check_case(name: &str, dev: &TestDevice) {
         let ours: Vec<&str> = data.keys().map(String::as_str).collect();
         let mut ours_sorted = ours.clone();
         ours_sorted.sort();
-        assert_eq!(ours_sorted, weights.keys().copied().collect::<Vec<_>>(), "{name}: keys");
+        assert_eq!(
+            ours_sorted,
+            weights.keys().copied().collect::<Vec<_>>(),
+            "{name}: keys"
+        );
         for (k, var) in data.iter() {
             var.set(&dev.put(weights[k.as_str()])).unwrap();
         }
@@ -255,5 +265,8 @@ fn convnext_finetunes_exports_and_predicts_end_to_end() {
         image.to_str().unwrap(),
     ]);
     let pred: Value = serde_json::from_str(out.lines().next().unwrap()).unwrap();
-    assert!(pred["top"][0]["prob"].as_f64().unwrap().is_finite(), "{pred}");
+    assert!(
+        pred["top"][0]["prob"].as_f64().unwrap().is_finite(),
+        "{pred}"
+    );
 }

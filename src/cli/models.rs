@@ -64,17 +64,17 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
         }
         Format::Text => {
             println!(
-                "{:<20} {:>8} {:>6}  {:<44} here",
+                "{:<20} {:>8} {:>6}  {:<56} here",
                 "name", "params", "input", "weights from"
             );
             for r in &rows {
                 let here = if r.available {
                     format!("yes, {}", r.location)
                 } else {
-                    "no (see `graft inspect --base NAME`)".to_string()
+                    "no (`graft inspect --base NAME` says why)".to_string()
                 };
                 println!(
-                    "{:<20} {:>7.1}M {:>6}  {:<44} {here}",
+                    "{:<20} {:>7.1}M {:>6}  {:<56} {here}",
                     r.name,
                     r.parameters as f64 / 1e6,
                     r.input_size,

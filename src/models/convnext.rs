@@ -88,7 +88,10 @@ impl ConvNextConfig {
             ));
         }
         if self.depths.contains(&0) || self.dims.contains(&0) {
-            return Err(Error::config(&self.arch, "every stage needs blocks and channels"));
+            return Err(Error::config(
+                &self.arch,
+                "every stage needs blocks and channels",
+            ));
         }
         if !(0.0..1.0).contains(&self.drop_path) {
             return Err(Error::config(
@@ -121,8 +124,7 @@ impl LayerNorm {
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
         let y = centred.broadcast_div(&(var + CONVNEXT_LN_EPS)?.sqrt()?)?;
-        Ok(y
-            .broadcast_mul(&mode.weight(&self.weight))?
+        Ok(y.broadcast_mul(&mode.weight(&self.weight))?
             .broadcast_add(&mode.weight(&self.bias))?)
     }
 
@@ -304,12 +306,7 @@ impl ConvNext {
                 } else {
                     0.
                 };
-                blocks.push(Block::new(
-                    dim,
-                    cfg.conv_mlp,
-                    rate,
-                    svb.pp("blocks").pp(b),
-                )?);
+                blocks.push(Block::new(dim, cfg.conv_mlp, rate, svb.pp("blocks").pp(b))?);
                 index += 1;
             }
             stages.push(Stage { downsample, blocks });
@@ -411,7 +408,10 @@ mod tests {
         let shape = |k: &str| data[k].as_tensor().dims().to_vec();
         assert_eq!(shape("stem.0.weight"), vec![40, 3, 4, 4]);
         assert_eq!(shape("stages.0.blocks.0.conv_dw.weight"), vec![40, 1, 7, 7]);
-        assert_eq!(shape("stages.0.blocks.0.mlp.fc1.weight"), vec![160, 40, 1, 1]);
+        assert_eq!(
+            shape("stages.0.blocks.0.mlp.fc1.weight"),
+            vec![160, 40, 1, 1]
+        );
         assert_eq!(shape("stages.1.downsample.1.weight"), vec![80, 40, 2, 2]);
         assert!(!data.contains_key("stages.0.downsample.0.weight"));
         assert_eq!(shape("head.norm.weight"), vec![320]);
