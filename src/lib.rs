@@ -1,7 +1,7 @@
 //! graft: transfer learning for image classifiers, on candle.
 //!
-//! Load a pretrained backbone (ResNet-18/34/50, EfficientNet-Lite0) from safetensors or a PyTorch
-//! checkpoint, freeze and unfreeze its layer groups, attach a new head, train it with optimizers that
+//! Load a pretrained backbone (ResNet-18/34/50, EfficientNet-Lite0/1/2, ConvNeXt atto..small) from
+//! safetensors or a PyTorch checkpoint, freeze and unfreeze its layer groups, attach a new head, train it with optimizers that
 //! match PyTorch step for step, and export a single deployment file.
 //!
 //! Layout, top to bottom (imports run downwards only): [`cli`] maps flags onto configs; [`search`] and
