@@ -70,6 +70,11 @@ fn hub_offline() -> bool {
 /// Looks `repo/file` up in the hub cache and, unless offline, downloads it (with a progress bar on a
 /// terminal). The cache is always tried first, so a cached file needs no network.
 pub fn hub_get(repo: &str, file: &str) -> Result<PathBuf> {
+    hub_get_with(repo, file, true)
+}
+
+/// [`hub_get`]; with `download` false, or `HF_HUB_OFFLINE` set, only the cache is read.
+fn hub_get_with(repo: &str, file: &str, download: bool) -> Result<PathBuf> {
     let err = |reason: String| Error::Hub {
         repo: repo.to_string(),
         file: file.to_string(),
@@ -78,6 +83,12 @@ pub fn hub_get(repo: &str, file: &str) -> Result<PathBuf> {
     let cache = hf_hub::Cache::from_env();
     if let Some(path) = cache.model(repo.to_string()).get(file) {
         return Ok(path);
+    }
+    if !download {
+        return Err(err(format!(
+            "not in the hub cache {}",
+            cache.path().display()
+        )));
     }
     if hub_offline() {
         return Err(err(format!(
@@ -122,20 +133,7 @@ pub fn resolve_cached(card: &ModelCard) -> Result<Resolved> {
 fn resolve_with(card: &ModelCard, download: bool) -> Result<Resolved> {
     let mut tried = Vec::new();
     if let Some(hub) = &card.weights.hub {
-        let got = if download {
-            hub_get(&hub.repo, &hub.file)
-        } else {
-            let cache = hf_hub::Cache::from_env();
-            cache
-                .model(hub.repo.clone())
-                .get(&hub.file)
-                .ok_or_else(|| Error::Hub {
-                    repo: hub.repo.clone(),
-                    file: hub.file.clone(),
-                    reason: format!("not in the hub cache {}", cache.path().display()),
-                })
-        };
-        match got {
+        match hub_get_with(&hub.repo, &hub.file, download) {
             Ok(path) => {
                 return Ok(Resolved {
                     path,
