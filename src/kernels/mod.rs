@@ -8,7 +8,8 @@
 //!   [`simd`]: the `vectorized!` dispatch to the widest instruction set the CPU has;
 //! - `common`: what the ops share: dtype checks and dispatch macros, a convolution's geometry and
 //!   inference epilogue, the GEMM helpers;
-//! - the ops: `activation` ([`relu`], [`relu6`], [`add_relu`]: one-pass forward and backward),
+//! - the ops: `activation` ([`relu`], [`relu6`], [`add_relu`], [`silu`], [`hard_swish`], [`hard_sigmoid`]: one-pass
+//!   forward and backward),
 //!   `bn_train` (training-mode BatchNorm with a hand-written backward and a fused ReLU / ReLU6), `pool`
 //!   ([`max_pool2d`] with padding and PyTorch's tie rule), `depthwise` ([`depthwise_conv2d`]), and the
 //!   dense convolution algorithms `im2col`, `shifted` (shifted GEMMs) and `winograd` (F(2x2, 3x3));
@@ -37,7 +38,7 @@ pub mod conv;
 #[cfg(test)]
 pub(crate) mod test_support;
 
-pub use activation::{add_relu, relu, relu6};
+pub use activation::{add_relu, hard_sigmoid, hard_swish, relu, relu6, silu};
 pub(crate) use bn_train::{batch_norm_train, batch_stats};
 pub(crate) use common::Epilogue;
 pub use common::Padding2d;

@@ -21,7 +21,7 @@
 //! (global average pool and `head.norm`: this last group already returns `[N, C]` vectors, so freezing the
 //! whole backbone also freezes the norm the classifier reads, and the feature cache stays exact).
 
-use super::layers::{conv2d, Conv2d, Conv2dConfig};
+use super::layers::{conv2d, drop_path, Conv2d, Conv2dConfig};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
 use candle_core::{Tensor, D};
@@ -178,18 +178,6 @@ impl Dense {
         *out_dims.last_mut().expect("a dimension") = self.out;
         Ok(y.reshape(out_dims)?)
     }
-}
-
-/// Zeroes whole samples of `x` with probability `rate` and scales the rest by `1 / (1 - rate)` (timm's
-/// `drop_path`, `scale_by_keep`).
-fn drop_path(x: &Tensor, rate: f32) -> Result<Tensor> {
-    let n = x.dim(0)?;
-    let keep = 1.0 - rate as f64;
-    let u = Tensor::rand(0f32, 1f32, n, x.device())?;
-    let mask = (u.lt(keep)?.to_dtype(x.dtype())? / keep)?;
-    let mut shape = vec![n];
-    shape.resize(x.rank(), 1);
-    Ok(x.broadcast_mul(&mask.reshape(shape)?)?)
 }
 
 /// One ConvNeXt block: `x + drop_path(gamma * fc2(gelu(fc1(norm(dwconv7(x))))))`.

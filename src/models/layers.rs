@@ -218,7 +218,7 @@ pub fn conv_bn_act(
     }
     // (Only where a kernel of ours runs: elsewhere reading the shift would be a device-to-host copy for
     // nothing.)
-    if mode == Mode::Frozen && !x.track_op() && custom_kernels_on(x.device()) {
+    if mode == Mode::Frozen && act.fusable() && !x.track_op() && custom_kernels_on(x.device()) {
         // Nothing needs a gradient: the shift and the activation ride on the convolution's last pass.
         let e = Epilogue {
             shift: shift.to_dtype(DType::F64)?.to_vec1::<f64>()?,
@@ -243,6 +243,10 @@ pub enum Activation {
     Relu,
     /// `min(max(x, 0), 6)`, see [`kernels::relu6`].
     Relu6,
+    /// `x * sigmoid(x)` (swish; EfficientNet), see [`kernels::silu`].
+    Silu,
+    /// `x * relu6(x + 3) / 6` (MobileNetV3), see [`kernels::hard_swish`].
+    HardSwish,
 }
 
 impl Activation {
@@ -251,16 +255,27 @@ impl Activation {
             Activation::Identity => x.clone(),
             Activation::Relu => relu(x)?,
             Activation::Relu6 => relu6(x)?,
+            Activation::Silu => kernels::silu(x)?,
+            Activation::HardSwish => kernels::hard_swish(x)?,
         })
     }
 
     /// The upper bound of the clamp `[0, max]` this activation is, if it is one.
     fn clamp_max(self) -> Option<f64> {
         match self {
-            Activation::Identity => None,
             Activation::Relu => Some(f64::INFINITY),
             Activation::Relu6 => Some(6.),
+            Activation::Identity | Activation::Silu | Activation::HardSwish => None,
         }
+    }
+
+    /// Whether the kernels can fuse this activation (the identity or a clamp) into a BatchNorm or a
+    /// convolution epilogue; the others run as their own op afterwards.
+    fn fusable(self) -> bool {
+        matches!(
+            self,
+            Activation::Identity | Activation::Relu | Activation::Relu6
+        )
     }
 }
 
@@ -325,9 +340,15 @@ impl BatchNorm {
                 ));
             }
             if custom_kernels_on(x.device()) {
-                let (y, mean, var) = self.train_kernel(&x3, mode, act)?;
+                let fused = if act.fusable() {
+                    act
+                } else {
+                    Activation::Identity
+                };
+                let (y, mean, var) = self.train_kernel(&x3, mode, fused)?;
                 self.update_running(&mean, &var, count)?;
-                return Ok(y.reshape(dims)?);
+                let y = y.reshape(dims)?;
+                return if act.fusable() { Ok(y) } else { act.apply(&y) };
             }
             let (y, mean, var) = self.train_composed(&x3, &w, &b)?;
             self.update_running(&mean, &var, count)?;
@@ -478,6 +499,18 @@ impl Linear {
 pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = x.dims4()?;
     Ok((x.reshape((n, c, h * w))?.sum(D::Minus1)? / (h * w) as f64)?)
+}
+
+/// Zeroes whole samples of `x` with probability `rate` and scales the rest by `1 / (1 - rate)` (timm's
+/// `drop_path`, `scale_by_keep`): stochastic depth on a residual branch, in training only.
+pub fn drop_path(x: &Tensor, rate: f32) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let keep = 1.0 - rate as f64;
+    let u = Tensor::rand(0f32, 1f32, n, x.device())?;
+    let mask = (u.lt(keep)?.to_dtype(x.dtype())? / keep)?;
+    let mut shape = vec![n];
+    shape.resize(x.rank(), 1);
+    Ok(x.broadcast_mul(&mask.reshape(shape)?)?)
 }
 
 #[cfg(test)]

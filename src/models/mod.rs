@@ -2,7 +2,7 @@
 //!
 //! A backbone is a plain struct built from a scoped `candle_nn::VarBuilder`, so its struct nesting is the
 //! timm/torchvision safetensors key layout and pretrained weights load for free. A backbone is an ordered list
-//! of named *layer groups* (ResNet: stem, layer1..layer4; EfficientNet-Lite: stem, its stages, ...); the
+//! of named *layer groups* (ResNet: stem, layer1..layer4; EfficientNet and MobileNetV3: stem, their stages, top; ...); the
 //! classifier (`fc` / `_fc`) is a separate [`Linear`](layers::Linear) head so a new one can replace it.
 
 pub mod base;
@@ -10,6 +10,7 @@ pub mod card;
 pub mod classifier;
 pub mod convnext;
 pub mod efficientnet;
+pub mod effnet;
 pub mod encoder;
 pub mod head;
 pub mod hub;
@@ -139,13 +140,16 @@ pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn B
     } else if arch.starts_with("convnext_") {
         let cfg = convnext::ConvNextConfig::from_arch(arch)?;
         Ok(Box::new(convnext::ConvNext::new(cfg, vb)?))
+    } else if effnet::EffNetConfig::is_arch(arch) {
+        let cfg = effnet::EffNetConfig::from_arch(arch)?;
+        Ok(Box::new(effnet::EffNet::new(cfg, vb)?))
     } else if arch.starts_with("efficientnet_lite") {
         let cfg = efficientnet::EfficientNetLiteConfig::from_arch(arch)?;
         Ok(Box::new(efficientnet::EfficientNetLite::new(cfg, vb)?))
     } else {
         Err(crate::Error::config(
             "architecture",
-            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0..4, convnext_atto/femto/pico/nano/tiny/small, dense:..., conv:...)"),
+            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0..4, efficientnet_b0..3, mobilenetv3_large_100, mobilenetv3_small_100, convnext_atto/femto/pico/nano/tiny/small, dense:..., conv:...)"),
         ))
     }
 }
