@@ -147,6 +147,14 @@ impl ClampGrad {
     }
 }
 
+/// The gradient ops take `(grad, saved)` of one shape, the shape recorded at the forward pass.
+fn same_shapes(op: &str, l1: &Layout, l2: &Layout, shape: &Shape) -> candle_core::Result<()> {
+    if l1.shape() != l2.shape() || l1.shape() != shape {
+        candle_core::bail!("{op}: shapes differ, {:?} and {:?}", l1.shape(), l2.shape());
+    }
+    Ok(())
+}
+
 impl CustomOp2 for ClampGrad {
     fn name(&self) -> &'static str {
         "graft-clamp-activation-grad"
@@ -159,14 +167,7 @@ impl CustomOp2 for ClampGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() || l1.shape() != &self.shape {
-            candle_core::bail!(
-                "{}: shapes differ, {:?} and {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape()
-            );
-        }
+        same_shapes(self.name(), l1, l2, &self.shape)?;
         dispatch2!(self, s1, l1, s2, l2)
     }
 }
@@ -372,14 +373,7 @@ impl CustomOp2 for SmoothGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<(CpuStorage, Shape)> {
-        if l1.shape() != l2.shape() || l1.shape() != &self.shape {
-            candle_core::bail!(
-                "{}: shapes differ, {:?} and {:?}",
-                self.name(),
-                l1.shape(),
-                l2.shape()
-            );
-        }
+        same_shapes(self.name(), l1, l2, &self.shape)?;
         dispatch2!(self, s1, l1, s2, l2)
     }
 }
