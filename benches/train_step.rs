@@ -20,6 +20,7 @@
 use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use graft::models::efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
+use graft::models::effnet::EffNetConfig;
 use graft::models::layers::{linear, Linear};
 use graft::models::resnet::{ResNet, ResNetConfig};
 use graft::models::{build_backbone, Backbone, Mode};
@@ -32,9 +33,11 @@ use std::time::Instant;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const MODELS: [&str; 4] = [
+const MODELS: [&str; 6] = [
     "resnet18",
     "efficientnet_lite0",
+    "efficientnet_b0",
+    "mobilenetv3_large_100",
     "convnext_atto",
     "convnext_tiny",
 ];
@@ -52,27 +55,29 @@ enum Net {
 
 impl Net {
     fn build(model: &str, vb: VarBuilder) -> graft::Result<Net> {
-        Ok(if model.starts_with("convnext") {
-            let backbone = build_backbone(model, vb.clone())?;
-            let fc = linear(
-                backbone.feature_dim(),
-                CLASSES,
-                vb.pp(backbone.classifier_prefix()),
-            )?;
-            Net::Other(backbone, fc)
-        } else if model.starts_with("resnet") {
-            Net::Residual(Box::new(ResNet::with_classifier(
-                ResNetConfig::from_arch(model)?,
-                CLASSES,
-                vb,
-            )?))
-        } else {
-            Net::Lite(Box::new(EfficientNetLite::with_classifier(
-                EfficientNetLiteConfig::from_arch(model)?,
-                CLASSES,
-                vb,
-            )?))
-        })
+        Ok(
+            if model.starts_with("convnext") || EffNetConfig::is_arch(model) {
+                let backbone = build_backbone(model, vb.clone())?;
+                let fc = linear(
+                    backbone.feature_dim(),
+                    CLASSES,
+                    vb.pp(backbone.classifier_prefix()),
+                )?;
+                Net::Other(backbone, fc)
+            } else if model.starts_with("resnet") {
+                Net::Residual(Box::new(ResNet::with_classifier(
+                    ResNetConfig::from_arch(model)?,
+                    CLASSES,
+                    vb,
+                )?))
+            } else {
+                Net::Lite(Box::new(EfficientNetLite::with_classifier(
+                    EfficientNetLiteConfig::from_arch(model)?,
+                    CLASSES,
+                    vb,
+                )?))
+            },
+        )
     }
 
     fn groups(&self) -> usize {

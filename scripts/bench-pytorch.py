@@ -22,7 +22,8 @@ import subprocess
 import sys
 import time
 
-MODELS = ["resnet18", "efficientnet_lite0", "convnext_atto", "convnext_tiny"]
+MODELS = ["resnet18", "efficientnet_lite0", "efficientnet_b0", "mobilenetv3_large_100", "convnext_atto",
+          "convnext_tiny"]
 SIZES = [128, 224]
 MODES = ["forward", "train", "frozen"]
 CLASSES = 1000
@@ -130,7 +131,7 @@ def build(model):
         def forward(self, x):
             return self.fc(self.dropout(self.features(x)))
 
-    if model.startswith("convnext"):
+    if model.startswith(("convnext", "efficientnet_b", "mobilenetv3")):
         import timm  # timm's own model, random init (the weights do not change the speed)
 
         net = timm.create_model(model, pretrained=False, num_classes=CLASSES)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # graft beside PyTorch on this machine's CPU, in one run: images/s and peak memory of inference forward,
-# full training step and frozen-backbone step, ResNet-18, EfficientNet-Lite0, ConvNeXt-Atto and ConvNeXt-Tiny
-# (timm's model on the PyTorch side; needs timm beside torch) at 128 and 224, batch 16.
+# full training step and frozen-backbone step, ResNet-18, EfficientNet-Lite0, EfficientNet-B0,
+# MobileNetV3-Large, ConvNeXt-Atto and ConvNeXt-Tiny (timm's model on the PyTorch side for the last four; needs
+# timm beside torch) at 128 and 224, batch 16.
 #
 #   scripts/bench.sh                 # everything; JSON lines to bench-results.jsonl, then the table
 #   scripts/bench.sh resnet18 224    # filters, as for `cargo bench --bench train_step`
@@ -30,7 +31,7 @@ for l in sys.stdin:
         print(m["executable"])')
 echo "# $(uptime)" >&2
 filters=("$@")
-for model in resnet18 efficientnet_lite0 convnext_atto convnext_tiny; do
+for model in resnet18 efficientnet_lite0 efficientnet_b0 mobilenetv3_large_100 convnext_atto convnext_tiny; do
   for size in 128 224; do
     for mode in forward train frozen; do
       # A configuration runs when every filter names one of its model, size or mode.

@@ -38,6 +38,9 @@ fn lists_every_card_with_its_size_and_where_its_weights_are() {
         "efficientnet_lite2",
         "resnet18",
         "resnet50",
+        "efficientnet_b0",
+        "mobilenetv3_large_100",
+        "mobilenetv3_small_100",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
@@ -45,6 +48,13 @@ fn lists_every_card_with_its_size_and_where_its_weights_are() {
     // timm's parameter counts of the same networks with a 1000-way head.
     assert_eq!(get("resnet18")["parameters"], 11_689_512);
     assert_eq!(get("efficientnet_lite0")["parameters"], 4_652_008);
+    assert_eq!(get("efficientnet_b0")["parameters"], 5_288_548);
+    assert_eq!(get("efficientnet_b1")["parameters"], 7_794_184);
+    assert_eq!(get("efficientnet_b2")["parameters"], 9_109_994);
+    assert_eq!(get("efficientnet_b3")["parameters"], 12_233_232);
+    assert_eq!(get("mobilenetv3_large_100")["parameters"], 5_483_032);
+    assert_eq!(get("mobilenetv3_small_100")["parameters"], 2_542_856);
+    assert_eq!(get("efficientnet_b1")["input_size"], 240);
     assert_eq!(get("efficientnet_lite1")["input_size"], 240);
     assert_eq!(get("efficientnet_lite2")["input_size"], 260);
     assert!(get("efficientnet_lite2")["source"]

