@@ -1,7 +1,6 @@
 //! `graft inspect`: a base model's layer groups, parameter counts and what was loaded.
 
 use super::BaseArgs;
-use crate::models::card;
 use crate::models::pretrained::Pretrained;
 use anyhow::{bail, Context};
 use clap::Args;
@@ -17,7 +16,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let Some(base) = args.base.base.as_deref() else {
         bail!("--base NAME is required (e.g. --base resnet18)");
     };
-    let card = card::card(base)?;
+    let card = crate::models::base::card_for(base)?;
     let model = Pretrained::load(&card, args.base.weights.as_deref(), &device)
         .with_context(|| format!("loading base `{base}`"))?;
     let groups = model.backbone.group_names();

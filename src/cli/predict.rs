@@ -2,7 +2,6 @@
 
 use super::BaseArgs;
 use crate::data::Tta;
-use crate::models::card;
 use crate::models::pretrained::Pretrained;
 use anyhow::{bail, Context};
 use candle_core::Tensor;
@@ -138,7 +137,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("loading model {}", path.display()))?,
         )),
         (None, Some(base)) => {
-            let card = card::card(base)?;
+            let card = crate::models::base::card_for(base)?;
             Model::Base(Box::new(
                 Pretrained::load(&card, args.base.weights.as_deref(), &device)
                     .with_context(|| format!("loading base `{base}`"))?,

@@ -18,6 +18,8 @@ pub const ENCODER_WEIGHTS: &str = "encoder.safetensors";
 pub const ENCODER_INFO: &str = "encoder.json";
 /// Prefix of `--base` values that name a pretraining run.
 pub const AE_PREFIX: &str = "ae:";
+/// Prefix of `--base` values that name a timm model on the hub (`timm/convnext_tiny.fb_in22k_ft_in1k`).
+pub const TIMM_PREFIX: &str = "timm/";
 
 /// What a pretraining run writes beside its encoder weights.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,7 +57,8 @@ pub struct Base {
     pub weights: BaseWeights,
 }
 
-/// Resolves `--base NAME`: a card name, `dense:...`/`conv:...`, or `ae:RUN_DIR`.
+/// Resolves `--base NAME`: a card name, a timm hub name (`timm/ARCH.TAG`), `dense:...`/`conv:...`, or
+/// `ae:RUN_DIR`.
 pub fn resolve(name: &str) -> Result<Base> {
     if let Some(dir) = name.strip_prefix(AE_PREFIX) {
         let dir = Path::new(dir);
@@ -97,7 +100,7 @@ pub fn resolve(name: &str) -> Result<Base> {
             weights: BaseWeights::None,
         });
     }
-    let card = card::card(name)?;
+    let card = card_for(name)?;
     Ok(Base {
         name: card.name.clone(),
         arch: card.arch.clone(),
@@ -105,6 +108,93 @@ pub fn resolve(name: &str) -> Result<Base> {
         head_dropout: card.head_dropout,
         weights: BaseWeights::Card(Box::new(card)),
     })
+}
+
+/// The model card `--base NAME` means: a shipped card by name, or [`timm_hub_card`] for `timm/ARCH.TAG`.
+pub fn card_for(name: &str) -> Result<ModelCard> {
+    if name.starts_with(TIMM_PREFIX) {
+        timm_hub_card(name)
+    } else {
+        card::card(name)
+    }
+}
+
+/// timm's `pretrained_cfg`, as its hub repos carry it in `config.json` (only what graft reads).
+#[derive(Debug, Deserialize)]
+struct TimmPretrainedCfg {
+    input_size: Vec<usize>,
+    crop_pct: Option<f64>,
+    interpolation: Option<crate::data::Interpolation>,
+    mean: Option<[f32; 3]>,
+    std: Option<[f32; 3]>,
+}
+
+#[derive(Debug, Deserialize)]
+struct TimmHubConfig {
+    architecture: Option<String>,
+    pretrained_cfg: Option<TimmPretrainedCfg>,
+}
+
+/// The card for a timm hub name `timm/ARCH.TAG`, as timm's `create_model("hf-hub:timm/ARCH.TAG")` sees it:
+/// graft's card of architecture `ARCH` (its groups, head and dropout), with the weights of that repo and
+/// the preprocessing of the repo's `config.json` where the hub cache has it (tags of one architecture are
+/// trained at different sizes and crops); without it, the card's own preprocessing.
+pub fn timm_hub_card(name: &str) -> Result<ModelCard> {
+    let model = name.strip_prefix(TIMM_PREFIX).unwrap_or(name);
+    let arch = model.split('.').next().unwrap_or_default();
+    let cards = card::all_cards();
+    let mut card = cards
+        .iter()
+        .find(|c| c.arch == arch && !arch.is_empty())
+        .cloned()
+        .ok_or_else(|| {
+            let mut archs: Vec<&str> = cards.iter().map(|c| c.arch.as_str()).collect();
+            archs.dedup();
+            Error::config(
+                format!("--base {name}"),
+                format!(
+                    "graft has no architecture `{arch}` (timm/ARCH.TAG, ARCH one of: {})",
+                    archs.join(", ")
+                ),
+            )
+        })?;
+    card.name = name.to_string();
+    card.weights = card::WeightsSource {
+        hub: Some(card::HubFile {
+            repo: name.to_string(),
+            file: "model.safetensors".into(),
+        }),
+        pypi: None,
+    };
+    if let Ok(path) = crate::models::hub::hub_get(name, "config.json") {
+        let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+        let cfg: TimmHubConfig =
+            serde_json::from_str(&text).map_err(|e| Error::bad_file(&path, e.to_string()))?;
+        if let Some(a) = cfg.architecture.as_deref().filter(|a| *a != arch) {
+            return Err(Error::bad_file(
+                &path,
+                format!("architecture `{a}`, but `--base {name}` names `{arch}`"),
+            ));
+        }
+        if let Some(p) = cfg.pretrained_cfg {
+            let size = match p.input_size.as_slice() {
+                [3, h, w] if h == w && *h > 0 => *h,
+                other => {
+                    return Err(Error::bad_file(
+                        &path,
+                        format!("pretrained_cfg.input_size {other:?} is not [3, S, S]"),
+                    ))
+                }
+            };
+            let pre = &mut card.preprocess;
+            pre.input_size = size;
+            pre.crop_pct = p.crop_pct.unwrap_or(pre.crop_pct);
+            pre.interpolation = p.interpolation.unwrap_or(pre.interpolation);
+            pre.mean = p.mean.unwrap_or(pre.mean);
+            pre.std = p.std.unwrap_or(pre.std);
+        }
+    }
+    Ok(card)
 }
 
 impl Base {
