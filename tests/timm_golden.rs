@@ -171,6 +171,12 @@ fn check_case(name: &str, dev: &TestDevice) {
         let features = net.pool(&h).unwrap();
         check("features", &features);
         check("logits", &fc.forward(&features, Mode::Eval).unwrap());
+        // Frozen (no gradient anywhere: the inference kernels, BatchNorm and activation fused into each
+        // convolution's epilogue) computes the same features.
+        let frozen = net
+            .forward_features(&x, Mode::Frozen, groups.len())
+            .unwrap();
+        check("features", &frozen);
         // Train: logits, loss, every gradient, the BatchNorm statistics the forward moved.
         let features = net.forward_features(&x, Mode::Train, 0).unwrap();
         let logits = fc.forward(&features, Mode::Train).unwrap();

@@ -174,7 +174,7 @@ impl CustomOp2 for ClampGrad {
 
 /// The smooth (non-clamp) activations, each one pass forward and one pass backward over the saved input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Smooth {
+pub(crate) enum Smooth {
     /// `x * sigmoid(x)` (swish).
     Silu,
     /// `x * relu6(x + 3) / 6`.
@@ -257,8 +257,18 @@ impl Smooth {
         }
     }
 
+    /// The value in `T`'s best precision: f64 stays f64, the others go through f32 (as [`smooth_map`]).
+    #[inline(always)]
+    pub(crate) fn value_of<T: WithDType>(self, x: T) -> T {
+        if T::DTYPE == candle_core::DType::F64 {
+            T::from_f64(self.value64(x.to_f64()))
+        } else {
+            T::from_f64(self.value(x.to_f64() as f32) as f64)
+        }
+    }
+
     /// The same composed of candle ops, for devices without our kernels.
-    fn composed(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn composed(self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Smooth::Silu => x.silu(),
             Smooth::HardSwish => x * ((x + 3.)?.clamp(0f32, 6f32)? / 6.)?,
@@ -266,7 +276,7 @@ impl Smooth {
         }
     }
 
-    fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
         if !custom_kernels_on(x.device()) {
             return self.composed(x);
         }

@@ -40,11 +40,13 @@ impl Padding2d {
 }
 
 /// What an inference convolution applies to each output value: `+ shift[channel]`, then a clamp to
-/// `[0, max]` when `max` is given (a folded BatchNorm and its ReLU / ReLU6).
+/// `[0, max]` when `max` is given (a folded BatchNorm and its ReLU / ReLU6), or else the smooth activation
+/// when `smooth` is given (SiLU, hard-swish), while the plane is still in cache.
 #[derive(Debug, Clone)]
 pub(crate) struct Epilogue {
     pub(crate) shift: Vec<f64>,
     pub(crate) max: Option<f64>,
+    pub(crate) smooth: Option<super::activation::Smooth>,
 }
 
 impl Epilogue {
@@ -56,7 +58,10 @@ impl Epilogue {
             .reshape((1, c, 1, 1))?;
         let y = y.broadcast_add(&shift)?;
         Ok(match self.max {
-            None => y,
+            None => match self.smooth {
+                Some(f) => f.composed(&y)?,
+                None => y,
+            },
             Some(max) if max.is_infinite() => y.relu()?,
             Some(max) => y.clamp(0f64, max)?,
         })
@@ -66,7 +71,10 @@ impl Epilogue {
     pub(super) fn apply<T: WithDType>(&self, ch: usize, plane: &mut [T]) {
         let (zero, shift) = (T::from_f64(0.), T::from_f64(self.shift[ch]));
         match self.max.map(T::from_f64) {
-            None => plane.iter_mut().for_each(|v| *v += shift),
+            None => match self.smooth {
+                Some(f) => plane.iter_mut().for_each(|v| *v = f.value_of(*v + shift)),
+                None => plane.iter_mut().for_each(|v| *v += shift),
+            },
             Some(max) => plane.iter_mut().for_each(|v| {
                 let z = *v + shift;
                 *v = if z > zero {

@@ -508,6 +508,7 @@ impl_forward_only_op2!(InputGrad, "graft-conv2d-input-grad");
 mod tests {
     use super::*;
     use crate::kernels::test_support::{gradient_gaps, max_abs};
+    use crate::kernels::Smooth;
     use candle_core::{DType, Device, Var};
 
     /// (in, out, h, w, kernel, padding, stride): ResNet's stem, 3x3 at stride 1 and 2, 1x1 at stride 1
@@ -611,6 +612,7 @@ mod tests {
             let e = Epilogue {
                 shift: shift.clone(),
                 max,
+                smooth: None,
             };
             let ours = dense_conv2d_shift_clamp(&x, &wt, 1, stride, e).unwrap();
             let theirs = match max {
@@ -618,6 +620,17 @@ mod tests {
                 Some(m) => shifted.clamp(0f32, m as f32).unwrap(),
             };
             assert_eq!(max_abs(&ours, &theirs), 0.0, "{max:?}");
+        }
+        // The smooth activations, against our own separate op (the same arithmetic, so bit-equal).
+        for f in [Smooth::Silu, Smooth::HardSwish] {
+            let e = Epilogue {
+                shift: shift.clone(),
+                max: None,
+                smooth: Some(f),
+            };
+            let ours = dense_conv2d_shift_clamp(&x, &wt, 1, stride, e).unwrap();
+            let theirs = f.apply(&shifted).unwrap();
+            assert_eq!(max_abs(&ours, &theirs), 0.0, "{f:?}");
         }
     }
 

@@ -452,6 +452,7 @@ impl_forward_only_op2!(DepthwiseGradWeight, "graft-depthwise-conv2d-grad-weight"
 mod tests {
     use super::*;
     use crate::kernels::test_support::{gradient_gaps, max_abs};
+    use crate::kernels::Smooth;
     use candle_core::{Device, Var};
 
     #[test]
@@ -472,6 +473,7 @@ mod tests {
             let e = Epilogue {
                 shift: vec![-0.5, 0.0, 0.5],
                 max,
+                smooth: None,
             };
             let ours =
                 depthwise_conv2d_shift_clamp(&x, &wt, Padding2d::symmetric(1), 2, e).unwrap();
@@ -480,6 +482,17 @@ mod tests {
                 Some(m) => shifted.clamp(0f32, m as f32).unwrap(),
             };
             assert_eq!(max_abs(&ours, &theirs), 0.0, "{max:?}");
+        }
+        for f in [Smooth::Silu, Smooth::HardSwish] {
+            let e = Epilogue {
+                shift: vec![-0.5, 0.0, 0.5],
+                max: None,
+                smooth: Some(f),
+            };
+            let ours =
+                depthwise_conv2d_shift_clamp(&x, &wt, Padding2d::symmetric(1), 2, e).unwrap();
+            let theirs = f.apply(&shifted).unwrap();
+            assert_eq!(max_abs(&ours, &theirs), 0.0, "{f:?}");
         }
     }
 

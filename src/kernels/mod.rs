@@ -38,6 +38,7 @@ pub mod conv;
 #[cfg(test)]
 pub(crate) mod test_support;
 
+pub(crate) use activation::Smooth;
 pub use activation::{add_relu, hard_sigmoid, hard_swish, relu, relu6, silu};
 pub(crate) use bn_train::{batch_norm_train, batch_stats};
 pub(crate) use common::Epilogue;

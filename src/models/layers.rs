@@ -218,11 +218,12 @@ pub fn conv_bn_act(
     }
     // (Only where a kernel of ours runs: elsewhere reading the shift would be a device-to-host copy for
     // nothing.)
-    if mode == Mode::Frozen && act.fusable() && !x.track_op() && custom_kernels_on(x.device()) {
+    if mode == Mode::Frozen && !x.track_op() && custom_kernels_on(x.device()) {
         // Nothing needs a gradient: the shift and the activation ride on the convolution's last pass.
         let e = Epilogue {
             shift: shift.to_dtype(DType::F64)?.to_vec1::<f64>()?,
             max: act.clamp_max(),
+            smooth: act.smooth(),
         };
         if let Some(y) = conv.convolve_with_epilogue(x, &w, e)? {
             return Ok(y);
@@ -269,8 +270,17 @@ impl Activation {
         }
     }
 
-    /// Whether the kernels can fuse this activation (the identity or a clamp) into a BatchNorm or a
-    /// convolution epilogue; the others run as their own op afterwards.
+    /// The smooth activation this is, if it is one (what a convolution epilogue applies after the shift).
+    fn smooth(self) -> Option<kernels::Smooth> {
+        match self {
+            Activation::Silu => Some(kernels::Smooth::Silu),
+            Activation::HardSwish => Some(kernels::Smooth::HardSwish),
+            Activation::Identity | Activation::Relu | Activation::Relu6 => None,
+        }
+    }
+
+    /// Whether the BatchNorm training kernel can fuse this activation (the identity or a clamp); the
+    /// others run as their own op afterwards. (A convolution's inference epilogue takes every one.)
     fn fusable(self) -> bool {
         matches!(
             self,
