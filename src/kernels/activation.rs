@@ -322,7 +322,7 @@ struct SmoothOp(Smooth);
 impl SmoothOp {
     fn run<T: WithDType>(&self, x: &[T], shape: &Shape) -> (CpuStorage, Shape) {
         let k = self.0;
-        let y = smooth_map(x, x, move |v, _| k.value(v), move |v, _| k.value64(v));
+        let y = par_map(x, x, move |v, _| k.value_of(v));
         (T::to_cpu_storage_owned(y), shape.clone())
     }
 }
