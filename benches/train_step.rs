@@ -19,6 +19,7 @@
 
 use candle_core::{DType, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use graft::kernels::precision::{autocast, Precision};
 use graft::models::efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 use graft::models::effnet::EffNetConfig;
 use graft::models::layers::{linear, Linear};
@@ -144,10 +145,15 @@ fn run_one(model: &str, size: usize, mode: &str, batch: usize, iters: usize) -> 
         }
         Ok(())
     };
-    // Each step on the thread pool, as `graft finetune` runs it (see `graft::kernels::par::on_pool`).
+    // Each step on the thread pool, as `graft finetune` runs it (see `graft::kernels::par::on_pool`),
+    // in the precision GRAFT_BENCH_PRECISION names (f32 unless set; `bf16` as `--precision bf16`).
     // On a GPU the ops only queue work: each timed step ends when the device has finished it.
+    let precision: Precision = std::env::var("GRAFT_BENCH_PRECISION")
+        .unwrap_or_else(|_| "f32".into())
+        .parse()
+        .map_err(anyhow::Error::msg)?;
     let mut step = || {
-        graft::kernels::par::on_pool(&mut step)?;
+        autocast(precision, || graft::kernels::par::on_pool(&mut step))?;
         Ok::<(), graft::Error>(dev.synchronize()?)
     };
     step()?; // warm-up
@@ -160,7 +166,11 @@ fn run_one(model: &str, size: usize, mode: &str, batch: usize, iters: usize) -> 
     times.sort_by(f64::total_cmp);
     let median = times[times.len() / 2];
     let json = serde_json::json!({
-        "framework": "graft",
+        "framework": match precision {
+            Precision::F32 => "graft",
+            Precision::Bf16 => "graft-bf16",
+        },
+        "precision": precision.name(),
         "model": model,
         "size": size,
         "batch": batch,

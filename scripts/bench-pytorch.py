@@ -14,6 +14,10 @@ Each configuration runs in a fresh interpreter (this script again, with --one), 
 images/s is the batch size over the median batch time. The networks are written out here (torchvision's
 ResNet-18 layout; EfficientNet-Lite0 as graft builds it, with TensorFlow "SAME" padding and ReLU6), so only
 torch itself is needed. Weights are a fresh initialisation: the cost is the same as with pretrained ones.
+
+GRAFT_BENCH_SETTING picks PyTorch's CPU setting: `nchw` (the default layout, float32), `channels_last`
+(`model.to(memory_format=torch.channels_last)` and the input alike) or `channels_last_bf16` (that plus
+`torch.autocast("cpu", dtype=torch.bfloat16)` around the forward and loss, oneDNN's bf16 convolutions).
 """
 
 import json
@@ -151,21 +155,33 @@ def peak_rss_mib():
 
 
 def run_one(model_name, size, mode, batch, iters):
+    import contextlib
+
     import torch
     import torch.nn.functional as F
 
+    setting = os.environ.get("GRAFT_BENCH_SETTING", "nchw")
+    if setting not in ("nchw", "channels_last", "channels_last_bf16"):
+        raise SystemExit(f"GRAFT_BENCH_SETTING={setting!r} is not nchw, channels_last or channels_last_bf16")
     torch.manual_seed(0)
     # GRAFT_BENCH_DEVICE (default cpu), as for graft's bench; on CUDA each timed batch ends with a synchronize.
     device = torch.device(os.environ.get("GRAFT_BENCH_DEVICE", "cpu"))
     model = build(model_name).to(device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.tensor([i * 37 % CLASSES for i in range(batch)], device=device)
+    if setting.startswith("channels_last"):
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    if setting.endswith("bf16"):
+        cast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    else:
+        cast = contextlib.nullcontext
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if mode == "forward":
         model.eval()
 
         def step():
-            with torch.no_grad():
+            with torch.no_grad(), cast():
                 model(x)
 
     elif mode == "train":
@@ -174,7 +190,9 @@ def run_one(model_name, size, mode, batch, iters):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with cast():
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
 
     elif mode == "frozen":
@@ -189,7 +207,9 @@ def run_one(model_name, size, mode, batch, iters):
 
         def step():
             opt.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x), y).backward()
+            with cast():
+                loss = F.cross_entropy(model(x), y)
+            loss.backward()
             opt.step()
 
     else:
@@ -207,7 +227,8 @@ def run_one(model_name, size, mode, batch, iters):
     print(
         json.dumps(
             {
-                "framework": "pytorch",
+                "framework": "pytorch" if setting == "nchw" else f"pytorch-{setting}",
+                "setting": setting,
                 "model": model_name,
                 "size": size,
                 "batch": batch,

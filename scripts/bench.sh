@@ -7,6 +7,9 @@
 #   scripts/bench.sh                 # everything; JSON lines to bench-results.jsonl, then the table
 #   scripts/bench.sh resnet18 224    # filters, as for `cargo bench --bench train_step`
 #
+# Each configuration runs graft in f32 and `--precision bf16` (GRAFT_BENCH_PRECISIONS) and PyTorch in its
+# three CPU settings (GRAFT_BENCH_SETTINGS: nchw, channels_last, channels_last_bf16).
+#
 # The two frameworks run alternately, configuration by configuration, each in a fresh process, so a change of
 # load on a shared machine hits both alike. PyTorch runs only when `python3 -c 'import torch'` works; without
 # it the table shows graft alone. GRAFT_BENCH_BATCH / GRAFT_BENCH_ITERS change batch size and timed batches.
@@ -31,6 +34,9 @@ for l in sys.stdin:
         print(m["executable"])')
 echo "# $(uptime)" >&2
 filters=("$@")
+# graft's precisions and PyTorch's settings (see scripts/bench-pytorch.py), each a column of the table.
+graft_precisions="${GRAFT_BENCH_PRECISIONS:-f32 bf16}"
+torch_settings="${GRAFT_BENCH_SETTINGS:-nchw channels_last channels_last_bf16}"
 for model in resnet18 efficientnet_lite0 efficientnet_b0 mobilenetv3_large_100 convnext_atto convnext_tiny; do
   for size in 128 224; do
     for mode in forward train frozen; do
@@ -40,9 +46,13 @@ for model in resnet18 efficientnet_lite0 efficientnet_b0 mobilenetv3_large_100 c
         [ "$f" = "$model" ] || [ "$f" = "$size" ] || [ "$f" = "$mode" ] || skip=1
       done
       [ $skip -eq 1 ] && continue
-      "$exe" --bench "$model" "$size" "$mode" | tee -a "$out"
+      for precision in $graft_precisions; do
+        GRAFT_BENCH_PRECISION=$precision "$exe" --bench "$model" "$size" "$mode" | tee -a "$out"
+      done
       if [ $have_torch -eq 1 ]; then
-        python3 scripts/bench-pytorch.py "$model" "$size" "$mode" 2>/dev/null | tee -a "$out"
+        for setting in $torch_settings; do
+          GRAFT_BENCH_SETTING=$setting python3 scripts/bench-pytorch.py "$model" "$size" "$mode" 2>/dev/null | tee -a "$out"
+        done
       fi
     done
   done
@@ -54,15 +64,21 @@ rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 by = {}
 for r in rows:
     by.setdefault((r["model"], r["size"], r["mode"]), {})[r["framework"]] = r
+cols = [("graft", "graft f32"), ("graft-bf16", "graft bf16"), ("pytorch", "PyTorch NCHW"),
+        ("pytorch-channels_last", "PyTorch channels_last"), ("pytorch-channels_last_bf16", "PyTorch CL + bf16")]
+cols = [c for c in cols if any(c[0] in fw for fw in by.values())]
+ips = lambda fw, k: fw.get(k, {}).get("images_per_s")
+def ratio(fw, a, b):
+    x, y = ips(fw, a), ips(fw, b)
+    return f"{x / y:.2f}" if x and y else "-"
 print()
-print("| model | size | mode | graft img/s | PyTorch img/s | ratio | graft peak MiB | PyTorch peak MiB |")
-print("|---|---|---|---|---|---|---|---|")
+print("| model | size | mode | " + " | ".join(f"{name} img/s" for _, name in cols)
+      + " | f32 / NCHW | f32 / CL | bf16 / CL+bf16 | " + " | ".join(f"{name} peak MiB" for _, name in cols) + " |")
+print("|---" * (3 + 2 * len(cols) + 3) + "|")
 for (model, size, mode), fw in by.items():
-    g, t = fw.get("graft"), fw.get("pytorch")
-    gi = g["images_per_s"] if g else None
-    ti = t["images_per_s"] if t else None
-    ratio = f"{gi / ti:.2f}" if gi and ti else "-"
-    cell = lambda r, k: str(r[k]) if r and r.get(k) is not None else "-"
-    print(f"| {model} | {size} | {mode} | {cell(g, 'images_per_s')} | {cell(t, 'images_per_s')} | {ratio} "
-          f"| {cell(g, 'peak_rss_mib')} | {cell(t, 'peak_rss_mib')} |")
+    cell = lambda k, f: str(fw[k][f]) if k in fw and fw[k].get(f) is not None else "-"
+    print(f"| {model} | {size} | {mode} | " + " | ".join(cell(k, "images_per_s") for k, _ in cols)
+          + f" | {ratio(fw, 'graft', 'pytorch')} | {ratio(fw, 'graft', 'pytorch-channels_last')}"
+          + f" | {ratio(fw, 'graft-bf16', 'pytorch-channels_last_bf16')} | "
+          + " | ".join(cell(k, "peak_rss_mib") for k, _ in cols) + " |")
 PY

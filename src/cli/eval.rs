@@ -29,12 +29,21 @@ pub struct EvalArgs {
     pub tta: Tta,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What the convolutions multiply in: f32, or bf16 (bf16 inputs, f32 sums; CPU only).
+    #[arg(long, default_value = "f32")]
+    pub precision: crate::kernels::precision::Precision,
     /// Print one JSON object instead of tables.
     #[arg(long)]
     pub json: bool,
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
+    crate::train::config::validate_precision(args.precision, &args.device)?;
+    crate::kernels::precision::autocast(args.precision, || evaluate(args))
+}
+
+/// [`run`] inside its precision scope.
+fn evaluate(args: EvalArgs) -> anyhow::Result<()> {
     let device = crate::device::parse_device(&args.device)?;
     let model = crate::export::load_model(&args.model, &device)
         .with_context(|| format!("loading model {}", args.model.display()))?;

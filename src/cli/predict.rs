@@ -25,6 +25,9 @@ pub struct PredictArgs {
     /// Output format: human-readable text, or one JSON object per image.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// What the convolutions multiply in: f32, or bf16 (bf16 inputs, f32 sums; CPU only).
+    #[arg(long, default_value = "f32")]
+    pub precision: crate::kernels::precision::Precision,
     /// Images to classify.
     #[arg(required = true)]
     pub images: Vec<PathBuf>,
@@ -127,6 +130,12 @@ impl Model {
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
+    crate::train::config::validate_precision(args.precision, &args.base.device)?;
+    crate::kernels::precision::autocast(args.precision, || predict(args))
+}
+
+/// [`run`] inside its precision scope.
+fn predict(args: PredictArgs) -> anyhow::Result<()> {
     if args.top_k == 0 {
         bail!("--top-k must be at least 1");
     }

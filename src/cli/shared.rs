@@ -11,6 +11,7 @@ use clap::{Args, ValueEnum};
 use std::path::PathBuf;
 use std::sync::LazyLock;
 
+use crate::kernels::precision::Precision;
 use crate::optim::config::KINDS;
 use crate::optim::OptimizerConfig;
 use crate::train::config::{read_config_file, ScheduleKind};
@@ -54,6 +55,10 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
+    /// What the convolutions multiply in: f32, or bf16 (bf16 inputs, f32 sums, as PyTorch's autocast;
+    /// parameters, BatchNorm, loss and optimizer stay f32). CPU only; fast where the CPU has AVX512-BF16.
+    #[arg(long)]
+    pub precision: Option<Precision>,
     /// Stop (finetune: the run, pretrain: a phase) after this many epochs without validation improvement,
     /// keeping the best weights.
     #[arg(long)]
@@ -100,6 +105,7 @@ pub struct SharedFields<'a> {
     pub clip_grad_norm: &'a mut Option<f64>,
     pub seed: &'a mut u64,
     pub device: &'a mut String,
+    pub precision: &'a mut Precision,
     pub patience: &'a mut Option<usize>,
     pub min_delta: &'a mut f64,
 }
@@ -116,6 +122,7 @@ macro_rules! shared_fields {
             clip_grad_norm: &mut $cfg.clip_grad_norm,
             seed: &mut $cfg.seed,
             device: &mut $cfg.device,
+            precision: &mut $cfg.precision,
             patience: &mut $cfg.patience,
             min_delta: &mut $cfg.min_delta,
         }
@@ -144,6 +151,7 @@ impl TrainArgs {
         set(to.schedule, self.schedule);
         set(to.seed, self.seed);
         set(to.device, self.device.clone());
+        set(to.precision, self.precision);
         set(to.min_delta, self.min_delta);
         if self.clip_grad_norm.is_some() {
             *to.clip_grad_norm = self.clip_grad_norm;

@@ -4,6 +4,8 @@
 //!
 //! The bottom of the kernels' import graph: it imports no other kernel module.
 
+pub(super) use super::matrix::View;
+use super::precision::Precision;
 use crate::{Error, Result};
 use candle_core::{CpuStorage, DType, Layout, Tensor, WithDType};
 
@@ -102,6 +104,8 @@ pub(super) struct Geom {
     pub(super) kw: usize,
     pub(super) padding: usize,
     pub(super) stride: usize,
+    /// What its GEMMs multiply in: the [`super::precision::autocast`] scope the op was built in.
+    pub(super) precision: Precision,
 }
 
 impl Geom {
@@ -122,6 +126,7 @@ impl Geom {
             kw,
             padding,
             stride,
+            precision: super::precision::current(),
         })
     }
 
@@ -368,35 +373,17 @@ pub(super) fn inner_parallelism(chunks: usize) -> gemm::Parallelism {
     }
 }
 
-/// Where a matrix lies in a slice: element `(i, j)` at `offset + i * rs + j * cs`.
-#[derive(Clone, Copy, Debug)]
-pub(super) struct View {
-    pub(super) offset: usize,
-    pub(super) rs: usize,
-    pub(super) cs: usize,
-}
-
-impl View {
-    pub(super) fn strided(offset: usize, rs: usize, cs: usize) -> Self {
-        Self { offset, rs, cs }
-    }
-
-    /// Whether a `rows x cols` matrix at this view stays inside `len` values.
-    fn fits(&self, rows: usize, cols: usize, len: usize) -> bool {
-        rows == 0 || cols == 0 || self.offset + (rows - 1) * self.rs + (cols - 1) * self.cs < len
-    }
-}
-
 /// `dst [m, n] (+)= lhs [m, k] x rhs [k, n]` on the GEMM crate's kernels with `par` threads
 /// (`Parallelism::None`: the calling thread): added to `dst` when `accumulate`, else written over it.
-/// f32 and f64 only (the crate's native types); panics if a view runs past its slice.
+/// f32 and f64 only (the crate's native types); panics if a view runs past its slice. In
+/// [`Precision::Bf16`], f32 products run on [`super::bf16::gemm`] where the CPU has it (f64 stays f64).
 pub(super) fn gemm_into<T: WithDType>(
     (m, n, k): (usize, usize, usize),
     (dst, d): (&mut [T], View),
     accumulate: bool,
     (lhs, l): (&[T], View),
     (rhs, r): (&[T], View),
-    par: gemm::Parallelism,
+    (precision, par): (Precision, gemm::Parallelism),
 ) {
     assert!(
         matches!(T::DTYPE, DType::F32 | DType::F64),
@@ -408,6 +395,22 @@ pub(super) fn gemm_into<T: WithDType>(
         "gemm_into: a view runs past its values"
     );
     if m == 0 || n == 0 {
+        return;
+    }
+    if precision == Precision::Bf16 && T::DTYPE == DType::F32 && super::bf16::available() {
+        let threads = match par {
+            gemm::Parallelism::Rayon(t) => t.max(1),
+            gemm::Parallelism::None => 1,
+        };
+        // SAFETY: T is f32 (checked just above), so the slices reinterpret as what they hold.
+        let (dst, lhs, rhs) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(dst.as_mut_ptr() as *mut f32, dst.len()),
+                std::slice::from_raw_parts(lhs.as_ptr() as *const f32, lhs.len()),
+                std::slice::from_raw_parts(rhs.as_ptr() as *const f32, rhs.len()),
+            )
+        };
+        super::bf16::gemm((m, n, k), (dst, d), accumulate, (lhs, l), (rhs, r), threads);
         return;
     }
     // SAFETY: T is f32 or f64 (the GEMM crate's own kernels), and the assertion above keeps every

@@ -111,6 +111,7 @@ impl ConvSpec {
                 kw,
                 padding,
                 stride,
+                precision: super::precision::current(),
             },
             out_channels,
             filter_channels,
@@ -507,6 +508,7 @@ impl_forward_only_op2!(InputGrad, "graft-conv2d-input-grad");
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::precision::Precision;
     use crate::kernels::test_support::{gradient_gaps, max_abs};
     use crate::kernels::Smooth;
     use candle_core::{DType, Device, Var};
@@ -542,6 +544,7 @@ mod tests {
             kw: k,
             padding,
             stride,
+            precision: Precision::F32,
         }
     }
 
@@ -582,6 +585,74 @@ mod tests {
             let probe = Tensor::randn(0f64, 1., ours.dims(), &dev).unwrap();
             for gap in gradient_gaps(&ours, &theirs, &probe, &[&x, &wt]) {
                 assert!(gap < 1e-10, "gradient {what}");
+            }
+        }
+    }
+
+    /// `||a - b|| / ||b||` over all values.
+    fn relative_l2(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b).unwrap().sqr().unwrap().sum_all().unwrap();
+        let n = b.sqr().unwrap().sum_all().unwrap();
+        (d.to_scalar::<f64>().unwrap() / n.to_scalar::<f64>().unwrap()).sqrt()
+    }
+
+    /// Under `autocast(Bf16)` every algorithm (the cases cover im2col batched and image by image,
+    /// shifted GEMMs and, with 256 and 512 channels, Winograd) multiplies in bf16: forward and both
+    /// gradients within bf16's rounding of the f64 result (8 bits of mantissa: relative errors of a few
+    /// 1e-3 per product; 2e-2 bounds the L2 error of sums of hundreds), and measurably off f32's
+    /// (so the bf16 path ran) where the CPU has it.
+    #[test]
+    fn bf16_autocast_runs_every_algorithm_within_bf16_rounding() {
+        let dev = Device::Cpu;
+        let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        for (ci, co, h, w, k, p, s) in CASES {
+            let what = format!("{ci}->{co} {h}x{w} k{k} p{p} s{s}");
+            let x = Var::randn(0f32, 1., (2, ci, h, w), &dev).unwrap();
+            let wt = Var::randn(0f32, 1., (co, ci, k, k), &dev).unwrap();
+            let (x64, w64) = (
+                Var::from_tensor(&to64(x.as_tensor())).unwrap(),
+                Var::from_tensor(&to64(wt.as_tensor())).unwrap(),
+            );
+            let want = dense_conv2d(x64.as_tensor(), w64.as_tensor(), p, s).unwrap();
+            let probe = Tensor::randn(0f64, 1., want.dims(), &dev).unwrap();
+            let want_grads = (&want * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (got, grads) = crate::kernels::precision::autocast(Precision::Bf16, || {
+                let y = dense_conv2d(x.as_tensor(), wt.as_tensor(), p, s).unwrap();
+                let g = (&y * probe.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (y, g)
+            });
+            let pairs = [
+                ("forward", to64(&got), want.clone()),
+                (
+                    "input grad",
+                    to64(grads.get(&x).unwrap()),
+                    want_grads.get(&x64).unwrap().clone(),
+                ),
+                (
+                    "filter grad",
+                    to64(grads.get(&wt).unwrap()),
+                    want_grads.get(&w64).unwrap().clone(),
+                ),
+            ];
+            for (pass, ours, reference) in pairs {
+                let err = relative_l2(&ours, &reference);
+                assert!(err < 2e-2, "{what} {pass}: relative L2 error {err}");
+                if crate::kernels::precision::bf16_supported() && ci * k * k > 1 {
+                    assert!(
+                        err > 1e-5,
+                        "{what} {pass}: {err} is f32's error, not bf16's"
+                    );
+                }
             }
         }
     }
@@ -661,6 +732,7 @@ mod tests {
                 kw: 3,
                 padding: 1,
                 stride: 1,
+                precision: Precision::F32,
             };
             assert_eq!(
                 choose(&ConvSpec::dense::<f64>(g, 8), Pass::Forward),

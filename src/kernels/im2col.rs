@@ -23,6 +23,7 @@ use super::common::{
     gemm_into, image_chunks, inner_parallelism, span, transpose_into, Epilogue, Geom, View,
 };
 use super::par::par_zeroed;
+use super::precision::Precision;
 use super::simd::vectorized;
 use candle_core::{DType, WithDType};
 use rayon::prelude::*;
@@ -54,7 +55,7 @@ pub(super) fn forward<T: WithDType>(
         ckk,
         (&tap_major(w, o, g), 1, ckk),
         (&cols, 1, n * l),
-        par,
+        (g.precision, par),
     );
     drop(cols);
     // [O, N * L] -> [N, O, L], with the epilogue if any.
@@ -182,7 +183,7 @@ pub(super) fn forward_image_by_image<T: WithDType>(
                     false,
                     (wm, View::strided(0, ckk, 1)),
                     (cols, View::strided(0, n_cols, 1)),
-                    par,
+                    (g.precision, par),
                 );
             }
             if let Some(e) = epilogue {
@@ -228,7 +229,7 @@ pub(super) fn filter_grad<T: WithDType>(
                         b > b0,
                         (&grad[b * o * l..(b + 1) * o * l], View::strided(0, l, 1)),
                         (&cols, View::strided(0, ckk, 1)),
-                        gemm::Parallelism::None,
+                        (g.precision, gemm::Parallelism::None),
                     );
                 }
                 return dw;
@@ -242,7 +243,7 @@ pub(super) fn filter_grad<T: WithDType>(
                 k,
                 (&gt, 1, k),
                 (&cols, 1, ckk),
-                gemm::Parallelism::None,
+                (g.precision, gemm::Parallelism::None),
             )
         })
         .collect();
@@ -280,7 +281,7 @@ pub(super) fn input_grad<T: WithDType>(g: Geom, grad: &[T], w: &[T], o: usize) -
             o,
             (&gp, 1, o),
             (&wm, 1, ckk),
-            gemm::Parallelism::None,
+            (g.precision, gemm::Parallelism::None),
         );
         col2im_pixel_major(g, &gcols, dst);
     })
@@ -295,15 +296,22 @@ fn product<T: WithDType>(
     k: usize,
     lhs: (&[T], usize, usize),
     rhs: (&[T], usize, usize),
-    par: gemm::Parallelism,
+    (precision, par): (Precision, gemm::Parallelism),
 ) -> Vec<T> {
     if !matches!(T::DTYPE, DType::F32 | DType::F64) {
         let f32s = |v: &[T]| v.iter().map(|x| x.to_f64() as f32).collect::<Vec<f32>>();
         let (l, r) = (f32s(lhs.0), f32s(rhs.0));
-        return product(m, n, k, (&l, lhs.1, lhs.2), (&r, rhs.1, rhs.2), par)
-            .into_iter()
-            .map(|v| T::from_f64(v as f64))
-            .collect();
+        return product(
+            m,
+            n,
+            k,
+            (&l, lhs.1, lhs.2),
+            (&r, rhs.1, rhs.2),
+            (precision, par),
+        )
+        .into_iter()
+        .map(|v| T::from_f64(v as f64))
+        .collect();
     }
     let mut dst = vec![T::from_f64(0.); m * n];
     gemm_into(
@@ -312,7 +320,7 @@ fn product<T: WithDType>(
         false,
         (lhs.0, View::strided(0, lhs.2, lhs.1)),
         (rhs.0, View::strided(0, rhs.2, rhs.1)),
-        par,
+        (precision, par),
     );
     dst
 }

@@ -4,8 +4,10 @@
 //! candle's ops.
 //!
 //! What is where, bottom to top of the imports (a module imports only those below it):
-//! - [`par`]: parallel helpers (buffers zeroed chunk by chunk where they are used, work on the pool);
-//!   [`simd`]: the `vectorized!` dispatch to the widest instruction set the CPU has;
+//! - [`simd`]: the `vectorized!` dispatch to the widest instruction set the CPU has; `matrix`: where a
+//!   matrix lies in a slice; `bf16`: the GEMM that multiplies in bf16 (AVX512-BF16); [`precision`]:
+//!   the `autocast` scope that chooses it (f32 or bf16 products); [`par`]: parallel helpers (buffers
+//!   zeroed chunk by chunk where they are used, work on the pool, in the caller's autocast scope);
 //! - `common`: what the ops share: dtype checks and dispatch macros, a convolution's geometry and
 //!   inference epilogue, the GEMM helpers;
 //! - the ops: `activation` ([`relu`], [`relu6`], [`add_relu`], [`silu`], [`hard_swish`], [`hard_sigmoid`]: one-pass
@@ -21,7 +23,11 @@
 //! replace.
 
 pub mod par;
+pub mod precision;
 pub mod simd;
+
+mod bf16;
+mod matrix;
 
 mod common;
 

@@ -19,7 +19,9 @@ pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     if rayon::current_thread_index().is_some() {
         return f();
     }
-    rayon::scope(|_| f())
+    // The caller's autocast scope goes with the work (it is a thread-local).
+    let precision = super::precision::current();
+    rayon::scope(|_| super::precision::autocast(precision, f))
 }
 
 /// `vec![T::zero(); len]` built in parallel: chunk `i` (`chunk` values, the last one possibly shorter)

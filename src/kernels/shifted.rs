@@ -256,7 +256,7 @@ pub(super) fn forward<T: WithDType>(
                             t > 0,
                             (w, View::strided(t, g.c * taps, taps)),
                             (src, Pitch::rows(p.padded_plane(), p.shift(t))),
-                            par,
+                            (g.precision, par),
                         );
                     }
                 }
@@ -302,7 +302,7 @@ pub(super) fn filter_grad<T: WithDType>(g: Geom, x: &[T], dy: &[T], o: usize) ->
                         b > b0,
                         (grad, Pitch::rows(p.pitched_plane(), 0)),
                         (src, View::strided(p.shift(t), 1, p.padded_plane())),
-                        par,
+                        (g.precision, par),
                     );
                 }
             }
@@ -354,7 +354,7 @@ pub(super) fn input_grad<T: WithDType>(g: Geom, dy: &[T], w: &[T], o: usize) -> 
                             true,
                             (w, View::strided(t, taps, g.c * taps)),
                             (grad, Pitch::rows(p.pitched_plane(), 0)),
-                            par,
+                            (g.precision, par),
                         );
                     }
                 }

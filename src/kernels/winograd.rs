@@ -164,7 +164,7 @@ pub(super) fn filter_grad_with<T: WithDType>(
             false,
             (&dz, View::strided(xi * t, XI * t, 1)),
             (v, View::strided(xi * t, 1, XI * t)),
-            gemm::Parallelism::None,
+            (g.precision, gemm::Parallelism::None),
         );
     });
     drop(dz);
@@ -292,7 +292,7 @@ fn convolve<T: WithDType>(
             false,
             (u, lhs(xi)),
             (&v, View::strided(xi * t, XI * t, 1)),
-            gemm::Parallelism::None,
+            (g.precision, gemm::Parallelism::None),
         );
     });
     // Freed before the output is allocated unless the caller keeps it.
@@ -471,6 +471,7 @@ fn output_transform<T: WithDType>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::precision::Precision;
     use candle_core::{Device, Tensor};
 
     fn geom(c: usize, h: usize, w: usize) -> Geom {
@@ -482,6 +483,7 @@ mod tests {
             kw: 3,
             padding: 1,
             stride: 1,
+            precision: Precision::F32,
         }
     }
 

@@ -2,6 +2,7 @@
 //! every checkpoint, validated once ([`PretrainConfig::validate`]) before anything is written.
 
 use crate::data::Preprocess;
+use crate::kernels::precision::Precision;
 use crate::models::encoder::{EncoderActivation, EncoderConfig};
 use crate::optim::OptimizerConfig;
 use crate::train::config::ScheduleKind;
@@ -79,6 +80,8 @@ pub struct PretrainConfig {
     pub min_delta: f64,
     pub seed: u64,
     pub device: String,
+    /// What the dense products multiply in (see `FinetuneConfig::precision`).
+    pub precision: Precision,
 }
 
 impl Default for PretrainConfig {
@@ -111,6 +114,7 @@ impl Default for PretrainConfig {
             min_delta: 0.0,
             seed: 0,
             device: "cpu".into(),
+            precision: Precision::F32,
         }
     }
 }
@@ -137,6 +141,7 @@ impl PretrainConfig {
     /// Checks the config before anything is written.
     pub fn validate(&self) -> Result<EncoderConfig> {
         let enc = EncoderConfig::parse(&self.arch)?;
+        crate::train::config::validate_precision(self.precision, &self.device)?;
         if !(1..=3).contains(&self.channels) || self.channels == 2 {
             return Err(Error::config(
                 "--channels",

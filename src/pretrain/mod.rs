@@ -20,6 +20,7 @@ pub mod model;
 
 use crate::data::{list_images, Loader, LoaderConfig, Sample};
 use crate::kernels::par::on_pool;
+use crate::kernels::precision::autocast;
 use crate::models::base::{EncoderInfo, ENCODER_INFO, ENCODER_WEIGHTS};
 use crate::models::encoder::{EncoderActivation, EncoderConfig};
 use crate::models::Mode;
@@ -543,8 +544,10 @@ pub fn pretrain(
     resume: bool,
     opts: &RunOptions,
 ) -> Result<Outcome> {
-    let (s, reporter) = session(cfg, opts)?;
-    run_session(s, reporter, run_dir, resume, opts)
+    autocast(cfg.precision, || {
+        let (s, reporter) = session(cfg, opts)?;
+        run_session(s, reporter, run_dir, resume, opts)
+    })
 }
 
 /// Runs a fresh pretraining run in a new run folder (`dir`, or a dated one under `runs/`), created only once
@@ -554,10 +557,12 @@ pub fn pretrain_new(
     dir: Option<&Path>,
     opts: &RunOptions,
 ) -> Result<Outcome> {
-    let (s, reporter) = session(cfg, opts)?;
-    let run_dir = RunDir::create(dir)?;
-    eprintln!("run folder: {}", run_dir.path().display());
-    run_session(s, reporter, &run_dir, false, opts)
+    autocast(cfg.precision, || {
+        let (s, reporter) = session(cfg, opts)?;
+        let run_dir = RunDir::create(dir)?;
+        eprintln!("run folder: {}", run_dir.path().display());
+        run_session(s, reporter, &run_dir, false, opts)
+    })
 }
 
 /// The config validated (once) and the session built from it.
@@ -568,6 +573,7 @@ fn session(cfg: &PretrainConfig, opts: &RunOptions) -> Result<(Session, Reporter
         .map(|p| cfg.phase_epochs(p, stages))
         .sum();
     let mut reporter = Reporter::new(opts.quiet, total_epochs);
+    crate::train::finetune::report_precision(cfg.precision, &mut reporter);
     let s = Session::build(cfg, enc, &mut reporter)?;
     Ok((s, reporter))
 }

@@ -2,6 +2,7 @@
 //! every checkpoint, validated once ([`validate`]) before anything is written.
 
 use crate::data::{Augment, AutoAugment, Preprocess};
+use crate::kernels::precision::Precision;
 use crate::models::base::Base;
 use crate::models::classifier::ClassifierSpec;
 use crate::models::head::HeadConfig;
@@ -166,6 +167,9 @@ pub struct FinetuneConfig {
     /// BatchNorm scales and shifts of frozen groups still train (their running statistics do not move).
     pub train_bn: bool,
     pub device: String,
+    /// What the dense convolutions multiply in (`bf16`: bf16 inputs, f32 sums; everything else stays f32;
+    /// see [`crate::kernels::precision`]).
+    pub precision: Precision,
     /// Memory budget in MiB for the cached outputs of a frozen prefix (0: never cache).
     pub cache_mb: usize,
     /// Steps whose loss is not finite that are skipped (no update) before the run stops with
@@ -219,6 +223,7 @@ impl Default for FinetuneConfig {
             unfreeze_at: Vec::new(),
             train_bn: false,
             device: "cpu".into(),
+            precision: Precision::F32,
             cache_mb: 2048,
             max_bad_steps: 3,
         }
@@ -273,6 +278,7 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     if cfg.batch_size == 0 {
         return Err(Error::config("--batch-size", "must be at least 1"));
     }
+    validate_precision(cfg.precision, &cfg.device)?;
     cfg.mixing().validate()?;
     if cfg.accumulate == 0 {
         return Err(Error::config("--accumulate", "must be at least 1"));
@@ -354,6 +360,17 @@ pub fn check_memory(cfg: &FinetuneConfig, p: &Preprocess) -> Result<()> {
 }
 
 /// Checks an optimizer's hyperparameters, naming the flags that set them.
+/// `bf16` runs on graft's CPU kernels only so far: on another device it would silently stay f32.
+pub fn validate_precision(precision: Precision, device: &str) -> Result<()> {
+    if precision == Precision::Bf16 && device != "cpu" {
+        return Err(Error::config(
+            "--precision",
+            format!("bf16 runs on the CPU only so far (device `{device}`); use f32 there"),
+        ));
+    }
+    Ok(())
+}
+
 pub fn validate_optimizer(optimizer: &OptimizerConfig) -> Result<()> {
     optimizer.validate().map_err(|e| {
         Error::config(

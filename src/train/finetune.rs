@@ -10,6 +10,7 @@
 use crate::data::{self, Dataset, ImageFolder, Loader, LoaderConfig};
 use crate::formats::checkpoint::Checkpoint;
 use crate::kernels::par::on_pool;
+use crate::kernels::precision::{autocast, bf16_supported, Precision};
 use crate::models::base::{self, Base};
 use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::models::Mode;
@@ -730,18 +731,28 @@ pub fn finetune(
     opts: &RunOptions,
 ) -> Result<Outcome> {
     validate(cfg)?;
-    let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
-    let source = if resume && run_dir.has_checkpoint() {
-        let path = run_dir.resume_checkpoint()?;
-        let ck = Checkpoint::load(&path, &Device::Cpu)?;
-        let state: TrainState<serde_json::Value, ClassifierSpec> =
-            TrainState::from_checkpoint(&ck, &path)?;
-        ModelSource::Checkpoint(state.model)
-    } else {
-        ModelSource::Base(base::resolve(&cfg.base)?)
-    };
-    let s = Session::build(cfg, source, &mut reporter)?;
-    run_session(s, reporter, run_dir, resume, opts)
+    autocast(cfg.precision, || {
+        let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
+        report_precision(cfg.precision, &mut reporter);
+        let source = if resume && run_dir.has_checkpoint() {
+            let path = run_dir.resume_checkpoint()?;
+            let ck = Checkpoint::load(&path, &Device::Cpu)?;
+            let state: TrainState<serde_json::Value, ClassifierSpec> =
+                TrainState::from_checkpoint(&ck, &path)?;
+            ModelSource::Checkpoint(state.model)
+        } else {
+            ModelSource::Base(base::resolve(&cfg.base)?)
+        };
+        let s = Session::build(cfg, source, &mut reporter)?;
+        run_session(s, reporter, run_dir, resume, opts)
+    })
+}
+
+/// One line when bf16 was asked for on a CPU that multiplies it no faster than f32.
+pub(crate) fn report_precision(precision: Precision, reporter: &mut Reporter) {
+    if precision == Precision::Bf16 && !bf16_supported() {
+        reporter.line("--precision bf16: this CPU has no AVX512-BF16, so the products run in f32");
+    }
 }
 
 /// Runs a fresh fine-tuning run in a new run folder (`dir`, or a dated one under `runs/`), which is created only
@@ -752,7 +763,17 @@ pub fn finetune_new(
     opts: &RunOptions,
 ) -> Result<Outcome> {
     validate(cfg)?;
+    autocast(cfg.precision, || finetune_new_in_scope(cfg, dir, opts))
+}
+
+/// [`finetune_new`] inside its precision scope.
+fn finetune_new_in_scope(
+    cfg: &FinetuneConfig,
+    dir: Option<&Path>,
+    opts: &RunOptions,
+) -> Result<Outcome> {
     let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
+    report_precision(cfg.precision, &mut reporter);
     let base = base::resolve(&cfg.base)?;
     let mut s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
     let run_dir = RunDir::create(dir)?;
@@ -810,12 +831,15 @@ pub fn find_lr(
 ) -> Result<(LrFinding, String)> {
     validate(cfg)?;
     finder.validate()?;
-    let mut reporter = Reporter::new(quiet, 1);
-    let base = base::resolve(&cfg.base)?;
-    let mut s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
-    let (finding, phase) = find_on(&mut s, finder, &mut reporter)?;
-    finding.plot(finder.num_it, plot)?;
-    Ok((finding, phase))
+    autocast(cfg.precision, || {
+        let mut reporter = Reporter::new(quiet, 1);
+        report_precision(cfg.precision, &mut reporter);
+        let base = base::resolve(&cfg.base)?;
+        let mut s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
+        let (finding, phase) = find_on(&mut s, finder, &mut reporter)?;
+        finding.plot(finder.num_it, plot)?;
+        Ok((finding, phase))
+    })
 }
 
 fn run_session(

@@ -1,0 +1,472 @@
+//! A GEMM that multiplies in bf16 and accumulates in f32: f32 matrices in and out (any strides), their
+//! values rounded to bf16 (nearest even) while they are packed, multiplied by AVX512-BF16's `vdpbf16ps`.
+//!
+//! `vdpbf16ps` multiplies pairs of bf16 and adds both products to one f32 lane: 32 multiply-adds per
+//! instruction against 16 for an f32 FMA, at the same issue rate (on AMD Zen 4 and Intel since Cooper
+//! Lake). So the packed operands hold, for each pair of reduction indices `(2p, 2p + 1)`, both values
+//! side by side in one 32-bit word: A broadcasts a row's word, B holds one word per output column.
+//!
+//! Blocking as in GotoBLAS/BLIS: a `KC`-deep block of B (`NC` columns) is packed once and stays in L2,
+//! a `MC x KC` block of A is packed per B block, and the `MR x NR` micro-kernel keeps its 16 f32 column
+//! vectors of C in registers while it streams one B micro-panel (16 KB, in L1) against A's.
+
+use super::matrix::View;
+
+/// Rows of C per micro-kernel.
+const MR: usize = 8;
+/// Columns of C per micro-kernel: two 16-lane vectors.
+const NR: usize = 32;
+/// Reduction depth of a packed block (even: pairs).
+const KC: usize = 256;
+/// Rows of A per packed block (a multiple of `MR`).
+const MC: usize = 64;
+/// Columns of B per packed block (a multiple of `NR`).
+const NC: usize = 1024;
+
+/// Whether the CPU has what [`gemm`] runs on (AVX512-F/BW and AVX512-BF16) and `GRAFT_SIMD` allows
+/// AVX-512.
+pub(super) fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            super::simd::level() == super::simd::Level::Avx512
+                && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The bf16 bits of `x`, rounded to nearest even (NaN stays NaN), as `vcvtne2ps2bf16` rounds.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u32 {
+    half::bf16::from_f32(x).to_bits() as u32
+}
+
+/// `dst [m, n] (+)= lhs [m, k] x rhs [k, n]` with bf16 products and f32 sums; the contract of
+/// `common::gemm_into` (views checked by the caller), on `threads` threads (1: the calling thread).
+///
+/// # Panics
+/// If [`available`] is false.
+pub(super) fn gemm(
+    (m, n, k): (usize, usize, usize),
+    (dst, d): (&mut [f32], View),
+    accumulate: bool,
+    (lhs, l): (&[f32], View),
+    (rhs, r): (&[f32], View),
+    threads: usize,
+) {
+    assert!(available(), "bf16::gemm: the CPU has no AVX512-BF16");
+    if m == 0 || n == 0 {
+        return;
+    }
+    // The kernel stores rows of C along its columns: a column-major C is the transposed product.
+    if d.cs != 1 && d.rs == 1 {
+        let t = |v: View| View::strided(v.offset, v.cs, v.rs);
+        return gemm(
+            (n, m, k),
+            (dst, t(d)),
+            accumulate,
+            (rhs, t(r)),
+            (lhs, t(l)),
+            threads,
+        );
+    }
+    let c = Out {
+        ptr: dst.as_mut_ptr(),
+        view: d,
+    };
+    let a = In { s: lhs, view: l };
+    let b = In { s: rhs, view: r };
+    if threads <= 1 || m * n * k < 1 << 18 {
+        serial(m, n, k, c, accumulate, a, b, 0..m, 0..n);
+        return;
+    }
+    // Split the longer side into one range per thread, in whole micro-kernel tiles.
+    let (along_n, len, unit) = if n >= m {
+        (true, n, NR)
+    } else {
+        (false, m, MR)
+    };
+    let per = len.div_ceil(threads).div_ceil(unit) * unit;
+    rayon::scope(|s| {
+        for start in (0..len).step_by(per) {
+            let end = (start + per).min(len);
+            s.spawn(move |_| {
+                let (rows, cols) = if along_n {
+                    (0..m, start..end)
+                } else {
+                    (start..end, 0..n)
+                };
+                serial(m, n, k, c, accumulate, a, b, rows, cols);
+            });
+        }
+    });
+}
+
+/// An input matrix: its values and where it lies in them.
+#[derive(Clone, Copy)]
+struct In<'a> {
+    s: &'a [f32],
+    view: View,
+}
+
+impl In<'_> {
+    #[inline(always)]
+    fn at(&self, i: usize, j: usize) -> f32 {
+        self.s[self.view.offset + i * self.view.rs + j * self.view.cs]
+    }
+}
+
+/// The output matrix, written through a pointer so that threads can fill disjoint tiles of it.
+#[derive(Clone, Copy)]
+struct Out {
+    ptr: *mut f32,
+    view: View,
+}
+
+// SAFETY: the threads of [`gemm`] write disjoint row or column ranges of C, and the `&mut` borrow of
+// `dst` it was made from outlives the scope they run in.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// C's `rows x cols` part on the calling thread, block by block.
+#[allow(clippy::too_many_arguments)]
+fn serial(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: Out,
+    accumulate: bool,
+    a: In,
+    b: In,
+    rows: std::ops::Range<usize>,
+    cols: std::ops::Range<usize>,
+) {
+    debug_assert!(rows.end <= m && cols.end <= n);
+    if k == 0 {
+        if !accumulate {
+            for i in rows {
+                for j in cols.clone() {
+                    // SAFETY: (i, j) lies inside C, whose view the caller checked.
+                    unsafe { *c.ptr.add(c.view.offset + i * c.view.rs + j * c.view.cs) = 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    let mut pb = Vec::new();
+    let mut pa = Vec::new();
+    let mut tile = [0f32; MR * NR];
+    for j0 in cols.clone().step_by(NC) {
+        let nc = NC.min(cols.end - j0);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let kp = kc.div_ceil(2);
+            pack_b(b, k0, kc, j0, nc, &mut pb);
+            let add = accumulate || k0 > 0;
+            for i0 in rows.clone().step_by(MC) {
+                let mc = MC.min(rows.end - i0);
+                pack_a(a, i0, mc, k0, kc, &mut pa);
+                for q in 0..nc.div_ceil(NR) {
+                    let bp = &pb[q * NR * kp..(q + 1) * NR * kp];
+                    for rr in 0..mc.div_ceil(MR) {
+                        let ap = &pa[rr * MR * kp..(rr + 1) * MR * kp];
+                        // SAFETY: `available()` was checked by `gemm`; both panels hold `kp` words
+                        // per row/column.
+                        unsafe { micro(kp, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr()) };
+                        let (i, j) = (i0 + rr * MR, j0 + q * NR);
+                        store(
+                            &tile,
+                            c,
+                            (i, j),
+                            (MR.min(i0 + mc - i), NR.min(j0 + nc - j)),
+                            add,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs `B[k0..k0 + kc, j0..j0 + nc]` into `out`: per panel of `NR` columns, per pair `p`, the `NR`
+/// words `(B[k0 + 2p, j], B[k0 + 2p + 1, j])` (zeros past the matrix).
+fn pack_b(b: In, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut Vec<u32>) {
+    let kp = kc.div_ceil(2);
+    let panels = nc.div_ceil(NR);
+    out.clear();
+    out.resize(panels * NR * kp, 0);
+    for q in 0..panels {
+        let panel = &mut out[q * NR * kp..(q + 1) * NR * kp];
+        let (jq, width) = (j0 + q * NR, NR.min(nc - q * NR));
+        if b.view.cs == 1 && width == NR {
+            // Rows contiguous: two rows of 16 values convert and interleave per vector.
+            for p in 0..kp {
+                let r0 = b.view.offset + (k0 + 2 * p) * b.view.rs + jq;
+                let row0 = &b.s[r0..r0 + NR];
+                let row1 = if 2 * p + 1 < kc {
+                    let r1 = r0 + b.view.rs;
+                    Some(&b.s[r1..r1 + NR])
+                } else {
+                    None
+                };
+                // SAFETY: available() holds (checked by `gemm`); both rows hold NR values.
+                unsafe { interleave_rows(row0, row1, &mut panel[p * NR..(p + 1) * NR]) };
+            }
+        } else {
+            for j in 0..width {
+                for p in 0..kp {
+                    let lo = bf16_bits(b.at(k0 + 2 * p, jq + j));
+                    let hi = if 2 * p + 1 < kc {
+                        bf16_bits(b.at(k0 + 2 * p + 1, jq + j))
+                    } else {
+                        0
+                    };
+                    panel[p * NR + j] = lo | hi << 16;
+                }
+            }
+        }
+    }
+}
+
+/// Packs `A[i0..i0 + mc, k0..k0 + kc]` into `out`: per panel of `MR` rows, per pair `p`, the `MR` words
+/// `(A[i, k0 + 2p], A[i, k0 + 2p + 1])` (zeros past the matrix).
+fn pack_a(a: In, i0: usize, mc: usize, k0: usize, kc: usize, out: &mut Vec<u32>) {
+    let kp = kc.div_ceil(2);
+    let panels = mc.div_ceil(MR);
+    out.clear();
+    out.resize(panels * MR * kp, 0);
+    for rr in 0..panels {
+        let panel = &mut out[rr * MR * kp..(rr + 1) * MR * kp];
+        for i in 0..MR.min(mc - rr * MR) {
+            let row = i0 + rr * MR + i;
+            if a.view.cs == 1 {
+                let start = a.view.offset + row * a.view.rs + k0;
+                let vals = &a.s[start..start + kc];
+                for (p, pair) in vals.chunks(2).enumerate() {
+                    let hi = pair.get(1).map_or(0, |&v| bf16_bits(v));
+                    panel[p * MR + i] = bf16_bits(pair[0]) | hi << 16;
+                }
+            } else {
+                for p in 0..kp {
+                    let lo = bf16_bits(a.at(row, k0 + 2 * p));
+                    let hi = if 2 * p + 1 < kc {
+                        bf16_bits(a.at(row, k0 + 2 * p + 1))
+                    } else {
+                        0
+                    };
+                    panel[p * MR + i] = lo | hi << 16;
+                }
+            }
+        }
+    }
+}
+
+/// `out[j] = (bf16(row0[j]), bf16(row1[j]))` for `NR` columns (`row1` absent: zeros).
+///
+/// # Safety
+/// The CPU must have AVX512-F/BW/BF16; `row0` (and `row1`) and `out` hold `NR` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn interleave_rows(row0: &[f32], row1: Option<&[f32]>, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    // out word j <- (lane j, lane 16 + j) of [row0's 16 | row1's 16].
+    let idx = _mm512_set_epi16(
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
+    );
+    for h in 0..NR / 16 {
+        let lo = _mm512_loadu_ps(row0.as_ptr().add(16 * h));
+        let hi = match row1 {
+            Some(r) => _mm512_loadu_ps(r.as_ptr().add(16 * h)),
+            None => _mm512_setzero_ps(),
+        };
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        let words = _mm512_permutexvar_epi16(idx, both);
+        _mm512_storeu_si512(out.as_mut_ptr().add(16 * h) as *mut _, words);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn interleave_rows(_: &[f32], _: Option<&[f32]>, _: &mut [u32]) {
+    unreachable!("bf16::available() is false off x86-64")
+}
+
+/// `tile [MR, NR] = A panel x B panel` over `kp` pairs.
+///
+/// # Safety
+/// The CPU must have AVX512-F/BF16; `a` holds `kp * MR` words, `b` `kp * NR`, `tile` `MR * NR` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn micro(kp: usize, a: *const u32, b: *const u32, tile: *mut f32) {
+    use std::arch::x86_64::*;
+    let mut c = [_mm512_setzero_ps(); 2 * MR];
+    for p in 0..kp {
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
+        for i in 0..MR {
+            let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(p * MR + i) as i32));
+            c[2 * i] = _mm512_dpbf16_ps(c[2 * i], ai, b0);
+            c[2 * i + 1] = _mm512_dpbf16_ps(c[2 * i + 1], ai, b1);
+        }
+    }
+    for (v, cv) in c.iter().enumerate() {
+        _mm512_storeu_ps(tile.add(16 * v), *cv);
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn micro(_: usize, _: *const u32, _: *const u32, _: *mut f32) {
+    unreachable!("bf16::available() is false off x86-64")
+}
+
+/// Writes (or adds, when `add`) the `rows x cols` top-left part of `tile` into C at `(i, j)`.
+fn store(
+    tile: &[f32; MR * NR],
+    c: Out,
+    (i, j): (usize, usize),
+    (rows, cols): (usize, usize),
+    add: bool,
+) {
+    for r in 0..rows {
+        let src = &tile[r * NR..r * NR + cols];
+        let start = c.view.offset + (i + r) * c.view.rs + j * c.view.cs;
+        // SAFETY: the tile's part lies inside C (the caller clips it to C's extent), whose view
+        // `gemm_into` checked; threads write disjoint tiles.
+        unsafe {
+            if c.view.cs == 1 {
+                let dst = std::slice::from_raw_parts_mut(c.ptr.add(start), cols);
+                if add {
+                    dst.iter_mut().zip(src).for_each(|(d, s)| *d += s);
+                } else {
+                    dst.copy_from_slice(src);
+                }
+            } else {
+                for (q, s) in src.iter().enumerate() {
+                    let d = c.ptr.add(start + q * c.view.cs);
+                    *d = if add { *d + s } else { *s };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The product in f64 of the bf16-rounded inputs: what the kernel computes up to f32 summation.
+    fn reference(m: usize, n: usize, k: usize, a: &In, b: &In) -> Vec<f64> {
+        let r = |x: f32| half::bf16::from_f32(x).to_f32() as f64;
+        let mut c = vec![0f64; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                c[i * n + j] = (0..k).map(|p| r(a.at(i, p)) * r(b.at(p, j))).sum();
+            }
+        }
+        c
+    }
+
+    fn values(len: usize, seed: u32) -> Vec<f32> {
+        (0..len)
+            .map(|i| {
+                ((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) as f32
+                    / (1 << 24) as f32
+                    - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn products_match_the_rounded_inputs_for_every_layout_edge_and_thread_count() {
+        if !available() {
+            eprintln!("SKIPPED: this CPU has no AVX512-BF16");
+            return;
+        }
+        // (m, n, k): tile edges in each direction, odd depths, several K and N blocks.
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (8, 32, 2),
+            (9, 33, 3),
+            (17, 70, 257),
+            (64, 1100, 300),
+            (130, 40, 513),
+        ] {
+            let a_rm = values(m * k, 1);
+            let b_rm = values(k * n, 2);
+            // Each operand row-major and column-major (the same matrix), C row- and column-major.
+            let a_cm: Vec<f32> = (0..m * k).map(|x| a_rm[(x % m) * k + x / m]).collect();
+            let b_cm: Vec<f32> = (0..k * n).map(|x| b_rm[(x % k) * n + x / k]).collect();
+            let a_views = [
+                (&a_rm, View::strided(0, k, 1)),
+                (&a_cm, View::strided(0, 1, m)),
+            ];
+            let b_views = [
+                (&b_rm, View::strided(0, n, 1)),
+                (&b_cm, View::strided(0, 1, k)),
+            ];
+            let want = reference(
+                m,
+                n,
+                k,
+                &In {
+                    s: &a_rm,
+                    view: a_views[0].1,
+                },
+                &In {
+                    s: &b_rm,
+                    view: b_views[0].1,
+                },
+            );
+            for (a, av) in a_views {
+                for (b, bv) in b_views {
+                    for c_cm in [false, true] {
+                        for threads in [1, 2] {
+                            for accumulate in [false, true] {
+                                let dv = if c_cm {
+                                    View::strided(0, 1, m)
+                                } else {
+                                    View::strided(0, n, 1)
+                                };
+                                let mut c = vec![1f32; m * n];
+                                gemm(
+                                    (m, n, k),
+                                    (&mut c, dv),
+                                    accumulate,
+                                    (a, av),
+                                    (b, bv),
+                                    threads,
+                                );
+                                for i in 0..m {
+                                    for j in 0..n {
+                                        let got = c[i * dv.rs + j * dv.cs] as f64;
+                                        let w =
+                                            want[i * n + j] + if accumulate { 1.0 } else { 0.0 };
+                                        assert!(
+                                            (got - w).abs()
+                                                <= 1e-5 * (1.0 + w.abs()) * (k as f64).sqrt(),
+                                            "({m},{n},{k}) at ({i},{j}): {got} vs {w}"
+                                        );
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_is_to_nearest_even() {
+        // 1 + 2^-8 lies halfway between two bf16 values: it rounds to the even one, 1.0.
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3f80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3f82);
+        assert!(f32::from_bits(bf16_bits(f32::NAN) << 16).is_nan());
+    }
+}
