@@ -218,6 +218,13 @@ fn pack_b(b: In, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut Vec<u32>)
                 // SAFETY: available() holds (checked by `gemm`); both rows hold NR values.
                 unsafe { interleave_rows(row0, row1, &mut panel[p * NR..(p + 1) * NR]) };
             }
+        } else if b.view.rs == 1 {
+            // Columns contiguous: each column's run of values converts in pairs, in order.
+            for j in 0..width {
+                let start = b.view.offset + (jq + j) * b.view.cs + k0;
+                // SAFETY: available() holds; the run lies in `b.s`, and the panel has `kp` words per column.
+                unsafe { pairs_strided(&b.s[start..start + kc], &mut panel[j..], NR) };
+            }
         } else {
             for j in 0..width {
                 for p in 0..kp {
@@ -243,15 +250,26 @@ fn pack_a(a: In, i0: usize, mc: usize, k0: usize, kc: usize, out: &mut Vec<u32>)
     out.resize(panels * MR * kp, 0);
     for rr in 0..panels {
         let panel = &mut out[rr * MR * kp..(rr + 1) * MR * kp];
-        for i in 0..MR.min(mc - rr * MR) {
+        let rows = MR.min(mc - rr * MR);
+        if a.view.rs == 1 && rows == MR {
+            // Columns contiguous (a transposed operand): two columns' MR values interleave per vector.
+            let r0 = i0 + rr * MR;
+            for p in 0..kp {
+                let c0 = a.view.offset + (k0 + 2 * p) * a.view.cs + r0;
+                let col1 = (2 * p + 1 < kc).then(|| &a.s[c0 + a.view.cs..c0 + a.view.cs + MR]);
+                // SAFETY: available() holds; both columns hold MR values, the panel MR per pair.
+                unsafe {
+                    interleave_columns(&a.s[c0..c0 + MR], col1, &mut panel[p * MR..(p + 1) * MR])
+                };
+            }
+            continue;
+        }
+        for i in 0..rows {
             let row = i0 + rr * MR + i;
             if a.view.cs == 1 {
                 let start = a.view.offset + row * a.view.rs + k0;
-                let vals = &a.s[start..start + kc];
-                for (p, pair) in vals.chunks(2).enumerate() {
-                    let hi = pair.get(1).map_or(0, |&v| bf16_bits(v));
-                    panel[p * MR + i] = bf16_bits(pair[0]) | hi << 16;
-                }
+                // SAFETY: available() holds; the row's run lies in `a.s`, the panel has `kp` words per row.
+                unsafe { pairs_strided(&a.s[start..start + kc], &mut panel[i..], MR) };
             } else {
                 for p in 0..kp {
                     let lo = bf16_bits(a.at(row, k0 + 2 * p));
@@ -290,6 +308,66 @@ unsafe fn interleave_rows(row0: &[f32], row1: Option<&[f32]>, out: &mut [u32]) {
         let words = _mm512_permutexvar_epi16(idx, both);
         _mm512_storeu_si512(out.as_mut_ptr().add(16 * h) as *mut _, words);
     }
+}
+
+/// `out[q * stride] = (bf16(src[2q]), bf16(src[2q + 1]))` for every pair of `src` (an odd last value is
+/// paired with zero).
+///
+/// # Safety
+/// The CPU must have AVX512-F/BW/BF16; `out` holds `(src.len() / 2 rounded up - 1) * stride + 1` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+unsafe fn pairs_strided(src: &[f32], out: &mut [u32], stride: usize) {
+    use std::arch::x86_64::*;
+    let pairs = src.len().div_ceil(2);
+    debug_assert!(pairs == 0 || out.len() > (pairs - 1) * stride);
+    let full = src.len() / 32;
+    let mut words = [0u32; 16];
+    for c in 0..full {
+        let lo = _mm512_loadu_ps(src.as_ptr().add(32 * c));
+        let hi = _mm512_loadu_ps(src.as_ptr().add(32 * c + 16));
+        // The 32 bf16 in order: word q holds values 2q and 2q + 1.
+        let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_storeu_si512(words.as_mut_ptr() as *mut _, both);
+        let o = out.as_mut_ptr().add(16 * c * stride);
+        for (q, &w) in words.iter().enumerate() {
+            *o.add(q * stride) = w;
+        }
+    }
+    for q in 16 * full..pairs {
+        let hi = src.get(2 * q + 1).map_or(0, |&v| bf16_bits(v));
+        *out.get_unchecked_mut(q * stride) = bf16_bits(src[2 * q]) | hi << 16;
+    }
+}
+
+/// `out[i] = (bf16(col0[i]), bf16(col1[i]))` for `MR` rows (`col1` absent: zeros).
+///
+/// # Safety
+/// The CPU must have AVX512-F/BW/VL/BF16; `col0` (and `col1`) and `out` hold `MR` values.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn interleave_columns(col0: &[f32], col1: Option<&[f32]>, out: &mut [u32]) {
+    use std::arch::x86_64::*;
+    const _: () = assert!(MR == 8, "one 256-bit vector per column");
+    let idx = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+    let lo = _mm256_loadu_ps(col0.as_ptr());
+    let hi = match col1 {
+        Some(c) => _mm256_loadu_ps(c.as_ptr()),
+        None => _mm256_setzero_ps(),
+    };
+    let both: __m256i = std::mem::transmute(_mm256_cvtne2ps_pbh(hi, lo));
+    let words = _mm256_permutexvar_epi16(idx, both);
+    _mm256_storeu_si256(out.as_mut_ptr() as *mut _, words);
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pairs_strided(_: &[f32], _: &mut [u32], _: usize) {
+    unreachable!("bf16::available() is false off x86-64")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn interleave_columns(_: &[f32], _: Option<&[f32]>, _: &mut [u32]) {
+    unreachable!("bf16::available() is false off x86-64")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
