@@ -76,6 +76,28 @@ pub(super) fn gemm(
             threads,
         );
     }
+    if d.cs != 1 {
+        // Neither rows nor columns contiguous (one tap of a filter gradient): the product goes to a
+        // contiguous buffer, then once into C, instead of a strided read-modify-write of every tile
+        // per reduction block.
+        let mut tmp = vec![0f32; m * n];
+        let tv = View::strided(0, n, 1);
+        gemm(
+            (m, n, k),
+            (&mut tmp, tv),
+            false,
+            (lhs, l),
+            (rhs, r),
+            threads,
+        );
+        for i in 0..m {
+            for (j, &v) in tmp[i * n..(i + 1) * n].iter().enumerate() {
+                let at = &mut dst[d.offset + i * d.rs + j * d.cs];
+                *at = if accumulate { *at + v } else { v };
+            }
+        }
+        return;
+    }
     let c = Out {
         ptr: dst.as_mut_ptr(),
         view: d,
@@ -159,8 +181,12 @@ fn serial(
         }
         return;
     }
-    let mut pb = Vec::new();
-    let mut pa = Vec::new();
+    // The packed blocks, reused by every call on this thread: fresh ones cost a page fault and the
+    // kernel's zeroing per page (14% of a ResNet-18 training step's samples, and 6% memset).
+    thread_local! {
+        static PACKED: std::cell::Cell<(Vec<u32>, Vec<u32>)> = const { std::cell::Cell::new((Vec::new(), Vec::new())) };
+    }
+    let (mut pb, mut pa) = PACKED.with(|c| c.take());
     let mut tile = [0f32; MR * NR];
     for j0 in cols.clone().step_by(NC) {
         let nc = NC.min(cols.end - j0);
@@ -176,34 +202,51 @@ fn serial(
                     let bp = &pb[q * NR * kp..(q + 1) * NR * kp];
                     for rr in 0..mc.div_ceil(MR) {
                         let ap = &pa[rr * MR * kp..(rr + 1) * MR * kp];
-                        // SAFETY: `available()` was checked by `gemm`; both panels hold `kp` words
-                        // per row/column.
-                        unsafe { micro(kp, ap.as_ptr(), bp.as_ptr(), tile.as_mut_ptr()) };
                         let (i, j) = (i0 + rr * MR, j0 + q * NR);
-                        store(
-                            &tile,
-                            c,
-                            (i, j),
-                            (MR.min(i0 + mc - i), NR.min(j0 + nc - j)),
-                            add,
-                        );
+                        let (h, w) = (MR.min(i0 + mc - i), NR.min(j0 + nc - j));
+                        if h == MR && w == NR && c.view.cs == 1 {
+                            // SAFETY: `available()` was checked by `gemm`; both panels hold `kp`
+                            // words per row/column; the whole tile lies inside C (checked by the
+                            // caller's view), rows `c.view.rs` apart, and no other thread writes it.
+                            unsafe {
+                                micro(
+                                    kp,
+                                    ap.as_ptr(),
+                                    bp.as_ptr(),
+                                    (c.ptr.add(c.view.offset + i * c.view.rs + j), c.view.rs),
+                                    add,
+                                )
+                            };
+                            continue;
+                        }
+                        // SAFETY: as above, into the tile buffer (NR values per row).
+                        unsafe {
+                            micro(kp, ap.as_ptr(), bp.as_ptr(), (tile.as_mut_ptr(), NR), false)
+                        };
+                        store(&tile, c, (i, j), (h, w), add);
                     }
                 }
             }
         }
     }
+    PACKED.with(|c| c.set((pb, pa)));
 }
 
 /// Packs `B[k0..k0 + kc, j0..j0 + nc]` into `out`: per panel of `NR` columns, per pair `p`, the `NR`
 /// words `(B[k0 + 2p, j], B[k0 + 2p + 1, j])` (zeros past the matrix).
+#[inline(never)]
 fn pack_b(b: In, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut Vec<u32>) {
     let kp = kc.div_ceil(2);
     let panels = nc.div_ceil(NR);
-    out.clear();
-    out.resize(panels * NR * kp, 0);
+    if out.len() < panels * NR * kp {
+        out.resize(panels * NR * kp, 0);
+    }
     for q in 0..panels {
         let panel = &mut out[q * NR * kp..(q + 1) * NR * kp];
         let (jq, width) = (j0 + q * NR, NR.min(nc - q * NR));
+        if width < NR {
+            panel.fill(0); // the columns past the matrix
+        }
         if b.view.cs == 1 && width == NR {
             // Rows contiguous: two rows of 16 values convert and interleave per vector.
             for p in 0..kp {
@@ -219,11 +262,23 @@ fn pack_b(b: In, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut Vec<u32>)
                 unsafe { interleave_rows(row0, row1, &mut panel[p * NR..(p + 1) * NR]) };
             }
         } else if b.view.rs == 1 {
-            // Columns contiguous: each column's run of values converts in pairs, in order.
-            for j in 0..width {
-                let start = b.view.offset + (jq + j) * b.view.cs + k0;
-                // SAFETY: available() holds; the run lies in `b.s`, and the panel has `kp` words per column.
-                unsafe { pairs_strided(&b.s[start..start + kc], &mut panel[j..], NR) };
+            // Columns contiguous: each column's run of values converts in pairs, in order; eight
+            // columns at a time are transposed into the panel in registers.
+            for j in (0..width).step_by(8) {
+                let start = |jj: usize| b.view.offset + (jq + jj) * b.view.cs + k0;
+                if j + 8 <= width {
+                    let runs: [&[f32]; 8] =
+                        std::array::from_fn(|r| &b.s[start(j + r)..start(j + r) + kc]);
+                    // SAFETY: available() holds; the runs lie in `b.s`, the panel has NR words per pair.
+                    unsafe { pairs_transposed(runs, &mut panel[j..], NR) };
+                } else {
+                    for jj in j..width {
+                        // SAFETY: as above, one column.
+                        unsafe {
+                            pairs_strided(&b.s[start(jj)..start(jj) + kc], &mut panel[jj..], NR)
+                        };
+                    }
+                }
             }
         } else {
             for j in 0..width {
@@ -243,14 +298,19 @@ fn pack_b(b: In, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut Vec<u32>)
 
 /// Packs `A[i0..i0 + mc, k0..k0 + kc]` into `out`: per panel of `MR` rows, per pair `p`, the `MR` words
 /// `(A[i, k0 + 2p], A[i, k0 + 2p + 1])` (zeros past the matrix).
+#[inline(never)]
 fn pack_a(a: In, i0: usize, mc: usize, k0: usize, kc: usize, out: &mut Vec<u32>) {
     let kp = kc.div_ceil(2);
     let panels = mc.div_ceil(MR);
-    out.clear();
-    out.resize(panels * MR * kp, 0);
+    if out.len() < panels * MR * kp {
+        out.resize(panels * MR * kp, 0);
+    }
     for rr in 0..panels {
         let panel = &mut out[rr * MR * kp..(rr + 1) * MR * kp];
         let rows = MR.min(mc - rr * MR);
+        if rows < MR {
+            panel.fill(0); // the rows past the matrix
+        }
         if a.view.rs == 1 && rows == MR {
             // Columns contiguous (a transposed operand): two columns' MR values interleave per vector.
             let r0 = i0 + rr * MR;
@@ -262,6 +322,14 @@ fn pack_a(a: In, i0: usize, mc: usize, k0: usize, kc: usize, out: &mut Vec<u32>)
                     interleave_columns(&a.s[c0..c0 + MR], col1, &mut panel[p * MR..(p + 1) * MR])
                 };
             }
+            continue;
+        }
+        if a.view.cs == 1 && rows == MR {
+            // Rows contiguous: the MR rows' pairs transposed into the panel in registers.
+            let start = |i: usize| a.view.offset + (i0 + rr * MR + i) * a.view.rs + k0;
+            let runs: [&[f32]; MR] = std::array::from_fn(|i| &a.s[start(i)..start(i) + kc]);
+            // SAFETY: available() holds; the runs lie in `a.s`, the panel has MR words per pair.
+            unsafe { pairs_transposed(runs, panel, MR) };
             continue;
         }
         for i in 0..rows {
@@ -340,6 +408,93 @@ unsafe fn pairs_strided(src: &[f32], out: &mut [u32], stride: usize) {
     }
 }
 
+/// `out[p * stride + r] = (bf16(runs[r][2p]), bf16(runs[r][2p + 1]))` for the eight runs (of one length)
+/// and every pair: [`pairs_strided`] for eight runs at once, 32 values of each converted per step and the
+/// 8 x 16 words transposed in registers, so the panel is written eight words at a time.
+///
+/// # Safety
+/// The CPU must have AVX512-F/BW/VL/BF16; `out` holds `(pairs - 1) * stride + 8` words.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pairs_transposed(runs: [&[f32]; 8], out: &mut [u32], stride: usize) {
+    use std::arch::x86_64::*;
+    let len = runs[0].len();
+    debug_assert!(runs.iter().all(|r| r.len() == len));
+    let pairs = len.div_ceil(2);
+    debug_assert!(pairs == 0 || out.len() >= (pairs - 1) * stride + 8);
+    let full = len / 32;
+    for c in 0..full {
+        // Row r's 16 words (pairs 16c..16c + 16), as two halves of 8.
+        let mut lo = [_mm256_setzero_si256(); 8];
+        let mut hi = [_mm256_setzero_si256(); 8];
+        for r in 0..8 {
+            let src = runs[r].as_ptr().add(32 * c);
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(
+                _mm512_loadu_ps(src.add(16)),
+                _mm512_loadu_ps(src),
+            ));
+            lo[r] = _mm512_castsi512_si256(both);
+            hi[r] = _mm512_extracti64x4_epi64::<1>(both);
+        }
+        for (half, rows) in [lo, hi].iter().enumerate() {
+            let cols = transpose8(rows);
+            for (q, col) in cols.iter().enumerate() {
+                let p = 16 * c + 8 * half + q;
+                _mm256_storeu_si256(out.as_mut_ptr().add(p * stride) as *mut _, *col);
+            }
+        }
+    }
+    for q in 16 * full..pairs {
+        for (r, run) in runs.iter().enumerate() {
+            let hi = run.get(2 * q + 1).map_or(0, |&v| bf16_bits(v));
+            *out.get_unchecked_mut(q * stride + r) = bf16_bits(run[2 * q]) | hi << 16;
+        }
+    }
+}
+
+/// The 8 x 8 transpose of 32-bit words: `out[j]` holds word `j` of every `rows[r]`, in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn transpose8(rows: &[std::arch::x86_64::__m256i; 8]) -> [std::arch::x86_64::__m256i; 8] {
+    use std::arch::x86_64::*;
+    let r = rows;
+    let t: [__m256i; 8] = [
+        _mm256_unpacklo_epi32(r[0], r[1]),
+        _mm256_unpackhi_epi32(r[0], r[1]),
+        _mm256_unpacklo_epi32(r[2], r[3]),
+        _mm256_unpackhi_epi32(r[2], r[3]),
+        _mm256_unpacklo_epi32(r[4], r[5]),
+        _mm256_unpackhi_epi32(r[4], r[5]),
+        _mm256_unpacklo_epi32(r[6], r[7]),
+        _mm256_unpackhi_epi32(r[6], r[7]),
+    ];
+    let u: [__m256i; 8] = [
+        _mm256_unpacklo_epi64(t[0], t[2]),
+        _mm256_unpackhi_epi64(t[0], t[2]),
+        _mm256_unpacklo_epi64(t[1], t[3]),
+        _mm256_unpackhi_epi64(t[1], t[3]),
+        _mm256_unpacklo_epi64(t[4], t[6]),
+        _mm256_unpackhi_epi64(t[4], t[6]),
+        _mm256_unpacklo_epi64(t[5], t[7]),
+        _mm256_unpackhi_epi64(t[5], t[7]),
+    ];
+    [
+        _mm256_permute2x128_si256::<0x20>(u[0], u[4]),
+        _mm256_permute2x128_si256::<0x20>(u[1], u[5]),
+        _mm256_permute2x128_si256::<0x20>(u[2], u[6]),
+        _mm256_permute2x128_si256::<0x20>(u[3], u[7]),
+        _mm256_permute2x128_si256::<0x31>(u[0], u[4]),
+        _mm256_permute2x128_si256::<0x31>(u[1], u[5]),
+        _mm256_permute2x128_si256::<0x31>(u[2], u[6]),
+        _mm256_permute2x128_si256::<0x31>(u[3], u[7]),
+    ]
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+unsafe fn pairs_transposed(_: [&[f32]; 8], _: &mut [u32], _: usize) {
+    unreachable!("bf16::available() is false off x86-64")
+}
+
 /// `out[i] = (bf16(col0[i]), bf16(col1[i]))` for `MR` rows (`col1` absent: zeros).
 ///
 /// # Safety
@@ -375,15 +530,27 @@ unsafe fn interleave_rows(_: &[f32], _: Option<&[f32]>, _: &mut [u32]) {
     unreachable!("bf16::available() is false off x86-64")
 }
 
-/// `tile [MR, NR] = A panel x B panel` over `kp` pairs.
+/// `C [MR, NR] (+)= A panel x B panel` over `kp` pairs, C's rows `ldc` apart (added to when `add`).
 ///
 /// # Safety
-/// The CPU must have AVX512-F/BF16; `a` holds `kp * MR` words, `b` `kp * NR`, `tile` `MR * NR` values.
+/// The CPU must have AVX512-F/BF16; `a` holds `kp * MR` words, `b` `kp * NR`, and C `MR` rows of `NR`
+/// values `ldc` apart that nothing else accesses meanwhile.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
-unsafe fn micro(kp: usize, a: *const u32, b: *const u32, tile: *mut f32) {
+unsafe fn micro(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    (tile, ldc): (*mut f32, usize),
+    add: bool,
+) {
     use std::arch::x86_64::*;
     let mut c = [_mm512_setzero_ps(); 2 * MR];
+    if add {
+        for (v, cv) in c.iter_mut().enumerate() {
+            *cv = _mm512_loadu_ps(tile.add((v / 2) * ldc + 16 * (v % 2)));
+        }
+    }
     for p in 0..kp {
         let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR) as *const _));
         let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * NR + 16) as *const _));
@@ -394,16 +561,17 @@ unsafe fn micro(kp: usize, a: *const u32, b: *const u32, tile: *mut f32) {
         }
     }
     for (v, cv) in c.iter().enumerate() {
-        _mm512_storeu_ps(tile.add(16 * v), *cv);
+        _mm512_storeu_ps(tile.add((v / 2) * ldc + 16 * (v % 2)), *cv);
     }
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn micro(_: usize, _: *const u32, _: *const u32, _: *mut f32) {
+unsafe fn micro(_: usize, _: *const u32, _: *const u32, _: (*mut f32, usize), _: bool) {
     unreachable!("bf16::available() is false off x86-64")
 }
 
 /// Writes (or adds, when `add`) the `rows x cols` top-left part of `tile` into C at `(i, j)`.
+#[inline(never)]
 fn store(
     tile: &[f32; MR * NR],
     c: Out,
