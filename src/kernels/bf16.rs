@@ -324,6 +324,20 @@ fn pack_a(a: In, i0: usize, mc: usize, k0: usize, kc: usize, out: &mut Vec<u32>)
             }
             continue;
         }
+        if a.view.cs != 1 && rows == MR {
+            // Neither contiguous (one tap of a filter, `taps` apart): each row gathered into a
+            // contiguous run first, then converted and transposed like contiguous rows.
+            let mut gathered = [[0f32; KC]; MR];
+            for (i, g) in gathered.iter_mut().enumerate() {
+                for (q, v) in g[..kc].iter_mut().enumerate() {
+                    *v = a.at(i0 + rr * MR + i, k0 + q);
+                }
+            }
+            let runs: [&[f32]; MR] = std::array::from_fn(|i| &gathered[i][..kc]);
+            // SAFETY: available() holds; the panel has MR words per pair.
+            unsafe { pairs_transposed(runs, panel, MR) };
+            continue;
+        }
         if a.view.cs == 1 && rows == MR {
             // Rows contiguous: the MR rows' pairs transposed into the panel in registers.
             let start = |i: usize| a.view.offset + (i0 + rr * MR + i) * a.view.rs + k0;
@@ -648,9 +662,17 @@ mod tests {
             // Each operand row-major and column-major (the same matrix), C row- and column-major.
             let a_cm: Vec<f32> = (0..m * k).map(|x| a_rm[(x % m) * k + x / m]).collect();
             let b_cm: Vec<f32> = (0..k * n).map(|x| b_rm[(x % k) * n + x / k]).collect();
+            // And A with neither stride 1 (one tap of a filter): every value 3 apart, rows 3k + 1 apart.
+            let mut a_st = vec![f32::NAN; m * (3 * k + 1) + 3];
+            for i in 0..m {
+                for p in 0..k {
+                    a_st[1 + i * (3 * k + 1) + 3 * p] = a_rm[i * k + p];
+                }
+            }
             let a_views = [
                 (&a_rm, View::strided(0, k, 1)),
                 (&a_cm, View::strided(0, 1, m)),
+                (&a_st, View::strided(1, 3 * k + 1, 3)),
             ];
             let b_views = [
                 (&b_rm, View::strided(0, n, 1)),
