@@ -31,7 +31,7 @@ for l in sys.stdin:
         print(m["executable"])')
 echo "# $(uptime)" >&2
 filters=("$@")
-for model in resnet18 efficientnet_lite0 efficientnet_b0 mobilenetv3_large_100 convnext_atto convnext_tiny; do
+for model in resnet18 efficientnet_lite0 efficientnet_b0 mobilenetv3_large_100 convnext_atto convnext_tiny vit_small_patch16_224; do
   for size in 128 224; do
     for mode in forward train frozen; do
       # A configuration runs when every filter names one of its model, size or mode.
