@@ -469,17 +469,15 @@ impl Task for Session {
         let model = &self.model;
         // Layer decay: the optimizer's groups are the backbone's decay layers (a ViT's blocks), not its
         // layer groups; freezing still goes by layer group.
-        let (mults, layer_of): (Vec<f64>, Box<dyn Fn(&str) -> Option<usize>>) =
-            match self.cfg.layer_decay {
-                Some(decay) => (
-                    layer_decay_mults(decay, model.backbone.decay_layers()),
-                    Box::new(|name: &str| model.decay_layer_of(name)),
-                ),
-                None => (
-                    even_mults(1.0 / self.cfg.lr_mult, 1.0, n + 1),
-                    Box::new(|name: &str| model.group_of(name)),
-                ),
-            };
+        let decay = self.cfg.layer_decay;
+        let mults = match decay {
+            Some(d) => layer_decay_mults(d, model.backbone.decay_layers()),
+            None => even_mults(1.0 / self.cfg.lr_mult, 1.0, n + 1),
+        };
+        let layer_of = |name: &str| match decay {
+            Some(_) => model.decay_layer_of(name),
+            None => model.group_of(name),
+        };
         let params = trainable_params(&model.varmap);
         // With train_bn, the rank-1 parameters of frozen groups (BatchNorm scales and shifts: the backbones'
         // convolutions have no biases) stay trainable, at their group's rate.
