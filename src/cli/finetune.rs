@@ -15,7 +15,7 @@ use crate::train::runner::RunOptions;
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
-    /// Base model (models/*.json): resnet18/34/50, efficientnet_lite0/1/2, convnext_atto..small (`graft models`); an encoder from random
+    /// Base model (models/*.json): resnet18/34/50, efficientnet_lite0/1/2, convnext_atto..small, vit_small_patch16_224 (`graft models`); an encoder from random
     /// initialisation, dense:784,300,150 or conv:32,64,128; or a pretraining run's encoder, ae:RUN_DIR.
     /// Required unless --config gives it.
     #[arg(long, conflicts_with = "resume")]
