@@ -1,5 +1,5 @@
 //! CPU throughput and peak memory of the three things fine-tuning does, for ResNet-18,
-//! EfficientNet-Lite0, ConvNeXt-Atto and ConvNeXt-Tiny, as JSON lines that `scripts/bench-pytorch.py` prints the same way for PyTorch
+//! EfficientNet-Lite0, ConvNeXt-Atto, ConvNeXt-Tiny and ViT-S/16, as JSON lines that `scripts/bench-pytorch.py` prints the same way for PyTorch
 //! (`scripts/bench.sh` runs both and prints the ratio table).
 //!
 //! ```text
@@ -24,6 +24,7 @@ use graft::models::efficientnet::{EfficientNetLite, EfficientNetLiteConfig};
 use graft::models::effnet::EffNetConfig;
 use graft::models::layers::{linear, Linear};
 use graft::models::resnet::{ResNet, ResNetConfig};
+use graft::models::vit::VitConfig;
 use graft::models::{build_backbone, Backbone, Mode};
 use graft::optim::{groups, OptimizerConfig};
 use std::process::Command;
@@ -34,13 +35,14 @@ use std::time::Instant;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-const MODELS: [&str; 6] = [
+const MODELS: [&str; 7] = [
     "resnet18",
     "efficientnet_lite0",
     "efficientnet_b0",
     "mobilenetv3_large_100",
     "convnext_atto",
     "convnext_tiny",
+    "vit_small_patch16_224",
 ];
 const SIZES: [usize; 2] = [128, 224];
 const MODES: [&str; 3] = ["forward", "train", "frozen"];
@@ -57,7 +59,10 @@ enum Net {
 impl Net {
     fn build(model: &str, vb: VarBuilder) -> graft::Result<Net> {
         Ok(
-            if model.starts_with("convnext") || EffNetConfig::is_arch(model) {
+            if model.starts_with("convnext")
+                || EffNetConfig::is_arch(model)
+                || VitConfig::is_arch(model)
+            {
                 let backbone = build_backbone(model, vb.clone())?;
                 let fc = linear(
                     backbone.feature_dim(),

@@ -27,7 +27,7 @@ import sys
 import time
 
 MODELS = ["resnet18", "efficientnet_lite0", "efficientnet_b0", "mobilenetv3_large_100", "convnext_atto",
-          "convnext_tiny"]
+          "convnext_tiny", "vit_small_patch16_224"]
 SIZES = [128, 224]
 MODES = ["forward", "train", "frozen"]
 CLASSES = 1000
@@ -135,10 +135,12 @@ def build(model):
         def forward(self, x):
             return self.fc(self.dropout(self.features(x)))
 
-    if model.startswith(("convnext", "efficientnet_b", "mobilenetv3")):
+    if model.startswith(("convnext", "efficientnet_b", "mobilenetv3", "vit_")):
         import timm  # timm's own model, random init (the weights do not change the speed)
 
-        net = timm.create_model(model, pretrained=False, num_classes=CLASSES)
+        # ViT at 128 pixels: the position embeddings resampled, as graft does.
+        extra = dict(dynamic_img_size=True) if model.startswith("vit_") else {}
+        net = timm.create_model(model, pretrained=False, num_classes=CLASSES, **extra)
         net.fc = net.get_classifier()  # the head `frozen` mode trains
         return net
     return ResNet18() if model == "resnet18" else EfficientNetLite0()

@@ -37,7 +37,7 @@ filters=("$@")
 # graft's precisions and PyTorch's settings (see scripts/bench-pytorch.py), each a column of the table.
 graft_precisions="${GRAFT_BENCH_PRECISIONS:-f32 bf16}"
 torch_settings="${GRAFT_BENCH_SETTINGS:-nchw channels_last channels_last_bf16}"
-for model in resnet18 efficientnet_lite0 efficientnet_b0 mobilenetv3_large_100 convnext_atto convnext_tiny; do
+for model in resnet18 efficientnet_lite0 efficientnet_b0 mobilenetv3_large_100 convnext_atto convnext_tiny vit_small_patch16_224; do
   for size in 128 224; do
     for mode in forward train frozen; do
       # A configuration runs when every filter names one of its model, size or mode.

@@ -1,27 +1,29 @@
 #!/usr/bin/env python3
 """Golden cases for graft's timm-layout architectures (tests/timm_golden.rs), made with timm itself.
 
-    python scripts/timm-golden.py [--out tests/fixtures/timm]
+    python scripts/timm-golden.py [--out tests/fixtures/timm] [--cases NAME ...]
 
 Needs torch, timm and safetensors (a throwaway venv: `pip install torch timm safetensors`); CI never runs it.
 
-For each reduced case (timm's own class with small depths and widths, so the repository stays small; random
-init, then every LayerNorm/BatchNorm affine, BatchNorm statistic, layer scale and bias randomised so none is
-at its trivial value), writes CASE.safetensors with:
+For each reduced case (timm's own class with small depths and widths, so the repository stays small; the ViT
+cases also at input sizes whose position embeddings timm resamples; random init, then every LayerNorm/BatchNorm
+affine, BatchNorm statistic, layer scale, bias, class token and position embedding randomised so none is at
+its trivial value), writes CASE.safetensors with:
   weights.<key>           the state_dict (float32, without num_batches_tracked), in timm's key layout, new
                           num_classes-way head;
   input [2,3,S,S], targets (int64);
   f64.<name>              the reference in float64 (the same weights in double precision): eval outputs per
                           layer group (the case's `groups`: stem, stage1..N, then ConvNeXt's features =
-                          pooled + head.norm or EfficientNet/MobileNetV3's top), the pooled features, logits,
+                          pooled + head.norm or EfficientNet/MobileNetV3's top; ViT's embed, blocks1..K,
+                          features = the class token after the final norm), the pooled features, logits,
                           the train-mode logits and loss (cross-entropy, mean), grad.<key> of every parameter
                           and after_train.<bn>.running_mean/var (the BatchNorm statistics after that forward);
 and CASE.json with the tolerances: for each quantity, tolerance_l2 bounds ||graft - reference||_2 by
 max(10 x the L2 error of timm's own float32 run against its float64 run, 1e-5 x ||reference||), so the bound
 is set by float32's error, not guessed (norm_l2 gives ||reference|| for the report).
 Also writes keys.json: for every full-size architecture (convnext_atto .. convnext_small, efficientnet_b0 ..
-b3, mobilenetv3_large/small_100), each state_dict key and shape of timm's model with its 1000-way head
-(num_batches_tracked included, as timm saves it), for the strict-load test.
+b3, mobilenetv3_large/small_100, vit/deit_small_patch16_224), each state_dict key and shape of timm's model
+with its 1000-way head (num_batches_tracked included, as timm saves it), for the strict-load test.
 """
 import argparse
 import copy
@@ -50,14 +52,28 @@ CASES = {
                                        width=0.25, head_channels=64), 64, 5),
     "mobilenetv3_small_reduced": (dict(family="mobilenetv3", model_name="mobilenetv3_small_100", large=False,
                                        width=0.25, head_channels=48), 64, 5),
+    # The Vision Transformer at its own size, then fed other sizes than its position embeddings were made
+    # for (timm's dynamic_img_size: the grid resampled bicubically, antialiased, on every forward): 32-pixel
+    # embeddings (4x4) for 48-pixel images (6x6), and 48-pixel ones for 32-pixel images.
+    "vit_reduced": (dict(family="vit", model_name="vit_small_patch16_224", patch=8, embed_dim=32, depth=2,
+                         heads=2, mlp_ratio=4.0, img_size=32, block_groups=2), 32, 5),
+    "vit_reduced_upsampled": (dict(family="vit", model_name="vit_small_patch16_224", patch=8, embed_dim=32,
+                                   depth=2, heads=2, mlp_ratio=4.0, img_size=32, block_groups=2), 48, 5),
+    "vit_reduced_downsampled": (dict(family="vit", model_name="vit_small_patch16_224", patch=8, embed_dim=32,
+                                     depth=2, heads=2, mlp_ratio=4.0, img_size=48, block_groups=2), 32, 5),
 }
 FULL = ["convnext_atto", "convnext_femto", "convnext_pico", "convnext_nano", "convnext_tiny", "convnext_small",
         "efficientnet_b0", "efficientnet_b1", "efficientnet_b2", "efficientnet_b3", "mobilenetv3_large_100",
-        "mobilenetv3_small_100"]
+        "mobilenetv3_small_100", "vit_small_patch16_224", "deit_small_patch16_224"]
 
 
 def build(graft, classes):
     family, name = graft["family"], graft["model_name"]
+    if family == "vit":
+        return timm.models.vision_transformer.VisionTransformer(
+            img_size=graft["img_size"], patch_size=graft["patch"], embed_dim=graft["embed_dim"],
+            depth=graft["depth"], num_heads=graft["heads"], mlp_ratio=graft["mlp_ratio"], num_classes=classes,
+            dynamic_img_size=True)
     if family == "convnext":
         return timm.create_model(name, pretrained=False, num_classes=classes, depths=graft["depths"],
                                  dims=graft["dims"])
@@ -72,6 +88,18 @@ def build(graft, classes):
 def groups(model, x):
     """Each of graft's layer groups in order (ending at the feature vector), then features and logits."""
     out = {}
+    if hasattr(model, "cls_token"):  # ViT: embed, the blocks in runs of len(blocks) / block_groups, norm
+        h = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+        out["embed"] = h
+        runs = model.block_groups
+        depth = len(model.blocks)
+        for g in range(runs):
+            for b in range(g * depth // runs, (g + 1) * depth // runs):
+                h = model.blocks[b](h)
+            out[f"blocks{g + 1}"] = h
+        out["features"] = model.norm(h)[:, 0]
+        out["logits"] = model.head(out["features"])
+        return out
     if hasattr(model, "stages"):  # ConvNeXt
         h = model.stem(x)
         out["stem"] = h
@@ -104,7 +132,9 @@ def randomise(model):
     """No affine, layer scale, bias or BatchNorm statistic left at its trivial value, so mistakes show."""
     with torch.no_grad():
         for k, p in model.named_parameters():
-            if k.endswith("gamma"):
+            if k in ("cls_token", "pos_embed"):
+                p.copy_(0.5 * torch.randn_like(p))
+            elif k.endswith("gamma"):
                 p.copy_(0.5 + 0.2 * torch.randn_like(p))
             elif "norm" in k or k.startswith("stem.1") or "downsample.0" in k or ".bn" in k or k[:3] == "bn1" \
                     or k[:3] == "bn2":
@@ -156,12 +186,18 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests",
                                                   "fixtures", "timm"))
+    ap.add_argument("--cases", nargs="*", default=list(CASES),
+                    help="only these cases (keys.json is always written)")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch.set_num_threads(2)
     for name, (graft, size, classes) in CASES.items():
+        if name not in args.cases:
+            continue
         torch.manual_seed(0)
         model = build(graft, classes)
+        if graft["family"] == "vit":
+            model.block_groups = graft["block_groups"]
         randomise(model)
         # Weights as they are before any train-mode forward moves the BatchNorm statistics.
         tensors = {f"weights.{k}": v.clone().contiguous() for k, v in model.state_dict().items()

@@ -41,6 +41,8 @@ fn lists_every_card_with_its_size_and_where_its_weights_are() {
         "efficientnet_b0",
         "mobilenetv3_large_100",
         "mobilenetv3_small_100",
+        "vit_small_patch16_224",
+        "deit_small_patch16_224",
     ] {
         assert!(names.contains(&want), "{want} missing from {names:?}");
     }
@@ -54,6 +56,8 @@ fn lists_every_card_with_its_size_and_where_its_weights_are() {
     assert_eq!(get("efficientnet_b3")["parameters"], 12_233_232);
     assert_eq!(get("mobilenetv3_large_100")["parameters"], 5_483_032);
     assert_eq!(get("mobilenetv3_small_100")["parameters"], 2_542_856);
+    assert_eq!(get("vit_small_patch16_224")["parameters"], 22_050_664);
+    assert_eq!(get("deit_small_patch16_224")["parameters"], 22_050_664);
     assert_eq!(get("efficientnet_b1")["input_size"], 240);
     assert_eq!(get("efficientnet_lite1")["input_size"], 240);
     assert_eq!(get("efficientnet_lite2")["input_size"], 260);

@@ -1,6 +1,7 @@
 //! Parity with timm for the timm-layout architectures: every case in tests/fixtures/timm (each `CASE.json`
 //! beside its `CASE.safetensors`, made by scripts/timm-golden.py with timm 1.0.31 / torch 2.15: ConvNeXt,
-//! EfficientNet and MobileNetV3 with reduced depths and widths, random weights and BatchNorm statistics) is
+//! EfficientNet, MobileNetV3 and the Vision Transformer (also at an input size whose position embeddings
+//! are resampled) with reduced depths and widths, random weights and BatchNorm statistics) is
 //! run in eval mode (each layer group, the features, the logits) and in train mode (logits, the cross-entropy
 //! loss, the gradient of every parameter and the BatchNorm statistics after the forward), each checked
 //! against timm's float64 run within the case's bound, which the script set from timm's own float32 error.
@@ -18,6 +19,7 @@ use graft::formats::weights;
 use graft::models::convnext::{ConvNext, ConvNextConfig};
 use graft::models::effnet::{EffNet, EffNetConfig};
 use graft::models::layers::linear;
+use graft::models::vit::{Vit, VitConfig};
 use graft::models::{build_backbone, Backbone, Mode};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
@@ -94,6 +96,21 @@ fn backbone(name: &str, g: &Value, vb: VarBuilder) -> Box<dyn Backbone> {
                 EffNetConfig::mobilenet_v3(arch, g["large"].as_bool().unwrap(), width()).unwrap();
             cfg.head_channels = g["head_channels"].as_u64().unwrap() as usize;
             Box::new(EffNet::new(cfg, vb).unwrap())
+        }
+        "vit" => {
+            let size = |k: &str| g[k].as_u64().unwrap() as usize;
+            let cfg = VitConfig {
+                arch: arch.to_string(),
+                patch: size("patch"),
+                embed_dim: size("embed_dim"),
+                depth: size("depth"),
+                heads: size("heads"),
+                mlp_ratio: g["mlp_ratio"].as_f64().unwrap(),
+                img_size: size("img_size"),
+                block_groups: size("block_groups"),
+                drop_path: 0.0,
+            };
+            Box::new(Vit::new(cfg, vb).unwrap())
         }
         f => panic!("{name}: unknown family {f}"),
     }
@@ -220,7 +237,7 @@ fn check_case(name: &str, dev: &TestDevice) {
 fn every_timm_case_matches_timm_in_eval_and_train() {
     let dev = TestDevice::from_env();
     let names = cases();
-    for family in ["convnext", "efficientnet", "mobilenetv3"] {
+    for family in ["convnext", "efficientnet", "mobilenetv3", "vit"] {
         assert!(
             names.iter().any(|n| n.starts_with(family)),
             "no {family} case in {names:?}"
@@ -255,7 +272,7 @@ fn graft_keys(arch: &str) -> (VarMap, BTreeMap<String, Vec<usize>>) {
 fn full_size_architectures_have_timms_keys_and_shapes() {
     let json = full_size_keys();
     let models = json["models"].as_object().unwrap();
-    assert_eq!(models.len(), 12);
+    assert_eq!(models.len(), 14);
     for (arch, keys) in models {
         // BatchNorm's step counter is not a weight: graft ignores it on load.
         let want: BTreeMap<String, Vec<usize>> = keys
@@ -323,6 +340,11 @@ fn timm_layout_files_load_strictly() {
         "blocks.6.0.bn3.running_var",
     );
     loads_strictly(
+        "vit_small_patch16_224",
+        "blocks.11.attn.qkv.weight",
+        "pos_embed",
+    );
+    loads_strictly(
         "mobilenetv3_large_100",
         "blocks.5.2.conv_pwl.weight",
         "conv_head.bias",
@@ -332,6 +354,13 @@ fn timm_layout_files_load_strictly() {
 #[test]
 fn convnext_finetunes_exports_and_predicts_end_to_end() {
     finetune_export_predict("convnext_atto");
+}
+
+/// The full ViT-S/16 at 32 pixels: a 2x2 patch grid, its position embeddings resampled from 14x14; the
+/// unfrozen epoch with timm-style layer decay (one optimizer group per block).
+#[test]
+fn vit_finetunes_exports_and_predicts_end_to_end() {
+    finetune_export_predict_with("vit_small_patch16_224", &["--layer-decay", "0.75"]);
 }
 
 #[test]
@@ -347,11 +376,16 @@ fn mobilenetv3_finetunes_exports_and_predicts_end_to_end() {
 /// Random init (the hub is not reachable here): the architecture through the real CLI, frozen phase on
 /// cached features, an unfrozen epoch, export, predict.
 fn finetune_export_predict(base: &str) {
+    finetune_export_predict_with(base, &[]);
+}
+
+/// [`finetune_export_predict`] with `extra` finetune flags.
+fn finetune_export_predict_with(base: &str, extra: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     common::make_folder(&data, &["red", "green"], 4);
     let run = dir.path().join("run");
-    common::graft_ok(&[
+    let mut args = vec![
         "finetune",
         "--base",
         base,
@@ -371,7 +405,9 @@ fn finetune_export_predict(base: &str) {
         "--run-dir",
         run.to_str().unwrap(),
         "--quiet",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    common::graft_ok(&args);
     let model = dir.path().join("model.safetensors");
     common::graft_ok(&[
         "export",

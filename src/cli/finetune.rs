@@ -15,7 +15,7 @@ use crate::train::runner::RunOptions;
 
 #[derive(Debug, Args)]
 pub struct FinetuneArgs {
-    /// Base model (models/*.json): resnet18/34/50, efficientnet_lite0/1/2, convnext_atto..small (`graft models`); an encoder from random
+    /// Base model (models/*.json): resnet18/34/50, efficientnet_lite0/1/2, convnext_atto..small, vit_small_patch16_224 (`graft models`); an encoder from random
     /// initialisation, dense:784,300,150 or conv:32,64,128; or a pretraining run's encoder, ae:RUN_DIR.
     /// Required unless --config gives it.
     #[arg(long, conflicts_with = "resume")]
@@ -46,6 +46,11 @@ pub struct FinetuneArgs {
     /// Ratio of the head's learning rate to the stem's once unfrozen (1: one rate for every group).
     #[arg(long)]
     pub lr_mult: Option<f64>,
+    /// Layer-wise learning-rate decay instead of --lr-mult (timm's `--layer-decay`, e.g. 0.75 for ViT): the
+    /// head at the full rate, each layer below (a ViT's block, another backbone's group) this times the one
+    /// above.
+    #[arg(long)]
+    pub layer_decay: Option<f64>,
     #[command(flatten)]
     pub train: TrainArgs,
     /// Hidden layer width of the head (default: a single linear layer).
@@ -177,6 +182,9 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     set(&mut cfg.freeze_epochs, args.freeze_epochs);
     set(&mut cfg.epochs, args.epochs);
     set(&mut cfg.lr_mult, args.lr_mult);
+    if args.layer_decay.is_some() {
+        cfg.layer_decay = args.layer_decay;
+    }
     set(&mut cfg.label_smoothing, args.label_smoothing);
     set(&mut cfg.mixup, args.mixup);
     set(&mut cfg.cutmix, args.cutmix);

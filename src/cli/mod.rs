@@ -56,7 +56,7 @@ pub enum Command {
 /// Flags shared by every command that builds a model from a base.
 #[derive(Debug, Args, Clone)]
 pub struct BaseArgs {
-    /// Base model name, as in models/*.json (resnet18/34/50, efficientnet_lite0/1/2, convnext_atto..small; `graft models` lists them).
+    /// Base model name, as in models/*.json (resnet18/34/50, efficientnet_lite0/1/2, convnext_atto..small, vit_small_patch16_224; `graft models` lists them).
     #[arg(long)]
     pub base: Option<String>,
     /// Local weights file (.safetensors, or a PyTorch .pth/.pt/.bin) instead of the hub/cache lookup.

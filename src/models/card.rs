@@ -34,6 +34,14 @@ const CARD_FILES: &[(&str, &str)] = &[
         "convnext_small.json",
         include_str!("../../models/convnext_small.json"),
     ),
+    (
+        "vit_small_patch16_224.json",
+        include_str!("../../models/vit_small_patch16_224.json"),
+    ),
+    (
+        "deit_small_patch16_224.json",
+        include_str!("../../models/deit_small_patch16_224.json"),
+    ),
     ("resnet18.json", include_str!("../../models/resnet18.json")),
     ("resnet34.json", include_str!("../../models/resnet34.json")),
     ("resnet50.json", include_str!("../../models/resnet50.json")),
@@ -221,7 +229,7 @@ mod tests {
                 for prefix in &c.group_keys[g] {
                     let owned: Vec<&String> = keys
                         .iter()
-                        .filter(|k| k.starts_with(&format!("{prefix}.")))
+                        .filter(|k| *k == prefix || k.starts_with(&format!("{prefix}.")))
                         .collect();
                     assert!(!owned.is_empty(), "{}: no key under {prefix}", c.name);
                     for k in owned {

@@ -149,6 +149,16 @@ impl Classifier {
         Ok(self.head.forward(&f, false)?.detach())
     }
 
+    /// The layer of a key for layer-wise learning-rate decay: the backbone's
+    /// [`Backbone::decay_layer`], the head last (`backbone.decay_layers()`).
+    pub fn decay_layer_of(&self, key: &str) -> Option<usize> {
+        if key == HEAD_PREFIX || key.starts_with("head.") {
+            Some(self.backbone.decay_layers())
+        } else {
+            self.backbone.decay_layer(key)
+        }
+    }
+
     /// Index of the layer group owning a key: backbone groups first, then the head as the last group.
     pub fn group_of(&self, key: &str) -> Option<usize> {
         if key == HEAD_PREFIX || key.starts_with("head.") {

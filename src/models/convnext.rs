@@ -103,14 +103,15 @@ impl ConvNextConfig {
     }
 }
 
-/// A LayerNorm over the last dimension, keys `weight` and `bias`.
+/// A LayerNorm over the last dimension, keys `weight` and `bias`, eps [`CONVNEXT_LN_EPS`] (also the
+/// Vision Transformer's, see [`super::vit`]).
 #[derive(Debug, Clone)]
-struct LayerNorm {
+pub(super) struct LayerNorm {
     weight: Tensor,
     bias: Tensor,
 }
 
-fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
+pub(super) fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
     Ok(LayerNorm {
         weight: vb.get_with_hints(dim, "weight", Init::Const(1.))?,
         bias: vb.get_with_hints(dim, "bias", Init::Const(0.))?,
@@ -119,7 +120,7 @@ fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
 
 impl LayerNorm {
     /// Normalises each row of the last dimension of `x` (biased variance, as PyTorch).
-    fn forward_last(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub(super) fn forward_last(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let mean = x.mean_keepdim(D::Minus1)?;
         let centred = x.broadcast_sub(&mean)?;
         let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
@@ -138,14 +139,14 @@ impl LayerNorm {
 /// A linear map over the last dimension whose weight is `[out, in]` or, for 1x1 convolutions,
 /// `[out, in, 1, 1]` in the file.
 #[derive(Debug, Clone)]
-struct Dense {
+pub(super) struct Dense {
     weight: Tensor,
     bias: Tensor,
     out: usize,
     inp: usize,
 }
 
-fn dense(inp: usize, out: usize, conv: bool, vb: VarBuilder) -> Result<Dense> {
+pub(super) fn dense(inp: usize, out: usize, conv: bool, vb: VarBuilder) -> Result<Dense> {
     // timm: trunc_normal_(std=.02) for every convolution and linear weight, zero biases.
     let init = Init::Randn {
         mean: 0.,
@@ -166,7 +167,7 @@ fn dense(inp: usize, out: usize, conv: bool, vb: VarBuilder) -> Result<Dense> {
 
 impl Dense {
     /// `x` `[..., in]` to `[..., out]`.
-    fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+    pub(super) fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let w = mode.weight(&self.weight).reshape((self.out, self.inp))?;
         let dims = x.dims().to_vec();
         let rows = x.elem_count() / self.inp;

@@ -2,7 +2,7 @@
 //!
 //! A backbone is a plain struct built from a scoped `candle_nn::VarBuilder`, so its struct nesting is the
 //! timm/torchvision safetensors key layout and pretrained weights load for free. A backbone is an ordered list
-//! of named *layer groups* (ResNet: stem, layer1..layer4; EfficientNet and MobileNetV3: stem, their stages, top; ...); the
+//! of named *layer groups* (ResNet: stem, layer1..layer4; EfficientNet and MobileNetV3: stem, their stages, top; ViT: embed, blocks1..4, norm; ...); the
 //! classifier (`fc` / `_fc`) is a separate [`Linear`](layers::Linear) head so a new one can replace it.
 
 pub mod base;
@@ -17,6 +17,7 @@ pub mod hub;
 pub mod layers;
 pub mod pretrained;
 pub mod resnet;
+pub mod vit;
 
 use crate::Result;
 use candle_core::Tensor;
@@ -76,6 +77,19 @@ pub trait Backbone: Send + Sync {
     fn classifier_prefix(&self) -> &str;
     /// Runs group `i` alone on the output of group `i - 1` (or the image batch for `i == 0`).
     fn forward_group(&self, i: usize, x: &Tensor, mode: Mode) -> Result<Tensor>;
+
+    /// The layer of parameter `key` for layer-wise learning-rate decay (`--layer-decay`, timm's
+    /// `param_groups_layer_decay`), from 0 (nearest the input) to [`Backbone::decay_layers`]` - 1`; the
+    /// classifier head is layer `decay_layers()`. `None` for keys outside the backbone. By default each
+    /// layer group is one layer; a transformer counts its blocks.
+    fn decay_layer(&self, key: &str) -> Option<usize> {
+        self.group_of(key)
+    }
+
+    /// The number of backbone layers [`Backbone::decay_layer`] counts.
+    fn decay_layers(&self) -> usize {
+        self.group_names().len()
+    }
 
     /// The convolution whose output the BatchNorm at `bn` (a key prefix such as `layer1.0.bn1`) normalises,
     /// as `(its key prefix, the BatchNorm's eps)`, for folding BatchNorm into convolutions on export; `None`
@@ -140,6 +154,9 @@ pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn B
     } else if arch.starts_with("convnext_") {
         let cfg = convnext::ConvNextConfig::from_arch(arch)?;
         Ok(Box::new(convnext::ConvNext::new(cfg, vb)?))
+    } else if vit::VitConfig::is_arch(arch) {
+        let cfg = vit::VitConfig::from_arch(arch)?;
+        Ok(Box::new(vit::Vit::new(cfg, vb)?))
     } else if effnet::EffNetConfig::is_arch(arch) {
         let cfg = effnet::EffNetConfig::from_arch(arch)?;
         Ok(Box::new(effnet::EffNet::new(cfg, vb)?))
@@ -149,7 +166,7 @@ pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn B
     } else {
         Err(crate::Error::config(
             "architecture",
-            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0..4, efficientnet_b0..3, mobilenetv3_large_100, mobilenetv3_small_100, convnext_atto/femto/pico/nano/tiny/small, dense:..., conv:...)"),
+            format!("`{arch}` is not one graft can build (resnet18/34/50, efficientnet_lite0..4, efficientnet_b0..3, mobilenetv3_large_100, mobilenetv3_small_100, convnext_atto/femto/pico/nano/tiny/small, vit_small_patch16_224, deit_small_patch16_224, dense:..., conv:...)"),
         ))
     }
 }

@@ -196,6 +196,15 @@ pub fn discriminative_groups(
     Ok(groups)
 }
 
+/// timm's layer-wise decay (`param_groups_layer_decay`, from BEiT): the multiplier of layer `i` of
+/// `layers + 1` (the last one the head) is `decay^(layers - i)`, so the head keeps the full rate and each
+/// layer below gets `decay` times the one above.
+pub fn layer_decay_mults(decay: f64, layers: usize) -> Vec<f64> {
+    (0..=layers)
+        .map(|i| decay.powi((layers - i) as i32))
+        .collect()
+}
+
 /// `n` multipliers spaced geometrically from `first` to `last` (fastai's `even_mults`), e.g. for
 /// `slice(lr / 100, lr)`: `even_mults(0.01, 1.0, 5)`.
 pub fn even_mults(first: f64, last: f64, n: usize) -> Vec<f64> {
@@ -295,6 +304,16 @@ mod tests {
         }
         let names: Vec<String> = trainable_params(&vm).into_iter().map(|(n, _)| n).collect();
         assert_eq!(names, ["a.weight", "bn.weight"]);
+    }
+
+    #[test]
+    fn layer_decay_leaves_the_head_at_the_full_rate() {
+        let m = layer_decay_mults(0.75, 13);
+        assert_eq!(m.len(), 14);
+        assert_eq!(m[13], 1.0);
+        assert!((m[12] - 0.75).abs() < 1e-15);
+        // timm: layer_scales[0] = 0.75 ** 13 for vit_small_patch16_224.
+        assert!((m[0] - 0.75f64.powi(13)).abs() < 1e-15);
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub struct FinetuneConfig {
     pub lr_found: Option<LrFound>,
     /// Ratio of the head's learning rate to the stem's in the unfrozen phase (1: one rate for all).
     pub lr_mult: f64,
+    /// Layer-wise learning-rate decay instead of `lr_mult` (timm's `layer_decay`): the head trains at `lr`,
+    /// each layer below at `layer_decay` times the one above (a ViT's blocks one by one, other backbones
+    /// group by group; see [`crate::models::Backbone::decay_layer`]). `None`: off.
+    pub layer_decay: Option<f64>,
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleKind,
     pub clip_grad_norm: Option<f64>,
@@ -201,6 +205,7 @@ impl Default for FinetuneConfig {
             lr_find: None,
             lr_found: None,
             lr_mult: 1.0,
+            layer_decay: None,
             optimizer: OptimizerConfig::from_kind("adamw").expect("adamw is a kind"),
             schedule: ScheduleKind::Onecycle,
             clip_grad_norm: None,
@@ -302,6 +307,23 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
             "--lr-mult",
             format!("must be at least 1, got {}", cfg.lr_mult),
         ));
+    }
+    if let Some(d) = cfg.layer_decay {
+        if !(d > 0.0 && d <= 1.0) {
+            return Err(Error::config(
+                "--layer-decay",
+                format!("must be in (0, 1], got {d}"),
+            ));
+        }
+        if cfg.lr_mult != 1.0 {
+            return Err(Error::config(
+                "--layer-decay",
+                format!(
+                    "replaces --lr-mult's rates; give one of them, not both (--lr-mult {})",
+                    cfg.lr_mult
+                ),
+            ));
+        }
     }
     if !(0.0..1.0).contains(&cfg.label_smoothing) {
         return Err(Error::config(
@@ -524,6 +546,32 @@ mod tests {
         assert_eq!(round_trip(&erase), erase);
         let json = serde_json::to_string(&erase).unwrap();
         assert!(json.contains(r#""auto_augment":"rand""#), "{json}");
+    }
+
+    #[test]
+    fn layer_decay_is_a_fraction_and_replaces_lr_mult() {
+        let ok = FinetuneConfig {
+            base: "resnet18".into(),
+            data: "data".into(),
+            layer_decay: Some(0.75),
+            ..FinetuneConfig::default()
+        };
+        validate(&ok).unwrap();
+        for d in [0.0, 1.5, f64::NAN] {
+            let bad = FinetuneConfig {
+                layer_decay: Some(d),
+                ..ok.clone()
+            };
+            let err = validate(&bad).unwrap_err().to_string();
+            assert!(err.contains("--layer-decay"), "{err}");
+        }
+        let both = FinetuneConfig {
+            lr_mult: 10.0,
+            ..ok.clone()
+        };
+        let err = validate(&both).unwrap_err().to_string();
+        assert!(err.contains("--lr-mult"), "{err}");
+        assert_eq!(round_trip(&ok), ok);
     }
 
     #[test]

@@ -14,7 +14,9 @@ use crate::kernels::precision::{autocast, bf16_supported, Precision};
 use crate::models::base::{self, Base};
 use crate::models::classifier::{Classifier, ClassifierSpec};
 use crate::models::Mode;
-use crate::optim::groups::{discriminative_groups, even_mults, trainable_params};
+use crate::optim::groups::{
+    discriminative_groups, even_mults, layer_decay_mults, trainable_params,
+};
 use crate::optim::{Optimizer, ScheduleConfig};
 use crate::rng::{seeded, RngState};
 use crate::train::checkpoint::{Position, RunDir, TrainState};
@@ -465,8 +467,18 @@ impl Task for Session {
     /// An optimizer over the groups trainable with `frozen` groups frozen, with discriminative rates.
     fn optimizer(&self, frozen: usize) -> Result<Optimizer> {
         let n = self.n_groups;
-        let mults = even_mults(1.0 / self.cfg.lr_mult, 1.0, n + 1);
         let model = &self.model;
+        // Layer decay: the optimizer's groups are the backbone's decay layers (a ViT's blocks), not its
+        // layer groups; freezing still goes by layer group.
+        let decay = self.cfg.layer_decay;
+        let mults = match decay {
+            Some(d) => layer_decay_mults(d, model.backbone.decay_layers()),
+            None => even_mults(1.0 / self.cfg.lr_mult, 1.0, n + 1),
+        };
+        let layer_of = |name: &str| match decay {
+            Some(_) => model.decay_layer_of(name),
+            None => model.group_of(name),
+        };
         let params = trainable_params(&model.varmap);
         // With train_bn, the rank-1 parameters of frozen groups (BatchNorm scales and shifts: the backbones'
         // convolutions have no biases) stay trainable, at their group's rate.
@@ -478,9 +490,10 @@ impl Task for Session {
         let groups = discriminative_groups(
             params,
             |name| {
-                model
+                let trainable = model
                     .group_of(name)
-                    .filter(|&g| g >= frozen || bn_affine.contains(name))
+                    .is_some_and(|g| g >= frozen || bn_affine.contains(name));
+                layer_of(name).filter(|_| trainable)
             },
             &mults,
             true,
