@@ -14,7 +14,8 @@
 //!   forward and backward),
 //!   `bn_train` (training-mode BatchNorm with a hand-written backward and a fused ReLU / ReLU6), `pool`
 //!   ([`max_pool2d`] with padding and PyTorch's tie rule), `depthwise` ([`depthwise_conv2d`]), and the
-//!   dense convolution algorithms `im2col`, `shifted` (shifted GEMMs) and `winograd` (F(2x2, 3x3));
+//!   dense convolution algorithms `im2col`, `shifted` (shifted GEMMs) and `winograd` (F(2x2, 3x3)); `linear`
+//!   ([`linear_product_autocast`]: a linear layer's product on the bf16 GEMM under bf16 autocast);
 //! - [`conv`]: the one place that chooses how a convolution runs (`conv::choose`) and the
 //!   convolution ops built on that choice.
 //!
@@ -35,6 +36,7 @@ mod activation;
 mod bn_train;
 mod depthwise;
 mod im2col;
+mod linear;
 mod pool;
 mod shifted;
 mod winograd;
@@ -50,4 +52,5 @@ pub(crate) use bn_train::{batch_norm_train, batch_stats};
 pub(crate) use common::Epilogue;
 pub use common::Padding2d;
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_padded};
+pub use linear::linear_product_autocast;
 pub use pool::{max_pool2d, max_pool2d_composed};

@@ -171,10 +171,12 @@ impl Dense {
         let w = mode.weight(&self.weight).reshape((self.out, self.inp))?;
         let dims = x.dims().to_vec();
         let rows = x.elem_count() / self.inp;
-        let y = x
-            .reshape((rows, self.inp))?
-            .matmul(&w.t()?)?
-            .broadcast_add(&mode.weight(&self.bias))?;
+        let x = x.reshape((rows, self.inp))?;
+        let y = match crate::kernels::linear_product_autocast(&x, &w)? {
+            Some(y) => y,
+            None => x.matmul(&w.t()?)?,
+        };
+        let y = y.broadcast_add(&mode.weight(&self.bias))?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("a dimension") = self.out;
         Ok(y.reshape(out_dims)?)

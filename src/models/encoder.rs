@@ -368,7 +368,11 @@ impl DenseStage {
     /// The pre-activation `x Wᵀ + b`.
     pub fn linear(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let w = mode.weight(&self.weight);
-        Ok(x.matmul(&w.t()?)?.broadcast_add(&mode.weight(&self.bias))?)
+        let y = match crate::kernels::linear_product_autocast(x, &w)? {
+            Some(y) => y,
+            None => x.matmul(&w.t()?)?,
+        };
+        Ok(y.broadcast_add(&mode.weight(&self.bias))?)
     }
 }
 

@@ -485,7 +485,11 @@ impl Linear {
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let w = mode.weight(&self.weight);
         let b = mode.weight(&self.bias);
-        Ok(x.matmul(&w.t()?)?.broadcast_add(&b)?)
+        let y = match crate::kernels::linear_product_autocast(x, &w)? {
+            Some(y) => y,
+            None => x.matmul(&w.t()?)?,
+        };
+        Ok(y.broadcast_add(&b)?)
     }
 
     pub fn in_features(&self) -> usize {
