@@ -6,6 +6,7 @@
 #
 # Used to choose graft's defaults (README "Choosing the defaults"); GRAFT (default target/release/graft).
 # TTA="flip crops" also evaluates the same model with each `--tta` mode (fields test_acc_tta_MODE).
+# EVAL_FLAGS (e.g. "--precision bf16") go to every `graft eval`.
 set -euo pipefail
 if [ $# -lt 4 ]; then sed -n '2,7p' "$0"; exit 2; fi
 out=$1 name=$2 data=$3 seed=$4
@@ -17,11 +18,11 @@ start=$(date +%s.%N)
     --run-dir "$run/run" --quiet "$@" >"$run/log" 2>&1 || { cat "$run/log" >&2; exit 1; }
 end=$(date +%s.%N)
 "$graft" export "$run/run" --out "$run/model.safetensors" >/dev/null
-acc=$("$graft" eval --model "$run/model.safetensors" --data "$data" --split test --json |
+acc=$("$graft" eval --model "$run/model.safetensors" --data "$data" --split test --json ${EVAL_FLAGS:-} |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["accuracy"])')
 tta_json="{}"
 for mode in ${TTA:-}; do
-    a=$("$graft" eval --model "$run/model.safetensors" --data "$data" --split test --json --tta "$mode" |
+    a=$("$graft" eval --model "$run/model.safetensors" --data "$data" --split test --json --tta "$mode" ${EVAL_FLAGS:-} |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["accuracy"])')
     tta_json=$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d["test_acc_tta_"+sys.argv[2]]=float(sys.argv[3]); print(json.dumps(d))' "$tta_json" "$mode" "$a")
 done

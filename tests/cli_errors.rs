@@ -135,6 +135,22 @@ fn a_file_that_is_not_an_image_is_named_and_the_others_are_still_classified() {
 }
 
 #[test]
+fn an_unknown_precision_names_the_flag_and_the_choices() {
+    for cmd in [
+        &["finetune", "--base", "resnet18", "--data", "/nonexistent"][..],
+        &["eval", "--model", "m.safetensors", "--data", "/nonexistent"][..],
+    ] {
+        let mut args = cmd.to_vec();
+        args.extend(["--precision", "fp16"]);
+        let err = graft_err(&args, &[]);
+        assert!(
+            err.contains("--precision") && err.contains("f32 or bf16"),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn cuda_without_the_feature_is_a_clear_error() {
     let err = graft_err(&["inspect", "--base", "resnet18", "--device", "cuda"], &[]);
     assert!(err.contains("cuda") && err.contains("CUDA"), "{err}");

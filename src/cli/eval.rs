@@ -29,7 +29,7 @@ pub struct EvalArgs {
     pub tta: Tta,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// What the convolutions multiply in: f32, or bf16 (bf16 inputs, f32 sums; CPU only).
+    /// What convolutions and linear layers multiply in: f32, or bf16 (bf16 inputs, f32 sums).
     #[arg(long, default_value = "f32")]
     pub precision: crate::kernels::precision::Precision,
     /// Print one JSON object instead of tables.
@@ -38,7 +38,6 @@ pub struct EvalArgs {
 }
 
 pub fn run(args: EvalArgs) -> anyhow::Result<()> {
-    crate::train::config::validate_precision(args.precision, &args.device)?;
     crate::kernels::precision::autocast(args.precision, || evaluate(args))
 }
 

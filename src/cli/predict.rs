@@ -25,7 +25,7 @@ pub struct PredictArgs {
     /// Output format: human-readable text, or one JSON object per image.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
-    /// What the convolutions multiply in: f32, or bf16 (bf16 inputs, f32 sums; CPU only).
+    /// What convolutions and linear layers multiply in: f32, or bf16 (bf16 inputs, f32 sums).
     #[arg(long, default_value = "f32")]
     pub precision: crate::kernels::precision::Precision,
     /// Images to classify.
@@ -130,7 +130,6 @@ impl Model {
 }
 
 pub fn run(args: PredictArgs) -> anyhow::Result<()> {
-    crate::train::config::validate_precision(args.precision, &args.base.device)?;
     crate::kernels::precision::autocast(args.precision, || predict(args))
 }
 

@@ -55,8 +55,9 @@ pub struct TrainArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long)]
     pub device: Option<String>,
-    /// What the convolutions multiply in: f32, or bf16 (bf16 inputs, f32 sums, as PyTorch's autocast;
-    /// parameters, BatchNorm, loss and optimizer stay f32). CPU only; fast where the CPU has AVX512-BF16.
+    /// What convolutions and linear layers multiply in: f32, or bf16 (bf16 inputs, f32 sums, as PyTorch's
+    /// autocast; parameters, BatchNorm, loss and optimizer stay f32). On the CPU fast where it has
+    /// AVX512-BF16; on a GPU through candle's bf16 ops.
     #[arg(long)]
     pub precision: Option<Precision>,
     /// Stop (finetune: the run, pretrain: a phase) after this many epochs without validation improvement,

@@ -234,6 +234,21 @@ pub fn conv2d(
         ConvAlgorithm::Candle => {
             let (x, p) = pad.apply(x)?;
             let (x, padding) = backward_safe_input(&x, weight.dim(2)?, p, stride)?;
+            // Under bf16 autocast, candle's own bf16 convolution (cuDNN's on a GPU), as PyTorch's
+            // autocast does it: bf16 inputs, the result widened back to f32.
+            if let Some(dt) = super::precision::autocast_dtype(x.dtype()) {
+                let f32 = x.dtype();
+                if x.device().is_cpu() {
+                    // candle's CPU convolution has no bf16 kernel: the same products from inputs rounded
+                    // to bf16 and multiplied in f32 (a bf16 x bf16 product is exact in f32).
+                    let round = |t: &Tensor| t.to_dtype(dt)?.to_dtype(f32);
+                    return Ok(round(&x)?.conv2d(&round(weight)?, padding, stride, 1, groups)?);
+                }
+                let y =
+                    x.to_dtype(dt)?
+                        .conv2d(&weight.to_dtype(dt)?, padding, stride, 1, groups)?;
+                return Ok(y.to_dtype(f32)?);
+            }
             Ok(x.conv2d(weight, padding, stride, 1, groups)?)
         }
         _ => {
@@ -655,6 +670,29 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Where graft's kernels do not run (a GPU; here the generic path), bf16 autocast runs candle's own
+    /// bf16 convolution: within bf16 rounding of f32, and not f32 itself; gradients reach both inputs.
+    #[test]
+    fn bf16_autocast_off_graft_kernels_uses_candles_bf16_convolution() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1., (2, 8, 9, 9), &dev).unwrap();
+        let wt = Var::randn(0f32, 1., (16, 8, 3, 3), &dev).unwrap();
+        let pad = ConvPadding::Symmetric(1);
+        let want = x.as_tensor().conv2d(wt.as_tensor(), 1, 2, 1, 1).unwrap();
+        let got = crate::device::with_generic_ops(|| {
+            crate::kernels::precision::autocast(Precision::Bf16, || {
+                conv2d(x.as_tensor(), wt.as_tensor(), pad, 2, 1).unwrap()
+            })
+        });
+        assert_eq!(got.dtype(), DType::F32);
+        let to64 = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+        let err = relative_l2(&to64(&got), &to64(&want));
+        assert!(err < 2e-2 && err > 1e-5, "relative L2 error {err}");
+        let grads = got.sum_all().unwrap().backward().unwrap();
+        assert_eq!(grads.get(&x).unwrap().dtype(), DType::F32);
+        assert_eq!(grads.get(&wt).unwrap().dims(), &[16, 8, 3, 3]);
     }
 
     #[test]

@@ -8,10 +8,22 @@ use crate::device::custom_kernels_on;
 use crate::Result;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Shape, Tensor, WithDType};
 
-/// `x [M, K] x w [N, K]^T` multiplied in bf16 when the autocast scope is bf16, the CPU has bf16 products
-/// and both are f32 on a device graft's kernels run on; `None` otherwise (the caller multiplies in f32).
+/// `x [M, K] x w [N, K]^T` multiplied in bf16 when the autocast scope is bf16 and both are f32: on graft's
+/// bf16 GEMM where its kernels run and the CPU has bf16 products, elsewhere as candle's own bf16 matmul
+/// (cuBLAS on a GPU); `None` otherwise (the caller multiplies in f32).
 /// Differentiable in both arguments.
 pub fn linear_product_autocast(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !custom_kernels_on(x.device()) {
+        // Another device (or the generic path): candle's own bf16 product, widened back.
+        return Ok(match super::precision::autocast_dtype(x.dtype()) {
+            Some(dt) => Some(
+                x.to_dtype(dt)?
+                    .matmul(&w.to_dtype(dt)?.t()?)?
+                    .to_dtype(x.dtype())?,
+            ),
+            None => None,
+        });
+    }
     if current() != Precision::Bf16
         || !super::bf16::available()
         || x.dtype() != DType::F32
@@ -190,6 +202,18 @@ mod tests {
             .unwrap()
             .backward()
             .unwrap();
+        // Off graft's kernels (a GPU; here the generic path): candle's own bf16 product.
+        let generic = crate::device::with_generic_ops(|| {
+            autocast(Precision::Bf16, || {
+                linear_product_autocast(x.as_tensor(), w.as_tensor()).unwrap()
+            })
+        })
+        .expect("bf16 off graft's kernels too");
+        let err = relative_l2(&generic, &want);
+        assert!(
+            err < 2e-2 && err > 1e-5,
+            "generic path: relative error {err}"
+        );
         for (what, ours, theirs) in [
             ("forward", got.clone(), want.clone()),
             (

@@ -12,6 +12,10 @@
 //! [`super::par::on_pool`] carries the scope onto the pool. Tests running side by side in one process
 //! each keep their own precision.
 //!
+//! Where graft's kernels do not run (a GPU, or the generic path forced), the same products run as candle's
+//! own in bf16 ([`autocast_dtype`]): inputs cast to bf16, the result widened back to f32, as PyTorch's
+//! autocast does (cuDNN and cuBLAS accumulate bf16 products in f32).
+//!
 //! Where the CPU has no bf16 dot product ([`bf16_supported`] false: no AVX512-BF16), bf16 products run
 //! in f32: the same result up to rounding, no faster.
 
@@ -72,6 +76,13 @@ pub fn autocast<R>(precision: Precision, f: impl FnOnce() -> R) -> R {
 /// The precision of the innermost [`autocast`] on this thread (f32 outside any).
 pub fn current() -> Precision {
     CURRENT.with(|c| c.get())
+}
+
+/// The dtype candle's own products (other devices, or the generic path) take for inputs of `dtype` in the
+/// current scope: bf16 for f32 inside `autocast(Bf16)`, else `None` (unchanged).
+pub fn autocast_dtype(dtype: candle_core::DType) -> Option<candle_core::DType> {
+    (current() == Precision::Bf16 && dtype == candle_core::DType::F32)
+        .then_some(candle_core::DType::BF16)
 }
 
 /// Whether this CPU multiplies bf16 natively (AVX512-BF16's `vdpbf16ps`), so that

@@ -141,7 +141,6 @@ impl PretrainConfig {
     /// Checks the config before anything is written.
     pub fn validate(&self) -> Result<EncoderConfig> {
         let enc = EncoderConfig::parse(&self.arch)?;
-        crate::train::config::validate_precision(self.precision, &self.device)?;
         if !(1..=3).contains(&self.channels) || self.channels == 2 {
             return Err(Error::config(
                 "--channels",

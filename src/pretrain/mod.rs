@@ -573,7 +573,7 @@ fn session(cfg: &PretrainConfig, opts: &RunOptions) -> Result<(Session, Reporter
         .map(|p| cfg.phase_epochs(p, stages))
         .sum();
     let mut reporter = Reporter::new(opts.quiet, total_epochs);
-    crate::train::finetune::report_precision(cfg.precision, &mut reporter);
+    crate::train::finetune::report_precision(cfg.precision, &cfg.device, &mut reporter);
     let s = Session::build(cfg, enc, &mut reporter)?;
     Ok((s, reporter))
 }

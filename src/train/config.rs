@@ -283,7 +283,6 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
     if cfg.batch_size == 0 {
         return Err(Error::config("--batch-size", "must be at least 1"));
     }
-    validate_precision(cfg.precision, &cfg.device)?;
     cfg.mixing().validate()?;
     if cfg.accumulate == 0 {
         return Err(Error::config("--accumulate", "must be at least 1"));
@@ -382,17 +381,6 @@ pub fn check_memory(cfg: &FinetuneConfig, p: &Preprocess) -> Result<()> {
 }
 
 /// Checks an optimizer's hyperparameters, naming the flags that set them.
-/// `bf16` runs on graft's CPU kernels only so far: on another device it would silently stay f32.
-pub fn validate_precision(precision: Precision, device: &str) -> Result<()> {
-    if precision == Precision::Bf16 && device != "cpu" {
-        return Err(Error::config(
-            "--precision",
-            format!("bf16 runs on the CPU only so far (device `{device}`); use f32 there"),
-        ));
-    }
-    Ok(())
-}
-
 pub fn validate_optimizer(optimizer: &OptimizerConfig) -> Result<()> {
     optimizer.validate().map_err(|e| {
         Error::config(

@@ -746,7 +746,7 @@ pub fn finetune(
     validate(cfg)?;
     autocast(cfg.precision, || {
         let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
-        report_precision(cfg.precision, &mut reporter);
+        report_precision(cfg.precision, &cfg.device, &mut reporter);
         let source = if resume && run_dir.has_checkpoint() {
             let path = run_dir.resume_checkpoint()?;
             let ck = Checkpoint::load(&path, &Device::Cpu)?;
@@ -762,8 +762,8 @@ pub fn finetune(
 }
 
 /// One line when bf16 was asked for on a CPU that multiplies it no faster than f32.
-pub(crate) fn report_precision(precision: Precision, reporter: &mut Reporter) {
-    if precision == Precision::Bf16 && !bf16_supported() {
+pub(crate) fn report_precision(precision: Precision, device: &str, reporter: &mut Reporter) {
+    if precision == Precision::Bf16 && device == "cpu" && !bf16_supported() {
         reporter.line("--precision bf16: this CPU has no AVX512-BF16, so the products run in f32");
     }
 }
@@ -786,7 +786,7 @@ fn finetune_new_in_scope(
     opts: &RunOptions,
 ) -> Result<Outcome> {
     let mut reporter = Reporter::new(opts.quiet, cfg.freeze_epochs + cfg.epochs);
-    report_precision(cfg.precision, &mut reporter);
+    report_precision(cfg.precision, &cfg.device, &mut reporter);
     let base = base::resolve(&cfg.base)?;
     let mut s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
     let run_dir = RunDir::create(dir)?;
@@ -846,7 +846,7 @@ pub fn find_lr(
     finder.validate()?;
     autocast(cfg.precision, || {
         let mut reporter = Reporter::new(quiet, 1);
-        report_precision(cfg.precision, &mut reporter);
+        report_precision(cfg.precision, &cfg.device, &mut reporter);
         let base = base::resolve(&cfg.base)?;
         let mut s = Session::build(cfg, ModelSource::Base(base), &mut reporter)?;
         let (finding, phase) = find_on(&mut s, finder, &mut reporter)?;
