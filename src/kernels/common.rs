@@ -126,7 +126,7 @@ impl Geom {
             kw,
             padding,
             stride,
-            precision: super::precision::current(),
+            precision: super::precision::for_convolution(c),
         })
     }
 
