@@ -234,7 +234,6 @@ fn serial(
 
 /// Packs `B[k0..k0 + kc, j0..j0 + nc]` into `out`: per panel of `NR` columns, per pair `p`, the `NR`
 /// words `(B[k0 + 2p, j], B[k0 + 2p + 1, j])` (zeros past the matrix).
-#[inline(never)]
 fn pack_b(b: In, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut Vec<u32>) {
     let kp = kc.div_ceil(2);
     let panels = nc.div_ceil(NR);
@@ -298,7 +297,6 @@ fn pack_b(b: In, k0: usize, kc: usize, j0: usize, nc: usize, out: &mut Vec<u32>)
 
 /// Packs `A[i0..i0 + mc, k0..k0 + kc]` into `out`: per panel of `MR` rows, per pair `p`, the `MR` words
 /// `(A[i, k0 + 2p], A[i, k0 + 2p + 1])` (zeros past the matrix).
-#[inline(never)]
 fn pack_a(a: In, i0: usize, mc: usize, k0: usize, kc: usize, out: &mut Vec<u32>) {
     let kp = kc.div_ceil(2);
     let panels = mc.div_ceil(MR);
@@ -585,7 +583,6 @@ unsafe fn micro(_: usize, _: *const u32, _: *const u32, _: (*mut f32, usize), _:
 }
 
 /// Writes (or adds, when `add`) the `rows x cols` top-left part of `tile` into C at `(i, j)`.
-#[inline(never)]
 fn store(
     tile: &[f32; MR * NR],
     c: Out,

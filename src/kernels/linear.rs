@@ -101,12 +101,12 @@ impl CustomOp2 for LinearProduct {
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let dx = if x.track_op() {
-            Some(grad.apply_op2_no_bwd(w, &InputGrad(self.m, self.n, self.k))?)
+            Some(grad.apply_op2_no_bwd(w, &Gradient::input(self.m, self.n, self.k))?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            Some(grad.apply_op2_no_bwd(x, &WeightGrad(self.m, self.n, self.k))?)
+            Some(grad.apply_op2_no_bwd(x, &Gradient::weight(self.m, self.n, self.k))?)
         } else {
             None
         };
@@ -114,47 +114,49 @@ impl CustomOp2 for LinearProduct {
     }
 }
 
-/// `(dy [M, N], w [N, K]) -> dy w [M, K]`.
-struct InputGrad(usize, usize, usize);
+/// One gradient of [`LinearProduct`] as a bf16 product `lhs [m, k] x rhs [k, n]` of the two inputs laid
+/// out as the views say: `dx = dy w` and `dw = dy^T x`.
+struct Gradient {
+    dims: (usize, usize, usize),
+    lhs: View,
+    rhs: View,
+}
 
-impl InputGrad {
-    fn run<T: WithDType>(&self, dy: &[T], w: &[T]) -> (CpuStorage, Shape) {
-        let (m, n, k) = (self.0, self.1, self.2);
-        let mut dx = vec![T::zero(); m * k];
+impl Gradient {
+    /// `(dy [M, N], w [N, K]) -> dy w [M, K]`.
+    fn input(m: usize, n: usize, k: usize) -> Self {
+        Gradient {
+            dims: (m, k, n),
+            lhs: View::strided(0, n, 1),
+            rhs: View::strided(0, k, 1),
+        }
+    }
+
+    /// `(dy [M, N], x [M, K]) -> dy^T x [N, K]`.
+    fn weight(m: usize, n: usize, k: usize) -> Self {
+        Gradient {
+            dims: (n, k, m),
+            lhs: View::strided(0, 1, n),
+            rhs: View::strided(0, k, 1),
+        }
+    }
+
+    fn run<T: WithDType>(&self, a: &[T], b: &[T]) -> (CpuStorage, Shape) {
+        let (rows, cols, _) = self.dims;
+        let mut out = vec![T::zero(); rows * cols];
         gemm_into(
-            (m, k, n),
-            (&mut dx, View::strided(0, k, 1)),
+            self.dims,
+            (&mut out, View::strided(0, cols, 1)),
             false,
-            (dy, View::strided(0, n, 1)),
-            (w, View::strided(0, k, 1)),
+            (a, self.lhs),
+            (b, self.rhs),
             (Precision::Bf16, threads()),
         );
-        (T::to_cpu_storage_owned(dx), Shape::from((m, k)))
+        (T::to_cpu_storage_owned(out), Shape::from((rows, cols)))
     }
 }
 
-impl_forward_only_op2!(InputGrad, "graft-linear-bf16-input-grad");
-
-/// `(dy [M, N], x [M, K]) -> dy^T x [N, K]`.
-struct WeightGrad(usize, usize, usize);
-
-impl WeightGrad {
-    fn run<T: WithDType>(&self, dy: &[T], x: &[T]) -> (CpuStorage, Shape) {
-        let (m, n, k) = (self.0, self.1, self.2);
-        let mut dw = vec![T::zero(); n * k];
-        gemm_into(
-            (n, k, m),
-            (&mut dw, View::strided(0, k, 1)),
-            false,
-            (dy, View::strided(0, 1, n)),
-            (x, View::strided(0, k, 1)),
-            (Precision::Bf16, threads()),
-        );
-        (T::to_cpu_storage_owned(dw), Shape::from((n, k)))
-    }
-}
-
-impl_forward_only_op2!(WeightGrad, "graft-linear-bf16-weight-grad");
+impl_forward_only_op2!(Gradient, "graft-linear-bf16-grad");
 
 #[cfg(test)]
 mod tests {
