@@ -52,6 +52,18 @@ pub(crate) struct Epilogue {
 }
 
 impl Epilogue {
+    /// `+ shift[channel]` alone (a convolution's bias), read from a `[C]` tensor.
+    pub(crate) fn shift(shift: &Tensor) -> Result<Self> {
+        Ok(Self {
+            shift: shift
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?,
+            max: None,
+            smooth: None,
+        })
+    }
+
     /// The epilogue on a whole `[N, C, H, W]` output in candle ops (devices without the kernel).
     pub(super) fn apply_composed(&self, y: &Tensor) -> Result<Tensor> {
         let c = self.shift.len();

@@ -10,8 +10,8 @@
 //!   zeroed chunk by chunk where they are used, work on the pool, in the caller's autocast scope);
 //! - `common`: what the ops share: dtype checks and dispatch macros, a convolution's geometry and
 //!   inference epilogue, the GEMM helpers;
-//! - the ops: `activation` ([`relu`], [`relu6`], [`add_relu`], [`silu`], [`hard_swish`], [`hard_sigmoid`]: one-pass
-//!   forward and backward),
+//! - the ops: `activation` ([`relu`], [`relu6`], [`add_relu`], [`silu`], [`hard_swish`], [`hard_sigmoid`], [`gelu`]:
+//!   one-pass forward and backward), `norm` ([`layer_norm`] over any dimension, [`softmax_last_dim`]),
 //!   `bn_train` (training-mode BatchNorm with a hand-written backward and a fused ReLU / ReLU6), `pool`
 //!   ([`max_pool2d`] with padding and PyTorch's tie rule), `depthwise` ([`depthwise_conv2d`]), and the
 //!   dense convolution algorithms `im2col`, `shifted` (shifted GEMMs) and `winograd` (F(2x2, 3x3)); `linear`
@@ -37,6 +37,7 @@ mod bn_train;
 mod depthwise;
 mod im2col;
 mod linear;
+mod norm;
 mod pool;
 mod shifted;
 mod winograd;
@@ -47,10 +48,11 @@ pub mod conv;
 pub(crate) mod test_support;
 
 pub(crate) use activation::Smooth;
-pub use activation::{add_relu, hard_sigmoid, hard_swish, relu, relu6, silu};
+pub use activation::{add_relu, gelu, hard_sigmoid, hard_swish, relu, relu6, silu};
 pub(crate) use bn_train::{batch_norm_train, batch_stats};
 pub(crate) use common::Epilogue;
 pub use common::Padding2d;
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_padded};
 pub use linear::linear_product_autocast;
+pub use norm::{layer_norm, layer_norm_composed, softmax_last_dim};
 pub use pool::{max_pool2d, max_pool2d_composed};

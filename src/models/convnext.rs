@@ -21,10 +21,11 @@
 //! (global average pool and `head.norm`: this last group already returns `[N, C]` vectors, so freezing the
 //! whole backbone also freezes the norm the classifier reads, and the feature cache stays exact).
 
-use super::layers::{conv2d, drop_path, Conv2d, Conv2dConfig};
+use super::layers::{conv2d, drop_path, inference_epilogue_applies, Conv2d, Conv2dConfig};
 use super::{Backbone, Mode};
+use crate::kernels::conv::ConvPadding;
 use crate::{Error, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use candle_nn::init::Init;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -121,18 +122,23 @@ pub(super) fn layer_norm(dim: usize, vb: VarBuilder) -> Result<LayerNorm> {
 impl LayerNorm {
     /// Normalises each row of the last dimension of `x` (biased variance, as PyTorch).
     pub(super) fn forward_last(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let mean = x.mean_keepdim(D::Minus1)?;
-        let centred = x.broadcast_sub(&mean)?;
-        let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
-        let y = centred.broadcast_div(&(var + CONVNEXT_LN_EPS)?.sqrt()?)?;
-        Ok(y.broadcast_mul(&mode.weight(&self.weight))?
-            .broadcast_add(&mode.weight(&self.bias))?)
+        self.forward_dim(x, x.rank() - 1, mode)
     }
 
-    /// timm's `LayerNorm2d`: the norm over the channels of an `[N, C, H, W]` tensor.
+    /// timm's `LayerNorm2d`: the norm over the channels of an `[N, C, H, W]` tensor, computed in its
+    /// layout (no permute).
     fn forward_channels(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = self.forward_last(&x.permute((0, 2, 3, 1))?.contiguous()?, mode)?;
-        Ok(y.permute((0, 3, 1, 2))?.contiguous()?)
+        self.forward_dim(x, 1, mode)
+    }
+
+    fn forward_dim(&self, x: &Tensor, dim: usize, mode: Mode) -> Result<Tensor> {
+        Ok(crate::kernels::layer_norm(
+            x,
+            &mode.weight(&self.weight),
+            &mode.weight(&self.bias),
+            CONVNEXT_LN_EPS,
+            dim,
+        )?)
     }
 }
 
@@ -181,6 +187,38 @@ impl Dense {
         *out_dims.last_mut().expect("a dimension") = self.out;
         Ok(y.reshape(out_dims)?)
     }
+
+    /// The same map over the channels of `x` `[N, in, H, W]` (a 1x1 convolution, so the tensor stays
+    /// NCHW), its output scaled per channel by `scale` when given (ConvNeXt's layer scale, folded into the
+    /// weight and bias: `scale * (W x + b) = (scale W) x + scale b`, one pass fewer over the output).
+    /// With `gelu`, GELU follows (in inference, on the kernel's last pass over each output plane).
+    fn forward_channels(
+        &self,
+        x: &Tensor,
+        scale: Option<&Tensor>,
+        gelu: bool,
+        mode: Mode,
+    ) -> Result<Tensor> {
+        let mut w = mode
+            .weight(&self.weight)
+            .reshape((self.out, self.inp, 1, 1))?;
+        let mut b = mode.weight(&self.bias);
+        if let Some(g) = scale {
+            w = w.broadcast_mul(&g.reshape((self.out, 1, 1, 1))?)?;
+            b = (b * g)?;
+        }
+        let pad = ConvPadding::Symmetric(0);
+        if inference_epilogue_applies(x, mode) {
+            let mut e = crate::kernels::Epilogue::shift(&b)?;
+            e.smooth = gelu.then_some(crate::kernels::Smooth::Gelu);
+            if let Some(y) = crate::kernels::conv::conv2d_shift_clamp(x, &w, pad, 1, 1, e)? {
+                return Ok(y);
+            }
+        }
+        let y = crate::kernels::conv::conv2d(x, &w, pad, 1, 1)?
+            .broadcast_add(&b.reshape((1, self.out, 1, 1))?)?;
+        Ok(if gelu { crate::kernels::gelu(&y)? } else { y })
+    }
 }
 
 /// One ConvNeXt block: `x + drop_path(gamma * fc2(gelu(fc1(norm(dwconv7(x))))))`.
@@ -213,13 +251,13 @@ impl Block {
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        // All in NCHW: the norm over channels in place, the MLP as 1x1 convolutions, the layer scale
+        // folded into fc2 (timm permutes to channels-last and back around the norm and the MLP).
         let h = self.conv_dw.forward(x, mode)?;
-        let h = h.permute((0, 2, 3, 1))?.contiguous()?;
-        let h = self.norm.forward_last(&h, mode)?;
-        let h = self.fc1.forward(&h, mode)?.gelu_erf()?;
-        let h = self.fc2.forward(&h, mode)?;
-        let h = h.broadcast_mul(&mode.weight(&self.gamma))?;
-        let mut h = h.permute((0, 3, 1, 2))?.contiguous()?;
+        let h = self.norm.forward_channels(&h, mode)?;
+        let h = self.fc1.forward_channels(&h, None, true, mode)?;
+        let gamma = mode.weight(&self.gamma);
+        let mut h = self.fc2.forward_channels(&h, Some(&gamma), false, mode)?;
         if mode.is_train() && self.drop_path > 0. {
             h = drop_path(&h, self.drop_path)?;
         }

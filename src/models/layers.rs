@@ -130,7 +130,15 @@ impl Conv2d {
 
     /// Convolves `x` (`[N, in, H, W]`) into `[N, out, H', W']`.
     pub fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let y = self.convolve(x, &mode.weight(&self.weight))?;
+        let w = mode.weight(&self.weight);
+        if let (Some(b), true) = (&self.bias, inference_epilogue_applies(x, mode)) {
+            // The bias rides on the kernel's last pass over each output plane.
+            let e = Epilogue::shift(b)?;
+            if let Some(y) = self.convolve_with_epilogue(x, &w, e)? {
+                return Ok(y);
+            }
+        }
+        let y = self.convolve(x, &w)?;
         match &self.bias {
             None => Ok(y),
             Some(b) => {
@@ -216,9 +224,7 @@ pub fn conv_bn_act(
     if let Some(b) = &conv.bias {
         shift = (shift + mode.weight(b).mul(&scale)?)?;
     }
-    // (Only where a kernel of ours runs: elsewhere reading the shift would be a device-to-host copy for
-    // nothing.)
-    if mode == Mode::Frozen && !x.track_op() && custom_kernels_on(x.device()) {
+    if inference_epilogue_applies(x, mode) {
         // Nothing needs a gradient: the shift and the activation ride on the convolution's last pass.
         let e = Epilogue {
             shift: shift.to_dtype(DType::F64)?.to_vec1::<f64>()?,
@@ -234,6 +240,13 @@ pub fn conv_bn_act(
             .convolve(x, &w)?
             .broadcast_add(&shift.reshape((1, c, 1, 1))?)?,
     )
+}
+
+/// Whether a convolution of `x` in `mode` can leave its per-channel shift and activation to the kernel's
+/// inference epilogue: nothing needs a gradient (a frozen layer on an input that records none), and a
+/// kernel of ours runs it (elsewhere reading the shift would be a device-to-host copy for nothing).
+pub(crate) fn inference_epilogue_applies(x: &Tensor, mode: Mode) -> bool {
+    mode == Mode::Frozen && !x.track_op() && custom_kernels_on(x.device())
 }
 
 /// An activation that can follow a BatchNorm (and be fused into its training kernel).

@@ -35,7 +35,7 @@ use super::convnext::{dense, layer_norm, Dense, LayerNorm};
 use super::layers::{conv2d, drop_path, Conv2d, Conv2dConfig};
 use super::{Backbone, Mode};
 use crate::{Error, Result};
-use candle_core::{Tensor, D};
+use candle_core::Tensor;
 use candle_nn::init::Init;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
@@ -241,7 +241,7 @@ impl Attention {
         let part = |i: usize| -> Result<Tensor> { Ok(qkv.get(i)?.contiguous()?) };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
         let scores = (q.matmul(&k.t()?.contiguous()?)? * (hd as f64).powf(-0.5))?;
-        let attn = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let attn = crate::kernels::softmax_last_dim(&scores)?;
         let y = attn
             .matmul(&v)?
             .transpose(1, 2)?
@@ -298,7 +298,7 @@ impl Block {
         let h = self
             .fc1
             .forward(&self.norm2.forward_last(&x, mode)?, mode)?;
-        let h = self.fc2.forward(&h.gelu_erf()?, mode)?;
+        let h = self.fc2.forward(&crate::kernels::gelu(&h)?, mode)?;
         self.residual(&x, h, mode)
     }
 }
