@@ -54,5 +54,5 @@ pub(crate) use common::Epilogue;
 pub use common::Padding2d;
 pub use depthwise::{depthwise_conv2d, depthwise_conv2d_padded};
 pub use linear::linear_product_autocast;
-pub use norm::{layer_norm, layer_norm_composed, softmax_last_dim};
+pub use norm::{add_bias, layer_norm, layer_norm_composed, softmax_last_dim};
 pub use pool::{max_pool2d, max_pool2d_composed};

@@ -182,7 +182,7 @@ impl Dense {
             Some(y) => y,
             None => x.matmul(&w.t()?)?,
         };
-        let y = y.broadcast_add(&mode.weight(&self.bias))?;
+        let y = crate::kernels::add_bias(&y, &mode.weight(&self.bias), 1)?;
         let mut out_dims = dims;
         *out_dims.last_mut().expect("a dimension") = self.out;
         Ok(y.reshape(out_dims)?)
@@ -215,8 +215,7 @@ impl Dense {
                 return Ok(y);
             }
         }
-        let y = crate::kernels::conv::conv2d(x, &w, pad, 1, 1)?
-            .broadcast_add(&b.reshape((1, self.out, 1, 1))?)?;
+        let y = crate::kernels::add_bias(&crate::kernels::conv::conv2d(x, &w, pad, 1, 1)?, &b, 1)?;
         Ok(if gelu { crate::kernels::gelu(&y)? } else { y })
     }
 }

@@ -141,10 +141,7 @@ impl Conv2d {
         let y = self.convolve(x, &w)?;
         match &self.bias {
             None => Ok(y),
-            Some(b) => {
-                let b = mode.weight(b).reshape((1, (), 1, 1))?;
-                Ok(y.broadcast_add(&b)?)
-            }
+            Some(b) => Ok(kernels::add_bias(&y, &mode.weight(b), 1)?),
         }
     }
 
@@ -235,11 +232,7 @@ pub fn conv_bn_act(
             return Ok(y);
         }
     }
-    act.apply(
-        &conv
-            .convolve(x, &w)?
-            .broadcast_add(&shift.reshape((1, c, 1, 1))?)?,
-    )
+    act.apply(&kernels::add_bias(&conv.convolve(x, &w)?, &shift, 1)?)
 }
 
 /// Whether a convolution of `x` in `mode` can leave its per-channel shift and activation to the kernel's
@@ -502,7 +495,7 @@ impl Linear {
             Some(y) => y,
             None => x.matmul(&w.t()?)?,
         };
-        Ok(y.broadcast_add(&b)?)
+        Ok(kernels::add_bias(&y, &b, 1)?)
     }
 
     pub fn in_features(&self) -> usize {
