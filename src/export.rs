@@ -271,6 +271,7 @@ mod tests {
             classes: vec!["a".into(), "b".into(), "c".into()],
             preprocess: Preprocess::imagenet(32),
             bn_folded: false,
+            drop_path: 0.0,
         };
         Classifier::new(spec, &Device::Cpu).unwrap()
     }

@@ -430,3 +430,83 @@ fn finetune_export_predict_with(base: &str, extra: &[&str]) {
         "{base}: {pred}"
     );
 }
+
+/// `--drop-path`: the masks are seeded (two runs from the same weights agree, and a run stopped after
+/// one epoch and resumed ends where the uninterrupted one does), they act (a run without them trains
+/// otherwise), and an architecture without stochastic depth refuses the flag by name.
+#[test]
+fn drop_path_is_seeded_resumes_exactly_and_is_refused_where_there_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    common::make_folder(&data, &["red", "green"], 4);
+    // One random initialisation for every run (`--random-init` draws unseeded).
+    let file = dir.path().join("atto.safetensors");
+    let varmap = VarMap::new();
+    build_backbone(
+        "convnext_atto",
+        VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+    )
+    .unwrap();
+    varmap.save(&file).unwrap();
+    let run_with = |name: &str, extra: &[&str]| {
+        let run = dir.path().join(name);
+        let mut args = vec![
+            "finetune",
+            "--base",
+            "convnext_atto",
+            "--weights",
+            file.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--image-size",
+            "32",
+            "--crop-pct",
+            "1",
+            "--freeze-epochs",
+            "0",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "4",
+            "--lr",
+            "0.01",
+            "--run-dir",
+            run.to_str().unwrap(),
+            "--quiet",
+        ];
+        args.extend_from_slice(extra);
+        common::graft_ok(&args);
+        run
+    };
+    let a = run_with("a", &["--drop-path", "0.5"]);
+    let b = run_with("b", &["--drop-path", "0.5"]);
+    let off = run_with("off", &[]);
+    let split = run_with("split", &["--drop-path", "0.5", "--stop-after", "1"]);
+    common::graft_ok(&["finetune", "--resume", split.to_str().unwrap(), "--quiet"]);
+    let m = common::metrics_without_timing;
+    assert_eq!(m(&a), m(&b));
+    assert_eq!(m(&a), m(&split));
+    assert_ne!(m(&a)[0]["train_loss"], m(&off)[0]["train_loss"]);
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["drop_path"], 0.5);
+    let err = common::graft_err(
+        &[
+            "finetune",
+            "--base",
+            "resnet18",
+            "--random-init",
+            "--data",
+            data.to_str().unwrap(),
+            "--drop-path",
+            "0.1",
+            "--run-dir",
+            dir.path().join("r").to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        err.contains("--drop-path") && err.contains("resnet18"),
+        "{err}"
+    );
+}

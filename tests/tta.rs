@@ -45,6 +45,7 @@ fn write_export(path: &Path) {
         classes: vec!["a".into(), "b".into(), "c".into()],
         preprocess: preprocess(0.875),
         bn_folded: false,
+        drop_path: 0.0,
     };
     let model = Classifier::new(spec.clone(), &Device::Cpu).unwrap();
     let tensors: HashMap<String, Tensor> = {

@@ -51,6 +51,11 @@ pub struct FinetuneArgs {
     /// above.
     #[arg(long)]
     pub layer_decay: Option<f64>,
+    /// Stochastic depth (timm's `--drop-path`, e.g. 0.1): the last block's residual branch is dropped
+    /// for a sample with this probability in training, earlier blocks' linearly less (ConvNeXt,
+    /// EfficientNet-B, MobileNetV3, ViT/DeiT). Default 0.
+    #[arg(long, value_name = "RATE")]
+    pub drop_path: Option<f32>,
     #[command(flatten)]
     pub train: TrainArgs,
     /// Hidden layer width of the head (default: a single linear layer).
@@ -185,6 +190,7 @@ pub fn config_from_args(args: &FinetuneArgs) -> anyhow::Result<FinetuneConfig> {
     if args.layer_decay.is_some() {
         cfg.layer_decay = args.layer_decay;
     }
+    set(&mut cfg.drop_path, args.drop_path);
     set(&mut cfg.label_smoothing, args.label_smoothing);
     set(&mut cfg.mixup, args.mixup);
     set(&mut cfg.cutmix, args.cutmix);

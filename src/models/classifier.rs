@@ -8,7 +8,7 @@
 use crate::data::Preprocess;
 use crate::formats::weights::{self, LoadReport, WeightFile};
 use crate::models::head::{Head, HeadConfig};
-use crate::models::{build_backbone, Backbone, Mode};
+use crate::models::{build_backbone_with_drop_path, Backbone, Mode};
 use crate::Result;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -33,6 +33,13 @@ pub struct ClassifierSpec {
     /// filters plus a bias, no BatchNorm tensors); see [`crate::export::fold_batch_norm`].
     #[serde(default)]
     pub bn_folded: bool,
+    /// Stochastic depth in training (`--drop-path`; 0: off, and not written).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub drop_path: f32,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 /// A backbone plus a new head, with all their variables in one `VarMap`.
@@ -51,7 +58,7 @@ impl Classifier {
     pub fn new(spec: ClassifierSpec, device: &Device) -> Result<Self> {
         let varmap = VarMap::new();
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, device);
-        let backbone = build_backbone(&spec.arch, vb.clone())?;
+        let backbone = build_backbone_with_drop_path(&spec.arch, spec.drop_path, vb.clone())?;
         let head = Head::new(
             &spec.head,
             backbone.feature_dim(),

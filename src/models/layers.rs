@@ -521,12 +521,42 @@ pub fn global_avg_pool(x: &Tensor) -> Result<Tensor> {
     Ok((x.reshape((n, c, h * w))?.sum(D::Minus1)? / (h * w) as f64)?)
 }
 
+thread_local! {
+    /// The stream of [`seeded_drop_path`]'s scope on this thread: its seed and the masks drawn so far.
+    static DROP_PATH_STREAM: std::cell::Cell<Option<(u64, u64)>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with every [`drop_path`] inside drawing its mask from a generator seeded by `seed` and the
+/// call's position in the scope (the k-th drop path of a forward gets stream k), so a training step's
+/// masks are a function of `seed` alone: a run is reproducible and a resumed run draws what the
+/// uninterrupted one drew. (candle's `Tensor::rand`, used outside a scope, is unseeded.) The forward must
+/// run on this thread, as a training step does inside `on_pool`.
+pub fn seeded_drop_path<R>(seed: u64, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<(u64, u64)>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DROP_PATH_STREAM.with(|s| s.set(self.0));
+        }
+    }
+    let _restore = Restore(DROP_PATH_STREAM.with(|s| s.replace(Some((seed, 0)))));
+    f()
+}
+
 /// Zeroes whole samples of `x` with probability `rate` and scales the rest by `1 / (1 - rate)` (timm's
-/// `drop_path`, `scale_by_keep`): stochastic depth on a residual branch, in training only.
+/// `drop_path`, `scale_by_keep`): stochastic depth on a residual branch, in training only. Seeded inside
+/// [`seeded_drop_path`].
 pub fn drop_path(x: &Tensor, rate: f32) -> Result<Tensor> {
     let n = x.dim(0)?;
     let keep = 1.0 - rate as f64;
-    let u = Tensor::rand(0f32, 1f32, n, x.device())?;
+    let u = match DROP_PATH_STREAM.with(|s| s.get()) {
+        Some((seed, k)) => {
+            DROP_PATH_STREAM.with(|s| s.set(Some((seed, k + 1))));
+            let mut rng = crate::rng::seeded(crate::rng::mix(seed ^ crate::rng::mix(k)));
+            let u: Vec<f32> = (0..n).map(|_| rand::Rng::random::<f32>(&mut rng)).collect();
+            Tensor::from_vec(u, n, x.device())?
+        }
+        None => Tensor::rand(0f32, 1f32, n, x.device())?,
+    };
     let mask = (u.lt(keep)?.to_dtype(x.dtype())? / keep)?;
     let mut shape = vec![n];
     shape.resize(x.rank(), 1);

@@ -146,19 +146,42 @@ pub fn parameter_count(arch: &str, num_classes: usize) -> Result<usize> {
 /// Builds the backbone of architecture `arch` (as named in model cards, or an encoder arch string such as
 /// `dense:784,300,150`, see [`encoder::EncoderConfig::parse`]) from a scoped builder.
 pub fn build_backbone(arch: &str, vb: candle_nn::VarBuilder) -> Result<Box<dyn Backbone>> {
+    build_backbone_with_drop_path(arch, 0.0, vb)
+}
+
+/// [`build_backbone`] with stochastic depth `drop_path` (timm's `drop_path_rate`: the last block's rate,
+/// rising linearly from 0 at the first) where the architecture has it (ConvNeXt, EfficientNet-B,
+/// MobileNetV3, ViT/DeiT); a positive rate for any other is an error naming it.
+pub fn build_backbone_with_drop_path(
+    arch: &str,
+    drop_path: f32,
+    vb: candle_nn::VarBuilder,
+) -> Result<Box<dyn Backbone>> {
+    let stochastic = arch.starts_with("convnext_")
+        || vit::VitConfig::is_arch(arch)
+        || effnet::EffNetConfig::is_arch(arch);
+    if drop_path != 0.0 && !stochastic {
+        return Err(crate::Error::config(
+            "--drop-path",
+            format!("`{arch}` has no stochastic depth (ConvNeXt, EfficientNet-B, MobileNetV3 and ViT/DeiT have)"),
+        ));
+    }
     if encoder::EncoderConfig::is_encoder_arch(arch) {
         encoder::EncoderConfig::parse(arch)?.build(vb)
     } else if arch.starts_with("resnet") {
         let cfg = resnet::ResNetConfig::from_arch(arch)?;
         Ok(Box::new(resnet::ResNet::new(cfg, vb)?))
     } else if arch.starts_with("convnext_") {
-        let cfg = convnext::ConvNextConfig::from_arch(arch)?;
+        let mut cfg = convnext::ConvNextConfig::from_arch(arch)?;
+        cfg.drop_path = drop_path;
         Ok(Box::new(convnext::ConvNext::new(cfg, vb)?))
     } else if vit::VitConfig::is_arch(arch) {
-        let cfg = vit::VitConfig::from_arch(arch)?;
+        let mut cfg = vit::VitConfig::from_arch(arch)?;
+        cfg.drop_path = drop_path;
         Ok(Box::new(vit::Vit::new(cfg, vb)?))
     } else if effnet::EffNetConfig::is_arch(arch) {
-        let cfg = effnet::EffNetConfig::from_arch(arch)?;
+        let mut cfg = effnet::EffNetConfig::from_arch(arch)?;
+        cfg.drop_path = drop_path;
         Ok(Box::new(effnet::EffNet::new(cfg, vb)?))
     } else if arch.starts_with("efficientnet_lite") {
         let cfg = efficientnet::EfficientNetLiteConfig::from_arch(arch)?;

@@ -134,6 +134,9 @@ pub struct FinetuneConfig {
     /// each layer below at `layer_decay` times the one above (a ViT's blocks one by one, other backbones
     /// group by group; see [`crate::models::Backbone::decay_layer`]). `None`: off.
     pub layer_decay: Option<f64>,
+    /// Stochastic depth of the backbone in training (timm's `drop_path_rate`: the last block's rate,
+    /// rising linearly from 0 at the first); masks seeded by (seed, epoch, batch). 0: off.
+    pub drop_path: f32,
     pub optimizer: OptimizerConfig,
     pub schedule: ScheduleKind,
     pub clip_grad_norm: Option<f64>,
@@ -206,6 +209,7 @@ impl Default for FinetuneConfig {
             lr_found: None,
             lr_mult: 1.0,
             layer_decay: None,
+            drop_path: 0.0,
             optimizer: OptimizerConfig::from_kind("adamw").expect("adamw is a kind"),
             schedule: ScheduleKind::Onecycle,
             clip_grad_norm: None,
@@ -305,6 +309,12 @@ pub fn validate(cfg: &FinetuneConfig) -> Result<()> {
         return Err(Error::config(
             "--lr-mult",
             format!("must be at least 1, got {}", cfg.lr_mult),
+        ));
+    }
+    if !(0.0..1.0).contains(&cfg.drop_path) {
+        return Err(Error::config(
+            "--drop-path",
+            format!("must be in [0, 1), got {}", cfg.drop_path),
         ));
     }
     if let Some(d) = cfg.layer_decay {
@@ -441,6 +451,7 @@ pub fn classifier_spec(
         classes,
         preprocess: preprocess_for(cfg, base)?,
         bn_folded: false,
+        drop_path: cfg.drop_path,
     })
 }
 

@@ -39,6 +39,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// Mixed into the seed for stochastic depth's masks, so they are not the mixing's draws.
+const DROP_PATH_STREAM: u64 = 0xD809_9A7B;
+
 /// What a finished run reports.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Outcome {
@@ -603,10 +606,15 @@ impl Task for Session {
             _ => Mixing::None,
         };
         let x = mixing.images(&b.x)?;
-        let logits = match b.level {
-            Some(level) => self.model.forward_from(&x, level, Mode::Train)?,
-            None => self.model.forward(&x, Mode::Train, self.frozen)?,
-        };
+        // Stochastic depth's masks: a function of (seed, epoch, batch), as the mixing's.
+        let stream = crate::rng::mix(
+            crate::rng::mix(crate::rng::mix(self.cfg.seed ^ DROP_PATH_STREAM) ^ at.epoch as u64)
+                ^ at.batch as u64,
+        );
+        let logits = crate::models::layers::seeded_drop_path(stream, || match b.level {
+            Some(level) => self.model.forward_from(&x, level, Mode::Train),
+            None => self.model.forward(&x, Mode::Train, self.frozen),
+        })?;
         let loss = mixing.loss(&b.labels, |labels| {
             cross_entropy(
                 &logits,
