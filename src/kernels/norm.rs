@@ -568,7 +568,8 @@ fn softmax_row<T: WithDType>(x: &[T], y: &mut [T]) {
     }
     let inv = T::from_f64(1. / lanes(y, |v| v.to_f64()));
     for o in y.iter_mut() {
-        *o = *o * inv;
+        let v = *o;
+        *o = v * inv;
     }
 }
 
