@@ -62,7 +62,11 @@ const LANES: usize = 8;
 /// sums added at the end. The order differs from a sequential sum only in f64 rounding, which is far
 /// below the f32 values summed.
 #[inline(always)]
-fn lane_sums<A: Copy, B: Copy>(a: &[A], b: &[B], f: impl Fn(A, B) -> (f64, f64)) -> (f64, f64) {
+pub(super) fn lane_sums<A: Copy, B: Copy>(
+    a: &[A],
+    b: &[B],
+    f: impl Fn(A, B) -> (f64, f64),
+) -> (f64, f64) {
     let (mut s0, mut s1) = ([0f64; LANES], [0f64; LANES]);
     let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let (ra, rb) = (ca.remainder(), cb.remainder());

@@ -14,6 +14,7 @@
 //! x̂ * mean(g x̂))` with `g = dy * w`, `dw = Σ dy x̂`, `db = Σ dy`; softmax `y = exp(x - max) / Σ`,
 //! `dx = y * (dy - Σ dy y)`.
 
+use super::bn_train::lane_sums;
 use super::common::{dispatch1, dispatch2, dispatch3};
 use crate::device::custom_kernels_on;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Shape, Tensor, WithDType};
@@ -238,21 +239,10 @@ fn row_stats<T: WithDType>(x: &[T], eps: f64) -> (f64, f64) {
     (mean, 1. / (var + eps).sqrt())
 }
 
-/// `Σ f(v)` over `x` in eight interleaved f64 partial sums (so the loop vectorises).
+/// `Σ f(v)` over `x` in [`lane_sums`]' interleaved f64 partial sums (so the loop vectorises).
 #[inline(always)]
 fn lanes<T: Copy>(x: &[T], f: impl Fn(T) -> f64) -> f64 {
-    let mut s = [0f64; 8];
-    let chunks = x.chunks_exact(8);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for j in 0..8 {
-            s[j] += f(c[j]);
-        }
-    }
-    for &v in rest {
-        s[0] += f(v);
-    }
-    s.iter().sum()
+    lane_sums(x, x, |v, _| (f(v), 0.)).0
 }
 
 /// Means and `1 / sqrt(var + eps)` of the `n <= BLOCK` columns starting at `p0` of one `[C, inner]`
@@ -516,8 +506,9 @@ fn column_grad<T: WithDType>(
             sg[j] += g * wc;
             sgx[j] += g * wc * xh;
         }
-        dw[ch] += lanes(&dwl[..n], |v| v);
-        db[ch] += lanes(&dbl[..n], |v| v);
+        let (sw, sb) = lane_sums(&dwl[..n], &dbl[..n], |a, b| (a, b));
+        dw[ch] += sw;
+        db[ch] += sb;
     }
     let cf = c as f64;
     for ch in 0..c {
