@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Optuna's samplers on the same functions, spaces and seeds as examples/search_bench.rs, same JSON lines.
 
-usage: search-bench-optuna.py --function branin|hartmann6|mixed --sampler gp|tpe|random [--trials N] [--seeds 20]
+usage: search-bench-optuna.py --function branin|hartmann6|mixed --sampler gp|tpe|random [--trials N] [--seeds 20] [--first-seed 0]
 """
 import argparse
 import json
@@ -48,10 +48,11 @@ def main():
     ap.add_argument("--sampler", default="gp")
     ap.add_argument("--trials", type=int)
     ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--first-seed", type=int, default=0)
     a = ap.parse_args()
     f = {"branin": branin, "hartmann6": hartmann6, "mixed": mixed}[a.function]
     trials = a.trials or (50 if a.function == "hartmann6" else 30)
-    for seed in range(a.seeds):
+    for seed in range(a.first_seed, a.first_seed + a.seeds):
         sampler = {
             "gp": lambda: optuna.samplers.GPSampler(seed=seed),
             "tpe": lambda: optuna.samplers.TPESampler(seed=seed),

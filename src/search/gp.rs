@@ -78,34 +78,35 @@ pub struct Hyper {
 const MIN_LOG_NOISE: f64 = -13.8; // ~1e-6
 
 impl Hyper {
-    /// The prior's centre for `d` inputs: length scale `√2·√d`-ish (as BoTorch's dimension-scaled
-    /// log-normal prior), unit signal, small noise.
-    pub fn prior_mode(d: usize) -> Hyper {
-        let mut p = vec![Self::ls_prior_mean(d); d];
-        p.push(0.0);
-        p.push((1e-3f64).ln());
-        Hyper { log_params: p }
+    /// Where a fit starts without a previous one (Optuna's default): unit length scales, unit signal
+    /// variance, unit noise.
+    pub fn initial(d: usize) -> Hyper {
+        Hyper {
+            log_params: vec![0.0; d + 2],
+        }
     }
 
-    fn ls_prior_mean(d: usize) -> f64 {
-        std::f64::consts::SQRT_2 + 0.5 * (d as f64).ln() - 1.0
-    }
-
-    /// Negative log prior and its gradient (Gaussian priors on the log-parameters).
+    /// Negative log prior and its gradient, Optuna's GPSampler priors (on standardised outputs and
+    /// inputs in the unit cube): `0.1/λ + 0.1 λ` on each inverse squared length scale `λ = 1/l²` (most
+    /// likely at `l = 1`, and punishing very short and very long scales alike), Gamma(2, 1) on the signal
+    /// variance and Gamma(1.1, 30) on the noise variance. On Hartmann-6 these found the global basin in
+    /// 21 of 40 seeds where log-normal priors centred on dimension-scaled length scales found it in 4.
     fn neg_log_prior(&self, d: usize, grad: &mut [f64]) -> f64 {
         let mut v = 0.0;
-        let ls_mean = Self::ls_prior_mean(d);
-        // (mean, variance) of each log-parameter's normal prior.
         for (i, &x) in self.log_params.iter().enumerate() {
-            let (m, var) = if i < d {
-                (ls_mean, 3.0)
+            if i < d {
+                let isl = (-2.0 * x).exp();
+                v += 0.1 / isl + 0.1 * isl;
+                grad[i] += 0.2 / isl - 0.2 * isl;
             } else if i == d {
-                (0.0, 4.0)
+                // -log Gamma(2, 1) density: -ln s + s.
+                v += -x + x.exp();
+                grad[i] += -1.0 + x.exp();
             } else {
-                ((1e-3f64).ln(), 9.0)
-            };
-            v += 0.5 * (x - m).powi(2) / var;
-            grad[i] += (x - m) / var;
+                // -log Gamma(1.1, 30) density: -0.1 ln n + 30 n.
+                v += -0.1 * x + 30.0 * x.exp();
+                grad[i] += -0.1 + 30.0 * x.exp();
+            }
         }
         v
     }
@@ -195,8 +196,17 @@ fn objective(x: &[Vec<f64>], y: &[f64], h: &Hyper) -> Option<(f64, Vec<f64>)> {
 /// An objective with its gradient; `None` where it cannot be evaluated.
 type Objective<'a> = dyn Fn(&[f64]) -> Option<(f64, Vec<f64>)> + 'a;
 
-/// Minimises `f` from `x0` with L-BFGS (memory 8) and a backtracking Armijo line search.
-fn lbfgs(f: &Objective<'_>, x0: Vec<f64>, iters: usize) -> (Vec<f64>, f64) {
+/// Minimises `f` from `x0` inside the box `bounds` (one `(low, high)` per coordinate) with L-BFGS
+/// (memory 8) and a backtracking Armijo line search on the projected path, until the gradient's norm is
+/// below `gtol`; a direction component that points out of the box from a coordinate on its bound is
+/// dropped.
+pub(crate) fn lbfgs(
+    f: &Objective<'_>,
+    x0: Vec<f64>,
+    bounds: &[(f64, f64)],
+    iters: usize,
+    gtol: f64,
+) -> (Vec<f64>, f64) {
     let Some((mut fx, mut g)) = f(&x0) else {
         return (x0, f64::INFINITY);
     };
@@ -222,12 +232,24 @@ fn lbfgs(f: &Objective<'_>, x0: Vec<f64>, iters: usize) -> (Vec<f64>, f64) {
             let b = rho * dot(y, &q);
             q.iter_mut().zip(s).for_each(|(qi, si)| *qi += (a - b) * si);
         }
+        let project = |dir: &mut Vec<f64>| {
+            for ((di, xi), (lo, hi)) in dir.iter_mut().zip(&x).zip(bounds) {
+                if (*xi <= *lo && *di < 0.0) || (*xi >= *hi && *di > 0.0) {
+                    *di = 0.0;
+                }
+            }
+        };
         let mut dir: Vec<f64> = q.iter().map(|v| -v).collect();
+        project(&mut dir);
         let mut slope = dot(&dir, &g);
         if slope >= 0.0 {
             hist.clear();
             dir = g.iter().map(|v| -v).collect();
-            slope = -dot(&g, &g);
+            project(&mut dir);
+            slope = dot(&dir, &g);
+            if slope >= 0.0 {
+                break;
+            }
         }
         let mut step = 1.0;
         let mut accepted = None;
@@ -235,7 +257,8 @@ fn lbfgs(f: &Objective<'_>, x0: Vec<f64>, iters: usize) -> (Vec<f64>, f64) {
             let xn: Vec<f64> = x
                 .iter()
                 .zip(&dir)
-                .map(|(a, b)| (a + step * b).clamp(-15.0, 10.0))
+                .zip(bounds)
+                .map(|((a, b), (lo, hi))| (a + step * b).clamp(*lo, *hi))
                 .collect();
             if let Some((fn_, gn)) = f(&xn) {
                 if fn_ <= fx + 1e-4 * step * slope {
@@ -259,7 +282,7 @@ fn lbfgs(f: &Objective<'_>, x0: Vec<f64>, iters: usize) -> (Vec<f64>, f64) {
                 hist.remove(0);
             }
         }
-        if done || dot(&g, &g).sqrt() < 1e-6 {
+        if done || dot(&g, &g).sqrt() < gtol {
             break;
         }
     }
@@ -267,8 +290,11 @@ fn lbfgs(f: &Objective<'_>, x0: Vec<f64>, iters: usize) -> (Vec<f64>, f64) {
 }
 
 impl Gp {
-    /// Fits hyperparameters to `(x, y)` (y standardised) from the prior's mode, `warm` (e.g. the last
-    /// fit) and `restarts` random starts, keeping the best optimum.
+    /// Fits hyperparameters to `(x, y)` (y standardised) by L-BFGS from `warm` (the last fit, so the
+    /// hyperparameters move smoothly from trial to trial, as Optuna's GPSampler does) or [`Hyper::initial`],
+    /// plus `restarts` random starts around it, keeping the best optimum. The gradient tolerance is
+    /// Optuna's 1e-2: a loose fit that stays near the warm start measured better on Hartmann-6 (21 of 40
+    /// seeds in the global basin) than the best of several tight ones (16 of 40).
     pub fn fit(
         x: Vec<Vec<f64>>,
         y: Vec<f64>,
@@ -277,12 +303,13 @@ impl Gp {
         rng: &mut impl Rng,
     ) -> Gp {
         let d = x[0].len();
-        let mut starts = vec![Hyper::prior_mode(d)];
-        if let Some(w) = warm.filter(|w| w.log_params.len() == d + 2) {
-            starts.push(w.clone());
-        }
+        let first = warm
+            .filter(|w| w.log_params.len() == d + 2)
+            .cloned()
+            .unwrap_or_else(|| Hyper::initial(d));
+        let mut starts = vec![first.clone()];
         for _ in 0..restarts {
-            let mut h = Hyper::prior_mode(d);
+            let mut h = first.clone();
             for (i, v) in h.log_params.iter_mut().enumerate() {
                 *v += rng.random_range(-1.5..1.5) * if i == d + 1 { 2.0 } else { 1.0 };
             }
@@ -297,9 +324,10 @@ impl Gp {
                 },
             )
         };
-        let mut best = (Hyper::prior_mode(d), f64::INFINITY);
+        let mut best = (first, f64::INFINITY);
+        let bounds = vec![(-15.0, 10.0); d + 2];
         for s in starts {
-            let (p, v) = lbfgs(&f, s.log_params, 100);
+            let (p, v) = lbfgs(&f, s.log_params, &bounds, 100, 1e-2);
             if v < best.1 {
                 best = (Hyper { log_params: p }, v);
             }
@@ -345,6 +373,52 @@ impl Gp {
             }
             hyper.log_params[d + 1] = hyper.log_params[d + 1].max(MIN_LOG_NOISE) + 2.0;
         }
+    }
+
+    /// The fitted length scale of each input.
+    pub fn length_scales(&self) -> Vec<f64> {
+        self.inv_ls2.iter().map(|w| w.sqrt().recip()).collect()
+    }
+
+    /// Posterior mean and variance at `q`, each with its gradient with respect to `q`: with
+    /// `k_i = s m(r²_i)`, `∂k_i/∂q_t = 2 s m'(r²_i) (q_t - x_it) / l_t²`, the mean's gradient is
+    /// `Σ α_i ∂k_i` and the variance's `-2 Σ w_i ∂k_i` with `w = K⁻¹ k`.
+    pub fn predict_with_grad(&self, q: &[f64]) -> (f64, f64, Vec<f64>, Vec<f64>) {
+        let n = self.x.len();
+        let d = q.len();
+        let mut kq = Vec::with_capacity(n);
+        // dm/d(r²) of each training point: -½ of `matern52`'s derivative factor.
+        let mut dm = Vec::with_capacity(n);
+        for xi in &self.x {
+            let r2: f64 = xi
+                .iter()
+                .zip(q)
+                .zip(&self.inv_ls2)
+                .map(|((a, b), w)| (a - b).powi(2) * w)
+                .sum();
+            let (c, f) = matern52(r2);
+            kq.push(self.signal * c);
+            dm.push(-0.5 * self.signal * f);
+        }
+        let mean = kq.iter().zip(&self.alpha).map(|(a, b)| a * b).sum();
+        let mut v = kq.clone();
+        solve_lower(&self.chol, n, &mut v);
+        let raw_var = self.signal - v.iter().map(|t| t * t).sum::<f64>();
+        let mut w = v;
+        solve_upper_t(&self.chol, n, &mut w);
+        let mut dmean = vec![0.0; d];
+        let mut dvar = vec![0.0; d];
+        for i in 0..n {
+            for t in 0..d {
+                let dk = 2.0 * dm[i] * (q[t] - self.x[i][t]) * self.inv_ls2[t];
+                dmean[t] += self.alpha[i] * dk;
+                dvar[t] -= 2.0 * w[i] * dk;
+            }
+        }
+        if raw_var < 1e-12 {
+            dvar.iter_mut().for_each(|g| *g = 0.0);
+        }
+        (mean, raw_var.max(1e-12), dmean, dvar)
     }
 
     /// Posterior mean and variance (of the latent function, without noise) at `q`.
@@ -413,6 +487,28 @@ pub fn log_ei(mean: f64, var: f64, best: f64) -> f64 {
     sd.ln() + log_h
 }
 
+/// [`log_ei`] with its partial derivatives with respect to the mean and the variance: with
+/// `g = d log h / dz` (`Φ(z) / h(z)`, or the derivative of the asymptotic series in the far tail),
+/// `∂/∂mean = -g / sd` and `∂/∂var = (1 - g z) / (2 var)`.
+pub fn log_ei_with_grad(mean: f64, var: f64, best: f64) -> (f64, f64, f64) {
+    let sd = var.sqrt();
+    let z = (best - mean) / sd;
+    let g = if z > -6.0 {
+        let log_phi = -0.5 * z * z - 0.5 * (2.0 * std::f64::consts::PI).ln();
+        let h = (log_phi.exp() + z * norm_cdf(z)).max(1e-300);
+        norm_cdf(z) / h
+    } else {
+        let z2 = z * z;
+        let series = 1.0 - 3.0 / z2 + 15.0 / (z2 * z2);
+        -z - 2.0 / z + (6.0 / (z2 * z) - 60.0 / (z2 * z2 * z)) / series
+    };
+    (
+        log_ei(mean, var, best),
+        -g / sd,
+        (1.0 - g * z) / (2.0 * var),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -462,6 +558,57 @@ mod tests {
             "{:?}",
             gp.hyper
         );
+    }
+
+    #[test]
+    fn the_acquisition_gradient_matches_finite_differences() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+        let x: Vec<Vec<f64>> = (0..15)
+            .map(|_| vec![rng.random(), rng.random(), rng.random()])
+            .collect();
+        let y: Vec<f64> = x
+            .iter()
+            .map(|p| (4.0 * p[0]).sin() + p[1] - p[2] * p[2])
+            .collect();
+        let gp = Gp::fit(x, y, None, 1, &mut rng);
+        let f = |q: &[f64], best: f64| {
+            let (m, v) = gp.predict(q);
+            (m, v, log_ei(m, v, best))
+        };
+        for (q, best) in [
+            (vec![0.3, 0.6, 0.2], -0.5),
+            (vec![0.9, 0.1, 0.7], -1.5),
+            (vec![0.5, 0.5, 0.5], -8.0),
+        ] {
+            let (m, v, dm, dv) = gp.predict_with_grad(&q);
+            let (a, da_dm, da_dv) = log_ei_with_grad(m, v, best);
+            assert!((m - f(&q, best).0).abs() < 1e-12 && (a - f(&q, best).2).abs() < 1e-12);
+            for t in 0..3 {
+                let (mut hi, mut lo) = (q.clone(), q.clone());
+                hi[t] += 1e-6;
+                lo[t] -= 1e-6;
+                let (fh, fl) = (f(&hi, best), f(&lo, best));
+                let close = |fd: f64, an: f64| (fd - an).abs() < 1e-4 * (1.0 + fd.abs());
+                assert!(
+                    close((fh.0 - fl.0) / 2e-6, dm[t]),
+                    "mean {t}: {} {}",
+                    (fh.0 - fl.0) / 2e-6,
+                    dm[t]
+                );
+                assert!(
+                    close((fh.1 - fl.1) / 2e-6, dv[t]),
+                    "var {t}: {} {}",
+                    (fh.1 - fl.1) / 2e-6,
+                    dv[t]
+                );
+                let an = da_dm * dm[t] + da_dv * dv[t];
+                assert!(
+                    close((fh.2 - fl.2) / 2e-6, an),
+                    "log EI {t}: {} {an}",
+                    (fh.2 - fl.2) / 2e-6
+                );
+            }
+        }
     }
 
     #[test]

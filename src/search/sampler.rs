@@ -4,7 +4,7 @@
 //! own random stream `k` of the study seed, so the random sampler gives trial `k` the same parameters
 //! however many workers share the study and in whatever order they ask.
 
-use crate::search::gp::{log_ei, Gp, Hyper};
+use crate::search::gp::{lbfgs, log_ei, log_ei_with_grad, Gp, Hyper};
 use crate::search::space::{Domain, Params, Space};
 use crate::search::storage::{TrialRecord, TrialState};
 use crate::Result;
@@ -54,9 +54,10 @@ pub struct BayesConfig {
     pub startup_trials: usize,
     /// Quasi-random (shifted Halton) candidates at which log EI is evaluated.
     pub candidates: usize,
-    /// Candidates refined by local search (plus the best trial so far).
+    /// Local searches of log EI (besides one from the best trial so far): from the best candidate and
+    /// from others drawn with probability `∝ EI` (Optuna's roulette), so that several basins are tried.
     pub refine: usize,
-    /// Random restarts of the hyperparameter fit (besides the prior's mode and the previous optimum).
+    /// Random restarts of the hyperparameter fit besides the warm start from the previous fit.
     pub restarts: usize,
 }
 
@@ -65,8 +66,8 @@ impl Default for BayesConfig {
         BayesConfig {
             startup_trials: 10,
             candidates: 2048,
-            refine: 5,
-            restarts: 2,
+            refine: 9,
+            restarts: 0,
         }
     }
 }
@@ -320,68 +321,200 @@ impl Sampler for BayesSampler {
             }
             Gp::with_hyper(x, &y, fitted.hyper)
         };
-        let score = |u: &[f64]| -> (f64, Params) {
-            let p = space.from_unit(u);
-            let (m, v) = gp.predict(&features(space, &p));
-            (log_ei(m, v, best), p)
-        };
+        let acq = Acquisition::new(space, &gp, best);
         let d = space.params.len();
         let shift: Vec<f64> = (0..d).map(|_| rng.random()).collect();
-        let mut scored: Vec<(f64, Vec<f64>)> = (0..self.config.candidates as u64)
+        let scored: Vec<(f64, Vec<f64>)> = (0..self.config.candidates as u64)
             .map(|i| {
                 let u = halton(i, &shift);
-                (score(&u).0, u)
+                (acq.value(&u), u)
             })
             .collect();
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
-        scored.truncate(self.config.refine);
-        let best_trial = done
+        let mut starts = roulette_starts(&scored, self.config.refine, &mut rng);
+        if let Some(u) = done
             .iter()
             .zip(&y)
             .min_by(|a, b| a.1.total_cmp(b.1))
-            .map(|(t, _)| unit_coords(space, &t.params));
-        if let Some(u) = best_trial {
-            scored.push((score(&u).0, u));
+            .map(|(t, _)| unit_coords(space, &t.params))
+        {
+            starts.push(u);
         }
-        // Local refinement: a (1+1) search with a shrinking Gaussian step around each start; a choice
-        // coordinate jumps to a random value now and then.
-        let mut winner = scored[0].clone();
-        for (mut s, mut u) in scored {
-            let mut step = 0.1;
-            for _ in 0..80 {
-                let mut v = u.clone();
-                for (t, q) in space.params.iter().enumerate() {
-                    v[t] = match q.domain {
-                        Domain::Choice(_) => {
-                            if rng.random::<f64>() < 1.0 / d as f64 {
-                                rng.random()
-                            } else {
-                                v[t]
-                            }
+        let winner = starts
+            .into_iter()
+            .map(|u| acq.local_search(u))
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .map(|(_, u)| u)
+            .unwrap_or_else(|| scored[0].1.clone());
+        Ok(Some(space.from_unit(&winner)))
+    }
+}
+
+/// The starts of the local search, as Optuna's GPSampler picks them: the best candidate, then `n - 1`
+/// others drawn without replacement with probability `∝ exp(log EI)` (so mostly good ones, but from
+/// different basins).
+fn roulette_starts(scored: &[(f64, Vec<f64>)], n: usize, rng: &mut impl Rng) -> Vec<Vec<f64>> {
+    let Some(top) = (0..scored.len()).max_by(|&a, &b| scored[a].0.total_cmp(&scored[b].0)) else {
+        return Vec::new();
+    };
+    let mut weights: Vec<f64> = scored
+        .iter()
+        .map(|(v, _)| (v - scored[top].0).exp())
+        .map(|w| if w.is_finite() { w } else { 0.0 })
+        .collect();
+    weights[top] = 0.0;
+    let mut starts = vec![scored[top].1.clone()];
+    while starts.len() < n.max(1) {
+        let total: f64 = weights.iter().sum();
+        if total <= 0.0 {
+            break;
+        }
+        let mut r = rng.random::<f64>() * total;
+        let mut pick = weights.len() - 1;
+        for (i, w) in weights.iter().enumerate() {
+            if r < *w {
+                pick = i;
+                break;
+            }
+            r -= w;
+        }
+        if weights[pick] <= 0.0 {
+            break;
+        }
+        weights[pick] = 0.0;
+        starts.push(scored[pick].1.clone());
+    }
+    starts
+}
+
+/// Log expected improvement over the unit cube of a space, and its maximisation from a start: L-BFGS on
+/// the continuous options (in coordinates divided by their length scales, where the kernel is isotropic,
+/// as Optuna preconditions), alternated with an exhaustive search over each discrete option's values,
+/// until neither improves.
+struct Acquisition<'a> {
+    space: &'a Space,
+    gp: &'a Gp,
+    best: f64,
+    /// Per option: its GP input where it is a continuous float (no step), else `None`.
+    continuous: Vec<Option<usize>>,
+    /// Per option: the unit coordinates of its values where it is discrete (at most 16, evenly spread).
+    discrete: Vec<Vec<f64>>,
+}
+
+impl<'a> Acquisition<'a> {
+    fn new(space: &'a Space, gp: &'a Gp, best: f64) -> Self {
+        let mut continuous = Vec::new();
+        let mut discrete = Vec::new();
+        let mut input = 0;
+        for q in &space.params {
+            let (c, values, width) = match &q.domain {
+                Domain::Fixed(_) => (None, Vec::new(), 0),
+                Domain::Choice(vs) => {
+                    let units = (0..vs.len())
+                        .map(|i| (i as f64 + 0.5) / vs.len() as f64)
+                        .collect();
+                    (None, units, if vs.len() == 1 { 0 } else { vs.len() })
+                }
+                Domain::Float { step: None, .. } => (Some(input), Vec::new(), 1),
+                dom => {
+                    let units = match dom.grid_values(&q.name) {
+                        Ok(vs) if vs.len() <= 16 => {
+                            vs.iter().filter_map(|v| dom.to_unit(v)).collect()
                         }
-                        _ => {
-                            // Box-Muller normal draw.
-                            let (a, b): (f64, f64) =
-                                (rng.random::<f64>().max(1e-300), rng.random());
-                            let z = (-2.0 * a.ln()).sqrt() * (2.0 * std::f64::consts::PI * b).cos();
-                            (v[t] + step * z).clamp(0.0, 1.0)
-                        }
+                        _ => (0..16).map(|i| (i as f64 + 0.5) / 16.0).collect(),
                     };
+                    (None, units, 1)
                 }
-                let sv = score(&v).0;
-                if sv > s {
-                    s = sv;
-                    u = v;
-                    step = (step * 1.5).min(0.2);
-                } else {
-                    step = (step * 0.9).max(1e-4);
+            };
+            continuous.push(c);
+            discrete.push(values);
+            input += width;
+        }
+        Acquisition {
+            space,
+            gp,
+            best,
+            continuous,
+            discrete,
+        }
+    }
+
+    fn value(&self, u: &[f64]) -> f64 {
+        let (m, v) = self
+            .gp
+            .predict(&features(self.space, &self.space.from_unit(u)));
+        log_ei(m, v, self.best)
+    }
+
+    /// The value and its gradient with respect to each continuous option's unit coordinate (0 for the
+    /// others, and for an option the point leaves inactive).
+    fn value_with_grad(&self, u: &[f64]) -> (f64, Vec<f64>) {
+        let p = self.space.from_unit(u);
+        let (m, v, dm, dv) = self.gp.predict_with_grad(&features(self.space, &p));
+        let (a, da_dm, da_dv) = log_ei_with_grad(m, v, self.best);
+        let grad = self
+            .continuous
+            .iter()
+            .zip(&self.space.params)
+            .map(|(c, q)| match c {
+                Some(j) if p.contains_key(&q.name) => da_dm * dm[*j] + da_dv * dv[*j],
+                _ => 0.0,
+            })
+            .collect();
+        (a, grad)
+    }
+
+    fn local_search(&self, mut u: Vec<f64>) -> (f64, Vec<f64>) {
+        let mut value = self.value(&u);
+        let cont: Vec<usize> = (0..u.len())
+            .filter(|&t| self.continuous[t].is_some())
+            .collect();
+        let ls = self.gp.length_scales();
+        let scale: Vec<f64> = cont
+            .iter()
+            .map(|&t| ls[self.continuous[t].unwrap_or(0)])
+            .collect();
+        for _ in 0..20 {
+            let mut improved = false;
+            if !cont.is_empty() {
+                let objective = |z: &[f64]| {
+                    let mut v = u.clone();
+                    for ((&t, zi), l) in cont.iter().zip(z).zip(&scale) {
+                        v[t] = zi * l;
+                    }
+                    let (a, g) = self.value_with_grad(&v);
+                    a.is_finite().then(|| {
+                        let g = cont.iter().zip(&scale).map(|(&t, l)| -g[t] * l).collect();
+                        (-a, g)
+                    })
+                };
+                let z0: Vec<f64> = cont.iter().zip(&scale).map(|(&t, l)| u[t] / l).collect();
+                let bounds: Vec<(f64, f64)> = scale.iter().map(|l| (0.0, 1.0 / l)).collect();
+                let (z, neg) = lbfgs(&objective, z0, &bounds, 200, 1e-2);
+                if -neg > value + 1e-12 {
+                    value = -neg;
+                    for ((&t, zi), l) in cont.iter().zip(&z).zip(&scale) {
+                        u[t] = (zi * l).clamp(0.0, 1.0);
+                    }
+                    improved = true;
                 }
             }
-            if s > winner.0 {
-                winner = (s, u);
+            for t in 0..u.len() {
+                for &c in &self.discrete[t] {
+                    let mut v = u.clone();
+                    v[t] = c;
+                    let a = self.value(&v);
+                    if a > value + 1e-12 {
+                        value = a;
+                        u = v;
+                        improved = true;
+                    }
+                }
+            }
+            if !improved {
+                break;
             }
         }
-        Ok(Some(space.from_unit(&winner.1)))
+        (value, u)
     }
 }
 
@@ -421,6 +554,89 @@ mod tests {
             .map_while(|k| g.sample(&s, 2, k, &[]).unwrap())
             .collect();
         assert_ne!(points, other, "the seed shuffles the order");
+    }
+
+    #[test]
+    fn roulette_starts_begin_with_the_best_and_never_repeat() {
+        let scored: Vec<(f64, Vec<f64>)> = (0..50)
+            .map(|i| (-((i as f64) - 20.0).abs() / 4.0, vec![i as f64]))
+            .collect();
+        let starts = roulette_starts(&scored, 9, &mut trial_rng(0, 1));
+        assert_eq!(starts.len(), 9);
+        assert_eq!(starts[0], vec![20.0]);
+        let mut seen: Vec<f64> = starts.iter().map(|s| s[0]).collect();
+        seen.sort_by(f64::total_cmp);
+        seen.dedup();
+        assert_eq!(seen.len(), 9, "{starts:?}");
+        // Weighted by EI: the draws stay near the best, but not all at its neighbours.
+        assert!(
+            starts.iter().all(|s| (s[0] - 20.0).abs() < 25.0),
+            "{starts:?}"
+        );
+    }
+
+    #[test]
+    fn the_local_search_climbs_continuous_options_and_lands_discrete_ones_on_their_values() {
+        let s = Space::from_toml(
+            "[x]\nfloat = [0.0, 1.0]\n[c]\nchoice = [\"a\", \"b\", \"c\"]\n[n]\nint = [1, 4]",
+            &[],
+        )
+        .unwrap();
+        // Lowest at x = 0.3, c = "b", n = 3.
+        let f = |p: &Params| {
+            let x = p["x"].as_f64().unwrap();
+            let n = p["n"].as_i64().unwrap() as f64;
+            (x - 0.3).powi(2) * 8.0
+                + f64::from(p["c"].as_str() != Some("b"))
+                + 0.3 * (n - 3.0).powi(2)
+        };
+        let trials: Vec<TrialRecord> = (0..40)
+            .map(|k| {
+                let params = random_params(&s, 9, k);
+                TrialRecord {
+                    number: k,
+                    state: TrialState::Complete,
+                    value: Some(f(&params)),
+                    params,
+                    intermediate: Default::default(),
+                    message: None,
+                    started: 0.0,
+                    finished: None,
+                    heartbeat: 0.0,
+                    worker: "w".into(),
+                }
+            })
+            .collect();
+        let done = complete(&trials);
+        let (x, y) = gp_data(&s, &done);
+        let gp = Gp::fit(x, y.clone(), None, 2, &mut trial_rng(0, 0));
+        let best = y.iter().copied().fold(f64::INFINITY, f64::min);
+        let acq = Acquisition::new(&s, &gp, best);
+        let start = vec![0.9, 0.1, 0.05];
+        let (v, u) = acq.local_search(start.clone());
+        assert!(v > acq.value(&start), "{v} vs {}", acq.value(&start));
+        let p = s.from_unit(&u);
+        assert_eq!(p["c"].as_str(), Some("b"), "{p:?}");
+        assert!(
+            (u[1] - 0.5).abs() < 1e-12,
+            "a choice lands on its centre: {u:?}"
+        );
+        // A local maximum: no small move of x and no other value of c or n does better.
+        for (t, alternatives) in [
+            (0, vec![u[0] - 1e-3, u[0] + 1e-3]),
+            (1, vec![1.0 / 6.0, 5.0 / 6.0]),
+            (2, (0..4).map(|i| (i as f64 + 0.5) / 4.0).collect()),
+        ] {
+            for a in alternatives {
+                let mut w = u.clone();
+                w[t] = a.clamp(0.0, 1.0);
+                assert!(
+                    acq.value(&w) <= v + 1e-9,
+                    "option {t} at {a}: {} > {v}",
+                    acq.value(&w)
+                );
+            }
+        }
     }
 
     #[test]
